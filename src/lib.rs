@@ -1,1 +1,2 @@
 //! kvtier
+pub mod model;

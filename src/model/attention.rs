@@ -1,0 +1,360 @@
+//! The seam between the forward pass and a KV cache, plus an exact reference cache.
+//!
+//! Owns: the [`AttentionCache`] trait the Llama forward pass calls once per layer (prefill of a block
+//! of tokens, or one decode step), and [`ExactAttention`], a plain f32 cache with exact causal
+//! softmax attention used to validate the forward pass independently of kvtier's tiered cache. Must
+//! never: apply RoPE or any projection (keys arrive post-RoPE, outputs leave pre-`attn_output`), or
+//! approximate anything in [`ExactAttention`] — it is the oracle the tiered cache is compared with.
+
+use rayon::prelude::*;
+
+use super::error::{ModelError, Result};
+
+/// Geometry of the attention a cache serves; identical to the model's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    /// Transformer layers.
+    pub num_layers: usize,
+    /// Query heads.
+    pub num_q_heads: usize,
+    /// Key/value heads (GQA groups); divides `num_q_heads`.
+    pub num_kv_heads: usize,
+    /// Channels per head.
+    pub head_dim: usize,
+}
+
+/// Memory held by a cache, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CacheMemory {
+    /// Exact (full or half precision) K/V on the device.
+    pub hot_bytes: usize,
+    /// Quantised K/V on the device.
+    pub warm_bytes: usize,
+    /// K/V in host RAM or on disk (archive, spilled pages).
+    pub cold_bytes: usize,
+    /// Page tables, scales, statistics.
+    pub metadata_bytes: usize,
+    /// What the same tokens would take as f16 K and V in every layer.
+    pub f16_equivalent_bytes: usize,
+    /// Token positions held (per layer).
+    pub tokens: usize,
+}
+
+impl CacheMemory {
+    /// Bytes that live on the device: hot + warm + metadata.
+    pub fn device_bytes(&self) -> usize {
+        self.hot_bytes + self.warm_bytes + self.metadata_bytes
+    }
+}
+
+/// What the forward pass needs from a KV cache, for one sequence.
+///
+/// Layouts are row-major f32: queries `[n, q_heads, head_dim]`, keys/values `[n, kv_heads,
+/// head_dim]`, outputs `[n, q_heads, head_dim]`. Keys are post-RoPE. Softmax scale is
+/// `1/sqrt(head_dim)`. Within one forward pass layers are called in order 0..num_layers.
+pub trait AttentionCache {
+    /// The geometry this cache was built for.
+    fn shape(&self) -> AttentionShape;
+
+    /// Causal attention of `n` new tokens over everything cached in `layer` plus the new tokens
+    /// themselves; then the new keys/values are stored.
+    fn prefill(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>>;
+
+    /// Stores one token's key/value in `layer`, then attends its query over the whole sequence.
+    fn decode(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>>;
+
+    /// Forgets every token; the cache can be reused for a new sequence.
+    fn reset(&mut self) -> Result<()>;
+
+    /// Bytes held, by tier.
+    fn memory(&self) -> CacheMemory;
+}
+
+/// Checks `q`, `k`, `v` lengths against the shape; returns the token count.
+pub(crate) fn check_qkv(
+    shape: &AttentionShape,
+    layer: usize,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+) -> Result<usize> {
+    if layer >= shape.num_layers {
+        return Err(ModelError::InvalidArgument {
+            what: "layer",
+            reason: format!("{layer} >= num_layers {}", shape.num_layers),
+        });
+    }
+    let q_row = shape.num_q_heads * shape.head_dim;
+    let kv_row = shape.num_kv_heads * shape.head_dim;
+    if q.is_empty() || q.len() % q_row != 0 {
+        return Err(ModelError::InvalidArgument {
+            what: "q",
+            reason: format!(
+                "length {} is not a positive multiple of q_heads*head_dim = {q_row}",
+                q.len()
+            ),
+        });
+    }
+    let n = q.len() / q_row;
+    for (what, x) in [("k", k), ("v", v)] {
+        if x.len() != n * kv_row {
+            return Err(ModelError::InvalidArgument {
+                what,
+                reason: format!("length {} != n*kv_heads*head_dim = {}", x.len(), n * kv_row),
+            });
+        }
+    }
+    Ok(n)
+}
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent accumulators so the compiler vectorises the loop.
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// Where one kv head's channels sit inside a cached token row.
+#[derive(Debug, Clone, Copy)]
+struct KvHead {
+    /// Floats per token row (`kv_heads * head_dim`).
+    row: usize,
+    /// First channel of this head in a row.
+    offset: usize,
+    /// Channels per head.
+    hd: usize,
+}
+
+impl KvHead {
+    #[inline]
+    fn of<'a>(&self, x: &'a [f32], token: usize) -> &'a [f32] {
+        let at = token * self.row + self.offset;
+        &x[at..at + self.hd]
+    }
+}
+
+/// Exact softmax attention of one query head over the first `t` cached tokens of one kv head.
+fn attend_one(q: &[f32], keys: &[f32], values: &[f32], t: usize, head: KvHead, out: &mut [f32]) {
+    let scale = 1.0 / (head.hd as f32).sqrt();
+    let mut scores = Vec::with_capacity(t);
+    let mut m = f32::NEG_INFINITY;
+    for j in 0..t {
+        let s = dot(q, head.of(keys, j)) * scale;
+        m = m.max(s);
+        scores.push(s);
+    }
+    let mut z = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - m).exp();
+        z += *s;
+    }
+    out.fill(0.0);
+    for (j, &p) in scores.iter().enumerate() {
+        let w = p / z;
+        for (o, &x) in out.iter_mut().zip(head.of(values, j)) {
+            *o += w * x;
+        }
+    }
+}
+
+/// A full-precision f32 KV cache with exact attention: the oracle for the forward pass.
+#[derive(Debug, Clone)]
+pub struct ExactAttention {
+    shape: AttentionShape,
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+}
+
+impl ExactAttention {
+    /// An empty cache for `shape`.
+    pub fn new(shape: AttentionShape) -> Result<Self> {
+        if shape.num_kv_heads == 0
+            || shape.head_dim == 0
+            || shape.num_q_heads % shape.num_kv_heads != 0
+        {
+            return Err(ModelError::InvalidArgument {
+                what: "shape",
+                reason: format!(
+                    "{shape:?}: need kv_heads > 0, head_dim > 0, q_heads a multiple of kv_heads"
+                ),
+            });
+        }
+        Ok(Self {
+            shape,
+            keys: vec![Vec::new(); shape.num_layers],
+            values: vec![Vec::new(); shape.num_layers],
+        })
+    }
+
+    /// Tokens stored in `layer`.
+    pub fn len(&self, layer: usize) -> usize {
+        self.keys.get(layer).map_or(0, |k| {
+            k.len() / (self.shape.num_kv_heads * self.shape.head_dim)
+        })
+    }
+
+    /// Whether no layer holds a token.
+    pub fn is_empty(&self) -> bool {
+        self.keys.iter().all(Vec::is_empty)
+    }
+}
+
+impl AttentionCache for ExactAttention {
+    fn shape(&self) -> AttentionShape {
+        self.shape
+    }
+
+    fn prefill(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>> {
+        let s = self.shape;
+        let n = check_qkv(&s, layer, q, k, v)?;
+        let past = self.len(layer);
+        self.keys[layer].extend_from_slice(k);
+        self.values[layer].extend_from_slice(v);
+        let (keys, values) = (&self.keys[layer], &self.values[layer]);
+        let (hd, qh, kvh) = (s.head_dim, s.num_q_heads, s.num_kv_heads);
+        let group = qh / kvh;
+        let mut out = vec![0f32; n * qh * hd];
+        out.par_chunks_mut(hd).enumerate().for_each(|(idx, o)| {
+            let (i, h) = (idx / qh, idx % qh);
+            let qv = &q[(i * qh + h) * hd..(i * qh + h + 1) * hd];
+            let head = KvHead {
+                row: kvh * hd,
+                offset: (h / group) * hd,
+                hd,
+            };
+            attend_one(qv, keys, values, past + i + 1, head, o);
+        });
+        Ok(out)
+    }
+
+    fn decode(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>> {
+        let n = check_qkv(&self.shape, layer, q, k, v)?;
+        if n != 1 {
+            return Err(ModelError::InvalidArgument {
+                what: "q",
+                reason: format!("decode takes one token, got {n}"),
+            });
+        }
+        self.prefill(layer, q, k, v)
+    }
+
+    fn reset(&mut self) -> Result<()> {
+        self.keys
+            .iter_mut()
+            .chain(self.values.iter_mut())
+            .for_each(Vec::clear);
+        Ok(())
+    }
+
+    fn memory(&self) -> CacheMemory {
+        let floats: usize = self.keys.iter().chain(&self.values).map(Vec::len).sum();
+        CacheMemory {
+            hot_bytes: floats * std::mem::size_of::<f32>(),
+            f16_equivalent_bytes: floats * 2,
+            tokens: self.len(0),
+            ..CacheMemory::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape() -> AttentionShape {
+        AttentionShape {
+            num_layers: 2,
+            num_q_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 8,
+        }
+    }
+
+    fn pseudo(n: usize, seed: u32) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn first_token_attends_only_to_itself() {
+        let s = shape();
+        let mut c = ExactAttention::new(s).unwrap();
+        let (q, k, v) = (pseudo(32, 1), pseudo(16, 2), pseudo(16, 3));
+        let out = c.prefill(0, &q, &k, &v).unwrap();
+        // One key: softmax weight 1, output = that key's value for every q head of the group.
+        for h in 0..4 {
+            let kvh = h / 2;
+            assert_eq!(&out[h * 8..(h + 1) * 8], &v[kvh * 8..(kvh + 1) * 8]);
+        }
+    }
+
+    #[test]
+    fn prefill_equals_token_by_token_decode() {
+        let s = shape();
+        let n = 7;
+        let (q, k, v) = (pseudo(n * 32, 4), pseudo(n * 16, 5), pseudo(n * 16, 6));
+        let mut a = ExactAttention::new(s).unwrap();
+        let block = a.prefill(1, &q, &k, &v).unwrap();
+        let mut b = ExactAttention::new(s).unwrap();
+        let mut steps = Vec::new();
+        for i in 0..n {
+            steps.extend(
+                b.decode(
+                    1,
+                    &q[i * 32..(i + 1) * 32],
+                    &k[i * 16..(i + 1) * 16],
+                    &v[i * 16..(i + 1) * 16],
+                )
+                .unwrap(),
+            );
+        }
+        for (x, y) in block.iter().zip(&steps) {
+            assert!((x - y).abs() < 1e-6, "{x} vs {y}");
+        }
+        assert_eq!(a.len(1), n);
+        assert_eq!(a.len(0), 0);
+    }
+
+    #[test]
+    fn rejects_bad_lengths_and_layers() {
+        let mut c = ExactAttention::new(shape()).unwrap();
+        assert!(c.prefill(2, &[0.0; 32], &[0.0; 16], &[0.0; 16]).is_err());
+        assert!(c.prefill(0, &[0.0; 31], &[0.0; 16], &[0.0; 16]).is_err());
+        assert!(c.prefill(0, &[0.0; 32], &[0.0; 15], &[0.0; 16]).is_err());
+        assert!(c.decode(0, &[0.0; 64], &[0.0; 32], &[0.0; 32]).is_err());
+    }
+
+    #[test]
+    fn reset_and_memory() {
+        let mut c = ExactAttention::new(shape()).unwrap();
+        c.prefill(0, &pseudo(64, 1), &pseudo(32, 2), &pseudo(32, 3))
+            .unwrap();
+        c.prefill(1, &pseudo(64, 1), &pseudo(32, 2), &pseudo(32, 3))
+            .unwrap();
+        let m = c.memory();
+        assert_eq!(m.tokens, 2);
+        assert_eq!(m.hot_bytes, 2 * 2 * 2 * 16 * 4);
+        assert_eq!(m.f16_equivalent_bytes * 2, m.hot_bytes);
+        c.reset().unwrap();
+        assert!(c.is_empty());
+        assert_eq!(c.memory().hot_bytes, 0);
+    }
+}

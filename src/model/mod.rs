@@ -1,0 +1,23 @@
+//! Real-model layer: a Llama-family GGUF model driven through a KV cache.
+//!
+//! Owns: loading a GGUF model (weights, hyperparameters, tokenizer, chat template) with candle,
+//! running its forward pass with attention delegated to an [`AttentionCache`], and the session API
+//! (generation, scoring / perplexity, memory report) that evaluations and examples use. Must never:
+//! implement cache storage or quantisation itself (that is the core's job; [`ExactAttention`] is only
+//! an oracle), download anything (assets come from `scripts/fetch-assets.sh`), or use a GPU —
+//! candle ops run on the CPU; the cache decides where K/V live.
+
+pub mod attention;
+pub mod corpus;
+pub mod error;
+pub mod gguf;
+pub mod llama;
+pub mod session;
+pub mod tokenizer;
+
+pub use attention::{AttentionCache, AttentionShape, CacheMemory, ExactAttention};
+pub use error::ModelError;
+pub use gguf::GgufFile;
+pub use llama::{Llama, LlamaConfig, LoadOptions, Rope};
+pub use session::{GenerateOptions, Generation, Score, ScoreOptions, Session, StopReason};
+pub use tokenizer::{ChatMessage, ChatTemplate, GgufTokenizer};
