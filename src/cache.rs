@@ -7,7 +7,7 @@
 //! panic on caller input.
 
 use crate::attention::Attention;
-use crate::backend::{BackendStorage, Device, Storage};
+use crate::backend::{BackendStorage, Device, DeviceBuffers, Storage};
 use crate::config::CacheConfig;
 use crate::error::{Error, Result};
 use crate::memory::MemoryReport;
@@ -62,8 +62,19 @@ impl KvCache {
     /// A cache whose pages live on `device`.
     pub fn with_device(cfg: CacheConfig, device: Device) -> Result<Self> {
         cfg.validate()?;
-        let layers = (0..cfg.num_layers).map(|l| device.storage(&cfg, l)).collect::<Result<_>>()?;
-        Ok(KvCache { cfg, device, layers, seqs: BTreeMap::new(), next_id: 0, hot_pages: 0, warm_pages: 0, counters: CacheCounters::default() })
+        let layers = (0..cfg.num_layers)
+            .map(|l| device.storage(&cfg, l))
+            .collect::<Result<_>>()?;
+        Ok(KvCache {
+            cfg,
+            device,
+            layers,
+            seqs: BTreeMap::new(),
+            next_id: 0,
+            hot_pages: 0,
+            warm_pages: 0,
+            counters: CacheCounters::default(),
+        })
     }
 
     /// The configuration.
@@ -85,7 +96,12 @@ impl KvCache {
     pub fn add_sequence(&mut self) -> SeqId {
         let id = SeqId(self.next_id);
         self.next_id += 1;
-        self.seqs.insert(id, Sequence { tables: vec![PageTable::default(); self.cfg.num_layers] });
+        self.seqs.insert(
+            id,
+            Sequence {
+                tables: vec![PageTable::default(); self.cfg.num_layers],
+            },
+        );
         id
     }
 
@@ -98,7 +114,10 @@ impl KvCache {
 
     /// Frees all pages of a sequence and sets its length to 0 in every layer; the id stays valid.
     pub fn reset_sequence(&mut self, seq: SeqId) -> Result<()> {
-        let s = self.seqs.get_mut(&seq).ok_or(Error::UnknownSequence(seq.0))?;
+        let s = self
+            .seqs
+            .get_mut(&seq)
+            .ok_or(Error::UnknownSequence(seq.0))?;
         for (layer, table) in s.tables.iter_mut().enumerate() {
             for p in table.clear() {
                 match p.tier {
@@ -125,7 +144,11 @@ impl KvCache {
     /// The page table of `seq` in `layer`.
     pub fn page_table(&self, seq: SeqId, layer: usize) -> Result<&PageTable> {
         self.check_layer(layer)?;
-        Ok(&self.seqs.get(&seq).ok_or(Error::UnknownSequence(seq.0))?.tables[layer])
+        Ok(&self
+            .seqs
+            .get(&seq)
+            .ok_or(Error::UnknownSequence(seq.0))?
+            .tables[layer])
     }
 
     /// Tokens stored for `seq` in `layer`.
@@ -135,7 +158,10 @@ impl KvCache {
 
     fn check_layer(&self, layer: usize) -> Result<()> {
         if layer >= self.cfg.num_layers {
-            return Err(Error::LayerOutOfRange { layer, num_layers: self.cfg.num_layers });
+            return Err(Error::LayerOutOfRange {
+                layer,
+                num_layers: self.cfg.num_layers,
+            });
         }
         Ok(())
     }
@@ -143,7 +169,11 @@ impl KvCache {
     fn check_rows(&self, what: &'static str, data: &[f32], heads: usize) -> Result<usize> {
         let row = heads * self.cfg.head_dim;
         if data.len() % row != 0 {
-            return Err(Error::shape(what, format!("a multiple of {heads} heads x {} dims", self.cfg.head_dim), data.len()));
+            return Err(Error::shape(
+                what,
+                format!("a multiple of {heads} heads x {} dims", self.cfg.head_dim),
+                data.len(),
+            ));
         }
         if let Some(i) = data.iter().position(|x| !x.is_finite()) {
             return Err(Error::NonFinite { what, index: i });
@@ -152,7 +182,10 @@ impl KvCache {
     }
 
     fn hot_page_bytes(&self) -> usize {
-        2 * self.cfg.num_kv_heads * self.cfg.page_size * self.cfg.head_dim * self.cfg.hot_dtype.size()
+        2 * self.cfg.num_kv_heads
+            * self.cfg.page_size
+            * self.cfg.head_dim
+            * self.cfg.hot_dtype.size()
     }
 
     fn warm_page_bytes(&self) -> usize {
@@ -167,14 +200,27 @@ impl KvCache {
         let n = self.check_rows("keys", keys, self.cfg.num_kv_heads)?;
         let nv = self.check_rows("values", values, self.cfg.num_kv_heads)?;
         if n != nv {
-            return Err(Error::shape("values", format!("{n} tokens (as keys)"), format!("{nv} tokens")));
+            return Err(Error::shape(
+                "values",
+                format!("{n} tokens (as keys)"),
+                format!("{nv} tokens"),
+            ));
         }
         let ps = self.cfg.page_size;
         let hot_page_bytes = self.hot_page_bytes();
-        let table = &self.seqs.get(&seq).ok_or(Error::UnknownSequence(seq.0))?.tables[layer];
+        let table = &self
+            .seqs
+            .get(&seq)
+            .ok_or(Error::UnknownSequence(seq.0))?
+            .tables[layer];
         let len = table.len();
         if len + n > self.cfg.max_seq_len {
-            return Err(Error::SequenceTooLong { seq: seq.0, layer, requested: len + n, max: self.cfg.max_seq_len });
+            return Err(Error::SequenceTooLong {
+                seq: seq.0,
+                layer,
+                requested: len + n,
+                max: self.cfg.max_seq_len,
+            });
         }
         if n == 0 {
             return Ok(());
@@ -183,7 +229,11 @@ impl KvCache {
         if let Some(budget) = self.cfg.budgets.hot_bytes {
             let needed = (self.hot_pages + new_pages) * hot_page_bytes;
             if needed > budget {
-                return Err(Error::BudgetExceeded { tier: Tier::Hot, needed, budget });
+                return Err(Error::BudgetExceeded {
+                    tier: Tier::Hot,
+                    needed,
+                    budget,
+                });
             }
         }
         // Allocate first so a failure changes nothing.
@@ -208,13 +258,28 @@ impl KvCache {
         while pos < len + n {
             let in_page = pos % ps;
             if in_page == 0 {
-                let slot = fresh.next().ok_or_else(|| Error::config("internal", "page count"))?;
-                table.push(PageEntry { tier: Tier::Hot, slot, n_tokens: 0 });
+                let slot = fresh
+                    .next()
+                    .ok_or_else(|| Error::config("internal", "page count"))?;
+                table.push(PageEntry {
+                    tier: Tier::Hot,
+                    slot,
+                    n_tokens: 0,
+                });
             }
             let take = (ps - in_page).min(len + n - pos);
-            let page = table.pages_mut().last_mut().ok_or_else(|| Error::config("internal", "no page"))?;
+            let page = table
+                .pages_mut()
+                .last_mut()
+                .ok_or_else(|| Error::config("internal", "no page"))?;
             let src = (pos - len) * row;
-            storage.write_hot(page.slot, in_page, &keys[src..src + take * row], &values[src..src + take * row], take)?;
+            storage.write_hot(
+                page.slot,
+                in_page,
+                &keys[src..src + take * row],
+                &values[src..src + take * row],
+                take,
+            )?;
             page.n_tokens += take as u32;
             pos += take;
         }
@@ -230,8 +295,14 @@ impl KvCache {
             return;
         }
         let warm_page_bytes = self.warm_page_bytes();
-        let (ps, sinks, window) = (self.cfg.page_size, self.cfg.sink_tokens, self.cfg.hot_window);
-        let Some(s) = self.seqs.get_mut(&seq) else { return };
+        let (ps, sinks, window) = (
+            self.cfg.page_size,
+            self.cfg.sink_tokens,
+            self.cfg.hot_window,
+        );
+        let Some(s) = self.seqs.get_mut(&seq) else {
+            return;
+        };
         let table = &mut s.tables[layer];
         let len = table.len();
         let storage = &mut self.layers[layer];
@@ -251,7 +322,11 @@ impl KvCache {
             }
             match storage.demote(page.slot, page.n_tokens as usize) {
                 Ok(Some(slot)) => {
-                    table.pages_mut()[i] = PageEntry { tier: Tier::Warm, slot, n_tokens: page.n_tokens };
+                    table.pages_mut()[i] = PageEntry {
+                        tier: Tier::Warm,
+                        slot,
+                        n_tokens: page.n_tokens,
+                    };
                     self.hot_pages -= 1;
                     self.warm_pages += 1;
                     self.counters.demotions += 1;
@@ -268,7 +343,11 @@ impl KvCache {
         self.check_layer(layer)?;
         let n = self.check_rows("queries", queries, self.cfg.num_q_heads)?;
         if n != seqs.len() {
-            return Err(Error::shape("queries", format!("{} rows (one per sequence)", seqs.len()), format!("{n} rows")));
+            return Err(Error::shape(
+                "queries",
+                format!("{} rows (one per sequence)", seqs.len()),
+                format!("{n} rows"),
+            ));
         }
         let mut tables = Vec::with_capacity(seqs.len());
         for (i, s) in seqs.iter().enumerate() {
@@ -280,21 +359,60 @@ impl KvCache {
         self.layers[layer].attend(&tables, queries)
     }
 
+    /// [`KvCache::attend`] with queries and output in device memory (see [`DeviceBuffers`]).
+    /// Only accelerator backends support it; the CPU backend returns [`Error::Unsupported`].
+    pub fn attend_device(
+        &self,
+        layer: usize,
+        seqs: &[SeqId],
+        bufs: DeviceBuffers,
+    ) -> Result<Attention> {
+        self.check_layer(layer)?;
+        let mut tables = Vec::with_capacity(seqs.len());
+        for (i, s) in seqs.iter().enumerate() {
+            if seqs[..i].contains(s) {
+                return Err(Error::DuplicateSequence(s.0));
+            }
+            tables.push(&self.seqs.get(s).ok_or(Error::UnknownSequence(s.0))?.tables[layer]);
+        }
+        self.layers[layer].attend_device(&tables, bufs)
+    }
+
     /// Chunked prefill: causal attention of `n` new tokens over the cached pages of `seq` (as
     /// stored, so earlier chunks may already be quantised) plus the new tokens (exact), then appends
     /// the new keys and values. `queries` is `[n, num_q_heads, head_dim]`, keys and values
     /// `[n, num_kv_heads, head_dim]`. Returns `[n, num_q_heads, head_dim]`.
-    pub fn prefill(&mut self, seq: SeqId, layer: usize, queries: &[f32], keys: &[f32], values: &[f32]) -> Result<Vec<f32>> {
+    pub fn prefill(
+        &mut self,
+        seq: SeqId,
+        layer: usize,
+        queries: &[f32],
+        keys: &[f32],
+        values: &[f32],
+    ) -> Result<Vec<f32>> {
         self.check_layer(layer)?;
         let nq = self.check_rows("queries", queries, self.cfg.num_q_heads)?;
         let nk = self.check_rows("keys", keys, self.cfg.num_kv_heads)?;
         let nv = self.check_rows("values", values, self.cfg.num_kv_heads)?;
         if nq != nk || nk != nv {
-            return Err(Error::shape("prefill", format!("{nq} tokens in queries, keys and values"), format!("{nq}/{nk}/{nv}")));
+            return Err(Error::shape(
+                "prefill",
+                format!("{nq} tokens in queries, keys and values"),
+                format!("{nq}/{nk}/{nv}"),
+            ));
         }
-        let table = &self.seqs.get(&seq).ok_or(Error::UnknownSequence(seq.0))?.tables[layer];
+        let table = &self
+            .seqs
+            .get(&seq)
+            .ok_or(Error::UnknownSequence(seq.0))?
+            .tables[layer];
         if table.len() + nk > self.cfg.max_seq_len {
-            return Err(Error::SequenceTooLong { seq: seq.0, layer, requested: table.len() + nk, max: self.cfg.max_seq_len });
+            return Err(Error::SequenceTooLong {
+                seq: seq.0,
+                layer,
+                requested: table.len() + nk,
+                max: self.cfg.max_seq_len,
+            });
         }
         let out = self.layers[layer].prefill(table, queries, keys, values, nq)?;
         self.append(seq, layer, keys, values)?;
@@ -336,7 +454,11 @@ impl KvCache {
         for seq in self.seqs.values() {
             r.metadata_bytes += std::mem::size_of::<(SeqId, Sequence)>()
                 + seq.tables.capacity() * std::mem::size_of::<PageTable>()
-                + seq.tables.iter().map(PageTable::metadata_bytes).sum::<usize>();
+                + seq
+                    .tables
+                    .iter()
+                    .map(PageTable::metadata_bytes)
+                    .sum::<usize>();
             r.tokens += seq.tables.iter().map(PageTable::len).sum::<usize>();
         }
         r.hot_pages = self.hot_pages;

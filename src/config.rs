@@ -37,7 +37,10 @@ impl Bits {
             8 => Ok(Bits::B8),
             4 => Ok(Bits::B4),
             2 => Ok(Bits::B2),
-            other => Err(Error::config("bits", format!("{other} is not one of 8, 4, 2"))),
+            other => Err(Error::config(
+                "bits",
+                format!("{other} is not one of 8, 4, 2"),
+            )),
         }
     }
 }
@@ -145,7 +148,12 @@ impl CacheConfig {
 
     /// `quality`: int8 keys and values, f16 hot pages, 256-token hot window, first and last layer
     /// protected. About 1.9x smaller than f16 on long contexts with near-lossless attention.
-    pub fn quality(layers: usize, q_heads: usize, kv_heads: usize, head_dim: usize) -> Result<Self> {
+    pub fn quality(
+        layers: usize,
+        q_heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
         let mut b = Self::builder(layers, q_heads, kv_heads, head_dim)
             .k_bits(Bits::B8)
             .v_bits(Bits::B8)
@@ -158,13 +166,23 @@ impl CacheConfig {
 
     /// `balanced` (the default): int4 keys and values (KIVI-4), group 32, f16 hot pages,
     /// 128-token hot window, 4 sink tokens. About 3.5x smaller than f16 on long contexts.
-    pub fn balanced(layers: usize, q_heads: usize, kv_heads: usize, head_dim: usize) -> Result<Self> {
+    pub fn balanced(
+        layers: usize,
+        q_heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
         Self::builder(layers, q_heads, kv_heads, head_dim).build()
     }
 
     /// `compact`: int4 keys, int2 values (k4v2), group 32, 64-token hot window. About 4.5x smaller
     /// than f16 on long contexts; keys keep 4 bits because softmax is far more sensitive to them.
-    pub fn compact(layers: usize, q_heads: usize, kv_heads: usize, head_dim: usize) -> Result<Self> {
+    pub fn compact(
+        layers: usize,
+        q_heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
         Self::builder(layers, q_heads, kv_heads, head_dim)
             .v_bits(Bits::B2)
             .hot_window(64)
@@ -178,7 +196,8 @@ impl CacheConfig {
 
     /// The softmax scale in effect.
     pub fn scale(&self) -> f32 {
-        self.softmax_scale.unwrap_or(1.0 / (self.head_dim as f32).sqrt())
+        self.softmax_scale
+            .unwrap_or(1.0 / (self.head_dim as f32).sqrt())
     }
 
     /// Whether `layer` is kept entirely exact.
@@ -202,7 +221,10 @@ impl CacheConfig {
         if self.num_q_heads % self.num_kv_heads != 0 {
             return Err(Error::config(
                 "num_kv_heads",
-                format!("{} does not divide num_q_heads {}", self.num_kv_heads, self.num_q_heads),
+                format!(
+                    "{} does not divide num_q_heads {}",
+                    self.num_kv_heads, self.num_q_heads
+                ),
             ));
         }
         if self.head_dim % 32 != 0 || self.head_dim > 512 {
@@ -217,7 +239,10 @@ impl CacheConfig {
                 format!("{} must be a multiple of 8 in 8..=256", self.page_size),
             ));
         }
-        if self.value_group == 0 || self.value_group % 32 != 0 || self.head_dim % self.value_group != 0 {
+        if self.value_group == 0
+            || self.value_group % 32 != 0
+            || self.head_dim % self.value_group != 0
+        {
             return Err(Error::config(
                 "value_group",
                 format!(
@@ -226,7 +251,11 @@ impl CacheConfig {
                 ),
             ));
         }
-        if let Some(&l) = self.protected_layers.iter().find(|&&l| l >= self.num_layers) {
+        if let Some(&l) = self
+            .protected_layers
+            .iter()
+            .find(|&&l| l >= self.num_layers)
+        {
             return Err(Error::config(
                 "protected_layers",
                 format!("layer {l} >= num_layers {}", self.num_layers),
@@ -237,7 +266,10 @@ impl CacheConfig {
         }
         if let Some(s) = self.softmax_scale {
             if !(s.is_finite() && s > 0.0) {
-                return Err(Error::config("softmax_scale", format!("{s} must be finite and > 0")));
+                return Err(Error::config(
+                    "softmax_scale",
+                    format!("{s} must be finite and > 0"),
+                ));
             }
         }
         Ok(())
@@ -303,7 +335,11 @@ mod tests {
 
     #[test]
     fn presets_validate() {
-        for f in [CacheConfig::quality, CacheConfig::balanced, CacheConfig::compact] {
+        for f in [
+            CacheConfig::quality,
+            CacheConfig::balanced,
+            CacheConfig::compact,
+        ] {
             f(32, 32, 8, 128).unwrap();
             f(30, 9, 3, 64).unwrap();
         }
@@ -315,17 +351,37 @@ mod tests {
             Err(Error::InvalidConfig { field, .. }) => field,
             other => panic!("expected InvalidConfig, got {other:?}"),
         };
-        assert_eq!(field(CacheConfig::builder(0, 8, 8, 64).build()), "num_layers");
-        assert_eq!(field(CacheConfig::builder(2, 9, 2, 64).build()), "num_kv_heads");
-        assert_eq!(field(CacheConfig::builder(2, 8, 8, 60).build()), "head_dim");
-        assert_eq!(field(CacheConfig::builder(2, 8, 8, 64).page_size(12).build()), "page_size");
-        assert_eq!(field(CacheConfig::builder(2, 8, 8, 64).value_group(48).build()), "value_group");
         assert_eq!(
-            field(CacheConfig::builder(2, 8, 8, 64).protected_layers(vec![2]).build()),
+            field(CacheConfig::builder(0, 8, 8, 64).build()),
+            "num_layers"
+        );
+        assert_eq!(
+            field(CacheConfig::builder(2, 9, 2, 64).build()),
+            "num_kv_heads"
+        );
+        assert_eq!(field(CacheConfig::builder(2, 8, 8, 60).build()), "head_dim");
+        assert_eq!(
+            field(CacheConfig::builder(2, 8, 8, 64).page_size(12).build()),
+            "page_size"
+        );
+        assert_eq!(
+            field(CacheConfig::builder(2, 8, 8, 64).value_group(48).build()),
+            "value_group"
+        );
+        assert_eq!(
+            field(
+                CacheConfig::builder(2, 8, 8, 64)
+                    .protected_layers(vec![2])
+                    .build()
+            ),
             "protected_layers"
         );
         assert_eq!(
-            field(CacheConfig::builder(2, 8, 8, 64).softmax_scale(Some(f32::NAN)).build()),
+            field(
+                CacheConfig::builder(2, 8, 8, 64)
+                    .softmax_scale(Some(f32::NAN))
+                    .build()
+            ),
             "softmax_scale"
         );
         assert!(Bits::from_bits(3).is_err());

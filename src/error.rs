@@ -21,11 +21,19 @@ pub enum Error {
 
     /// A slice or tensor has the wrong number of elements or the wrong shape.
     #[error("shape mismatch for `{what}`: expected {expected}, got {got}")]
-    Shape { what: &'static str, expected: String, got: String },
+    Shape {
+        what: &'static str,
+        expected: String,
+        got: String,
+    },
 
     /// A tensor has a dtype kvtier does not accept there.
     #[error("unsupported dtype for `{what}`: {got} (accepted: {accepted})")]
-    DType { what: &'static str, got: String, accepted: &'static str },
+    DType {
+        what: &'static str,
+        got: String,
+        accepted: &'static str,
+    },
 
     /// The sequence id is not (or no longer) in the cache.
     #[error("unknown sequence id {0}")]
@@ -41,11 +49,20 @@ pub enum Error {
 
     /// A sequence would grow past the configured maximum length.
     #[error("sequence {seq} would hold {requested} tokens in layer {layer}; max_seq_len is {max}")]
-    SequenceTooLong { seq: u64, layer: usize, requested: usize, max: usize },
+    SequenceTooLong {
+        seq: u64,
+        layer: usize,
+        requested: usize,
+        max: usize,
+    },
 
     /// A tier budget would be exceeded and no policy may free room.
     #[error("{tier:?} tier budget exceeded: need {needed} bytes, budget {budget} bytes")]
-    BudgetExceeded { tier: Tier, needed: usize, budget: usize },
+    BudgetExceeded {
+        tier: Tier,
+        needed: usize,
+        budget: usize,
+    },
 
     /// A non-finite value (NaN or infinity) was passed where it would poison the cache.
     #[error("non-finite value in `{what}` at index {index}")]
@@ -54,6 +71,10 @@ pub enum Error {
     /// An allocation failed (host or device memory).
     #[error("out of memory: could not allocate {bytes} bytes for {what}")]
     OutOfMemory { what: &'static str, bytes: usize },
+
+    /// The operation is not available on this backend or in this build.
+    #[error("unsupported: {0}")]
+    Unsupported(&'static str),
 
     /// The CUDA backend failed.
     #[error("cuda: {0}")]
@@ -73,9 +94,16 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub(crate) fn shape(what: &'static str, expected: impl ToString, got: impl ToString) -> Self {
-        Error::Shape { what, expected: expected.to_string(), got: got.to_string() }
+        Error::Shape {
+            what,
+            expected: expected.to_string(),
+            got: got.to_string(),
+        }
     }
     pub(crate) fn config(field: &'static str, reason: impl Into<String>) -> Self {
-        Error::InvalidConfig { field, reason: reason.into() }
+        Error::InvalidConfig {
+            field,
+            reason: reason.into(),
+        }
     }
 }

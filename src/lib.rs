@@ -37,7 +37,7 @@ pub mod tensor;
 pub mod tiers;
 
 pub use attention::{Attention, HeadStats};
-pub use backend::{Device, DeviceLocation};
+pub use backend::{Device, DeviceBuffers, DeviceLocation};
 pub use cache::{CacheCounters, KvCache, SeqId};
 pub use config::{Bits, CacheConfig, CacheConfigBuilder, HotDtype, TierBudgets};
 pub use error::{Error, Result};

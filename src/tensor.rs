@@ -12,18 +12,34 @@ use candle_core::{DType, Device, Tensor};
 fn to_rows(t: &Tensor, what: &'static str, heads: usize, head_dim: usize) -> Result<Vec<f32>> {
     match t.dtype() {
         DType::F32 | DType::F16 | DType::BF16 => {}
-        other => return Err(Error::DType { what, got: format!("{other:?}"), accepted: "f32, f16, bf16" }),
+        other => {
+            return Err(Error::DType {
+                what,
+                got: format!("{other:?}"),
+                accepted: "f32, f16, bf16",
+            })
+        }
     }
     let dims = t.dims();
     if dims.len() != 3 || dims[1] != heads || dims[2] != head_dim {
-        return Err(Error::shape(what, format!("[n, {heads}, {head_dim}]"), format!("{dims:?}")));
+        return Err(Error::shape(
+            what,
+            format!("[n, {heads}, {head_dim}]"),
+            format!("{dims:?}"),
+        ));
     }
     Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
 
 impl KvCache {
     /// [`KvCache::append`] for tensors of shape `[n, num_kv_heads, head_dim]`.
-    pub fn append_tensors(&mut self, seq: SeqId, layer: usize, keys: &Tensor, values: &Tensor) -> Result<()> {
+    pub fn append_tensors(
+        &mut self,
+        seq: SeqId,
+        layer: usize,
+        keys: &Tensor,
+        values: &Tensor,
+    ) -> Result<()> {
         let (h, d) = (self.config().num_kv_heads, self.config().head_dim);
         let k = to_rows(keys, "keys", h, d)?;
         let v = to_rows(values, "values", h, d)?;
@@ -32,7 +48,12 @@ impl KvCache {
 
     /// [`KvCache::attend`] for a query tensor `[n_seqs, num_q_heads, head_dim]`; the output tensor
     /// has the query's shape, dtype f32, on the CPU.
-    pub fn attend_tensor(&self, layer: usize, seqs: &[SeqId], queries: &Tensor) -> Result<(Tensor, Attention)> {
+    pub fn attend_tensor(
+        &self,
+        layer: usize,
+        seqs: &[SeqId],
+        queries: &Tensor,
+    ) -> Result<(Tensor, Attention)> {
         let (h, d) = (self.config().num_q_heads, self.config().head_dim);
         let q = to_rows(queries, "queries", h, d)?;
         let att = self.attend(layer, seqs, &q)?;

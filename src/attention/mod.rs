@@ -62,7 +62,12 @@ pub struct OnlineSoftmax {
 
 impl Default for OnlineSoftmax {
     fn default() -> Self {
-        OnlineSoftmax { m: f32::NEG_INFINITY, l: 0.0, s1: 0.0, s2: 0.0 }
+        OnlineSoftmax {
+            m: f32::NEG_INFINITY,
+            l: 0.0,
+            s1: 0.0,
+            s2: 0.0,
+        }
     }
 }
 
@@ -105,7 +110,12 @@ impl OnlineSoftmax {
     /// Final statistics.
     pub fn stats(&self) -> HeadStats {
         if self.l <= 0.0 {
-            return HeadStats { entropy: 0.0, varentropy: 0.0, max_score: f32::NEG_INFINITY, log_z: f32::NEG_INFINITY };
+            return HeadStats {
+                entropy: 0.0,
+                varentropy: 0.0,
+                max_score: f32::NEG_INFINITY,
+                log_z: f32::NEG_INFINITY,
+            };
         }
         let ex = self.s1 / self.l;
         let ex2 = self.s2 / self.l;
@@ -128,12 +138,19 @@ mod tests {
         let p: Vec<f64> = scores.iter().map(|&s| ((s - m) as f64).exp() / z).collect();
         let h: f64 = -p.iter().map(|&p| p * p.ln()).sum::<f64>();
         let v: f64 = p.iter().map(|&p| p * (p.ln() + h).powi(2)).sum();
-        HeadStats { entropy: h as f32, varentropy: v as f32, max_score: m, log_z: m + z.ln() as f32 }
+        HeadStats {
+            entropy: h as f32,
+            varentropy: v as f32,
+            max_score: m,
+            log_z: m + z.ln() as f32,
+        }
     }
 
     #[test]
     fn online_and_merged_stats_match_direct() {
-        let scores: Vec<f32> = (0..300).map(|i| ((i * 37 % 101) as f32 / 17.0).sin() * 4.0).collect();
+        let scores: Vec<f32> = (0..300)
+            .map(|i| ((i * 37 % 101) as f32 / 17.0).sin() * 4.0)
+            .collect();
         let want = direct(&scores);
         let mut parts = [OnlineSoftmax::default(), OnlineSoftmax::default()];
         for (k, chunk) in scores.chunks(70).enumerate() {
@@ -151,8 +168,14 @@ mod tests {
         let [mut a, b] = parts;
         a.merge(&b);
         let got = a.stats();
-        assert!((got.entropy - want.entropy).abs() < 1e-4, "{got:?} {want:?}");
-        assert!((got.varentropy - want.varentropy).abs() < 1e-3, "{got:?} {want:?}");
+        assert!(
+            (got.entropy - want.entropy).abs() < 1e-4,
+            "{got:?} {want:?}"
+        );
+        assert!(
+            (got.varentropy - want.varentropy).abs() < 1e-3,
+            "{got:?} {want:?}"
+        );
         assert!((got.log_z - want.log_z).abs() < 1e-4);
         assert_eq!(got.max_score, want.max_score);
     }

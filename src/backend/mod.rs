@@ -37,6 +37,16 @@ pub enum DeviceLocation {
     Metal,
 }
 
+/// Raw device addresses for attention whose queries and output stay on an accelerator.
+/// `queries` is `[n_seqs, num_q_heads, head_dim]` f32, `output` the same shape; `stream` is the
+/// backend's stream handle (a `CUstream` for CUDA), 0 for the default stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceBuffers {
+    pub queries: u64,
+    pub output: u64,
+    pub stream: u64,
+}
+
 /// One layer's page pools on one device, and the kernels that read them.
 ///
 /// Slots are stable: a slot index stays valid until freed. Keys and values enter as f32,
@@ -47,7 +57,14 @@ pub trait BackendStorage: Send + Sync {
     /// Allocates an empty hot page.
     fn alloc_hot(&mut self) -> Result<u32>;
     /// Writes `n` tokens into hot page `slot` starting at token offset `first`.
-    fn write_hot(&mut self, slot: u32, first: usize, keys: &[f32], values: &[f32], n: usize) -> Result<()>;
+    fn write_hot(
+        &mut self,
+        slot: u32,
+        first: usize,
+        keys: &[f32],
+        values: &[f32],
+        n: usize,
+    ) -> Result<()>;
     /// Quantises the first `n_tokens` of hot page `slot` into a new warm page and frees the hot one.
     /// Returns `Ok(None)`, leaving the hot page untouched, when its values do not fit the warm
     /// format (beyond f16 range).
@@ -60,10 +77,25 @@ pub trait BackendStorage: Send + Sync {
     /// Decode attention for a batch: one query token per sequence, `queries` is
     /// `[tables.len(), num_q_heads, head_dim]`.
     fn attend(&self, tables: &[&PageTable], queries: &[f32]) -> Result<Attention>;
+    /// Decode attention reading queries from and writing the output to device memory. The returned
+    /// [`Attention`] carries statistics and page masses; its `output` is empty. Backends without
+    /// device memory return [`crate::Error::Unsupported`].
+    fn attend_device(&self, _tables: &[&PageTable], _bufs: DeviceBuffers) -> Result<Attention> {
+        Err(crate::Error::Unsupported(
+            "attend_device needs an accelerator backend",
+        ))
+    }
     /// Causal attention of `n` new tokens over the cached pages of `table` (as stored) plus the
     /// new tokens themselves (exact). `queries` is `[n, num_q_heads, head_dim]`, keys and values
     /// `[n, num_kv_heads, head_dim]`. Returns `[n, num_q_heads, head_dim]`.
-    fn prefill(&self, table: &PageTable, queries: &[f32], keys: &[f32], values: &[f32], n: usize) -> Result<Vec<f32>>;
+    fn prefill(
+        &self,
+        table: &PageTable,
+        queries: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        n: usize,
+    ) -> Result<Vec<f32>>;
     /// Bytes allocated.
     fn bytes(&self) -> StorageBytes;
 }
@@ -129,7 +161,14 @@ impl BackendStorage for Storage {
     fn alloc_hot(&mut self) -> Result<u32> {
         dispatch!(self, s => s.alloc_hot())
     }
-    fn write_hot(&mut self, slot: u32, first: usize, keys: &[f32], values: &[f32], n: usize) -> Result<()> {
+    fn write_hot(
+        &mut self,
+        slot: u32,
+        first: usize,
+        keys: &[f32],
+        values: &[f32],
+        n: usize,
+    ) -> Result<()> {
         dispatch!(self, s => s.write_hot(slot, first, keys, values, n))
     }
     fn demote(&mut self, slot: u32, n_tokens: usize) -> Result<Option<u32>> {
@@ -144,7 +183,17 @@ impl BackendStorage for Storage {
     fn attend(&self, tables: &[&PageTable], queries: &[f32]) -> Result<Attention> {
         dispatch!(self, s => s.attend(tables, queries))
     }
-    fn prefill(&self, table: &PageTable, queries: &[f32], keys: &[f32], values: &[f32], n: usize) -> Result<Vec<f32>> {
+    fn attend_device(&self, tables: &[&PageTable], bufs: DeviceBuffers) -> Result<Attention> {
+        dispatch!(self, s => s.attend_device(tables, bufs))
+    }
+    fn prefill(
+        &self,
+        table: &PageTable,
+        queries: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        n: usize,
+    ) -> Result<Vec<f32>> {
         dispatch!(self, s => s.prefill(table, queries, keys, values, n))
     }
     fn bytes(&self) -> StorageBytes {

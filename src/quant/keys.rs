@@ -83,5 +83,7 @@ pub(crate) fn write_f16(dst: &mut [u8], src: &[f16]) {
 }
 
 pub(crate) fn read_f16(src: &[u8]) -> Vec<f32> {
-    src.chunks_exact(2).map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()).collect()
+    src.chunks_exact(2)
+        .map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+        .collect()
 }

@@ -43,7 +43,13 @@ pub struct WarmLayout {
 
 impl WarmLayout {
     /// Layout for the given geometry.
-    pub fn new(page_size: usize, head_dim: usize, k_bits: Bits, v_bits: Bits, value_group: usize) -> Self {
+    pub fn new(
+        page_size: usize,
+        head_dim: usize,
+        k_bits: Bits,
+        v_bits: Bits,
+        value_group: usize,
+    ) -> Self {
         let groups = head_dim / value_group;
         let k_min = 0;
         let k_step = align(k_min + 2 * head_dim);
@@ -70,7 +76,13 @@ impl WarmLayout {
 
     /// Layout for a config.
     pub fn of(cfg: &CacheConfig) -> Self {
-        Self::new(cfg.page_size, cfg.head_dim, cfg.k_bits, cfg.v_bits, cfg.value_group)
+        Self::new(
+            cfg.page_size,
+            cfg.head_dim,
+            cfg.k_bits,
+            cfg.v_bits,
+            cfg.value_group,
+        )
     }
 
     /// Value groups per token.
@@ -93,7 +105,11 @@ mod tests {
 
     #[test]
     fn parts_do_not_overlap_and_are_aligned() {
-        for (kb, vb) in [(Bits::B8, Bits::B8), (Bits::B4, Bits::B2), (Bits::B2, Bits::B4)] {
+        for (kb, vb) in [
+            (Bits::B8, Bits::B8),
+            (Bits::B4, Bits::B2),
+            (Bits::B2, Bits::B4),
+        ] {
             let l = WarmLayout::new(32, 128, kb, vb, 32);
             let parts = [
                 (l.k_min, 2 * 128),
@@ -110,6 +126,9 @@ mod tests {
             assert!(parts[5].0 + parts[5].1 <= l.head_bytes);
         }
         // int4 K and V, d128, 32 tokens: 4096 code bytes + 1024 value scale bytes + 512 key scale bytes.
-        assert_eq!(WarmLayout::new(32, 128, Bits::B4, Bits::B4, 32).head_bytes, 512 + 1024 + 4096);
+        assert_eq!(
+            WarmLayout::new(32, 128, Bits::B4, Bits::B4, 32).head_bytes,
+            512 + 1024 + 4096
+        );
     }
 }

@@ -78,7 +78,9 @@ mod tests {
     fn round_trip_and_lane_order() {
         for bits in [Bits::B8, Bits::B4, Bits::B2] {
             let len = 128;
-            let codes: Vec<u8> = (0..len).map(|i| (i * 7 % (bits.max_code() as usize + 1)) as u8).collect();
+            let codes: Vec<u8> = (0..len)
+                .map(|i| (i * 7 % (bits.max_code() as usize + 1)) as u8)
+                .collect();
             let mut packed = vec![0u8; len * bits.bits() / 8];
             pack_row(&codes, bits, &mut packed);
             let mut back = vec![0u8; len];

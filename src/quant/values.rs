@@ -7,7 +7,12 @@ use half::f16;
 
 /// Quantises the values of one kv head of one page into `block`. `values` is `[n_tokens][head_dim]`.
 /// Returns `false` when a group's range does not fit f16.
-pub fn quantize_values(values: &[f32], n_tokens: usize, layout: &WarmLayout, block: &mut [u8]) -> bool {
+pub fn quantize_values(
+    values: &[f32],
+    n_tokens: usize,
+    layout: &WarmLayout,
+    block: &mut [u8],
+) -> bool {
     let d = layout.head_dim;
     let g = layout.value_group;
     let groups = layout.groups();

@@ -25,7 +25,13 @@ pub enum Tier {
 
 /// Whether page `index` of a sequence that now holds `len` tokens must leave the hot tier:
 /// it is full, holds no sink token, and every token in it is older than the hot window.
-pub fn demotable(index: usize, page_size: usize, len: usize, sink_tokens: usize, hot_window: usize) -> bool {
+pub fn demotable(
+    index: usize,
+    page_size: usize,
+    len: usize,
+    sink_tokens: usize,
+    hot_window: usize,
+) -> bool {
     let start = index * page_size;
     let end = start + page_size;
     end <= len && start >= sink_tokens && end + hot_window <= len

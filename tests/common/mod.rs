@@ -40,15 +40,30 @@ pub fn naive(
     for h in 0..qh {
         let kv = h / g;
         let s: Vec<f64> = (0..len)
-            .map(|t| (0..d).map(|c| q[h * d + c] as f64 * keys[(t * kvh + kv) * d + c] as f64).sum::<f64>() * scale)
+            .map(|t| {
+                (0..d)
+                    .map(|c| q[h * d + c] as f64 * keys[(t * kvh + kv) * d + c] as f64)
+                    .sum::<f64>()
+                    * scale
+            })
             .collect();
         let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
         let p: Vec<f64> = s.iter().map(|x| (x - m).exp() / z).collect();
-        let ent: f64 = -p.iter().filter(|&&p| p > 0.0).map(|&p| p * p.ln()).sum::<f64>();
-        let var: f64 = p.iter().filter(|&&p| p > 0.0).map(|&p| p * (-p.ln() - ent).powi(2)).sum();
+        let ent: f64 = -p
+            .iter()
+            .filter(|&&p| p > 0.0)
+            .map(|&p| p * p.ln())
+            .sum::<f64>();
+        let var: f64 = p
+            .iter()
+            .filter(|&&p| p > 0.0)
+            .map(|&p| p * (-p.ln() - ent).powi(2))
+            .sum();
         for c in 0..d {
-            out[h * d + c] = (0..len).map(|t| p[t] * values[(t * kvh + kv) * d + c] as f64).sum::<f64>() as f32;
+            out[h * d + c] = (0..len)
+                .map(|t| p[t] * values[(t * kvh + kv) * d + c] as f64)
+                .sum::<f64>() as f32;
         }
         stats.push((ent, var, m));
         probs.push(p);

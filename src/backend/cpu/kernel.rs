@@ -55,7 +55,12 @@ struct Kernel<'a> {
 
 impl<'a> Kernel<'a> {
     fn new(s: &'a CpuStorage) -> Self {
-        Kernel { s, geo: s.geo, g: s.geo.group(), groups: s.layout.groups() }
+        Kernel {
+            s,
+            geo: s.geo,
+            g: s.geo.group(),
+            groups: s.layout.groups(),
+        }
     }
 
     fn acc(&self, record_pages: bool) -> Acc {
@@ -125,7 +130,16 @@ impl<'a> Kernel<'a> {
 
     /// Exact tokens: `n <= page_size` rows at `k[t * stride..]`, `v[t * stride..]`.
     #[inline(always)]
-    fn exact_block<const FMA: bool>(&self, q: &[f32], k: &[f32], v: &[f32], stride: usize, n: usize, a: &mut Acc, sc: &mut Scratch) {
+    fn exact_block<const FMA: bool>(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        stride: usize,
+        n: usize,
+        a: &mut Acc,
+        sc: &mut Scratch,
+    ) {
         let (d, ps) = (self.geo.head_dim, self.geo.page_size);
         for h in 0..self.g {
             let qh = &q[h * d..(h + 1) * d];
@@ -144,7 +158,14 @@ impl<'a> Kernel<'a> {
 
     /// One warm page's head block.
     #[inline(always)]
-    fn warm_block<const FMA: bool>(&self, q: &[f32], blk: &[u8], n: usize, a: &mut Acc, sc: &mut Scratch) {
+    fn warm_block<const FMA: bool>(
+        &self,
+        q: &[f32],
+        blk: &[u8],
+        n: usize,
+        a: &mut Acc,
+        sc: &mut Scratch,
+    ) {
         let (d, ps, groups) = (self.geo.head_dim, self.geo.page_size, self.groups);
         let l = &self.s.layout;
         let vg = l.value_group;
@@ -153,9 +174,11 @@ impl<'a> Kernel<'a> {
         sc.kstep.clear();
         sc.kstep.extend(read_f16(&blk[l.k_step..l.k_step + 2 * d]));
         sc.vmin.clear();
-        sc.vmin.extend(read_f16(&blk[l.v_min..l.v_min + 2 * ps * groups]));
+        sc.vmin
+            .extend(read_f16(&blk[l.v_min..l.v_min + 2 * ps * groups]));
         sc.vstep.clear();
-        sc.vstep.extend(read_f16(&blk[l.v_step..l.v_step + 2 * ps * groups]));
+        sc.vstep
+            .extend(read_f16(&blk[l.v_step..l.v_step + 2 * ps * groups]));
         let ko = &self.s.k_order;
         for h in 0..self.g {
             let qh = &q[h * d..(h + 1) * d];
@@ -181,7 +204,11 @@ impl<'a> Kernel<'a> {
                 for gi in 0..groups {
                     let w = e * sc.vstep[t * groups + gi];
                     let at = h * d + gi * vg;
-                    axpy::<FMA>(&mut a.acc_w[at..at + vg], w, &sc.row[gi * vg..(gi + 1) * vg]);
+                    axpy::<FMA>(
+                        &mut a.acc_w[at..at + vg],
+                        w,
+                        &sc.row[gi * vg..(gi + 1) * vg],
+                    );
                     let b = &mut a.acc_b[h * groups + gi];
                     *b = fmadd::<FMA>(e, sc.vmin[t * groups + gi], *b);
                 }
@@ -190,7 +217,14 @@ impl<'a> Kernel<'a> {
     }
 
     #[inline(always)]
-    fn pages<const FMA: bool>(&self, kv: usize, q: &[f32], pages: &[PageEntry], a: &mut Acc, sc: &mut Scratch) -> Result<()> {
+    fn pages<const FMA: bool>(
+        &self,
+        kv: usize,
+        q: &[f32],
+        pages: &[PageEntry],
+        a: &mut Acc,
+        sc: &mut Scratch,
+    ) -> Result<()> {
         let (d, ps) = (self.geo.head_dim, self.geo.page_size);
         for p in pages {
             let n = p.n_tokens as usize;
@@ -198,7 +232,8 @@ impl<'a> Kernel<'a> {
                 Tier::Hot => {
                     let page = self.s.hot_page(p.slot)?;
                     let at = kv * ps * d;
-                    let (mut hk, mut hv) = (std::mem::take(&mut sc.hot_k), std::mem::take(&mut sc.hot_v));
+                    let (mut hk, mut hv) =
+                        (std::mem::take(&mut sc.hot_k), std::mem::take(&mut sc.hot_v));
                     let k = page.k.read(at, n * d, &mut hk);
                     let v = page.v.read(at, n * d, &mut hv);
                     self.exact_block::<FMA>(q, k, v, d, n, a, sc);
@@ -210,7 +245,11 @@ impl<'a> Kernel<'a> {
                     let hb = self.s.layout.head_bytes;
                     self.warm_block::<FMA>(q, &b[kv * hb..(kv + 1) * hb], n, a, sc);
                 }
-                t => return Err(internal(format!("attention over a page in tier {t:?} is not supported"))),
+                t => {
+                    return Err(internal(format!(
+                        "attention over a page in tier {t:?} is not supported"
+                    )))
+                }
             }
         }
         Ok(())
@@ -246,7 +285,12 @@ struct Partial {
 }
 
 #[inline(always)]
-fn decode_item_generic<const FMA: bool>(k: &Kernel, tables: &[&PageTable], q: &[f32], it: &Item) -> Result<Partial> {
+fn decode_item_generic<const FMA: bool>(
+    k: &Kernel,
+    tables: &[&PageTable],
+    q: &[f32],
+    it: &Item,
+) -> Result<Partial> {
     let (d, g) = (k.geo.head_dim, k.g);
     let q0 = (it.seq * k.geo.q_heads + it.kv * g) * d;
     let qg = &q[q0..q0 + g * d];
@@ -255,13 +299,22 @@ fn decode_item_generic<const FMA: bool>(k: &Kernel, tables: &[&PageTable], q: &[
     let pages = &tables[it.seq].pages()[it.first_page..it.first_page + it.n_pages];
     k.pages::<FMA>(it.kv, qg, pages, &mut a, &mut sc)?;
     k.finish(&mut a);
-    Ok(Partial { st: a.st, acc: a.acc, page_stats: a.page_stats.unwrap_or_default() })
+    Ok(Partial {
+        st: a.st,
+        acc: a.acc,
+        page_stats: a.page_stats.unwrap_or_default(),
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 // SAFETY (for callers): only call after `is_x86_feature_detected!` confirmed avx2 and fma.
-unsafe fn decode_item_avx2(k: &Kernel, tables: &[&PageTable], q: &[f32], it: &Item) -> Result<Partial> {
+unsafe fn decode_item_avx2(
+    k: &Kernel,
+    tables: &[&PageTable],
+    q: &[f32],
+    it: &Item,
+) -> Result<Partial> {
     decode_item_generic::<true>(k, tables, q, it)
 }
 
@@ -276,7 +329,13 @@ fn has_avx2_fma() -> bool {
     }
 }
 
-fn decode_item(k: &Kernel, tables: &[&PageTable], q: &[f32], it: &Item, simd: bool) -> Result<Partial> {
+fn decode_item(
+    k: &Kernel,
+    tables: &[&PageTable],
+    q: &[f32],
+    it: &Item,
+    simd: bool,
+) -> Result<Partial> {
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: `simd` is true only when `has_avx2_fma()` returned true on this machine.
@@ -310,14 +369,21 @@ pub(super) fn attend(s: &CpuStorage, tables: &[&PageTable], queries: &[f32]) -> 
             let mut first = 0;
             while first < np {
                 let n = chunk.min(np - first);
-                items.push(Item { seq: si, kv, first_page: first, n_pages: n });
+                items.push(Item {
+                    seq: si,
+                    kv,
+                    first_page: first,
+                    n_pages: n,
+                });
                 first += n;
             }
         }
     }
     let simd = has_avx2_fma();
-    let partials: Vec<Partial> =
-        items.par_iter().map(|it| decode_item(&k, tables, &q, it, simd)).collect::<Result<_>>()?;
+    let partials: Vec<Partial> = items
+        .par_iter()
+        .map(|it| decode_item(&k, tables, &q, it, simd))
+        .collect::<Result<_>>()?;
 
     // Combine, in item order: items of one (seq, kv) are consecutive and ordered by page.
     let g = k.g;
@@ -363,7 +429,13 @@ pub(super) fn attend(s: &CpuStorage, tables: &[&PageTable], queries: &[f32]) -> 
         }
         debug_assert_eq!(page_mass[si].len(), t.pages().len());
     }
-    Ok(Attention { output, heads, page_mass, num_q_heads: qh, head_dim: d })
+    Ok(Attention {
+        output,
+        heads,
+        page_mass,
+        num_q_heads: qh,
+        head_dim: d,
+    })
 }
 
 #[inline(always)]
@@ -429,7 +501,11 @@ pub(super) fn prefill(
         return Err(Error::shape("queries", n * qh * d, queries.len()));
     }
     if keys.len() != n * kvh * d || values.len() != n * kvh * d {
-        return Err(Error::shape("keys/values", n * kvh * d, keys.len().max(values.len())));
+        return Err(Error::shape(
+            "keys/values",
+            n * kvh * d,
+            keys.len().max(values.len()),
+        ));
     }
     let q: Vec<f32> = queries.iter().map(|x| x * geo.scale).collect();
     let k = Kernel::new(s);

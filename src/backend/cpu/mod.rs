@@ -85,7 +85,9 @@ impl CpuStorage {
     }
 
     fn hot_page(&self, slot: u32) -> Result<&HotPage> {
-        self.hot.get(slot).ok_or_else(|| internal(format!("hot slot {slot} is not allocated")))
+        self.hot
+            .get(slot)
+            .ok_or_else(|| internal(format!("hot slot {slot} is not allocated")))
     }
 
     fn warm_page(&self, slot: u32) -> Result<&[u8]> {
@@ -101,7 +103,10 @@ impl CpuStorage {
         let d = self.geo.head_dim;
         let at = head * self.geo.page_size * d;
         let (mut sk, mut sv) = (Vec::new(), Vec::new());
-        Ok((p.k.read(at, n * d, &mut sk).to_vec(), p.v.read(at, n * d, &mut sv).to_vec()))
+        Ok((
+            p.k.read(at, n * d, &mut sk).to_vec(),
+            p.v.read(at, n * d, &mut sv).to_vec(),
+        ))
     }
 }
 
@@ -117,16 +122,36 @@ impl BackendStorage for CpuStorage {
 
     fn alloc_hot(&mut self) -> Result<u32> {
         let n = self.geo.hot_elems();
-        let page = HotPage { k: HotBuf::new(self.geo.hot_dtype, n)?, v: HotBuf::new(self.geo.hot_dtype, n)? };
+        let page = HotPage {
+            k: HotBuf::new(self.geo.hot_dtype, n)?,
+            v: HotBuf::new(self.geo.hot_dtype, n)?,
+        };
         self.hot.insert(page)
     }
 
-    fn write_hot(&mut self, slot: u32, first: usize, keys: &[f32], values: &[f32], n: usize) -> Result<()> {
-        let Geometry { kv_heads, head_dim: d, page_size, .. } = self.geo;
+    fn write_hot(
+        &mut self,
+        slot: u32,
+        first: usize,
+        keys: &[f32],
+        values: &[f32],
+        n: usize,
+    ) -> Result<()> {
+        let Geometry {
+            kv_heads,
+            head_dim: d,
+            page_size,
+            ..
+        } = self.geo;
         if first + n > page_size {
-            return Err(internal(format!("write of {n} tokens at {first} overflows a page of {page_size}")));
+            return Err(internal(format!(
+                "write of {n} tokens at {first} overflows a page of {page_size}"
+            )));
         }
-        let page = self.hot.get_mut(slot).ok_or_else(|| internal(format!("hot slot {slot} is not allocated")))?;
+        let page = self
+            .hot
+            .get_mut(slot)
+            .ok_or_else(|| internal(format!("hot slot {slot} is not allocated")))?;
         for t in 0..n {
             for h in 0..kv_heads {
                 let src = (t * kv_heads + h) * d;
@@ -171,9 +196,16 @@ impl BackendStorage for CpuStorage {
                 Tier::Warm => {
                     let b = self.warm_page(entry.slot)?;
                     let blk = &b[h * self.layout.head_bytes..(h + 1) * self.layout.head_bytes];
-                    (quant::dequantize_keys(blk, n, &self.layout), quant::dequantize_values(blk, n, &self.layout))
+                    (
+                        quant::dequantize_keys(blk, n, &self.layout),
+                        quant::dequantize_values(blk, n, &self.layout),
+                    )
                 }
-                t => return Err(internal(format!("page in tier {t:?} has no bytes on the device"))),
+                t => {
+                    return Err(internal(format!(
+                        "page in tier {t:?} has no bytes on the device"
+                    )))
+                }
             };
             ks.extend(k);
             vs.extend(v);
@@ -185,7 +217,14 @@ impl BackendStorage for CpuStorage {
         kernel::attend(self, tables, queries)
     }
 
-    fn prefill(&self, table: &PageTable, queries: &[f32], keys: &[f32], values: &[f32], n: usize) -> Result<Vec<f32>> {
+    fn prefill(
+        &self,
+        table: &PageTable,
+        queries: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        n: usize,
+    ) -> Result<Vec<f32>> {
         kernel::prefill(self, table, queries, keys, values, n)
     }
 
@@ -195,7 +234,8 @@ impl BackendStorage for CpuStorage {
             warm: self.warm.iter().map(|b| b.len()).sum(),
             metadata: self.hot.metadata_bytes()
                 + self.warm.metadata_bytes()
-                + (self.k_order.capacity() + self.v_order.capacity()) * std::mem::size_of::<usize>(),
+                + (self.k_order.capacity() + self.v_order.capacity())
+                    * std::mem::size_of::<usize>(),
         }
     }
 }

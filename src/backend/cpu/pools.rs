@@ -14,8 +14,10 @@ pub enum HotBuf {
 
 fn try_boxed<T: Clone>(len: usize, fill: T, what: &'static str) -> Result<Box<[T]>> {
     let mut v = Vec::new();
-    v.try_reserve_exact(len)
-        .map_err(|_| Error::OutOfMemory { what, bytes: len * std::mem::size_of::<T>() })?;
+    v.try_reserve_exact(len).map_err(|_| Error::OutOfMemory {
+        what,
+        bytes: len * std::mem::size_of::<T>(),
+    })?;
     v.resize(len, fill);
     Ok(v.into_boxed_slice())
 }
@@ -91,7 +93,11 @@ pub struct Pool<T> {
 
 impl<T> Default for Pool<T> {
     fn default() -> Self {
-        Pool { slots: Vec::new(), free: Vec::new(), live: 0 }
+        Pool {
+            slots: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+        }
     }
 }
 
@@ -104,10 +110,14 @@ impl<T> Pool<T> {
         }
         if self.slots.len() >= u32::MAX as usize {
             self.live -= 1;
-            return Err(Error::OutOfMemory { what: "page slots", bytes: 0 });
+            return Err(Error::OutOfMemory {
+                what: "page slots",
+                bytes: 0,
+            });
         }
-        self.slots.try_reserve(1).map_err(|_| {
-            Error::OutOfMemory { what: "page slot table", bytes: std::mem::size_of::<Option<T>>() }
+        self.slots.try_reserve(1).map_err(|_| Error::OutOfMemory {
+            what: "page slot table",
+            bytes: std::mem::size_of::<Option<T>>(),
         })?;
         self.slots.push(Some(page));
         Ok((self.slots.len() - 1) as u32)

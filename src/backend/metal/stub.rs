@@ -59,7 +59,14 @@ impl BackendStorage for MetalStorage {
     fn attend(&self, _: &[&PageTable], _: &[f32]) -> Result<Attention> {
         match *self {}
     }
-    fn prefill(&self, _: &PageTable, _: &[f32], _: &[f32], _: &[f32], _: usize) -> Result<Vec<f32>> {
+    fn prefill(
+        &self,
+        _: &PageTable,
+        _: &[f32],
+        _: &[f32],
+        _: &[f32],
+        _: usize,
+    ) -> Result<Vec<f32>> {
         match *self {}
     }
     fn bytes(&self) -> StorageBytes {
