@@ -1,0 +1,528 @@
+//! Split-K decode attention on the CPU ("flash-decoding" on threads).
+//!
+//! Work items are (sequence, kv head, chunk of pages). An item loads each page once for all q heads
+//! of its GQA group, computes scores (warm keys straight from packed codes: `q·k = q·min + (q∘step)·code`),
+//! keeps an online softmax with the entropy sums of [`crate::attention`], and accumulates values
+//! (warm values as `Σ e·step·code + Σ e·min` per group). Items run on rayon's pool; a combine step
+//! merges the chunks of one (sequence, kv head) in order.
+//!
+//! The inner loops are compiled twice: with AVX2+FMA (selected at run time) and portable.
+
+use super::simd::{axpy, dot, fmadd, scale, sum};
+use super::{internal, CpuStorage, Geometry};
+use crate::attention::exp::exp_nonpos;
+use crate::attention::{Attention, HeadStats, OnlineSoftmax};
+use crate::error::{Error, Result};
+use crate::quant::keys::read_f16;
+use crate::quant::pack::unpack_row_lanes_f32;
+use crate::tiers::{PageEntry, PageTable, Tier};
+use rayon::prelude::*;
+
+/// Running state of one work item: a GQA group of q heads.
+struct Acc {
+    st: Vec<OnlineSoftmax>,
+    /// Exact-page value accumulator, standard channel order, `[group][head_dim]`.
+    acc: Vec<f32>,
+    /// Warm-page value accumulator of `step·code`, value lane order, `[group][head_dim]`.
+    acc_w: Vec<f32>,
+    /// Warm-page value accumulator of `min` terms, `[group][value groups]`.
+    acc_b: Vec<f32>,
+    /// `(m_p, l_p)` per page per head, when page masses are wanted.
+    page_stats: Option<Vec<(f32, f32)>>,
+}
+
+/// Per-item scratch, allocated once per item.
+struct Scratch {
+    scores: Vec<f32>,
+    e: Vec<f32>,
+    row: Vec<f32>,
+    qs: Vec<f32>,
+    qm: Vec<f32>,
+    kmin: Vec<f32>,
+    kstep: Vec<f32>,
+    vmin: Vec<f32>,
+    vstep: Vec<f32>,
+    hot_k: Vec<f32>,
+    hot_v: Vec<f32>,
+}
+
+struct Kernel<'a> {
+    s: &'a CpuStorage,
+    geo: Geometry,
+    g: usize,
+    groups: usize,
+}
+
+impl<'a> Kernel<'a> {
+    fn new(s: &'a CpuStorage) -> Self {
+        Kernel {
+            s,
+            geo: s.geo,
+            g: s.geo.group(),
+            groups: s.layout.groups(),
+        }
+    }
+
+    fn acc(&self, record_pages: bool) -> Acc {
+        let d = self.geo.head_dim;
+        Acc {
+            st: vec![OnlineSoftmax::default(); self.g],
+            acc: vec![0.0; self.g * d],
+            acc_w: vec![0.0; self.g * d],
+            acc_b: vec![0.0; self.g * self.groups],
+            page_stats: record_pages.then(Vec::new),
+        }
+    }
+
+    fn scratch(&self) -> Scratch {
+        let (d, ps, g) = (self.geo.head_dim, self.geo.page_size, self.g);
+        Scratch {
+            scores: vec![0.0; g * ps],
+            e: vec![0.0; g * ps],
+            row: vec![0.0; d],
+            qs: vec![0.0; g * d],
+            qm: vec![0.0; g],
+            kmin: Vec::with_capacity(d),
+            kstep: Vec::with_capacity(d),
+            vmin: Vec::with_capacity(ps * self.groups),
+            vstep: Vec::with_capacity(ps * self.groups),
+            hot_k: Vec::new(),
+            hot_v: Vec::new(),
+        }
+    }
+
+    /// Softmax update for `n` scores per head in `sc.scores`; leaves the weights in `sc.e`.
+    #[inline(always)]
+    fn softmax_update(&self, n: usize, a: &mut Acc, sc: &mut Scratch) {
+        let (d, ps) = (self.geo.head_dim, self.geo.page_size);
+        for h in 0..self.g {
+            let s = &sc.scores[h * ps..h * ps + n];
+            let mp = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let st = &mut a.st[h];
+            if mp > st.m {
+                let alpha = st.rescale_to(mp);
+                scale(&mut a.acc[h * d..(h + 1) * d], alpha);
+                scale(&mut a.acc_w[h * d..(h + 1) * d], alpha);
+                scale(&mut a.acc_b[h * self.groups..(h + 1) * self.groups], alpha);
+            }
+            let m = st.m;
+            let e = &mut sc.e[h * ps..h * ps + n];
+            let (mut l, mut s1, mut s2) = ([0f32; 8], [0f32; 8], [0f32; 8]);
+            for (i, (ei, &si)) in e.iter_mut().zip(s).enumerate() {
+                let x = si - m;
+                let w = exp_nonpos(x);
+                *ei = w;
+                let j = i % 8;
+                l[j] += w;
+                s1[j] += w * x;
+                s2[j] += w * x * x;
+            }
+            let lsum = sum(&l);
+            st.l += lsum;
+            st.s1 += sum(&s1);
+            st.s2 += sum(&s2);
+            if let Some(ps) = a.page_stats.as_mut() {
+                // Σ exp(s - mp) = Σ exp(s - m) · exp(m - mp); m >= mp.
+                ps.push((mp, lsum * (m - mp).exp()));
+            }
+        }
+    }
+
+    /// Exact tokens: `n <= page_size` rows at `k[t * stride..]`, `v[t * stride..]`.
+    #[inline(always)]
+    fn exact_block<const FMA: bool>(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        stride: usize,
+        n: usize,
+        a: &mut Acc,
+        sc: &mut Scratch,
+    ) {
+        let (d, ps) = (self.geo.head_dim, self.geo.page_size);
+        for h in 0..self.g {
+            let qh = &q[h * d..(h + 1) * d];
+            for t in 0..n {
+                sc.scores[h * ps + t] = dot::<FMA>(qh, &k[t * stride..t * stride + d]);
+            }
+        }
+        self.softmax_update(n, a, sc);
+        for t in 0..n {
+            let vr = &v[t * stride..t * stride + d];
+            for h in 0..self.g {
+                axpy::<FMA>(&mut a.acc[h * d..(h + 1) * d], sc.e[h * ps + t], vr);
+            }
+        }
+    }
+
+    /// One warm page's head block.
+    #[inline(always)]
+    fn warm_block<const FMA: bool>(
+        &self,
+        q: &[f32],
+        blk: &[u8],
+        n: usize,
+        a: &mut Acc,
+        sc: &mut Scratch,
+    ) {
+        let (d, ps, groups) = (self.geo.head_dim, self.geo.page_size, self.groups);
+        let l = &self.s.layout;
+        let vg = l.value_group;
+        sc.kmin.clear();
+        sc.kmin.extend(read_f16(&blk[l.k_min..l.k_min + 2 * d]));
+        sc.kstep.clear();
+        sc.kstep.extend(read_f16(&blk[l.k_step..l.k_step + 2 * d]));
+        sc.vmin.clear();
+        sc.vmin
+            .extend(read_f16(&blk[l.v_min..l.v_min + 2 * ps * groups]));
+        sc.vstep.clear();
+        sc.vstep
+            .extend(read_f16(&blk[l.v_step..l.v_step + 2 * ps * groups]));
+        let ko = &self.s.k_order;
+        for h in 0..self.g {
+            let qh = &q[h * d..(h + 1) * d];
+            sc.qm[h] = dot::<FMA>(qh, &sc.kmin);
+            for (p, &c) in ko.iter().enumerate() {
+                sc.qs[h * d + p] = qh[c] * sc.kstep[c];
+            }
+        }
+        let (kr, vr) = (l.k_row_bytes(), l.v_row_bytes());
+        for t in 0..n {
+            let off = l.k_codes + t * kr;
+            unpack_row_lanes_f32(&blk[off..off + kr], l.k_bits, &mut sc.row);
+            for h in 0..self.g {
+                sc.scores[h * ps + t] = sc.qm[h] + dot::<FMA>(&sc.qs[h * d..(h + 1) * d], &sc.row);
+            }
+        }
+        self.softmax_update(n, a, sc);
+        for t in 0..n {
+            let off = l.v_codes + t * vr;
+            unpack_row_lanes_f32(&blk[off..off + vr], l.v_bits, &mut sc.row);
+            for h in 0..self.g {
+                let e = sc.e[h * ps + t];
+                for gi in 0..groups {
+                    let w = e * sc.vstep[t * groups + gi];
+                    let at = h * d + gi * vg;
+                    axpy::<FMA>(
+                        &mut a.acc_w[at..at + vg],
+                        w,
+                        &sc.row[gi * vg..(gi + 1) * vg],
+                    );
+                    let b = &mut a.acc_b[h * groups + gi];
+                    *b = fmadd::<FMA>(e, sc.vmin[t * groups + gi], *b);
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn pages<const FMA: bool>(
+        &self,
+        kv: usize,
+        q: &[f32],
+        pages: &[PageEntry],
+        a: &mut Acc,
+        sc: &mut Scratch,
+    ) -> Result<()> {
+        let (d, ps) = (self.geo.head_dim, self.geo.page_size);
+        for p in pages {
+            let n = p.n_tokens as usize;
+            match p.tier {
+                Tier::Hot => {
+                    let page = self.s.hot_page(p.slot)?;
+                    let at = kv * ps * d;
+                    let (mut hk, mut hv) =
+                        (std::mem::take(&mut sc.hot_k), std::mem::take(&mut sc.hot_v));
+                    let k = page.k.read(at, n * d, &mut hk);
+                    let v = page.v.read(at, n * d, &mut hv);
+                    self.exact_block::<FMA>(q, k, v, d, n, a, sc);
+                    sc.hot_k = hk;
+                    sc.hot_v = hv;
+                }
+                Tier::Warm => {
+                    let b = self.s.warm_page(p.slot)?;
+                    let hb = self.s.layout.head_bytes;
+                    self.warm_block::<FMA>(q, &b[kv * hb..(kv + 1) * hb], n, a, sc);
+                }
+                t => {
+                    return Err(internal(format!(
+                        "attention over a page in tier {t:?} is not supported"
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Folds the warm accumulators into the standard-order accumulator.
+    fn finish(&self, a: &mut Acc) {
+        let d = self.geo.head_dim;
+        let vg = self.s.layout.value_group;
+        for h in 0..self.g {
+            for (p, &c) in self.s.v_order.iter().enumerate() {
+                a.acc[h * d + c] += a.acc_w[h * d + p];
+            }
+            for c in 0..d {
+                a.acc[h * d + c] += a.acc_b[h * self.groups + c / vg];
+            }
+        }
+    }
+}
+
+/// One decode work item.
+struct Item {
+    seq: usize,
+    kv: usize,
+    first_page: usize,
+    n_pages: usize,
+}
+
+struct Partial {
+    st: Vec<OnlineSoftmax>,
+    acc: Vec<f32>,
+    page_stats: Vec<(f32, f32)>,
+}
+
+#[inline(always)]
+fn decode_item_generic<const FMA: bool>(
+    k: &Kernel,
+    tables: &[&PageTable],
+    q: &[f32],
+    it: &Item,
+) -> Result<Partial> {
+    let (d, g) = (k.geo.head_dim, k.g);
+    let q0 = (it.seq * k.geo.q_heads + it.kv * g) * d;
+    let qg = &q[q0..q0 + g * d];
+    let mut a = k.acc(true);
+    let mut sc = k.scratch();
+    let pages = &tables[it.seq].pages()[it.first_page..it.first_page + it.n_pages];
+    k.pages::<FMA>(it.kv, qg, pages, &mut a, &mut sc)?;
+    k.finish(&mut a);
+    Ok(Partial {
+        st: a.st,
+        acc: a.acc,
+        page_stats: a.page_stats.unwrap_or_default(),
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+// SAFETY (for callers): only call after `is_x86_feature_detected!` confirmed avx2 and fma.
+unsafe fn decode_item_avx2(
+    k: &Kernel,
+    tables: &[&PageTable],
+    q: &[f32],
+    it: &Item,
+) -> Result<Partial> {
+    decode_item_generic::<true>(k, tables, q, it)
+}
+
+fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn decode_item(
+    k: &Kernel,
+    tables: &[&PageTable],
+    q: &[f32],
+    it: &Item,
+    simd: bool,
+) -> Result<Partial> {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` is true only when `has_avx2_fma()` returned true on this machine.
+        return unsafe { decode_item_avx2(k, tables, q, it) };
+    }
+    let _ = simd;
+    decode_item_generic::<false>(k, tables, q, it)
+}
+
+/// Pages per work item: enough items to keep every thread busy, at least 8 pages each.
+fn chunk_pages(total_pages: usize, kv_heads: usize) -> usize {
+    let target_items = 4 * rayon::current_num_threads().max(1);
+    (total_pages * kv_heads).div_ceil(target_items).max(8)
+}
+
+pub(super) fn attend(s: &CpuStorage, tables: &[&PageTable], queries: &[f32]) -> Result<Attention> {
+    let geo = s.geo;
+    let (d, qh, kvh) = (geo.head_dim, geo.q_heads, geo.kv_heads);
+    let want = tables.len() * qh * d;
+    if queries.len() != want {
+        return Err(Error::shape("queries", want, queries.len()));
+    }
+    let q: Vec<f32> = queries.iter().map(|x| x * geo.scale).collect();
+    let k = Kernel::new(s);
+    let total: usize = tables.iter().map(|t| t.pages().len()).sum();
+    let chunk = chunk_pages(total, kvh);
+    let mut items = Vec::new();
+    for (si, t) in tables.iter().enumerate() {
+        for kv in 0..kvh {
+            let np = t.pages().len();
+            let mut first = 0;
+            while first < np {
+                let n = chunk.min(np - first);
+                items.push(Item {
+                    seq: si,
+                    kv,
+                    first_page: first,
+                    n_pages: n,
+                });
+                first += n;
+            }
+        }
+    }
+    let simd = has_avx2_fma();
+    let partials: Vec<Partial> = items
+        .par_iter()
+        .map(|it| decode_item(&k, tables, &q, it, simd))
+        .collect::<Result<_>>()?;
+
+    // Combine, in item order: items of one (seq, kv) are consecutive and ordered by page.
+    let g = k.g;
+    let mut output = vec![0f32; want];
+    let mut heads = vec![HeadStats::default(); tables.len() * qh];
+    let mut page_mass: Vec<Vec<f32>> = tables.iter().map(|t| vec![0.0; t.pages().len()]).collect();
+    let mut i = 0;
+    for (si, t) in tables.iter().enumerate() {
+        for kv in 0..kvh {
+            let mut st = vec![OnlineSoftmax::default(); g];
+            let mut acc = vec![0f32; g * d];
+            let mut stats: Vec<(usize, &Partial)> = Vec::new();
+            while i < items.len() && items[i].seq == si && items[i].kv == kv {
+                let p = &partials[i];
+                for h in 0..g {
+                    let (a, b) = st[h].merge(&p.st[h]);
+                    for c in 0..d {
+                        acc[h * d + c] = a * acc[h * d + c] + b * p.acc[h * d + c];
+                    }
+                }
+                stats.push((items[i].first_page, p));
+                i += 1;
+            }
+            for h in 0..g {
+                let head = si * qh + kv * g + h;
+                heads[head] = st[h].stats();
+                let l = st[h].l;
+                if l > 0.0 {
+                    for c in 0..d {
+                        output[head * d + c] = acc[h * d + c] / l;
+                    }
+                }
+                for &(first, p) in &stats {
+                    let np = p.page_stats.len() / g;
+                    for j in 0..np {
+                        let (mp, lp) = p.page_stats[j * g + h];
+                        if l > 0.0 {
+                            page_mass[si][first + j] += (mp - st[h].m).exp() * lp / l / qh as f32;
+                        }
+                    }
+                }
+            }
+        }
+        debug_assert_eq!(page_mass[si].len(), t.pages().len());
+    }
+    Ok(Attention {
+        output,
+        heads,
+        page_mass,
+        num_q_heads: qh,
+        head_dim: d,
+    })
+}
+
+#[inline(always)]
+fn prefill_item_generic<const FMA: bool>(
+    k: &Kernel,
+    table: &PageTable,
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    tok: usize,
+    kv: usize,
+) -> Result<Vec<f32>> {
+    let (d, g, kvh, ps) = (k.geo.head_dim, k.g, k.geo.kv_heads, k.geo.page_size);
+    let q0 = (tok * k.geo.q_heads + kv * g) * d;
+    let qg = &q[q0..q0 + g * d];
+    let mut a = k.acc(false);
+    let mut sc = k.scratch();
+    k.pages::<FMA>(kv, qg, table.pages(), &mut a, &mut sc)?;
+    let stride = kvh * d;
+    let mut b0 = 0;
+    while b0 <= tok {
+        let n = ps.min(tok + 1 - b0);
+        let at = (b0 * kvh + kv) * d;
+        k.exact_block::<FMA>(qg, &keys[at..], &values[at..], stride, n, &mut a, &mut sc);
+        b0 += n;
+    }
+    k.finish(&mut a);
+    for h in 0..g {
+        let l = a.st[h].l;
+        for c in 0..d {
+            a.acc[h * d + c] /= l;
+        }
+    }
+    Ok(a.acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+// SAFETY (for callers): only call after `is_x86_feature_detected!` confirmed avx2 and fma.
+unsafe fn prefill_item_avx2(
+    k: &Kernel,
+    table: &PageTable,
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    tok: usize,
+    kv: usize,
+) -> Result<Vec<f32>> {
+    prefill_item_generic::<true>(k, table, q, keys, values, tok, kv)
+}
+
+pub(super) fn prefill(
+    s: &CpuStorage,
+    table: &PageTable,
+    queries: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    n: usize,
+) -> Result<Vec<f32>> {
+    let geo = s.geo;
+    let (d, qh, kvh) = (geo.head_dim, geo.q_heads, geo.kv_heads);
+    if queries.len() != n * qh * d {
+        return Err(Error::shape("queries", n * qh * d, queries.len()));
+    }
+    if keys.len() != n * kvh * d || values.len() != n * kvh * d {
+        return Err(Error::shape(
+            "keys/values",
+            n * kvh * d,
+            keys.len().max(values.len()),
+        ));
+    }
+    let q: Vec<f32> = queries.iter().map(|x| x * geo.scale).collect();
+    let k = Kernel::new(s);
+    let simd = has_avx2_fma();
+    let parts: Vec<Vec<f32>> = (0..n * kvh)
+        .into_par_iter()
+        .map(|i| {
+            let (tok, kv) = (i / kvh, i % kvh);
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: `simd` is true only when `has_avx2_fma()` returned true on this machine.
+                return unsafe { prefill_item_avx2(&k, table, &q, keys, values, tok, kv) };
+            }
+            let _ = simd;
+            prefill_item_generic::<false>(&k, table, &q, keys, values, tok, kv)
+        })
+        .collect::<Result<_>>()?;
+    // Items are (token, kv head) in order, each `[group][head_dim]`: concatenation is `[n][q_heads][d]`.
+    Ok(parts.concat())
+}

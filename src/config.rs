@@ -1,0 +1,389 @@
+//! Cache configuration: model shape, page geometry, tier precision and budgets.
+//!
+//! Owns: `CacheConfig`, its builder, the named presets and `validate()`. Every other module reads a
+//! validated config and may rely on its invariants (documented on each field). Must never: allocate
+//! cache memory or know about a particular backend.
+
+use crate::error::{Error, Result};
+
+/// Bit width of warm-tier codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Bits {
+    /// 8-bit codes, 1 per byte.
+    B8 = 8,
+    /// 4-bit codes, 2 per byte.
+    B4 = 4,
+    /// 2-bit codes, 4 per byte.
+    B2 = 2,
+}
+
+impl Bits {
+    /// Number of bits per code.
+    pub const fn bits(self) -> usize {
+        self as usize
+    }
+    /// Largest code value (`2^bits - 1`).
+    pub const fn max_code(self) -> u32 {
+        (1u32 << self as u32) - 1
+    }
+    /// Codes packed into one byte.
+    pub const fn per_byte(self) -> usize {
+        8 / self as usize
+    }
+    /// Parses 8, 4 or 2.
+    pub fn from_bits(bits: u32) -> Result<Self> {
+        match bits {
+            8 => Ok(Bits::B8),
+            4 => Ok(Bits::B4),
+            2 => Ok(Bits::B2),
+            other => Err(Error::config(
+                "bits",
+                format!("{other} is not one of 8, 4, 2"),
+            )),
+        }
+    }
+}
+
+/// Element type of hot (exact) pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HotDtype {
+    F32,
+    F16,
+    BF16,
+}
+
+impl HotDtype {
+    /// Bytes per element.
+    pub const fn size(self) -> usize {
+        match self {
+            HotDtype::F32 => 4,
+            HotDtype::F16 | HotDtype::BF16 => 2,
+        }
+    }
+}
+
+/// Byte budgets per tier. `None` means unlimited. Budgets count bytes actually allocated,
+/// metadata included (see [`crate::MemoryReport`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TierBudgets {
+    pub hot_bytes: Option<usize>,
+    pub warm_bytes: Option<usize>,
+    pub cold_bytes: Option<usize>,
+}
+
+/// A validated cache configuration. Build one with [`CacheConfig::builder`] or a preset.
+///
+/// Invariants after `validate()`: `num_q_heads % num_kv_heads == 0`; `head_dim % 32 == 0`;
+/// `page_size` is a multiple of 8 in 8..=256; `value_group` divides `head_dim` and is a multiple of 32 (so a
+/// group never splits a SIMD unpack block);
+/// `protected_layers` are all `< num_layers`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheConfig {
+    /// Transformer layers.
+    pub num_layers: usize,
+    /// Query heads per layer.
+    pub num_q_heads: usize,
+    /// Key/value heads per layer (GQA: divides `num_q_heads`; MQA: 1).
+    pub num_kv_heads: usize,
+    /// Channels per head.
+    pub head_dim: usize,
+    /// Token positions per page (all kv heads of one layer of one sequence).
+    pub page_size: usize,
+    /// Element type of hot pages.
+    pub hot_dtype: HotDtype,
+    /// The first `sink_tokens` positions of every sequence stay hot forever (attention sinks).
+    pub sink_tokens: usize,
+    /// The most recent `hot_window` tokens stay hot. A page is demoted to warm only once every one
+    /// of its tokens is older than the window, so between `hot_window` and
+    /// `hot_window + page_size - 1` recent tokens are exact at any time.
+    pub hot_window: usize,
+    /// Key code width in the warm tier.
+    pub k_bits: Bits,
+    /// Value code width in the warm tier.
+    pub v_bits: Bits,
+    /// Channels per value quantisation group (per token).
+    pub value_group: usize,
+    /// Layers kept entirely hot (exact), e.g. the first and last.
+    pub protected_layers: Vec<usize>,
+    /// When false, nothing is ever demoted: a full-precision cache (the quality reference).
+    pub warm_enabled: bool,
+    /// Byte budgets per tier.
+    pub budgets: TierBudgets,
+    /// Longest sequence accepted, per layer.
+    pub max_seq_len: usize,
+    /// Softmax scale; `None` means `1 / sqrt(head_dim)`.
+    pub softmax_scale: Option<f32>,
+}
+
+impl CacheConfig {
+    /// Starts a builder with the model shape and balanced defaults.
+    pub fn builder(
+        num_layers: usize,
+        num_q_heads: usize,
+        num_kv_heads: usize,
+        head_dim: usize,
+    ) -> CacheConfigBuilder {
+        CacheConfigBuilder {
+            cfg: CacheConfig {
+                num_layers,
+                num_q_heads,
+                num_kv_heads,
+                head_dim,
+                page_size: 32,
+                hot_dtype: HotDtype::F16,
+                sink_tokens: 4,
+                hot_window: 128,
+                k_bits: Bits::B4,
+                v_bits: Bits::B4,
+                value_group: 32,
+                protected_layers: Vec::new(),
+                warm_enabled: true,
+                budgets: TierBudgets::default(),
+                max_seq_len: 1 << 20,
+                softmax_scale: None,
+            },
+        }
+    }
+
+    /// `quality`: int8 keys and values, f16 hot pages, 256-token hot window, first and last layer
+    /// protected. About 1.9x smaller than f16 on long contexts with near-lossless attention.
+    pub fn quality(
+        layers: usize,
+        q_heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
+        let mut b = Self::builder(layers, q_heads, kv_heads, head_dim)
+            .k_bits(Bits::B8)
+            .v_bits(Bits::B8)
+            .hot_window(256);
+        if layers > 2 {
+            b = b.protected_layers(vec![0, layers - 1]);
+        }
+        b.build()
+    }
+
+    /// `balanced` (the default): int4 keys and values (KIVI-4), group 32, f16 hot pages,
+    /// 128-token hot window, 4 sink tokens. About 3.5x smaller than f16 on long contexts.
+    pub fn balanced(
+        layers: usize,
+        q_heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
+        Self::builder(layers, q_heads, kv_heads, head_dim).build()
+    }
+
+    /// `compact`: int4 keys, int2 values (k4v2), group 32, 64-token hot window. About 4.5x smaller
+    /// than f16 on long contexts; keys keep 4 bits because softmax is far more sensitive to them.
+    pub fn compact(
+        layers: usize,
+        q_heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
+        Self::builder(layers, q_heads, kv_heads, head_dim)
+            .v_bits(Bits::B2)
+            .hot_window(64)
+            .build()
+    }
+
+    /// Q heads that share one kv head.
+    pub fn group_size(&self) -> usize {
+        self.num_q_heads / self.num_kv_heads
+    }
+
+    /// The softmax scale in effect.
+    pub fn scale(&self) -> f32 {
+        self.softmax_scale
+            .unwrap_or(1.0 / (self.head_dim as f32).sqrt())
+    }
+
+    /// Whether `layer` is kept entirely exact.
+    pub fn is_protected(&self, layer: usize) -> bool {
+        !self.warm_enabled || self.protected_layers.contains(&layer)
+    }
+
+    /// Checks every invariant; the error names the first offending field.
+    pub fn validate(&self) -> Result<()> {
+        let positive = |field: &'static str, v: usize| {
+            if v == 0 {
+                Err(Error::config(field, "must be > 0"))
+            } else {
+                Ok(())
+            }
+        };
+        positive("num_layers", self.num_layers)?;
+        positive("num_q_heads", self.num_q_heads)?;
+        positive("num_kv_heads", self.num_kv_heads)?;
+        positive("head_dim", self.head_dim)?;
+        if self.num_q_heads % self.num_kv_heads != 0 {
+            return Err(Error::config(
+                "num_kv_heads",
+                format!(
+                    "{} does not divide num_q_heads {}",
+                    self.num_kv_heads, self.num_q_heads
+                ),
+            ));
+        }
+        if self.head_dim % 32 != 0 || self.head_dim > 512 {
+            return Err(Error::config(
+                "head_dim",
+                format!("{} must be a multiple of 32 and <= 512", self.head_dim),
+            ));
+        }
+        if self.page_size % 8 != 0 || !(8..=256).contains(&self.page_size) {
+            return Err(Error::config(
+                "page_size",
+                format!("{} must be a multiple of 8 in 8..=256", self.page_size),
+            ));
+        }
+        if self.value_group == 0
+            || self.value_group % 32 != 0
+            || self.head_dim % self.value_group != 0
+        {
+            return Err(Error::config(
+                "value_group",
+                format!(
+                    "{} must be a multiple of 32 that divides head_dim {}",
+                    self.value_group, self.head_dim
+                ),
+            ));
+        }
+        if let Some(&l) = self
+            .protected_layers
+            .iter()
+            .find(|&&l| l >= self.num_layers)
+        {
+            return Err(Error::config(
+                "protected_layers",
+                format!("layer {l} >= num_layers {}", self.num_layers),
+            ));
+        }
+        if self.max_seq_len == 0 || self.max_seq_len > (u32::MAX as usize) {
+            return Err(Error::config("max_seq_len", "must be in 1..=u32::MAX"));
+        }
+        if let Some(s) = self.softmax_scale {
+            if !(s.is_finite() && s > 0.0) {
+                return Err(Error::config(
+                    "softmax_scale",
+                    format!("{s} must be finite and > 0"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Builder for [`CacheConfig`]; `build()` validates.
+#[derive(Debug, Clone)]
+pub struct CacheConfigBuilder {
+    cfg: CacheConfig,
+}
+
+macro_rules! setter {
+    ($(#[$doc:meta])* $name:ident: $ty:ty) => {
+        $(#[$doc])*
+        pub fn $name(mut self, v: $ty) -> Self {
+            self.cfg.$name = v;
+            self
+        }
+    };
+}
+
+impl CacheConfigBuilder {
+    setter!(/// Tokens per page.
+        page_size: usize);
+    setter!(/// Hot page element type.
+        hot_dtype: HotDtype);
+    setter!(/// Attention-sink tokens kept hot.
+        sink_tokens: usize);
+    setter!(/// Recent tokens kept hot.
+        hot_window: usize);
+    setter!(/// Warm key bits.
+        k_bits: Bits);
+    setter!(/// Warm value bits.
+        v_bits: Bits);
+    setter!(/// Value quantisation group size.
+        value_group: usize);
+    setter!(/// Layers kept exact.
+        protected_layers: Vec<usize>);
+    setter!(/// Per-tier byte budgets.
+        budgets: TierBudgets);
+    setter!(/// Longest sequence accepted.
+        max_seq_len: usize);
+    setter!(/// Softmax scale (default `1/sqrt(head_dim)`).
+        softmax_scale: Option<f32>);
+
+    /// Keeps every page hot and exact (no warm tier): the full-precision reference.
+    pub fn full_precision(mut self) -> Self {
+        self.cfg.warm_enabled = false;
+        self
+    }
+
+    /// Validates and returns the config.
+    pub fn build(self) -> Result<CacheConfig> {
+        self.cfg.validate()?;
+        Ok(self.cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_validate() {
+        for f in [
+            CacheConfig::quality,
+            CacheConfig::balanced,
+            CacheConfig::compact,
+        ] {
+            f(32, 32, 8, 128).unwrap();
+            f(30, 9, 3, 64).unwrap();
+        }
+    }
+
+    #[test]
+    fn invalid_fields_are_named() {
+        let field = |r: Result<CacheConfig>| match r {
+            Err(Error::InvalidConfig { field, .. }) => field,
+            other => panic!("expected InvalidConfig, got {other:?}"),
+        };
+        assert_eq!(
+            field(CacheConfig::builder(0, 8, 8, 64).build()),
+            "num_layers"
+        );
+        assert_eq!(
+            field(CacheConfig::builder(2, 9, 2, 64).build()),
+            "num_kv_heads"
+        );
+        assert_eq!(field(CacheConfig::builder(2, 8, 8, 60).build()), "head_dim");
+        assert_eq!(
+            field(CacheConfig::builder(2, 8, 8, 64).page_size(12).build()),
+            "page_size"
+        );
+        assert_eq!(
+            field(CacheConfig::builder(2, 8, 8, 64).value_group(48).build()),
+            "value_group"
+        );
+        assert_eq!(
+            field(
+                CacheConfig::builder(2, 8, 8, 64)
+                    .protected_layers(vec![2])
+                    .build()
+            ),
+            "protected_layers"
+        );
+        assert_eq!(
+            field(
+                CacheConfig::builder(2, 8, 8, 64)
+                    .softmax_scale(Some(f32::NAN))
+                    .build()
+            ),
+            "softmax_scale"
+        );
+        assert!(Bits::from_bits(3).is_err());
+    }
+}

@@ -1,0 +1,109 @@
+//! The crate's one error type.
+//!
+//! Owns: every failure a caller can see, as a typed variant with a message that names the offending
+//! input. Backend-specific enums (`CpuError`, `CudaError`, `MetalError`) fold in here. The C ABI maps
+//! these to numbered status codes in exactly one place (`ffi`), so variants added here must be mapped
+//! there. Must never: carry a panic payload or a borrowed value (errors cross threads and the C ABI).
+
+use crate::backend::cuda::CudaError;
+use crate::backend::metal::MetalError;
+
+/// A tier of the cache, used in error messages and reports.
+pub use crate::tiers::Tier;
+
+/// Everything that can go wrong in kvtier.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A configuration field is out of range or inconsistent with another field.
+    #[error("invalid config: field `{field}`: {reason}")]
+    InvalidConfig { field: &'static str, reason: String },
+
+    /// A slice or tensor has the wrong number of elements or the wrong shape.
+    #[error("shape mismatch for `{what}`: expected {expected}, got {got}")]
+    Shape {
+        what: &'static str,
+        expected: String,
+        got: String,
+    },
+
+    /// A tensor has a dtype kvtier does not accept there.
+    #[error("unsupported dtype for `{what}`: {got} (accepted: {accepted})")]
+    DType {
+        what: &'static str,
+        got: String,
+        accepted: &'static str,
+    },
+
+    /// The sequence id is not (or no longer) in the cache.
+    #[error("unknown sequence id {0}")]
+    UnknownSequence(u64),
+
+    /// The layer index is past the configured number of layers.
+    #[error("layer {layer} out of range (cache has {num_layers} layers)")]
+    LayerOutOfRange { layer: usize, num_layers: usize },
+
+    /// The same sequence appears twice in one batched call.
+    #[error("sequence id {0} appears more than once in one batch")]
+    DuplicateSequence(u64),
+
+    /// A sequence would grow past the configured maximum length.
+    #[error("sequence {seq} would hold {requested} tokens in layer {layer}; max_seq_len is {max}")]
+    SequenceTooLong {
+        seq: u64,
+        layer: usize,
+        requested: usize,
+        max: usize,
+    },
+
+    /// A tier budget would be exceeded and no policy may free room.
+    #[error("{tier:?} tier budget exceeded: need {needed} bytes, budget {budget} bytes")]
+    BudgetExceeded {
+        tier: Tier,
+        needed: usize,
+        budget: usize,
+    },
+
+    /// A non-finite value (NaN or infinity) was passed where it would poison the cache.
+    #[error("non-finite value in `{what}` at index {index}")]
+    NonFinite { what: &'static str, index: usize },
+
+    /// An allocation failed (host or device memory).
+    #[error("out of memory: could not allocate {bytes} bytes for {what}")]
+    OutOfMemory { what: &'static str, bytes: usize },
+
+    /// The operation is not available on this backend or in this build.
+    #[error("unsupported: {0}")]
+    Unsupported(&'static str),
+
+    /// The CUDA backend failed.
+    #[error("cuda: {0}")]
+    Cuda(#[from] CudaError),
+
+    /// The Metal backend failed.
+    #[error("metal: {0}")]
+    Metal(#[from] MetalError),
+
+    /// An error from candle (tensor interop).
+    #[error("candle: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// `Result` with kvtier's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn shape(what: &'static str, expected: impl ToString, got: impl ToString) -> Self {
+        Error::Shape {
+            what,
+            expected: expected.to_string(),
+            got: got.to_string(),
+        }
+    }
+    pub(crate) fn config(field: &'static str, reason: impl Into<String>) -> Self {
+        Error::InvalidConfig {
+            field,
+            reason: reason.into(),
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! Key quantisation: per channel over a page's tokens (KIVI). Outlier channels get their own range,
+//! which is why keys are quantised along tokens rather than along channels.
+
+use super::{code_of, inv, min_and_step, pack::pack_row, pack::unpack_row, WarmLayout};
+use half::f16;
+
+/// Quantises the keys of one kv head of one page into `block` (a head block of `layout`).
+/// `keys` is `[n_tokens][head_dim]` with `1 <= n_tokens <= page_size`; rows past `n_tokens` are
+/// encoded as code 0. Returns `false`, leaving `block` unspecified, when a channel's range does not
+/// fit f16 (the caller then keeps the page exact).
+pub fn quantize_keys(keys: &[f32], n_tokens: usize, layout: &WarmLayout, block: &mut [u8]) -> bool {
+    let d = layout.head_dim;
+    let bits = layout.k_bits;
+    let max_code = bits.max_code();
+    debug_assert_eq!(keys.len(), n_tokens * d);
+    let mut mins = vec![f16::ZERO; d];
+    let mut steps = vec![f16::ZERO; d];
+    for c in 0..d {
+        let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+        for t in 0..n_tokens {
+            let x = keys[t * d + c];
+            lo = lo.min(x);
+            hi = hi.max(x);
+        }
+        match min_and_step(lo, hi, max_code) {
+            Some((m, s)) => {
+                mins[c] = m;
+                steps[c] = s;
+            }
+            None => return false,
+        }
+    }
+    let mut codes = vec![0u8; d];
+    let row = layout.k_row_bytes();
+    for t in 0..layout.page_size {
+        if t < n_tokens {
+            for c in 0..d {
+                let (m, s) = (mins[c].to_f32(), steps[c].to_f32());
+                codes[c] = code_of(keys[t * d + c], m, inv(s), max_code);
+            }
+        } else {
+            codes.fill(0);
+        }
+        let off = layout.k_codes + t * row;
+        pack_row(&codes, bits, &mut block[off..off + row]);
+    }
+    write_f16(&mut block[layout.k_min..layout.k_min + 2 * d], &mins);
+    write_f16(&mut block[layout.k_step..layout.k_step + 2 * d], &steps);
+    true
+}
+
+/// Dequantises the keys of one head block into `[n_tokens][head_dim]` f32.
+pub fn dequantize_keys(block: &[u8], n_tokens: usize, layout: &WarmLayout) -> Vec<f32> {
+    let d = layout.head_dim;
+    let mins = read_f16(&block[layout.k_min..layout.k_min + 2 * d]);
+    let steps = read_f16(&block[layout.k_step..layout.k_step + 2 * d]);
+    let row = layout.k_row_bytes();
+    let mut codes = vec![0u8; d];
+    let mut out = Vec::with_capacity(n_tokens * d);
+    for t in 0..n_tokens {
+        let off = layout.k_codes + t * row;
+        unpack_row(&block[off..off + row], layout.k_bits, &mut codes);
+        out.extend((0..d).map(|c| mins[c] + steps[c] * codes[c] as f32));
+    }
+    out
+}
+
+/// Per-channel key bounds `(lo, hi)` of a head block: every key in the page satisfies
+/// `lo[c] <= k[c] <= hi[c]` after dequantisation.
+pub fn key_bounds(block: &[u8], layout: &WarmLayout) -> (Vec<f32>, Vec<f32>) {
+    let d = layout.head_dim;
+    let lo = read_f16(&block[layout.k_min..layout.k_min + 2 * d]);
+    let steps = read_f16(&block[layout.k_step..layout.k_step + 2 * d]);
+    let top = layout.k_bits.max_code() as f32;
+    let hi = lo.iter().zip(&steps).map(|(m, s)| m + top * s).collect();
+    (lo, hi)
+}
+
+pub(crate) fn write_f16(dst: &mut [u8], src: &[f16]) {
+    for (d, s) in dst.chunks_exact_mut(2).zip(src) {
+        d.copy_from_slice(&s.to_bits().to_le_bytes());
+    }
+}
+
+pub(crate) fn read_f16(src: &[u8]) -> Vec<f32> {
+    src.chunks_exact(2)
+        .map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+        .collect()
+}

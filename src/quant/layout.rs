@@ -1,0 +1,134 @@
+//! Byte layout of one warm page.
+//!
+//! A warm page is `num_kv_heads` equal head blocks. Each head block is, in order (offsets 16-byte
+//! aligned so SIMD and GPU loads never straddle):
+//!
+//! | part       | type | count                         | meaning                                   |
+//! |------------|------|-------------------------------|-------------------------------------------|
+//! | `k_min`    | f16  | head_dim                      | per-channel minimum over the page's tokens|
+//! | `k_step`   | f16  | head_dim                      | per-channel step                          |
+//! | `v_min`    | f16  | page_size * groups            | per-token, per-group minimum              |
+//! | `v_step`   | f16  | page_size * groups            | per-token, per-group step                 |
+//! | `k_codes`  | u8   | page_size * head_dim*k_bits/8 | token-major packed key codes              |
+//! | `v_codes`  | u8   | page_size * head_dim*v_bits/8 | token-major packed value codes            |
+//!
+//! `k_min` and `k_min + max_code * k_step` are the page's exact per-channel key bounds: the
+//! Quest-style page bound used by elimination costs nothing extra.
+
+use crate::config::{Bits, CacheConfig};
+
+const ALIGN: usize = 16;
+
+fn align(x: usize) -> usize {
+    x.div_ceil(ALIGN) * ALIGN
+}
+
+/// Offsets (bytes) of each part inside one head block, and the block size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WarmLayout {
+    pub page_size: usize,
+    pub head_dim: usize,
+    pub k_bits: Bits,
+    pub v_bits: Bits,
+    pub value_group: usize,
+    pub k_min: usize,
+    pub k_step: usize,
+    pub v_min: usize,
+    pub v_step: usize,
+    pub k_codes: usize,
+    pub v_codes: usize,
+    /// Bytes of one head block (aligned).
+    pub head_bytes: usize,
+}
+
+impl WarmLayout {
+    /// Layout for the given geometry.
+    pub fn new(
+        page_size: usize,
+        head_dim: usize,
+        k_bits: Bits,
+        v_bits: Bits,
+        value_group: usize,
+    ) -> Self {
+        let groups = head_dim / value_group;
+        let k_min = 0;
+        let k_step = align(k_min + 2 * head_dim);
+        let v_min = align(k_step + 2 * head_dim);
+        let v_step = align(v_min + 2 * page_size * groups);
+        let k_codes = align(v_step + 2 * page_size * groups);
+        let v_codes = align(k_codes + page_size * head_dim * k_bits.bits() / 8);
+        let head_bytes = align(v_codes + page_size * head_dim * v_bits.bits() / 8);
+        WarmLayout {
+            page_size,
+            head_dim,
+            k_bits,
+            v_bits,
+            value_group,
+            k_min,
+            k_step,
+            v_min,
+            v_step,
+            k_codes,
+            v_codes,
+            head_bytes,
+        }
+    }
+
+    /// Layout for a config.
+    pub fn of(cfg: &CacheConfig) -> Self {
+        Self::new(
+            cfg.page_size,
+            cfg.head_dim,
+            cfg.k_bits,
+            cfg.v_bits,
+            cfg.value_group,
+        )
+    }
+
+    /// Value groups per token.
+    pub fn groups(&self) -> usize {
+        self.head_dim / self.value_group
+    }
+    /// Packed bytes of one token's key codes.
+    pub fn k_row_bytes(&self) -> usize {
+        self.head_dim * self.k_bits.bits() / 8
+    }
+    /// Packed bytes of one token's value codes.
+    pub fn v_row_bytes(&self) -> usize {
+        self.head_dim * self.v_bits.bits() / 8
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_do_not_overlap_and_are_aligned() {
+        for (kb, vb) in [
+            (Bits::B8, Bits::B8),
+            (Bits::B4, Bits::B2),
+            (Bits::B2, Bits::B4),
+        ] {
+            let l = WarmLayout::new(32, 128, kb, vb, 32);
+            let parts = [
+                (l.k_min, 2 * 128),
+                (l.k_step, 2 * 128),
+                (l.v_min, 2 * 32 * 4),
+                (l.v_step, 2 * 32 * 4),
+                (l.k_codes, 32 * l.k_row_bytes()),
+                (l.v_codes, 32 * l.v_row_bytes()),
+            ];
+            for w in parts.windows(2) {
+                assert!(w[0].0 + w[0].1 <= w[1].0);
+                assert_eq!(w[1].0 % ALIGN, 0);
+            }
+            assert!(parts[5].0 + parts[5].1 <= l.head_bytes);
+        }
+        // int4 K and V, d128, 32 tokens: 4096 code bytes + 1024 value scale bytes + 512 key scale bytes.
+        assert_eq!(
+            WarmLayout::new(32, 128, Bits::B4, Bits::B4, 32).head_bytes,
+            512 + 1024 + 4096
+        );
+    }
+}

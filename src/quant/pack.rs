@@ -1,0 +1,97 @@
+//! Packing of quantisation codes into bytes.
+//!
+//! Standard order (the stored format, read by every backend): code `i` of a row sits in byte
+//! `i / n` at bit offset `(i % n) * bits`, with `n = 8 / bits` codes per byte.
+//!
+//! Lane order (a CPU-kernel view, never stored): unpacking 8 bytes at once yields `n` vectors of 8
+//! lanes, vector `k` holding bit field `k` of each byte. A row unpacked that way is a fixed
+//! permutation of the standard order ([`lane_order`]); the CPU kernel permutes the query and the
+//! output once instead of shuffling every row.
+
+use crate::config::Bits;
+
+/// Packs `codes` (each `<= bits.max_code()`) into `out` in standard order.
+/// `out.len()` must be `codes.len() * bits / 8`.
+pub fn pack_row(codes: &[u8], bits: Bits, out: &mut [u8]) {
+    let n = bits.per_byte();
+    let b = bits.bits();
+    debug_assert_eq!(out.len() * n, codes.len());
+    for (byte, chunk) in out.iter_mut().zip(codes.chunks_exact(n)) {
+        let mut v = 0u8;
+        for (k, &c) in chunk.iter().enumerate() {
+            v |= c << (k * b);
+        }
+        *byte = v;
+    }
+}
+
+/// Unpacks a row in standard order into `out` (`out.len() == packed.len() * 8 / bits`).
+pub fn unpack_row(packed: &[u8], bits: Bits, out: &mut [u8]) {
+    let n = bits.per_byte();
+    let b = bits.bits();
+    let mask = bits.max_code() as u8;
+    for (chunk, &byte) in out.chunks_exact_mut(n).zip(packed) {
+        for (k, c) in chunk.iter_mut().enumerate() {
+            *c = (byte >> (k * b)) & mask;
+        }
+    }
+}
+
+/// `lane_order(bits, len)[p]` is the standard index of the code found at position `p` when a row of
+/// `len` codes (a multiple of `8 * 8 / bits`) is unpacked 8 bytes at a time in lane order.
+pub fn lane_order(bits: Bits, len: usize) -> Vec<usize> {
+    let n = bits.per_byte();
+    let block = 8 * n;
+    debug_assert_eq!(len % block, 0);
+    let mut order = vec![0; len];
+    for (p, slot) in order.iter_mut().enumerate() {
+        let c = p / block;
+        let k = (p % block) / 8;
+        let j = p % 8;
+        *slot = (c * 8 + j) * n + k;
+    }
+    order
+}
+
+/// Unpacks a row in lane order to f32 (`out.len() == packed.len() * 8 / bits`). Written so LLVM
+/// vectorises it: fixed 8-wide inner loops, no data-dependent branches.
+#[inline(always)]
+pub fn unpack_row_lanes_f32(packed: &[u8], bits: Bits, out: &mut [f32]) {
+    let n = bits.per_byte();
+    let b = bits.bits();
+    let mask = bits.max_code() as u8;
+    for (bytes, block) in packed.chunks_exact(8).zip(out.chunks_exact_mut(8 * n)) {
+        for k in 0..n {
+            let lanes = &mut block[k * 8..k * 8 + 8];
+            for j in 0..8 {
+                lanes[j] = ((bytes[j] >> (k * b)) & mask) as f32;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_lane_order() {
+        for bits in [Bits::B8, Bits::B4, Bits::B2] {
+            let len = 128;
+            let codes: Vec<u8> = (0..len)
+                .map(|i| (i * 7 % (bits.max_code() as usize + 1)) as u8)
+                .collect();
+            let mut packed = vec![0u8; len * bits.bits() / 8];
+            pack_row(&codes, bits, &mut packed);
+            let mut back = vec![0u8; len];
+            unpack_row(&packed, bits, &mut back);
+            assert_eq!(back, codes);
+            let mut lanes = vec![0f32; len];
+            unpack_row_lanes_f32(&packed, bits, &mut lanes);
+            let order = lane_order(bits, len);
+            for p in 0..len {
+                assert_eq!(lanes[p], codes[order[p]] as f32, "bits {bits:?} p {p}");
+            }
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! Value quantisation: per token, in groups of `value_group` channels (KIVI). Values are mixed by
+//! the attention weights per token, so a per-token range keeps each token's error local.
+
+use super::keys::{read_f16, write_f16};
+use super::{code_of, inv, min_and_step, pack::pack_row, pack::unpack_row, WarmLayout};
+use half::f16;
+
+/// Quantises the values of one kv head of one page into `block`. `values` is `[n_tokens][head_dim]`.
+/// Returns `false` when a group's range does not fit f16.
+pub fn quantize_values(
+    values: &[f32],
+    n_tokens: usize,
+    layout: &WarmLayout,
+    block: &mut [u8],
+) -> bool {
+    let d = layout.head_dim;
+    let g = layout.value_group;
+    let groups = layout.groups();
+    let bits = layout.v_bits;
+    let max_code = bits.max_code();
+    debug_assert_eq!(values.len(), n_tokens * d);
+    let mut mins = vec![f16::ZERO; layout.page_size * groups];
+    let mut steps = vec![f16::ZERO; layout.page_size * groups];
+    let mut codes = vec![0u8; d];
+    let row = layout.v_row_bytes();
+    for t in 0..layout.page_size {
+        if t < n_tokens {
+            let x = &values[t * d..(t + 1) * d];
+            for gi in 0..groups {
+                let grp = &x[gi * g..(gi + 1) * g];
+                let lo = grp.iter().copied().fold(f32::INFINITY, f32::min);
+                let hi = grp.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let Some((m, s)) = min_and_step(lo, hi, max_code) else {
+                    return false;
+                };
+                mins[t * groups + gi] = m;
+                steps[t * groups + gi] = s;
+                let (mf, invs) = (m.to_f32(), inv(s.to_f32()));
+                for (c, &v) in codes[gi * g..(gi + 1) * g].iter_mut().zip(grp) {
+                    *c = code_of(v, mf, invs, max_code);
+                }
+            }
+        } else {
+            codes.fill(0);
+        }
+        let off = layout.v_codes + t * row;
+        pack_row(&codes, bits, &mut block[off..off + row]);
+    }
+    let n = layout.page_size * groups;
+    write_f16(&mut block[layout.v_min..layout.v_min + 2 * n], &mins);
+    write_f16(&mut block[layout.v_step..layout.v_step + 2 * n], &steps);
+    true
+}
+
+/// Dequantises the values of one head block into `[n_tokens][head_dim]` f32.
+pub fn dequantize_values(block: &[u8], n_tokens: usize, layout: &WarmLayout) -> Vec<f32> {
+    let d = layout.head_dim;
+    let g = layout.value_group;
+    let groups = layout.groups();
+    let n = layout.page_size * groups;
+    let mins = read_f16(&block[layout.v_min..layout.v_min + 2 * n]);
+    let steps = read_f16(&block[layout.v_step..layout.v_step + 2 * n]);
+    let row = layout.v_row_bytes();
+    let mut codes = vec![0u8; d];
+    let mut out = Vec::with_capacity(n_tokens * d);
+    for t in 0..n_tokens {
+        let off = layout.v_codes + t * row;
+        unpack_row(&block[off..off + row], layout.v_bits, &mut codes);
+        out.extend((0..d).map(|c| {
+            let i = t * groups + c / g;
+            mins[i] + steps[i] * codes[c] as f32
+        }));
+    }
+    out
+}
+
+/// Per-token, per-group steps of a head block (`[page_size][groups]`), for error bounds.
+pub fn value_steps(block: &[u8], layout: &WarmLayout) -> Vec<f32> {
+    let n = layout.page_size * layout.groups();
+    read_f16(&block[layout.v_step..layout.v_step + 2 * n])
+}
