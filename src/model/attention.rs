@@ -9,6 +9,7 @@
 use rayon::prelude::*;
 
 use super::error::{ModelError, Result};
+use crate::MemoryReport;
 
 /// Geometry of the attention a cache serves; identical to the model's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,30 +22,6 @@ pub struct AttentionShape {
     pub num_kv_heads: usize,
     /// Channels per head.
     pub head_dim: usize,
-}
-
-/// Memory held by a cache, in bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct CacheMemory {
-    /// Exact (full or half precision) K/V on the device.
-    pub hot_bytes: usize,
-    /// Quantised K/V on the device.
-    pub warm_bytes: usize,
-    /// K/V in host RAM or on disk (archive, spilled pages).
-    pub cold_bytes: usize,
-    /// Page tables, scales, statistics.
-    pub metadata_bytes: usize,
-    /// What the same tokens would take as f16 K and V in every layer.
-    pub f16_equivalent_bytes: usize,
-    /// Token positions held (per layer).
-    pub tokens: usize,
-}
-
-impl CacheMemory {
-    /// Bytes that live on the device: hot + warm + metadata.
-    pub fn device_bytes(&self) -> usize {
-        self.hot_bytes + self.warm_bytes + self.metadata_bytes
-    }
 }
 
 /// What the forward pass needs from a KV cache, for one sequence.
@@ -63,11 +40,101 @@ pub trait AttentionCache {
     /// Stores one token's key/value in `layer`, then attends its query over the whole sequence.
     fn decode(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>>;
 
+    /// Stores keys/values `[n, kv_heads, head_dim]` in `layer` without attending (replaying K/V that
+    /// an exact prefill computed elsewhere: the result is the state `prefill` would have left).
+    fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<()>;
+
     /// Forgets every token; the cache can be reused for a new sequence.
     fn reset(&mut self) -> Result<()>;
 
     /// Bytes held, by tier.
-    fn memory(&self) -> CacheMemory;
+    fn memory(&self) -> MemoryReport;
+}
+
+/// Keys and values as a cache received them, per layer (`[n, kv_heads, head_dim]` each).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvRecord {
+    /// Per layer, post-RoPE keys.
+    pub keys: Vec<Vec<f32>>,
+    /// Per layer, values.
+    pub values: Vec<Vec<f32>>,
+}
+
+impl KvRecord {
+    /// An empty record for `layers` layers.
+    pub fn new(layers: usize) -> Self {
+        Self {
+            keys: vec![Vec::new(); layers],
+            values: vec![Vec::new(); layers],
+        }
+    }
+
+    /// Bytes held by the record.
+    pub fn bytes(&self) -> usize {
+        self.keys
+            .iter()
+            .chain(&self.values)
+            .map(|x| x.len() * 4)
+            .sum()
+    }
+}
+
+/// Passes every call through to `inner` and records the keys/values that went in, so an exact
+/// prefill computed once can be replayed ([`AttentionCache::append`]) into caches of other
+/// configurations: prefill attention over the new tokens is exact in every configuration, so the
+/// K/V it produces are the same whatever the cache.
+pub struct Recorder<'a> {
+    inner: &'a mut dyn AttentionCache,
+    record: KvRecord,
+}
+
+impl<'a> Recorder<'a> {
+    /// Starts recording calls made to `inner`.
+    pub fn new(inner: &'a mut dyn AttentionCache) -> Self {
+        let layers = inner.shape().num_layers;
+        Self {
+            inner,
+            record: KvRecord::new(layers),
+        }
+    }
+
+    /// What went through.
+    pub fn into_record(self) -> KvRecord {
+        self.record
+    }
+
+    fn keep(&mut self, layer: usize, k: &[f32], v: &[f32]) {
+        self.record.keys[layer].extend_from_slice(k);
+        self.record.values[layer].extend_from_slice(v);
+    }
+}
+
+impl AttentionCache for Recorder<'_> {
+    fn shape(&self) -> AttentionShape {
+        self.inner.shape()
+    }
+    fn prefill(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>> {
+        let out = self.inner.prefill(layer, q, k, v)?;
+        self.keep(layer, k, v);
+        Ok(out)
+    }
+    fn decode(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>> {
+        let out = self.inner.decode(layer, q, k, v)?;
+        self.keep(layer, k, v);
+        Ok(out)
+    }
+    fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<()> {
+        self.inner.append(layer, k, v)?;
+        self.keep(layer, k, v);
+        Ok(())
+    }
+    fn reset(&mut self) -> Result<()> {
+        self.record = KvRecord::new(self.record.keys.len());
+        self.inner.reset()
+    }
+    fn memory(&self) -> MemoryReport {
+        self.inner.memory()
+    }
 }
 
 /// Checks `q`, `k`, `v` lengths against the shape; returns the token count.
@@ -249,6 +316,23 @@ impl AttentionCache for ExactAttention {
         self.prefill(layer, q, k, v)
     }
 
+    fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<()> {
+        let row = self.shape.num_kv_heads * self.shape.head_dim;
+        if layer >= self.shape.num_layers || k.len() != v.len() || k.len() % row != 0 {
+            return Err(ModelError::InvalidArgument {
+                what: "append",
+                reason: format!(
+                    "layer {layer}, {} keys, {} values, row {row}",
+                    k.len(),
+                    v.len()
+                ),
+            });
+        }
+        self.keys[layer].extend_from_slice(k);
+        self.values[layer].extend_from_slice(v);
+        Ok(())
+    }
+
     fn reset(&mut self) -> Result<()> {
         self.keys
             .iter_mut()
@@ -257,13 +341,14 @@ impl AttentionCache for ExactAttention {
         Ok(())
     }
 
-    fn memory(&self) -> CacheMemory {
+    fn memory(&self) -> MemoryReport {
         let floats: usize = self.keys.iter().chain(&self.values).map(Vec::len).sum();
-        CacheMemory {
+        let row = self.shape.num_kv_heads * self.shape.head_dim;
+        MemoryReport {
             hot_bytes: floats * std::mem::size_of::<f32>(),
             f16_equivalent_bytes: floats * 2,
-            tokens: self.len(0),
-            ..CacheMemory::default()
+            tokens: self.keys.iter().map(|k| k.len() / row).sum(),
+            ..MemoryReport::default()
         }
     }
 }
@@ -343,6 +428,32 @@ mod tests {
     }
 
     #[test]
+    fn recorded_prefill_replays_to_the_same_state() {
+        let s = shape();
+        let (q, k, v) = (pseudo(5 * 32, 7), pseudo(5 * 16, 8), pseudo(5 * 16, 9));
+        let mut a = ExactAttention::new(s).unwrap();
+        let record = {
+            let mut rec = Recorder::new(&mut a);
+            rec.prefill(0, &q, &k, &v).unwrap();
+            rec.prefill(1, &q, &k, &v).unwrap();
+            rec.into_record()
+        };
+        assert_eq!(record.keys[0], k);
+        assert_eq!(record.bytes(), 4 * 5 * 16 * 4);
+        let mut b = ExactAttention::new(s).unwrap();
+        for layer in 0..2 {
+            b.append(layer, &record.keys[layer], &record.values[layer])
+                .unwrap();
+        }
+        let (q1, k1, v1) = (pseudo(32, 10), pseudo(16, 11), pseudo(16, 12));
+        assert_eq!(
+            a.decode(1, &q1, &k1, &v1).unwrap(),
+            b.decode(1, &q1, &k1, &v1).unwrap()
+        );
+        assert!(b.append(0, &[0.0; 15], &[0.0; 15]).is_err());
+    }
+
+    #[test]
     fn reset_and_memory() {
         let mut c = ExactAttention::new(shape()).unwrap();
         c.prefill(0, &pseudo(64, 1), &pseudo(32, 2), &pseudo(32, 3))
@@ -350,7 +461,7 @@ mod tests {
         c.prefill(1, &pseudo(64, 1), &pseudo(32, 2), &pseudo(32, 3))
             .unwrap();
         let m = c.memory();
-        assert_eq!(m.tokens, 2);
+        assert_eq!(m.tokens, 4); // 2 tokens in each of 2 layers
         assert_eq!(m.hot_bytes, 2 * 2 * 2 * 16 * 4);
         assert_eq!(m.f16_equivalent_bytes * 2, m.hot_bytes);
         c.reset().unwrap();

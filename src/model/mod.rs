@@ -12,12 +12,16 @@ pub mod corpus;
 pub mod error;
 pub mod gguf;
 pub mod llama;
+pub mod protect;
 pub mod session;
 pub mod tokenizer;
 
-pub use attention::{AttentionCache, AttentionShape, CacheMemory, ExactAttention};
+pub use attention::{AttentionCache, AttentionShape, ExactAttention, KvRecord, Recorder};
 pub use error::ModelError;
 pub use gguf::GgufFile;
 pub use llama::{Llama, LlamaConfig, LoadOptions, Rope};
-pub use session::{GenerateOptions, Generation, Score, ScoreOptions, Session, StopReason};
+pub use protect::{default_config, protect, protect_with, KvTierAttention, ProtectedSession};
+pub use session::{
+    CapturedPrefill, GenerateOptions, Generation, Score, ScoreOptions, Session, StopReason,
+};
 pub use tokenizer::{ChatMessage, ChatTemplate, GgufTokenizer};

@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
 
-use super::attention::{AttentionCache, CacheMemory};
+use super::attention::{AttentionCache, KvRecord, Recorder};
 use super::error::{ModelError, Result};
 use super::llama::Llama;
+use crate::MemoryReport;
 
 /// Largest number of hidden rows turned into logits at once (bounds the `[rows, vocab]` buffer).
 const LOGIT_ROWS_PER_CHUNK: usize = 256;
@@ -154,6 +155,20 @@ impl Score {
     }
 }
 
+/// An exact block prefill, captured once and replayable into sessions of the same model with any
+/// cache configuration (see [`super::attention::Recorder`]).
+#[derive(Debug, Clone)]
+pub struct CapturedPrefill {
+    /// The prefilled tokens (positions `0..tokens.len()`).
+    pub tokens: Vec<u32>,
+    /// Keys/values every layer stored.
+    pub kv: KvRecord,
+    /// Logits after the last token (the prediction of the next one).
+    pub last_logits: Vec<f32>,
+    /// Time the capture's prefill took.
+    pub prefill_time: Duration,
+}
+
 /// `-log softmax(logits)[target]`, computed in f64.
 pub fn token_nll(logits: &[f32], target: u32) -> f64 {
     let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
@@ -237,7 +252,7 @@ impl<C: AttentionCache> Session<C> {
     }
 
     /// Bytes the cache holds, by tier.
-    pub fn memory_report(&self) -> CacheMemory {
+    pub fn memory_report(&self) -> MemoryReport {
         self.cache.memory()
     }
 
@@ -278,18 +293,49 @@ impl<C: AttentionCache> Session<C> {
         &mut self,
         prompt: &[u32],
         opts: GenerateOptions,
-        mut on_token: impl FnMut(u32),
+        on_token: impl FnMut(u32),
     ) -> Result<Generation> {
         self.reset()?;
-        let ctx = self.model.config().context_length;
         let t0 = Instant::now();
-        let mut logits = self.prefill(prompt)?;
+        let logits = self.prefill(prompt)?;
         let prefill_time = t0.elapsed();
+        self.continue_greedy(logits, prompt.len(), prefill_time, opts, on_token)
+    }
+
+    /// Greedy generation after a replayed context: `captured` is replayed, `prompt` (e.g. a
+    /// question) is block-prefilled on top of it — attending over the context *as the cache stores
+    /// it* — and the answer is decoded.
+    pub fn generate_after(
+        &mut self,
+        captured: &CapturedPrefill,
+        prompt: &[u32],
+        opts: GenerateOptions,
+    ) -> Result<Generation> {
+        self.replay(captured)?;
+        let t0 = Instant::now();
+        let logits = self.prefill(prompt)?;
+        let prefill_time = t0.elapsed();
+        self.continue_greedy(logits, prompt.len(), prefill_time, opts, |_| {})
+    }
+
+    /// Greedy decoding from `logits` (the prediction after the history).
+    fn continue_greedy(
+        &mut self,
+        mut logits: Vec<f32>,
+        prompt_tokens: usize,
+        prefill_time: Duration,
+        opts: GenerateOptions,
+        mut on_token: impl FnMut(u32),
+    ) -> Result<Generation> {
+        let ctx = self.model.config().context_length;
         let stops = self.model.tokenizer().stop_tokens().to_vec();
         let mut tokens = Vec::new();
         let mut decode_time = Duration::ZERO;
         let mut steps = 0;
         let stop = loop {
+            if opts.max_new_tokens == 0 {
+                break StopReason::MaxTokens;
+            }
             let next = argmax(&logits);
             if opts.stop_at_eos && stops.contains(&next) {
                 break StopReason::StopToken(next);
@@ -311,11 +357,97 @@ impl<C: AttentionCache> Session<C> {
         Ok(Generation {
             text,
             tokens,
-            prompt_tokens: prompt.len(),
+            prompt_tokens,
             prefill_time,
             decode_time,
             decode_steps: steps,
             stop,
+        })
+    }
+
+    /// Resets, block-prefills `tokens` and records what every layer stored.
+    pub fn capture_prefill(&mut self, tokens: &[u32]) -> Result<CapturedPrefill> {
+        self.reset()?;
+        let t0 = Instant::now();
+        let (hidden, kv) = {
+            let mut rec = Recorder::new(&mut self.cache);
+            let h = self.model.prefill(tokens, 0, &mut rec)?;
+            (h, rec.into_record())
+        };
+        self.history.extend_from_slice(tokens);
+        let last = hidden.narrow(0, tokens.len() - 1, 1)?;
+        let last_logits = self.model.logits(&last)?.remove(0);
+        Ok(CapturedPrefill {
+            tokens: tokens.to_vec(),
+            kv,
+            last_logits,
+            prefill_time: t0.elapsed(),
+        })
+    }
+
+    /// Resets and loads a captured prefill (the state `prefill(captured.tokens)` would leave);
+    /// returns the logits after its last token.
+    pub fn replay(&mut self, captured: &CapturedPrefill) -> Result<Vec<f32>> {
+        let layers = self.model.config().num_layers;
+        if captured.kv.keys.len() != layers || captured.tokens.is_empty() {
+            return Err(ModelError::InvalidArgument {
+                what: "captured prefill",
+                reason: format!(
+                    "{} layers / {} tokens; model has {layers} layers",
+                    captured.kv.keys.len(),
+                    captured.tokens.len()
+                ),
+            });
+        }
+        self.reset()?;
+        for layer in 0..layers {
+            self.cache
+                .append(layer, &captured.kv.keys[layer], &captured.kv.values[layer])?;
+        }
+        self.history.extend_from_slice(&captured.tokens);
+        Ok(captured.last_logits.clone())
+    }
+
+    /// Scores the tail of `tokens` after a captured prefill of its head: `tokens` must start with
+    /// `captured.tokens` (length `P`); the predictions of `tokens[P..]` are scored, the first from
+    /// the captured logits, the rest by decoding token by token over the cache as stored. Same
+    /// numbers as `score(tokens, ScoreOptions::decode_tail(P))`.
+    pub fn score_tail(&mut self, tokens: &[u32], captured: &CapturedPrefill) -> Result<Score> {
+        self.score_tail_with_progress(tokens, captured, |_, _| {})
+    }
+
+    /// [`Session::score_tail`], calling `progress(done, total)` after each decode step.
+    pub fn score_tail_with_progress(
+        &mut self,
+        tokens: &[u32],
+        captured: &CapturedPrefill,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Score> {
+        let p = captured.tokens.len();
+        if tokens.len() <= p || tokens[..p] != captured.tokens[..] {
+            return Err(ModelError::InvalidArgument {
+                what: "tokens",
+                reason: format!(
+                    "must extend the {p} captured tokens (got {} tokens)",
+                    tokens.len()
+                ),
+            });
+        }
+        let logits = self.replay(captured)?;
+        let mut nll = vec![token_nll(&logits, tokens[p]) as f32];
+        let t1 = Instant::now();
+        let total = tokens.len() - 1 - p;
+        for (done, i) in (p..tokens.len() - 1).enumerate() {
+            let logits = self.step(tokens[i])?;
+            nll.push(token_nll(&logits, tokens[i + 1]) as f32);
+            progress(done + 1, total);
+        }
+        Ok(Score {
+            nll,
+            score_from: p,
+            prefill_time: captured.prefill_time,
+            decode_time: t1.elapsed(),
+            decode_steps: total,
         })
     }
 
