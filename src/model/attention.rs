@@ -6,6 +6,7 @@
 //! never: apply RoPE or any projection (keys arrive post-RoPE, outputs leave pre-`attn_output`), or
 //! approximate anything in [`ExactAttention`] — it is the oracle the tiered cache is compared with.
 
+use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use super::error::{ModelError, Result};
@@ -275,7 +276,79 @@ impl ExactAttention {
     pub fn is_empty(&self) -> bool {
         self.keys.iter().all(Vec::is_empty)
     }
+
+    /// Block prefill with candle GEMMs: for each kv head, scores `Q_g K^T` of the query rows of
+    /// its group, causal mask and softmax on the host, then `P V`. Query rows go in chunks of
+    /// `GEMM_CHUNK_ROWS` tokens to bound the score matrix. The new K/V are already stored.
+    fn prefill_gemm(&self, layer: usize, q: &[f32], n: usize, past: usize) -> Result<Vec<f32>> {
+        let s = self.shape;
+        let (hd, qh, kvh) = (s.head_dim, s.num_q_heads, s.num_kv_heads);
+        let group = qh / kvh;
+        let total = past + n;
+        let dev = Device::Cpu;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let (keys, values) = (&self.keys[layer], &self.values[layer]);
+        let mut out = vec![0f32; n * qh * hd];
+        for g in 0..kvh {
+            // K_g^T [hd, total] and V_g [total, hd] of this kv head.
+            let mut kt = vec![0f32; hd * total];
+            let mut vg = vec![0f32; total * hd];
+            for j in 0..total {
+                let at = (j * kvh + g) * hd;
+                for c in 0..hd {
+                    kt[c * total + j] = keys[at + c];
+                }
+                vg[j * hd..(j + 1) * hd].copy_from_slice(&values[at..at + hd]);
+            }
+            let kt = Tensor::from_vec(kt, (hd, total), &dev)?;
+            let vg = Tensor::from_vec(vg, (total, hd), &dev)?;
+            for c0 in (0..n).step_by(GEMM_CHUNK_ROWS) {
+                let rows = GEMM_CHUNK_ROWS.min(n - c0);
+                // The last key any row of this chunk may see.
+                let width = past + c0 + rows;
+                // Q rows (token i, head h of the group), row-major.
+                let mut qg = Vec::with_capacity(rows * group * hd);
+                for i in c0..c0 + rows {
+                    let at = (i * qh + g * group) * hd;
+                    qg.extend_from_slice(&q[at..at + group * hd]);
+                }
+                let qg = Tensor::from_vec(qg, (rows * group, hd), &dev)?;
+                let scores = qg.matmul(&kt.narrow(1, 0, width)?)?;
+                let mut p = scores.flatten_all()?.to_vec1::<f32>()?;
+                p.par_chunks_mut(width).enumerate().for_each(|(r, row)| {
+                    let visible = past + c0 + r / group + 1;
+                    let m = row[..visible]
+                        .iter()
+                        .fold(f32::NEG_INFINITY, |m, &x| m.max(x * scale));
+                    let mut z = 0f32;
+                    for x in row[..visible].iter_mut() {
+                        *x = (*x * scale - m).exp();
+                        z += *x;
+                    }
+                    for x in row[..visible].iter_mut() {
+                        *x /= z;
+                    }
+                    row[visible..].fill(0.0);
+                });
+                let p = Tensor::from_vec(p, (rows * group, width), &dev)?;
+                let o = p
+                    .matmul(&vg.narrow(0, 0, width)?)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                for (r, orow) in o.chunks_exact(hd).enumerate() {
+                    let (i, h) = (c0 + r / group, g * group + r % group);
+                    out[(i * qh + h) * hd..(i * qh + h + 1) * hd].copy_from_slice(orow);
+                }
+            }
+        }
+        Ok(out)
+    }
 }
+
+/// Prefills of at least this many tokens use [`ExactAttention::prefill_gemm`].
+const GEMM_MIN_ROWS: usize = 16;
+/// Query tokens per GEMM chunk.
+const GEMM_CHUNK_ROWS: usize = 256;
 
 impl AttentionCache for ExactAttention {
     fn shape(&self) -> AttentionShape {
@@ -288,6 +361,9 @@ impl AttentionCache for ExactAttention {
         let past = self.len(layer);
         self.keys[layer].extend_from_slice(k);
         self.values[layer].extend_from_slice(v);
+        if n >= GEMM_MIN_ROWS {
+            return self.prefill_gemm(layer, q, n, past);
+        }
         let (keys, values) = (&self.keys[layer], &self.values[layer]);
         let (hd, qh, kvh) = (s.head_dim, s.num_q_heads, s.num_kv_heads);
         let group = qh / kvh;
@@ -416,6 +492,46 @@ mod tests {
         }
         assert_eq!(a.len(1), n);
         assert_eq!(a.len(0), 0);
+    }
+
+    #[test]
+    fn gemm_prefill_matches_per_head_loop() {
+        // Prefill of 300 tokens in two blocks (GEMM path, chunked), against token-by-token decode.
+        let s = AttentionShape {
+            num_layers: 1,
+            num_q_heads: 6,
+            num_kv_heads: 2,
+            head_dim: 16,
+        };
+        let n = 300;
+        let (q, k, v) = (pseudo(n * 96, 21), pseudo(n * 32, 22), pseudo(n * 32, 23));
+        let mut a = ExactAttention::new(s).unwrap();
+        let mut block = a
+            .prefill(0, &q[..40 * 96], &k[..40 * 32], &v[..40 * 32])
+            .unwrap();
+        block.extend(
+            a.prefill(0, &q[40 * 96..], &k[40 * 32..], &v[40 * 32..])
+                .unwrap(),
+        );
+        let mut b = ExactAttention::new(s).unwrap();
+        let mut steps = Vec::new();
+        for i in 0..n {
+            steps.extend(
+                b.decode(
+                    0,
+                    &q[i * 96..(i + 1) * 96],
+                    &k[i * 32..(i + 1) * 32],
+                    &v[i * 32..(i + 1) * 32],
+                )
+                .unwrap(),
+            );
+        }
+        let worst = block
+            .iter()
+            .zip(&steps)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-5, "worst difference {worst}");
     }
 
     #[test]
