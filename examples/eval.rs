@@ -28,7 +28,8 @@ use std::time::Instant;
 use clap::{Arg, ArgAction, ArgMatches, Command};
 use kvtier::model::corpus::{load_speeches, Assets, PasskeyBuilder, SplitMix64};
 use kvtier::model::{
-    protect_with, CapturedPrefill, ExactAttention, GenerateOptions, Llama, ModelError, Session,
+    protect_with, CapturedPrefill, ExactAttention, GenerateOptions, Llama, LoadOptions, ModelError,
+    Session,
 };
 use kvtier::{Bits, CacheConfig, HotDtype};
 use serde_json::{json, Value};
@@ -144,6 +145,10 @@ fn cli() -> Command {
             "with no --config: evaluate the full-precision cache instead of k/v bits",
         ))
         .arg(num("hot-dtype", "f16", "element type of hot pages: f32, f16, bf16"))
+        .arg(Arg::new("dense-decode").long("dense-decode").action(ArgAction::SetTrue).help(
+            "decode with dequantised f32 weights instead of candle's quantised matmul (no Q8_1 \
+             activation rounding: cache effects are not buried in rounding noise)",
+        ))
         .arg(num("lengths", "4096", "perplexity context lengths, comma-separated (0 or empty: skip)"))
         .arg(num("tail", "1024", "tokens decoded and scored at the end of each length"))
         .arg(num("speeches", "2", "speeches per length (the most recent ones long enough)"))
@@ -234,7 +239,14 @@ fn main() -> AnyResult<()> {
     let seed: u64 = get(&m, "seed")?;
 
     let started = Instant::now();
-    let model = Arc::new(Llama::load(assets.model())?);
+    let dense_decode = m.get_flag("dense-decode");
+    let model = Arc::new(Llama::load_with(
+        assets.model(),
+        LoadOptions {
+            dense_prefill: true,
+            dense_decode,
+        },
+    )?);
     let mc = model.config().clone();
     // Validate every config before spending time.
     let configs: Vec<CacheConfig> = specs
@@ -422,6 +434,8 @@ fn main() -> AnyResult<()> {
     let report = json!({
         "model": assets.model().file_name().map(|s| s.to_string_lossy().to_string()),
         "hot_dtype": format!("{hot:?}"),
+        "decode_weights": if dense_decode { "dense f32 (dequantised)" } else { "quantised (QMatMul)" },
+        "ppl_setup": {"lengths": lengths, "tail": tail, "speeches": n_speeches},
         "elapsed_s": started.elapsed().as_secs_f64(),
         "results": results,
     });
