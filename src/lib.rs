@@ -43,4 +43,5 @@ pub use cache::{CacheCounters, KvCache, SeqId};
 pub use config::{Bits, CacheConfig, CacheConfigBuilder, HotDtype, TierBudgets};
 pub use error::{Error, Result};
 pub use memory::MemoryReport;
+pub use model::{protect, ProtectedSession};
 pub use tiers::Tier;

@@ -142,6 +142,13 @@ fn perplexity_of_a_short_sotu_passage_is_right_and_path_independent() {
     )
     .unwrap();
     let block = oracle.score(text, ScoreOptions::all_prefill(128)).unwrap();
+    // The text-level entry point gives the same number (the passage re-tokenises identically).
+    let passage = model.tokenizer().decode(text, false).unwrap();
+    assert_eq!(model.tokenizer().encode(&passage).unwrap(), text);
+    let by_text = oracle
+        .perplexity(&passage, ScoreOptions::all_prefill(usize::MAX))
+        .unwrap();
+    assert!((by_text / block.perplexity() - 1.0).abs() < 1e-9);
     // kvtier full precision, token by token (quantised matmuls, decode attention).
     let mut fp = protect_with(model.clone(), 0.5, fp_config(model)).unwrap();
     let steps = fp.score(text, ScoreOptions::token_by_token()).unwrap();

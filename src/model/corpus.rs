@@ -226,23 +226,19 @@ impl PasskeyBuilder {
         let template = tokenizer.chat_template().ok_or_else(|| {
             ModelError::Tokenizer("the GGUF has no chat template this crate can render".into())
         })?;
-        let head = {
-            let full = template.render(
-                &[ChatMessage::user(format!("{PASSKEY_INTRO}\n\n\u{0}"))],
-                false,
-            );
-            full[..full.find('\u{0}').expect("placeholder is in the render")].to_string()
+        // The template copies message content verbatim, so a NUL placeholder splits the render into
+        // the part before the filler (header + instruction) and after it (question + answer
+        // opening).
+        let split = |content: String, generation: bool| -> Result<(String, String)> {
+            let full = template.render(&[ChatMessage::user(content)], generation);
+            let at = full.find('\u{0}').ok_or_else(|| {
+                ModelError::Tokenizer("chat template dropped the message content".into())
+            })?;
+            Ok((full[..at].to_string(), full[at + 1..].to_string()))
         };
-        let question = {
-            let full = template.render(
-                &[ChatMessage::user(format!("\u{0}\n\n{PASSKEY_QUESTION}"))],
-                true,
-            );
-            format!(
-                "{}{PASSKEY_ANSWER_PREFIX}",
-                &full[full.find('\u{0}').expect("placeholder is in the render") + 1..]
-            )
-        };
+        let (head, _) = split(format!("{PASSKEY_INTRO}\n\n\u{0}"), false)?;
+        let (_, tail) = split(format!("\u{0}\n\n{PASSKEY_QUESTION}"), true)?;
+        let question = format!("{tail}{PASSKEY_ANSWER_PREFIX}");
         let head_ids = tokenizer.encode(&head)?;
         let question_ids = tokenizer.encode(&question)?;
         let overhead = head_ids.len() + needle_ids.len() + question_ids.len();

@@ -457,6 +457,19 @@ impl<C: AttentionCache> Session<C> {
         self.generate_tokens(&ids, opts, |_| {})
     }
 
+    /// Perplexity of `text` (tokenised without a chat template) on a fresh sequence, fed as `opts`
+    /// says: e.g. [`ScoreOptions::decode_tail`] to let the cache's compression shape the scored
+    /// predictions, [`ScoreOptions::all_prefill`] for one exact block. `opts.prefill` is capped at
+    /// the text's token count.
+    pub fn perplexity(&mut self, text: &str, opts: ScoreOptions) -> Result<f64> {
+        let ids = self.model.tokenizer().encode(text)?;
+        let opts = ScoreOptions {
+            prefill: opts.prefill.min(ids.len()),
+            ..opts
+        };
+        Ok(self.score(&ids, opts)?.perplexity())
+    }
+
     /// Teacher-forced NLL of `tokens` on a fresh sequence (see [`ScoreOptions`]).
     pub fn score(&mut self, tokens: &[u32], opts: ScoreOptions) -> Result<Score> {
         self.score_with_progress(tokens, opts, |_, _| {})
