@@ -14,6 +14,8 @@ pub mod gguf;
 pub mod llama;
 pub mod protect;
 pub mod session;
+#[cfg(test)]
+mod synthetic;
 pub mod tokenizer;
 
 pub use attention::{AttentionCache, AttentionShape, ExactAttention, KvRecord, Recorder};

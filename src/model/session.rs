@@ -5,7 +5,8 @@
 //! the "exact prefill of a first chunk, then decode token by token" form that lets a compressed
 //! cache shape later predictions. Must never: touch the cache except through [`AttentionCache`], or
 //! let its position counter drift from what the cache holds (every path that feeds tokens updates the
-//! history, and `reset` clears both).
+//! history, `reset` clears both, and a forward pass that fails after the cache took tokens clears
+//! the sequence).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -241,6 +242,12 @@ impl<C: AttentionCache> Session<C> {
         &self.cache
     }
 
+    /// The cache, mutably (for its own settings; feeding it tokens directly would desynchronise
+    /// the session's history).
+    pub fn cache_mut(&mut self) -> &mut C {
+        &mut self.cache
+    }
+
     /// The monitor sensitivity given at construction.
     pub fn sensitivity(&self) -> f32 {
         self.sensitivity
@@ -265,11 +272,29 @@ impl<C: AttentionCache> Session<C> {
 
     /// Block prefill of `tokens` after the history; returns the final hidden states `[n, hidden]`.
     pub fn prefill_hidden(&mut self, tokens: &[u32]) -> Result<Tensor> {
-        let h = self
+        let before = self.cache.memory().tokens;
+        match self
             .model
-            .prefill(tokens, self.history.len(), &mut self.cache)?;
-        self.history.extend_from_slice(tokens);
-        Ok(h)
+            .prefill(tokens, self.history.len(), &mut self.cache)
+        {
+            Ok(h) => {
+                self.history.extend_from_slice(tokens);
+                Ok(h)
+            }
+            Err(e) => Err(self.recover(before, e)),
+        }
+    }
+
+    /// After a failed forward pass: if the cache already took some layers' tokens, history and
+    /// cache no longer agree, so the sequence is cleared; if it took none (validation failed
+    /// first), the session is untouched.
+    fn recover(&mut self, tokens_before: usize, e: ModelError) -> ModelError {
+        if self.cache.memory().tokens != tokens_before {
+            // The original error is the one worth reporting; a failing reset leaves the cache as
+            // it is and the next call will surface that.
+            let _ = self.reset();
+        }
+        e
     }
 
     /// Block prefill of `tokens`; returns the logits after the last one.
@@ -281,9 +306,14 @@ impl<C: AttentionCache> Session<C> {
 
     /// One decode step; returns the logits after `token`.
     pub fn step(&mut self, token: u32) -> Result<Vec<f32>> {
-        let h = self
+        let before = self.cache.memory().tokens;
+        let h = match self
             .model
-            .decode(token, self.history.len(), &mut self.cache)?;
+            .decode(token, self.history.len(), &mut self.cache)
+        {
+            Ok(h) => h,
+            Err(e) => return Err(self.recover(before, e)),
+        };
         self.history.push(token);
         Ok(self.model.logits(&h)?.remove(0))
     }
