@@ -8,13 +8,11 @@
 //!
 //! The inner loops are compiled twice: with AVX2+FMA (selected at run time) and portable.
 
-use super::simd::{axpy, dot, fmadd, scale, sum};
+use super::simd::{axpy, dot, f16_to_f32, fmadd, scale, sum, unpack_lanes};
 use super::{internal, CpuStorage, Geometry};
 use crate::attention::exp::exp_nonpos;
 use crate::attention::{Attention, HeadStats, OnlineSoftmax};
 use crate::error::{Error, Result};
-use crate::quant::keys::read_f16;
-use crate::quant::pack::unpack_row_lanes_f32;
 use crate::tiers::{PageEntry, PageTable, Tier};
 use rayon::prelude::*;
 
@@ -169,16 +167,10 @@ impl<'a> Kernel<'a> {
         let (d, ps, groups) = (self.geo.head_dim, self.geo.page_size, self.groups);
         let l = &self.s.layout;
         let vg = l.value_group;
-        sc.kmin.clear();
-        sc.kmin.extend(read_f16(&blk[l.k_min..l.k_min + 2 * d]));
-        sc.kstep.clear();
-        sc.kstep.extend(read_f16(&blk[l.k_step..l.k_step + 2 * d]));
-        sc.vmin.clear();
-        sc.vmin
-            .extend(read_f16(&blk[l.v_min..l.v_min + 2 * ps * groups]));
-        sc.vstep.clear();
-        sc.vstep
-            .extend(read_f16(&blk[l.v_step..l.v_step + 2 * ps * groups]));
+        f16_to_f32::<FMA>(&blk[l.k_min..l.k_min + 2 * d], &mut sc.kmin);
+        f16_to_f32::<FMA>(&blk[l.k_step..l.k_step + 2 * d], &mut sc.kstep);
+        f16_to_f32::<FMA>(&blk[l.v_min..l.v_min + 2 * ps * groups], &mut sc.vmin);
+        f16_to_f32::<FMA>(&blk[l.v_step..l.v_step + 2 * ps * groups], &mut sc.vstep);
         let ko = &self.s.k_order;
         for h in 0..self.g {
             let qh = &q[h * d..(h + 1) * d];
@@ -190,7 +182,7 @@ impl<'a> Kernel<'a> {
         let (kr, vr) = (l.k_row_bytes(), l.v_row_bytes());
         for t in 0..n {
             let off = l.k_codes + t * kr;
-            unpack_row_lanes_f32(&blk[off..off + kr], l.k_bits, &mut sc.row);
+            unpack_lanes::<FMA>(&blk[off..off + kr], l.k_bits, &mut sc.row);
             for h in 0..self.g {
                 sc.scores[h * ps + t] = sc.qm[h] + dot::<FMA>(&sc.qs[h * d..(h + 1) * d], &sc.row);
             }
@@ -198,7 +190,7 @@ impl<'a> Kernel<'a> {
         self.softmax_update(n, a, sc);
         for t in 0..n {
             let off = l.v_codes + t * vr;
-            unpack_row_lanes_f32(&blk[off..off + vr], l.v_bits, &mut sc.row);
+            unpack_lanes::<FMA>(&blk[off..off + vr], l.v_bits, &mut sc.row);
             for h in 0..self.g {
                 let e = sc.e[h * ps + t];
                 for gi in 0..groups {
@@ -307,7 +299,7 @@ fn decode_item_generic<const FMA: bool>(
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 // SAFETY (for callers): only call after `is_x86_feature_detected!` confirmed avx2 and fma.
 unsafe fn decode_item_avx2(
     k: &Kernel,
@@ -321,7 +313,9 @@ unsafe fn decode_item_avx2(
 fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -473,7 +467,7 @@ fn prefill_item_generic<const FMA: bool>(
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 // SAFETY (for callers): only call after `is_x86_feature_detected!` confirmed avx2 and fma.
 unsafe fn prefill_item_avx2(
     k: &Kernel,
