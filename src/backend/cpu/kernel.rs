@@ -126,6 +126,7 @@ impl<'a> Kernel<'a> {
         }
     }
 
+    #[allow(clippy::too_many_arguments)] // all are hot-loop operands; a struct would only rename them
     /// Exact tokens: `n <= page_size` rows at `k[t * stride..]`, `v[t * stride..]`.
     #[inline(always)]
     fn exact_block<const FMA: bool>(
