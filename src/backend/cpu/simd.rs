@@ -144,3 +144,20 @@ unsafe fn f16_to_f32_f16c(src: &[u8], out: &mut [f32]) {
         _mm256_storeu_ps(out.as_mut_ptr().add(i * 8), _mm256_cvtph_ps(h));
     }
 }
+
+/// Hints the CPU to bring `bytes` into cache (a no-op off x86-64).
+#[inline(always)]
+pub fn prefetch(bytes: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in bytes.chunks(64) {
+        // SAFETY: prefetch is a hint that never faults; SSE is part of the x86-64 baseline and the
+        // address points into a live slice.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                line.as_ptr() as *const i8
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bytes;
+}
