@@ -100,13 +100,14 @@ fn main() -> kvtier::Result<()> {
             .zip(&reference.output)
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
-        let l2 = att
-            .output
-            .iter()
-            .zip(&reference.output)
-            .map(|(a, b)| (a - b) * (a - b))
-            .sum::<f32>()
-            .sqrt();
+        // Total-variation distance between the per-page attention masses: how far the attention
+        // distribution itself moved (0 = identical, 1 = disjoint).
+        let tv = 0.5
+            * att.page_mass[0]
+                .iter()
+                .zip(&reference.page_mass[0])
+                .map(|(a, b)| (a - b).abs())
+                .sum::<f32>();
         let r = cache.memory_report();
         let mib = |b: usize| b as f64 / 1048576.0;
         println!(
