@@ -72,7 +72,7 @@ fn main() -> kvtier::Result<()> {
         "total MiB",
         "vs f16",
         "max |err|",
-        "rel err",
+        "mass TV",
         "append s",
         "attend ms"
     );
