@@ -111,14 +111,24 @@ impl<'a> Kernel<'a> {
             let m = st.m;
             let e = &mut sc.e[h * ps..h * ps + n];
             let (mut l, mut s1, mut s2) = ([0f32; 8], [0f32; 8], [0f32; 8]);
-            for (i, (ei, &si)) in e.iter_mut().zip(s).enumerate() {
-                let x = si - m;
-                let w = exp_nonpos(x);
-                *ei = w;
-                let j = i % 8;
-                l[j] += w;
-                s1[j] += w * x;
-                s2[j] += w * x * x;
+            // 8 lanes at a time so the exponentials vectorise; the tail is padded with -inf
+            // scores, whose weight is exactly 0.
+            for (ec, sc8) in e.chunks_mut(8).zip(s.chunks(8)) {
+                let mut x = [f32::NEG_INFINITY; 8];
+                x[..sc8.len()].copy_from_slice(sc8);
+                let mut w = [0f32; 8];
+                for j in 0..8 {
+                    let xj = (x[j] - m).max(-87.0);
+                    w[j] = if x[j] == f32::NEG_INFINITY {
+                        0.0
+                    } else {
+                        exp_nonpos(xj)
+                    };
+                    l[j] += w[j];
+                    s1[j] += w[j] * xj;
+                    s2[j] += w[j] * xj * xj;
+                }
+                ec.copy_from_slice(&w[..ec.len()]);
             }
             let lsum = sum(&l);
             st.l += lsum;
