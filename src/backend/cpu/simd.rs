@@ -118,7 +118,7 @@ unsafe fn unpack_lanes_avx2(packed: &[u8], bits: usize, out: &mut [f32]) {
 pub fn f16_to_f32<const AVX2: bool>(src: &[u8], out: &mut Vec<f32>) {
     out.clear();
     #[cfg(target_arch = "x86_64")]
-    if AVX2 && src.len() % 16 == 0 {
+    if AVX2 && src.len().is_multiple_of(16) {
         out.resize(src.len() / 2, 0.0);
         // SAFETY: as for `unpack_lanes`, AVX2 instantiations run only after detecting avx2, fma and
         // f16c; `src` holds `out.len()` f16 values and is a whole number of 16-byte blocks.
