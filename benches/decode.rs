@@ -2,7 +2,6 @@
 //! (f16 pages) vs warm int4 vs warm int2. Throughput is the cache's device bytes (what one step
 //! must read), so criterion's GB/s compares directly with the `bandwidth` bench.
 
-#[path = "common.rs"]
 mod common;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};

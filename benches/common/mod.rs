@@ -28,7 +28,7 @@ pub fn filled(b: CacheConfigBuilder, tokens: usize) -> (KvCache, SeqId, Vec<f32>
         let n = chunk.min(tokens - at);
         for (i, (kx, vx)) in k[..n * row].iter_mut().zip(&mut v[..n * row]).enumerate() {
             let c = i % row;
-            *kx = if c % 37 == 0 { 8.0 } else { 1.0 } * rng.f32();
+            *kx = if c.is_multiple_of(37) { 8.0 } else { 1.0 } * rng.f32();
             *vx = rng.f32();
         }
         cache
