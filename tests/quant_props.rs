@@ -62,10 +62,13 @@ proptest! {
                     let e = (values[i] - vq[i]).abs();
                     prop_assert!(e <= step / 2.0 + slack, "value t{t} c{c}: err {e} step {step}");
                 }
-                // the step is the range over max_code, rounded up to f16 (never wildly larger)
+                // the step covers the range (min + max_code * step >= max) and is the range over
+                // max_code rounded up to f16, never wildly larger
                 let gmax = grp.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let ideal = (gmax - f16::from_f32(gmin).to_f32()).max(0.0) / vb.max_code() as f32;
-                prop_assert!(step >= ideal && step <= ideal * 1.002 + 1e-7, "step {step} ideal {ideal}");
+                let min16 = f16::from_f32(gmin).to_f32();
+                prop_assert!(min16 + vb.max_code() as f32 * step >= gmax);
+                let ideal = (gmax - min16).max(0.0) / vb.max_code() as f32;
+                prop_assert!(step <= ideal * 1.002 + 1e-7, "step {step} ideal {ideal}");
             }
         }
     }
