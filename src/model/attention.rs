@@ -154,7 +154,7 @@ pub(crate) fn check_qkv(
     }
     let q_row = shape.num_q_heads * shape.head_dim;
     let kv_row = shape.num_kv_heads * shape.head_dim;
-    if q.is_empty() || q.len() % q_row != 0 {
+    if q.is_empty() || !q.len().is_multiple_of(q_row) {
         return Err(ModelError::InvalidArgument {
             what: "q",
             reason: format!(
@@ -249,7 +249,7 @@ impl ExactAttention {
     pub fn new(shape: AttentionShape) -> Result<Self> {
         if shape.num_kv_heads == 0
             || shape.head_dim == 0
-            || shape.num_q_heads % shape.num_kv_heads != 0
+            || !shape.num_q_heads.is_multiple_of(shape.num_kv_heads)
         {
             return Err(ModelError::InvalidArgument {
                 what: "shape",
@@ -394,7 +394,7 @@ impl AttentionCache for ExactAttention {
 
     fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<()> {
         let row = self.shape.num_kv_heads * self.shape.head_dim;
-        if layer >= self.shape.num_layers || k.len() != v.len() || k.len() % row != 0 {
+        if layer >= self.shape.num_layers || k.len() != v.len() || !k.len().is_multiple_of(row) {
             return Err(ModelError::InvalidArgument {
                 what: "append",
                 reason: format!(

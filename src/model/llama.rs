@@ -76,7 +76,7 @@ impl LlamaConfig {
             .ok_or_else(|| ModelError::MissingMetadata(key("attention.layer_norm_rms_epsilon")))?;
         let rope_base = get_f32_opt(c, &key("rope.freq_base"))?.unwrap_or(10_000.0);
         let bad = |k: String, reason: String| ModelError::BadMetadata { key: k, reason };
-        if num_q_heads == 0 || num_kv_heads == 0 || num_q_heads % num_kv_heads != 0 {
+        if num_q_heads == 0 || num_kv_heads == 0 || !num_q_heads.is_multiple_of(num_kv_heads) {
             return Err(bad(
                 key("attention.head_count_kv"),
                 format!("{num_kv_heads} kv heads must be > 0 and divide {num_q_heads} query heads"),
@@ -84,7 +84,7 @@ impl LlamaConfig {
         }
         let head_dim = match get_u32_opt(c, &key("attention.key_length"))? {
             Some(d) => d as usize,
-            None if hidden_size % num_q_heads == 0 => hidden_size / num_q_heads,
+            None if hidden_size.is_multiple_of(num_q_heads) => hidden_size / num_q_heads,
             None => {
                 return Err(bad(
                     key("embedding_length"),
