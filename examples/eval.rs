@@ -159,6 +159,9 @@ fn cli() -> Command {
         .arg(Arg::new("assets").long("assets").help("assets folder (default: $KVTIER_ASSETS or <crate>/assets)"))
         .arg(Arg::new("out").long("out").help("write the JSON report here (default: stdout)"))
         .arg(Arg::new("markdown").long("markdown").help("also write a Markdown table here"))
+        .arg(Arg::new("render").long("render").help(
+            "only re-render the Markdown table (--markdown, default stdout) from this saved JSON report",
+        ))
 }
 
 fn get<T: std::str::FromStr>(m: &ArgMatches, name: &str) -> AnyResult<T> {
@@ -186,6 +189,13 @@ struct PplAcc {
 
 fn main() -> AnyResult<()> {
     let m = cli().get_matches();
+    if let Some(path) = m.get_one::<String>("render") {
+        let report: Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+        return match m.get_one::<String>("markdown") {
+            Some(p) => write_markdown(&mut std::fs::File::create(p)?, &report),
+            None => write_markdown(&mut std::io::stdout(), &report),
+        };
+    }
     let assets = match m.get_one::<String>("assets") {
         Some(p) => Assets { root: p.into() },
         None => Assets::locate(),
@@ -446,39 +456,55 @@ fn main() -> AnyResult<()> {
     }
     if let Some(p) = m.get_one::<String>("markdown") {
         let mut f = std::fs::File::create(p)?;
-        write_markdown(&mut f, &report, &specs)?;
+        write_markdown(&mut f, &report)?;
     }
     log(format!("done in {:.0}s", started.elapsed().as_secs_f64()));
     Ok(())
 }
 
-fn write_markdown(f: &mut impl Write, report: &Value, specs: &[Spec]) -> AnyResult<()> {
-    let results = report["results"].as_array().ok_or("no results")?;
-    let lengths: Vec<u64> = results[0]["perplexity"]
+/// Renders the report's results as a Markdown table (from the JSON alone, so `--render` can
+/// redo it from a saved report).
+fn write_markdown(f: &mut impl Write, report: &Value) -> AnyResult<()> {
+    let results = report["results"]
+        .as_array()
+        .ok_or("report has no `results`")?;
+    let first = results.first().ok_or("report has no results")?;
+    let lengths: Vec<u64> = first["perplexity"]
         .as_array()
         .map(|a| a.iter().filter_map(|p| p["tokens"].as_u64()).collect())
         .unwrap_or_default();
+    let depths: Vec<String> = first["passkey"]["by_depth"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d["depth"].as_f64())
+        .map(|d| format!("{:.0}", d * 100.0))
+        .collect();
+    let pk_trials = first["passkey"]["trials_per_depth"].as_u64().unwrap_or(0);
     write!(f, "| config | K bits | V bits | hot window |")?;
     for l in &lengths {
         write!(f, " PPL @{l} | PPL ratio @{l} | device B/token @{l} |")?;
     }
-    writeln!(f, " passkey |")?;
+    writeln!(
+        f,
+        " passkey (correct of {pk_trials} at depth {} %) |",
+        depths.join("/")
+    )?;
     write!(f, "|---|---|---|---|")?;
     for _ in &lengths {
-        write!(f, "---|---|---|")?;
+        write!(f, "---:|---:|---:|")?;
     }
     writeln!(f, "---|")?;
-    for (r, s) in results.iter().zip(specs) {
-        let (kb, vb, w) = if s.full_precision {
+    for r in results {
+        let c = &r["config"];
+        let name = c["name"].as_str().unwrap_or("?");
+        let num = |k: &str| c[k].as_u64().map_or("?".to_string(), |x| x.to_string());
+        let (kb, vb, w) = if c["full_precision"].as_bool().unwrap_or(false) {
             ("-".to_string(), "-".to_string(), "all".to_string())
         } else {
-            (
-                s.k_bits.to_string(),
-                s.v_bits.to_string(),
-                s.hot_window.to_string(),
-            )
+            (num("k_bits"), num("v_bits"), num("hot_window"))
         };
-        write!(f, "| `{}` | {kb} | {vb} | {w} |", s.name)?;
+        write!(f, "| `{name}` | {kb} | {vb} | {w} |")?;
         for p in r["perplexity"].as_array().into_iter().flatten() {
             write!(
                 f,
