@@ -86,13 +86,17 @@
 // C names (`kvtier_cache`, `kvtier_status`) are the ABI; Rust's naming lints do not apply.
 #![allow(non_camel_case_types)]
 
-// Declared in the order the header should read (cbindgen keeps it): config, cache, attention,
-// errors, versions.
 #[macro_use]
 mod boundary;
-mod attention;
-mod cache;
+
+// The header lists functions in the order cbindgen meets them: config, cache, attention, then the
+// rest. rustfmt sorts `mod` lines only within a group, hence one group each.
 mod config;
+
+mod cache;
+
+mod attention;
+
 mod last_error;
 pub mod status;
 mod version;
