@@ -126,6 +126,10 @@ impl Toolchain {
                 cmd.arg(format!("-L{}", self.lib_dir.display()))
                     .arg("-lkvtier")
                     .arg(format!("-Wl,-rpath,{}", self.lib_dir.display()));
+                if cfg!(target_os = "linux") {
+                    // DT_RPATH, which (unlike DT_RUNPATH) outranks LD_LIBRARY_PATH.
+                    cmd.arg("-Wl,--disable-new-dtags");
+                }
             }
             Link::Static => {
                 // The system libraries Rust's std needs on Linux
@@ -180,6 +184,12 @@ fn run(exe: &Path, wrapper: &[&str]) -> Output {
         }
         None => Command::new(exe),
     };
+    // `cargo test` puts target/<profile> ahead of target/<profile>/deps on LD_LIBRARY_PATH, and
+    // target/<profile>/libkvtier.so is whatever `cargo build` left there last, possibly stale:
+    // the program must load the library this test run built (its rpath), nothing else.
+    cmd.env_remove("LD_LIBRARY_PATH")
+        .env_remove("DYLD_LIBRARY_PATH")
+        .env_remove("DYLD_FALLBACK_LIBRARY_PATH");
     // LeakSanitizer on; the sanitizers' reports go to stderr, printed below on failure.
     cmd.env("ASAN_OPTIONS", "detect_leaks=1:abort_on_error=0")
         .env("UBSAN_OPTIONS", "print_stacktrace=1");
@@ -454,11 +464,17 @@ fn header_declares_every_exported_function() {
         ("KVTIER_VERSION_MAJOR", env!("CARGO_PKG_VERSION_MAJOR")),
         ("KVTIER_VERSION_MINOR", env!("CARGO_PKG_VERSION_MINOR")),
         ("KVTIER_VERSION_PATCH", env!("CARGO_PKG_VERSION_PATCH")),
-        ("KVTIER_VERSION_STRING", concat!("\"", env!("CARGO_PKG_VERSION"), "\"")),
+        (
+            "KVTIER_VERSION_STRING",
+            concat!("\"", env!("CARGO_PKG_VERSION"), "\""),
+        ),
     ] {
         let line = format!("#define {macro_name} {value}\n");
         assert!(header.contains(&line), "header lacks `{}`", line.trim());
     }
-    let abi = format!("#define KVTIER_ABI_VERSION 0x{:06x}u\n", kvtier::ffi::kvtier_abi_version());
+    let abi = format!(
+        "#define KVTIER_ABI_VERSION 0x{:06x}u\n",
+        kvtier::ffi::kvtier_abi_version()
+    );
     assert!(header.contains(&abi), "header lacks `{}`", abi.trim());
 }

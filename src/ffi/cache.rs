@@ -452,8 +452,107 @@ pub unsafe extern "C" fn kvtier_cache_counters(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ffi::attention::kvtier_cache_attend;
     use crate::ffi::config::kvtier_config_new;
+    use crate::ffi::last_error::kvtier_last_error;
     use std::ptr::null_mut;
+
+    /// The pointer of a live cache, shareable between threads (the handle is Sync).
+    #[derive(Clone, Copy)]
+    struct Shared(*mut kvtier_cache);
+    // SAFETY: `kvtier_cache` is `Sync` (its state sits behind a RwLock) and the test frees it only
+    // after every thread has been joined.
+    unsafe impl Send for Shared {}
+    impl Shared {
+        /// By method, so that closures capture the whole `Shared` (not its raw-pointer field).
+        fn get(self) -> *mut kvtier_cache {
+            self.0
+        }
+    }
+
+    #[test]
+    fn concurrent_calls_on_one_cache() {
+        const ROW: usize = 2 * 32;
+        let mut cfg = null_mut();
+        let mut cache = null_mut();
+        let mut seqs = [0u64; 3];
+        // SAFETY: out-parameters are live locals; the handles are live until freed at the end.
+        unsafe {
+            assert_eq!(kvtier_config_new(1, 4, 2, 32, &mut cfg), kvtier_status::Ok);
+            assert_eq!(kvtier_cache_new(cfg, &mut cache), kvtier_status::Ok);
+            crate::ffi::config::kvtier_config_free(cfg);
+            for s in &mut seqs {
+                assert_eq!(kvtier_cache_sequence_add(cache, s), kvtier_status::Ok);
+                let kv = vec![0.5f32; 40 * ROW];
+                let st =
+                    kvtier_cache_append(cache, *s, 0, kv.as_ptr(), kv.len(), kv.as_ptr(), kv.len());
+                assert_eq!(st, kvtier_status::Ok);
+            }
+        }
+        let shared = Shared(cache);
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                std::thread::spawn(move || {
+                    let cache = shared.get();
+                    let q = vec![0.25f32; 2 * 4 * 32];
+                    let mut out = vec![0f32; q.len()];
+                    for i in 0..50 {
+                        // SAFETY: the cache outlives the threads; buffers are live locals.
+                        unsafe {
+                            if t == 0 {
+                                // Appends to its own sequence while the others attend.
+                                let kv = vec![0.1f32 * i as f32; ROW];
+                                let st = kvtier_cache_append(
+                                    cache,
+                                    seqs[2],
+                                    0,
+                                    kv.as_ptr(),
+                                    ROW,
+                                    kv.as_ptr(),
+                                    ROW,
+                                );
+                                assert_eq!(st, kvtier_status::Ok);
+                            } else {
+                                let st = kvtier_cache_attend(
+                                    cache,
+                                    0,
+                                    seqs.as_ptr(),
+                                    2,
+                                    q.as_ptr(),
+                                    q.len(),
+                                    out.as_mut_ptr(),
+                                    out.len(),
+                                    std::ptr::null(),
+                                );
+                                assert_eq!(st, kvtier_status::Ok);
+                                assert!(out.iter().all(|x| (x - 0.5).abs() < 1e-2));
+                                // Each thread has its own last error.
+                                let st = kvtier_cache_sequence_remove(cache, 1000 + t);
+                                assert_eq!(st, kvtier_status::UnknownSequence);
+                                let mut buf = [0 as std::ffi::c_char; 128];
+                                kvtier_last_error(buf.as_mut_ptr(), buf.len(), null_mut());
+                                let msg = std::ffi::CStr::from_ptr(buf.as_ptr());
+                                assert!(msg.to_str().unwrap().ends_with(&format!("{}", 1000 + t)));
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let mut len = 0usize;
+        // SAFETY: live handle, live local; freed once.
+        unsafe {
+            assert_eq!(
+                kvtier_cache_sequence_len(cache, seqs[2], 0, &mut len),
+                kvtier_status::Ok
+            );
+            assert_eq!(len, 90);
+            kvtier_cache_free(cache);
+        }
+    }
 
     #[test]
     fn a_panic_while_changing_poisons_the_cache() {
