@@ -168,7 +168,7 @@ impl KvCache {
 
     fn check_rows(&self, what: &'static str, data: &[f32], heads: usize) -> Result<usize> {
         let row = heads * self.cfg.head_dim;
-        if data.len() % row != 0 {
+        if !data.len().is_multiple_of(row) {
             return Err(Error::shape(
                 what,
                 format!("a multiple of {heads} heads x {} dims", self.cfg.head_dim),

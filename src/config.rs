@@ -218,7 +218,7 @@ impl CacheConfig {
         positive("num_q_heads", self.num_q_heads)?;
         positive("num_kv_heads", self.num_kv_heads)?;
         positive("head_dim", self.head_dim)?;
-        if self.num_q_heads % self.num_kv_heads != 0 {
+        if !self.num_q_heads.is_multiple_of(self.num_kv_heads) {
             return Err(Error::config(
                 "num_kv_heads",
                 format!(
@@ -227,21 +227,21 @@ impl CacheConfig {
                 ),
             ));
         }
-        if self.head_dim % 32 != 0 || self.head_dim > 512 {
+        if !self.head_dim.is_multiple_of(32) || self.head_dim > 512 {
             return Err(Error::config(
                 "head_dim",
                 format!("{} must be a multiple of 32 and <= 512", self.head_dim),
             ));
         }
-        if self.page_size % 8 != 0 || !(8..=256).contains(&self.page_size) {
+        if !self.page_size.is_multiple_of(8) || !(8..=256).contains(&self.page_size) {
             return Err(Error::config(
                 "page_size",
                 format!("{} must be a multiple of 8 in 8..=256", self.page_size),
             ));
         }
         if self.value_group == 0
-            || self.value_group % 32 != 0
-            || self.head_dim % self.value_group != 0
+            || !self.value_group.is_multiple_of(32)
+            || !self.head_dim.is_multiple_of(self.value_group)
         {
             return Err(Error::config(
                 "value_group",

@@ -137,7 +137,9 @@ impl Device {
     }
 }
 
-/// A layer's storage, by backend.
+/// A layer's storage, by backend. Variants differ in size only while a backend is a stub; one
+/// `Storage` exists per layer, so boxing would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Storage {
     Cpu(cpu::CpuStorage),
     Cuda(cuda::CudaStorage),

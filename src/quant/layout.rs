@@ -125,10 +125,10 @@ mod tests {
             }
             assert!(parts[5].0 + parts[5].1 <= l.head_bytes);
         }
-        // int4 K and V, d128, 32 tokens: 4096 code bytes + 1024 value scale bytes + 512 key scale bytes.
+        // int4 K and V, d128, 32 tokens: 4096 code bytes + 512 value min/step bytes + 512 key min/step bytes.
         assert_eq!(
             WarmLayout::new(32, 128, Bits::B4, Bits::B4, 32).head_bytes,
-            512 + 1024 + 4096
+            512 + 512 + 4096
         );
     }
 }

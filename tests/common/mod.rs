@@ -20,6 +20,10 @@ impl Rng {
     }
 }
 
+/// Reference result: output `[qh, d]`, per head (entropy, varentropy, max score), per head per
+/// token probabilities.
+pub type Reference = (Vec<f32>, Vec<(f64, f64, f64)>, Vec<Vec<f64>>);
+
 /// Reference attention of one query token over `len` tokens (`keys`/`values` `[len, kvh, d]`,
 /// `q` `[qh, d]`). Returns (output `[qh, d]`, per head (entropy, varentropy, max score),
 /// per head per token probabilities `[qh][len]`).
@@ -31,7 +35,7 @@ pub fn naive(
     qh: usize,
     kvh: usize,
     d: usize,
-) -> (Vec<f32>, Vec<(f64, f64, f64)>, Vec<Vec<f64>>) {
+) -> Reference {
     let g = qh / kvh;
     let scale = 1.0 / (d as f64).sqrt();
     let mut out = vec![0f32; qh * d];

@@ -8,13 +8,11 @@
 //!
 //! The inner loops are compiled twice: with AVX2+FMA (selected at run time) and portable.
 
-use super::simd::{axpy, dot, fmadd, scale, sum};
+use super::simd::{axpy, dot, f16_to_f32, prefetch, scale, sum, unpack_lanes};
 use super::{internal, CpuStorage, Geometry};
 use crate::attention::exp::exp_nonpos;
 use crate::attention::{Attention, HeadStats, OnlineSoftmax};
 use crate::error::{Error, Result};
-use crate::quant::keys::read_f16;
-use crate::quant::pack::unpack_row_lanes_f32;
 use crate::tiers::{PageEntry, PageTable, Tier};
 use rayon::prelude::*;
 
@@ -44,6 +42,9 @@ struct Scratch {
     vstep: Vec<f32>,
     hot_k: Vec<f32>,
     hot_v: Vec<f32>,
+    w: Vec<f32>,
+    /// The item's queries in key lane order, `[group][head_dim]`.
+    q_lanes: Vec<f32>,
 }
 
 struct Kernel<'a> {
@@ -88,6 +89,8 @@ impl<'a> Kernel<'a> {
             vstep: Vec::with_capacity(ps * self.groups),
             hot_k: Vec::new(),
             hot_v: Vec::new(),
+            w: Vec::new(),
+            q_lanes: Vec::new(),
         }
     }
 
@@ -108,14 +111,24 @@ impl<'a> Kernel<'a> {
             let m = st.m;
             let e = &mut sc.e[h * ps..h * ps + n];
             let (mut l, mut s1, mut s2) = ([0f32; 8], [0f32; 8], [0f32; 8]);
-            for (i, (ei, &si)) in e.iter_mut().zip(s).enumerate() {
-                let x = si - m;
-                let w = exp_nonpos(x);
-                *ei = w;
-                let j = i % 8;
-                l[j] += w;
-                s1[j] += w * x;
-                s2[j] += w * x * x;
+            // 8 lanes at a time so the exponentials vectorise; the tail is padded with -inf
+            // scores, whose weight is exactly 0.
+            for (ec, sc8) in e.chunks_mut(8).zip(s.chunks(8)) {
+                let mut x = [f32::NEG_INFINITY; 8];
+                x[..sc8.len()].copy_from_slice(sc8);
+                let mut w = [0f32; 8];
+                for j in 0..8 {
+                    let xj = (x[j] - m).max(-87.0);
+                    w[j] = if x[j] == f32::NEG_INFINITY {
+                        0.0
+                    } else {
+                        exp_nonpos(xj)
+                    };
+                    l[j] += w[j];
+                    s1[j] += w[j] * xj;
+                    s2[j] += w[j] * xj * xj;
+                }
+                ec.copy_from_slice(&w[..ec.len()]);
             }
             let lsum = sum(&l);
             st.l += lsum;
@@ -128,6 +141,7 @@ impl<'a> Kernel<'a> {
         }
     }
 
+    #[allow(clippy::too_many_arguments)] // all are hot-loop operands; a struct would only rename them
     /// Exact tokens: `n <= page_size` rows at `k[t * stride..]`, `v[t * stride..]`.
     #[inline(always)]
     fn exact_block<const FMA: bool>(
@@ -169,28 +183,31 @@ impl<'a> Kernel<'a> {
         let (d, ps, groups) = (self.geo.head_dim, self.geo.page_size, self.groups);
         let l = &self.s.layout;
         let vg = l.value_group;
-        sc.kmin.clear();
-        sc.kmin.extend(read_f16(&blk[l.k_min..l.k_min + 2 * d]));
-        sc.kstep.clear();
-        sc.kstep.extend(read_f16(&blk[l.k_step..l.k_step + 2 * d]));
-        sc.vmin.clear();
-        sc.vmin
-            .extend(read_f16(&blk[l.v_min..l.v_min + 2 * ps * groups]));
-        sc.vstep.clear();
-        sc.vstep
-            .extend(read_f16(&blk[l.v_step..l.v_step + 2 * ps * groups]));
-        let ko = &self.s.k_order;
+        f16_to_f32::<FMA>(&blk[l.k_min..l.k_min + 2 * d], &mut sc.kmin);
+        f16_to_f32::<FMA>(&blk[l.k_step..l.k_step + 2 * d], &mut sc.kstep);
+        f16_to_f32::<FMA>(&blk[l.v_min..l.v_min + 2 * ps * groups], &mut sc.vmin);
+        f16_to_f32::<FMA>(&blk[l.v_step..l.v_step + 2 * ps * groups], &mut sc.vstep);
+        // Key steps in lane order once per page; the query was permuted once per item.
+        sc.row.clear();
+        sc.row.extend(self.s.k_order.iter().map(|&c| sc.kstep[c]));
         for h in 0..self.g {
-            let qh = &q[h * d..(h + 1) * d];
-            sc.qm[h] = dot::<FMA>(qh, &sc.kmin);
-            for (p, &c) in ko.iter().enumerate() {
-                sc.qs[h * d + p] = qh[c] * sc.kstep[c];
+            sc.qm[h] = dot::<FMA>(&q[h * d..(h + 1) * d], &sc.kmin);
+            let qp = &sc.q_lanes[h * d..(h + 1) * d];
+            for ((o, &x), &st) in sc.qs[h * d..(h + 1) * d].iter_mut().zip(qp).zip(&sc.row) {
+                *o = x * st;
             }
         }
         let (kr, vr) = (l.k_row_bytes(), l.v_row_bytes());
+        #[cfg(target_arch = "x86_64")]
+        if FMA {
+            // SAFETY: FMA instantiations run only after detection of avx2, fma and f16c; the
+            // pointers cover the scratch and page ranges the layout defines (checked by slicing).
+            unsafe { self.warm_block_avx2(blk, n, a, sc) };
+            return;
+        }
         for t in 0..n {
             let off = l.k_codes + t * kr;
-            unpack_row_lanes_f32(&blk[off..off + kr], l.k_bits, &mut sc.row);
+            unpack_lanes::<FMA>(&blk[off..off + kr], l.k_bits, &mut sc.row);
             for h in 0..self.g {
                 sc.scores[h * ps + t] = sc.qm[h] + dot::<FMA>(&sc.qs[h * d..(h + 1) * d], &sc.row);
             }
@@ -198,7 +215,7 @@ impl<'a> Kernel<'a> {
         self.softmax_update(n, a, sc);
         for t in 0..n {
             let off = l.v_codes + t * vr;
-            unpack_row_lanes_f32(&blk[off..off + vr], l.v_bits, &mut sc.row);
+            unpack_lanes::<FMA>(&blk[off..off + vr], l.v_bits, &mut sc.row);
             for h in 0..self.g {
                 let e = sc.e[h * ps + t];
                 for gi in 0..groups {
@@ -209,11 +226,111 @@ impl<'a> Kernel<'a> {
                         w,
                         &sc.row[gi * vg..(gi + 1) * vg],
                     );
-                    let b = &mut a.acc_b[h * groups + gi];
-                    *b = fmadd::<FMA>(e, sc.vmin[t * groups + gi], *b);
                 }
             }
         }
+        self.value_mins(n, a, sc);
+    }
+
+    /// `acc_b[h][g] += Σ_t e[h][t] · min[t][g]`.
+    #[inline(always)]
+    fn value_mins(&self, n: usize, a: &mut Acc, sc: &Scratch) {
+        let (ps, groups) = (self.geo.page_size, self.groups);
+        for h in 0..self.g {
+            for t in 0..n {
+                let e = sc.e[h * ps + t];
+                for gi in 0..groups {
+                    a.acc_b[h * groups + gi] += e * sc.vmin[t * groups + gi];
+                }
+            }
+        }
+    }
+
+    /// The AVX2 path of [`Self::warm_block`] after the per-page setup.
+    ///
+    /// # Safety
+    /// avx2, fma and f16c must be available; `blk` is a whole head block of this storage's layout.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn warm_block_avx2(&self, blk: &[u8], n: usize, a: &mut Acc, sc: &mut Scratch) {
+        use super::avx2::{scores, values, ScoreArgs, ValueArgs};
+        let (d, ps, groups) = (self.geo.head_dim, self.geo.page_size, self.groups);
+        let l = &self.s.layout;
+        assert!(blk.len() >= l.head_bytes && n <= ps);
+        let (kr, vr) = (l.k_row_bytes(), l.v_row_bytes());
+        let mut hb = 0;
+        while hb < self.g {
+            let h = (self.g - hb).min(4);
+            let args = ScoreArgs {
+                qs: sc.qs.as_ptr().add(hb * d),
+                qm: sc.qm.as_ptr().add(hb),
+                codes: blk.as_ptr().add(l.k_codes),
+                row_bytes: kr,
+                d,
+                n,
+                out: sc.scores.as_mut_ptr().add(hb * ps),
+                ps,
+            };
+            // SAFETY: heads hb..hb+h exist in qs/qm/scores; n rows of kr bytes follow k_codes.
+            match (h, l.k_bits.bits()) {
+                (4, 4) => scores::<4, 4>(&args),
+                (3, 4) => scores::<3, 4>(&args),
+                (2, 4) => scores::<2, 4>(&args),
+                (1, 4) => scores::<1, 4>(&args),
+                (4, 2) => scores::<4, 2>(&args),
+                (3, 2) => scores::<3, 2>(&args),
+                (2, 2) => scores::<2, 2>(&args),
+                (1, 2) => scores::<1, 2>(&args),
+                (4, _) => scores::<4, 8>(&args),
+                (3, _) => scores::<3, 8>(&args),
+                (2, _) => scores::<2, 8>(&args),
+                _ => scores::<1, 8>(&args),
+            }
+            hb += h;
+        }
+        self.softmax_update(n, a, sc);
+        // w[h][t][g] = e · step, the per-token, per-group weight of the codes.
+        sc.w.resize(self.g * ps * groups, 0.0);
+        for h in 0..self.g {
+            for t in 0..n {
+                let e = sc.e[h * ps + t];
+                for gi in 0..groups {
+                    sc.w[(h * ps + t) * groups + gi] = e * sc.vstep[t * groups + gi];
+                }
+            }
+        }
+        let vb = l.v_bits.bits();
+        let block = if vb == 2 { 2 } else { 4 };
+        let mut hb = 0;
+        while hb < self.g {
+            let h = (self.g - hb).min(block);
+            let args = ValueArgs {
+                w: sc.w.as_ptr().add(hb * ps * groups),
+                ps,
+                groups,
+                vg: l.value_group,
+                codes: blk.as_ptr().add(l.v_codes),
+                row_bytes: vr,
+                n,
+                acc: a.acc_w.as_mut_ptr().add(hb * d),
+                d,
+            };
+            // SAFETY: heads hb..hb+h exist in w and acc_w; n rows of vr bytes follow v_codes.
+            match (h, vb) {
+                (4, 4) => values::<4, 4, 2>(&args),
+                (3, 4) => values::<3, 4, 2>(&args),
+                (2, 4) => values::<2, 4, 2>(&args),
+                (1, 4) => values::<1, 4, 2>(&args),
+                (2, 2) => values::<2, 2, 4>(&args),
+                (1, 2) => values::<1, 2, 4>(&args),
+                (4, _) => values::<4, 8, 1>(&args),
+                (3, _) => values::<3, 8, 1>(&args),
+                (2, _) => values::<2, 8, 1>(&args),
+                _ => values::<1, 8, 1>(&args),
+            }
+            hb += h;
+        }
+        self.value_mins(n, a, sc);
     }
 
     #[inline(always)]
@@ -225,9 +342,23 @@ impl<'a> Kernel<'a> {
         a: &mut Acc,
         sc: &mut Scratch,
     ) -> Result<()> {
-        let (d, ps) = (self.geo.head_dim, self.geo.page_size);
-        for p in pages {
+        let d = self.geo.head_dim;
+        sc.q_lanes.clear();
+        for h in 0..self.g {
+            sc.q_lanes
+                .extend(self.s.k_order.iter().map(|&c| q[h * d + c]));
+        }
+        let ps = self.geo.page_size;
+        let hb = self.s.layout.head_bytes;
+        for (i, p) in pages.iter().enumerate() {
             let n = p.n_tokens as usize;
+            // Pages are separate allocations, so the hardware prefetcher cannot run ahead across
+            // them: ask for the next warm page's head block while this one is computed.
+            if let Some(next) = pages.get(i + 1).filter(|x| x.tier == Tier::Warm) {
+                if let Ok(b) = self.s.warm_page(next.slot) {
+                    prefetch(&b[kv * hb..(kv + 1) * hb]);
+                }
+            }
             match p.tier {
                 Tier::Hot => {
                     let page = self.s.hot_page(p.slot)?;
@@ -242,7 +373,6 @@ impl<'a> Kernel<'a> {
                 }
                 Tier::Warm => {
                     let b = self.s.warm_page(p.slot)?;
-                    let hb = self.s.layout.head_bytes;
                     self.warm_block::<FMA>(q, &b[kv * hb..(kv + 1) * hb], n, a, sc);
                 }
                 t => {
@@ -307,7 +437,7 @@ fn decode_item_generic<const FMA: bool>(
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 // SAFETY (for callers): only call after `is_x86_feature_detected!` confirmed avx2 and fma.
 unsafe fn decode_item_avx2(
     k: &Kernel,
@@ -321,7 +451,9 @@ unsafe fn decode_item_avx2(
 fn has_avx2_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -473,7 +605,7 @@ fn prefill_item_generic<const FMA: bool>(
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 // SAFETY (for callers): only call after `is_x86_feature_detected!` confirmed avx2 and fma.
 unsafe fn prefill_item_avx2(
     k: &Kernel,

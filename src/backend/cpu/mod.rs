@@ -5,6 +5,8 @@
 //! Must never: keep a dequantised copy of a warm page (dequantisation happens in registers and
 //! per-row scratch inside the kernel).
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 mod kernel;
 mod pools;
 mod simd;

@@ -3,6 +3,7 @@
 
 use crate::config::HotDtype;
 use crate::error::{Error, Result};
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
 /// Exact page payload in the hot dtype, `[num_kv_heads][page_size][head_dim]`.
@@ -60,18 +61,15 @@ impl HotBuf {
     pub fn read<'a>(&'a self, at: usize, len: usize, scratch: &'a mut Vec<f32>) -> &'a [f32] {
         match self {
             HotBuf::F32(b) => &b[at..at + len],
+            // `convert_to_f32_slice` picks F16C / SIMD at run time once per slice.
             HotBuf::F16(b) => {
                 scratch.resize(len, 0.0);
-                for (d, s) in scratch.iter_mut().zip(&b[at..at + len]) {
-                    *d = s.to_f32();
-                }
+                b[at..at + len].convert_to_f32_slice(scratch);
                 scratch
             }
             HotBuf::BF16(b) => {
                 scratch.resize(len, 0.0);
-                for (d, s) in scratch.iter_mut().zip(&b[at..at + len]) {
-                    *d = s.to_f32();
-                }
+                b[at..at + len].convert_to_f32_slice(scratch);
                 scratch
             }
         }

@@ -1,0 +1,122 @@
+//! AVX2/FMA inner loops for warm pages, specialised by GQA head block `H` and code width `B`.
+//!
+//! Scores: for each token, the packed key row is unpacked 8 bytes at a time into `8/B` vectors of
+//! codes (lane order, see `quant::pack`) and multiplied into `H` register accumulators against the
+//! per-page `q∘step` rows, so each code is unpacked once for the whole head block.
+//!
+//! Values: loop order is (8-byte chunk of the row) outer, token inner, so the `H × 8/B` vector
+//! accumulators of one chunk stay in registers for the whole page and are added to memory once.
+//! A chunk never straddles a value group (groups are multiples of 32 codes).
+//!
+//! Everything here is `unsafe` and only reachable from `kernel`'s AVX2 instantiation, which runs
+//! after run-time detection of avx2, fma and f16c.
+
+use std::arch::x86_64::*;
+
+/// Raw operands of the warm-page score loop for one head block.
+pub struct ScoreArgs {
+    /// `q∘step` rows in lane order, `[H][d]`, first head of the block.
+    pub qs: *const f32,
+    /// `q·min` per head, `[H]`.
+    pub qm: *const f32,
+    /// First packed key row of the page.
+    pub codes: *const u8,
+    pub row_bytes: usize,
+    pub d: usize,
+    pub n: usize,
+    /// Score output, `[H][ps]`.
+    pub out: *mut f32,
+    pub ps: usize,
+}
+
+/// Raw operands of the warm-page value loop for one head block.
+pub struct ValueArgs {
+    /// `e · step` per head, token and group: `[H][ps][groups]`.
+    pub w: *const f32,
+    pub ps: usize,
+    pub groups: usize,
+    pub vg: usize,
+    /// First packed value row of the page.
+    pub codes: *const u8,
+    pub row_bytes: usize,
+    pub n: usize,
+    /// Lane-order accumulator `[H][d]`, first head of the block.
+    pub acc: *mut f32,
+    pub d: usize,
+}
+
+#[inline(always)]
+unsafe fn hsum(v: __m256) -> f32 {
+    let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)))
+}
+
+#[inline(always)]
+unsafe fn codes_of<const B: usize>(v: __m256i, kk: usize) -> __m256 {
+    let mask = _mm256_set1_epi32(((1u32 << B) - 1) as i32);
+    _mm256_cvtepi32_ps(_mm256_and_si256(
+        _mm256_srl_epi32(v, _mm_cvtsi32_si128((kk * B) as i32)),
+        mask,
+    ))
+}
+
+/// # Safety
+/// avx2 and fma available; `a` describes `H` heads of valid `qs`/`qm` rows, `n` valid code rows of
+/// `row_bytes` (a multiple of 8) bytes, and an `out` of at least `H * ps` floats.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+pub unsafe fn scores<const H: usize, const B: usize>(a: &ScoreArgs) {
+    let nper = 8 / B;
+    for t in 0..a.n {
+        let row = a.codes.add(t * a.row_bytes);
+        let mut acc = [_mm256_setzero_ps(); H];
+        for c in 0..a.row_bytes / 8 {
+            let v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(row.add(c * 8) as *const __m128i));
+            for kk in 0..nper {
+                let x = codes_of::<B>(v, kk);
+                let p = c * 8 * nper + kk * 8;
+                for (h, acc_h) in acc.iter_mut().enumerate() {
+                    *acc_h = _mm256_fmadd_ps(_mm256_loadu_ps(a.qs.add(h * a.d + p)), x, *acc_h);
+                }
+            }
+        }
+        for (h, acc_h) in acc.iter().enumerate() {
+            *a.out.add(h * a.ps + t) = *a.qm.add(h) + hsum(*acc_h);
+        }
+    }
+}
+
+/// # Safety
+/// avx2 and fma available; `a` describes `H` heads of valid `w` (`[H][ps][groups]`) and `acc`
+/// (`[H][d]`) rows and `n` valid code rows of `row_bytes` (a multiple of 8) bytes. `NPER == 8 / B`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+pub unsafe fn values<const H: usize, const B: usize, const NPER: usize>(a: &ValueArgs) {
+    for c in 0..a.row_bytes / 8 {
+        let p0 = c * 8 * NPER;
+        let g = p0 / a.vg;
+        let mut acc = [[_mm256_setzero_ps(); NPER]; H];
+        for t in 0..a.n {
+            let v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                a.codes.add(t * a.row_bytes + c * 8) as *const __m128i
+            ));
+            let mut x = [_mm256_setzero_ps(); NPER];
+            for (kk, xk) in x.iter_mut().enumerate() {
+                *xk = codes_of::<B>(v, kk);
+            }
+            for (h, acc_h) in acc.iter_mut().enumerate() {
+                let w = _mm256_broadcast_ss(&*a.w.add((h * a.ps + t) * a.groups + g));
+                for kk in 0..NPER {
+                    acc_h[kk] = _mm256_fmadd_ps(w, x[kk], acc_h[kk]);
+                }
+            }
+        }
+        for (h, acc_h) in acc.iter().enumerate() {
+            for (kk, v) in acc_h.iter().enumerate() {
+                let dst = a.acc.add(h * a.d + p0 + kk * 8);
+                _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), *v));
+            }
+        }
+    }
+}
