@@ -43,6 +43,7 @@ pub(crate) struct Kernels {
     pub append: CudaFunction,
     pub quantize: CudaFunction,
     pub decode: CudaFunction,
+    pub read_probe: CudaFunction,
     pub decode_smem: u32,
     /// Decode CTAs resident per SM (occupancy), at least 1.
     pub decode_blocks_per_sm: u32,
@@ -160,7 +161,10 @@ impl CudaDevice {
     }
 
     /// Compiles (once per device and spec) and loads the kernels of `spec`.
-    pub(crate) fn kernels(&self, spec: &KernelSpec) -> std::result::Result<Arc<Kernels>, CudaError> {
+    pub(crate) fn kernels(
+        &self,
+        spec: &KernelSpec,
+    ) -> std::result::Result<Arc<Kernels>, CudaError> {
         if let Some(k) = self
             .inner
             .cache
@@ -176,6 +180,7 @@ impl CudaDevice {
         let module = self.inner.ctx.load_module(ptx).map_err(drv)?;
         let f = |n: &str| module.load_function(n).map_err(drv);
         let (append, quantize, decode) = (f("kvt_append")?, f("kvt_quantize")?, f("kvt_decode")?);
+        let read_probe = f("kvt_read_probe")?;
         let smem = spec.decode_smem() as u32;
         decode
             .set_attribute(
@@ -184,7 +189,11 @@ impl CudaDevice {
             )
             .map_err(drv)?;
         let blocks = decode
-            .occupancy_max_active_blocks_per_multiprocessor(spec.decode_threads(), smem as usize, None)
+            .occupancy_max_active_blocks_per_multiprocessor(
+                spec.decode_threads(),
+                smem as usize,
+                None,
+            )
             .map_err(drv)?
             .max(1);
         let regs = decode.num_regs().unwrap_or(-1);
@@ -193,6 +202,7 @@ impl CudaDevice {
             append,
             quantize,
             decode,
+            read_probe,
             decode_smem: smem,
             decode_blocks_per_sm: blocks,
             decode_regs: regs,

@@ -85,7 +85,7 @@ impl KernelSpec {
         let cpl_min = 8.max(d / 32).max(32 / vb);
         let gs = (1..=gfull.min(8))
             .rev()
-            .find(|g| gfull % g == 0 && g * cpl_min <= 64)
+            .find(|g| gfull.is_multiple_of(*g) && g * cpl_min <= 64)
             .unwrap_or(1);
         let cpl = if tuning.channels_per_lane >= 16 && gs * 16 <= 64 {
             16.max(cpl_min)
@@ -138,7 +138,7 @@ impl KernelSpec {
     pub fn decode_smem(&self) -> usize {
         let gp = self.gs.div_ceil(4) * 4;
         let krow = self.d * self.kb / 8;
-        let kstride = if krow % 16 == 0 && (krow / 16) % 2 == 0 {
+        let kstride = if krow.is_multiple_of(16) && (krow / 16).is_multiple_of(2) {
             krow + 16
         } else {
             krow

@@ -17,7 +17,9 @@ use crate::config::{CacheConfig, HotDtype};
 use crate::error::{Error, Result};
 use crate::quant::{self, WarmLayout};
 use crate::tiers::{PageEntry, PageTable, Tier};
-use cudarc::driver::{result as cu, sys, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    result as cu, sys, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
 use half::{bf16, f16};
 use std::sync::{Arc, Mutex};
 
@@ -31,7 +33,10 @@ pub(crate) struct DevBuf {
 }
 
 impl DevBuf {
-    pub(crate) fn alloc(stream: &Arc<CudaStream>, bytes: usize) -> std::result::Result<Self, CudaError> {
+    pub(crate) fn alloc(
+        stream: &Arc<CudaStream>,
+        bytes: usize,
+    ) -> std::result::Result<Self, CudaError> {
         let bytes = bytes.max(16);
         // SAFETY: the memory is uninitialised; every user either writes before reading (pools,
         // staging, scratch) or zeroes it right after allocation (`GrowBuf::ensure` with `zero`).
@@ -101,7 +106,11 @@ impl Pool {
 
     /// Grows the buffer to at least `cap` slots, copying the old contents on the stream. On
     /// failure nothing changes.
-    fn reserve(&mut self, stream: &Arc<CudaStream>, cap: usize) -> std::result::Result<(), CudaError> {
+    fn reserve(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        cap: usize,
+    ) -> std::result::Result<(), CudaError> {
         if cap <= self.cap {
             return Ok(());
         }
@@ -114,7 +123,12 @@ impl Pool {
             // the copy is ordered on the stream after every kernel that wrote `old`, and `old` is
             // freed (stream-ordered) only after the copy.
             unsafe {
-                cu::memcpy_dtod_async(nb.ptr(), old.ptr(), self.cap * self.slot_bytes, stream.cu_stream())
+                cu::memcpy_dtod_async(
+                    nb.ptr(),
+                    old.ptr(),
+                    self.cap * self.slot_bytes,
+                    stream.cu_stream(),
+                )
             }
             .map_err(drv)?;
         }
@@ -221,6 +235,14 @@ impl DecodePlan {
     pub fn total_pages(&self) -> usize {
         self.total_pages
     }
+    /// Device address of the plan's own query buffer (`[n_seqs, q_heads, head_dim]` f32).
+    pub fn queries_ptr(&self) -> u64 {
+        self.queries.ptr()
+    }
+    /// Device address of the plan's own output buffer (`[n_seqs, q_heads, head_dim]` f32).
+    pub fn output_ptr(&self) -> u64 {
+        self.out.ptr()
+    }
     fn bytes(&self) -> usize {
         [
             &self.items,
@@ -304,7 +326,13 @@ impl CudaStorage {
     /// (warps per CTA, value channels per lane, heads per CTA).
     pub fn decode_kernel_info(&self) -> (i32, u32, usize, usize, usize) {
         let s = &self.k.spec;
-        (self.k.decode_regs, self.k.decode_blocks_per_sm, s.nwarps, s.cpl, s.gs)
+        (
+            self.k.decode_regs,
+            self.k.decode_blocks_per_sm,
+            s.nwarps,
+            s.cpl,
+            s.gs,
+        )
     }
 
     /// Grows the pools so that `hot` and `warm` slots exist without further reallocation.
@@ -353,25 +381,34 @@ impl CudaStorage {
             }
         };
         if !ok || p.n_tokens as usize > self.ps {
-            return Err(internal(format!("page {p:?} is not a live slot of this storage")));
+            return Err(internal(format!(
+                "page {p:?} is not a live slot of this storage"
+            )));
         }
         Ok(())
     }
 
     /// Builds the device page table and work items for `tables` into `plan` (reusing its buffers).
     pub fn plan_into(&self, plan: &mut DecodePlan, tables: &[&PageTable]) -> Result<()> {
+        let seqs: Vec<&[PageEntry]> = tables.iter().map(|t| t.pages()).collect();
+        self.plan_pages_into(plan, &seqs)
+    }
+
+    /// [`CudaStorage::plan_into`] from raw page lists (one per sequence, in token order), for
+    /// callers that manage slots themselves (benchmarks, engines with their own page tables).
+    pub fn plan_pages_into(&self, plan: &mut DecodePlan, tables: &[&[PageEntry]]) -> Result<()> {
         let spec = &self.k.spec;
         let nsub = spec.nsub();
         let st = self.stream().clone();
         let mut pages: Vec<[u32; 2]> = Vec::new();
         let mut counts = Vec::with_capacity(tables.len());
         for t in tables {
-            for p in t.pages() {
+            for p in t.iter() {
                 self.check_entry(p)?;
                 let warm = (p.tier == Tier::Warm) as u32;
                 pages.push([p.slot, (warm << 31) | p.n_tokens]);
             }
-            counts.push(t.pages().len());
+            counts.push(t.len());
         }
         let total = pages.len();
         if total > u32::MAX as usize / 2 {
@@ -410,16 +447,23 @@ impl CudaStorage {
         let gs = spec.gs;
         let n_items = items.len();
         let f = 4usize;
-        plan.items.ensure(&st, n_items * std::mem::size_of::<Item>(), false)?;
+        plan.items
+            .ensure(&st, n_items * std::mem::size_of::<Item>(), false)?;
         plan.pages.ensure(&st, total.max(1) * 8, false)?;
         plan.part_state.ensure(&st, n_items * gs * 4 * f, false)?;
-        plan.part_acc.ensure(&st, n_items * gs * self.d * f, false)?;
-        plan.page_lse.ensure(&st, total.max(1) * self.qh * f, false)?;
+        plan.part_acc
+            .ensure(&st, n_items * gs * self.d * f, false)?;
+        plan.page_lse
+            .ensure(&st, total.max(1) * self.qh * f, false)?;
         plan.counters.ensure(&st, group as usize * 4, true)?;
-        plan.stats.ensure(&st, tables.len() * self.qh * 4 * f, false)?;
-        plan.mass.ensure(&st, total.max(1) * self.kvh * nsub * f, false)?;
-        plan.queries.ensure(&st, tables.len() * self.qh * self.d * f, false)?;
-        plan.out.ensure(&st, tables.len() * self.qh * self.d * f, false)?;
+        plan.stats
+            .ensure(&st, tables.len() * self.qh * 4 * f, false)?;
+        plan.mass
+            .ensure(&st, total.max(1) * self.kvh * nsub * f, false)?;
+        plan.queries
+            .ensure(&st, tables.len() * self.qh * self.d * f, false)?;
+        plan.out
+            .ensure(&st, tables.len() * self.qh * self.d * f, false)?;
         st.context().bind_to_thread().map_err(drv)?;
         // SAFETY: `Item` is `repr(C)` plain u32s; the destination buffers were just sized for
         // these byte counts. Copies from pageable host memory are staged by the driver before
@@ -441,11 +485,95 @@ impl CudaStorage {
         Ok(())
     }
 
-    /// A fresh plan for `tables`.
-    pub fn plan(&self, tables: &[&PageTable]) -> Result<DecodePlan> {
+    /// A fresh plan for raw page lists (see [`CudaStorage::plan_pages_into`]).
+    pub fn plan_pages(&self, tables: &[&[PageEntry]]) -> Result<DecodePlan> {
         let mut p = DecodePlan::default();
-        self.plan_into(&mut p, tables)?;
+        self.plan_pages_into(&mut p, tables)?;
         Ok(p)
+    }
+
+    /// Recompiles the decode kernel with other launch-shape knobs; pools and pages are kept
+    /// (the warm layout does not depend on them). For benchmarks.
+    #[doc(hidden)]
+    pub fn retune(&mut self, tuning: super::CudaTuning, cfg: &CacheConfig) -> Result<()> {
+        let spec = KernelSpec::new(cfg, tuning)?;
+        if spec.layout != self.k.spec.layout || spec.d != self.d || spec.kvh != self.kvh {
+            return Err(internal("retune with a different geometry".into()));
+        }
+        self.k = self.dev.kernels(&spec)?;
+        Ok(())
+    }
+
+    /// Times `iters` decode launches of `plan` (queries and output in the plan's buffers) with
+    /// device events, writing `flush_bytes` of scratch before each to evict L2. Returns the
+    /// per-launch times in milliseconds. For benchmarks.
+    #[doc(hidden)]
+    pub fn time_decode(
+        &self,
+        plan: &DecodePlan,
+        iters: usize,
+        flush_bytes: usize,
+    ) -> Result<Vec<f32>> {
+        let st = self.stream().clone();
+        let flush = DevBuf::alloc(&st, flush_bytes)?;
+        let ctx = st.context();
+        let (e0, e1) = (
+            ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(drv)?,
+            ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(drv)?,
+        );
+        let mut times = Vec::with_capacity(iters);
+        for _ in 0..iters {
+            // SAFETY: `flush` is a live allocation of `flush.len()` bytes on `st`.
+            unsafe { cu::memset_d8_async(flush.ptr(), 0, flush.len(), st.cu_stream()) }
+                .map_err(drv)?;
+            e0.record(&st).map_err(drv)?;
+            // SAFETY: the plan's own buffers, this device's stream.
+            unsafe { self.launch(plan, plan.queries.ptr(), plan.out.ptr(), None)? };
+            e1.record(&st).map_err(drv)?;
+            times.push(e0.elapsed_ms(&e1).map_err(drv)?);
+        }
+        Ok(times)
+    }
+
+    /// Times a streaming read of `bytes` bytes of device memory (L2 flushed first) and returns
+    /// the best of `iters` runs in GB/s: the read-bandwidth ceiling benchmarks compare against.
+    #[doc(hidden)]
+    pub fn read_bandwidth_probe(&self, bytes: usize, iters: usize) -> Result<f64> {
+        let st = self.stream().clone();
+        let buf = DevBuf::alloc(&st, bytes)?;
+        let blocks = self.dev.inner.sms * 8;
+        let sink = DevBuf::alloc(&st, blocks as usize * 512 * 4)?;
+        // SAFETY: `buf` is a live allocation of `buf.len()` bytes on `st`.
+        unsafe { cu::memset_d8_async(buf.ptr(), 1, buf.len(), st.cu_stream()) }.map_err(drv)?;
+        let n16 = (buf.len() / 16) as u64;
+        let (bp, sp) = (buf.ptr(), sink.ptr());
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (512, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let ctx = st.context();
+        let (e0, e1) = (
+            ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(drv)?,
+            ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(drv)?,
+        );
+        let mut best = 0f64;
+        for _ in 0..iters.max(1) {
+            e0.record(&st).map_err(drv)?;
+            let mut b = st.launch_builder(&self.k.read_probe);
+            b.arg(&bp).arg(&n16).arg(&sp);
+            // SAFETY: matches `kvt_read_probe`: reads `n16` 16-byte words of `buf`, writes one
+            // word per thread of the grid into `sink` (sized blocks * 512 words).
+            unsafe { b.launch(cfg) }.map_err(drv)?;
+            e1.record(&st).map_err(drv)?;
+            let ms = e0.elapsed_ms(&e1).map_err(drv)? as f64;
+            best = best.max(bytes as f64 / (ms * 1e-3) / 1e9);
+        }
+        Ok(best)
     }
 
     /// Launches the decode kernel of `plan` on `stream` (`None`: this device's stream; `Some(0)`:
@@ -477,7 +605,11 @@ impl CudaStorage {
         let s = unsafe { st.context().wrap_borrowed_stream(cu_stream) };
         let (items, pages) = (plan.items.ptr(), plan.pages.ptr());
         let (hot, warm) = (self.hot.base(), self.warm.base());
-        let (ps, pa, pl) = (plan.part_state.ptr(), plan.part_acc.ptr(), plan.page_lse.ptr());
+        let (ps, pa, pl) = (
+            plan.part_state.ptr(),
+            plan.part_acc.ptr(),
+            plan.page_lse.ptr(),
+        );
         let (cnt, stats, mass) = (plan.counters.ptr(), plan.stats.ptr(), plan.mass.ptr());
         let cfg = LaunchConfig {
             grid_dim: (plan.n_items as u32, 1, 1),
@@ -505,7 +637,12 @@ impl CudaStorage {
     }
 
     /// Reads statistics and page masses of the last launch of `plan` (ordered on `stream`).
-    fn collect(&self, plan: &DecodePlan, stream: sys::CUstream, output: Option<&mut Vec<f32>>) -> Result<Attention> {
+    fn collect(
+        &self,
+        plan: &DecodePlan,
+        stream: sys::CUstream,
+        output: Option<&mut Vec<f32>>,
+    ) -> Result<Attention> {
         let (n, qh, d) = (plan.n_seqs, self.qh, self.d);
         let nq = self.kvh * self.k.spec.nsub();
         let mut stats = vec![0f32; n * qh * 4];
@@ -528,7 +665,7 @@ impl CudaStorage {
             }
             cu::stream::synchronize(stream).map_err(drv)?;
         }
-        let heads = stats
+        let mut heads: Vec<HeadStats> = stats
             .chunks_exact(4)
             .map(|s| HeadStats {
                 entropy: s[0],
@@ -537,12 +674,20 @@ impl CudaStorage {
                 log_z: s[3],
             })
             .collect();
+        // A sequence with no pages has default statistics, as on the CPU backend.
+        for (i, &np) in plan.page_counts.iter().enumerate() {
+            if np == 0 {
+                heads[i * qh..(i + 1) * qh].fill(HeadStats::default());
+            }
+        }
         let mut page_mass = Vec::with_capacity(n);
         let mut off = 0;
         for &np in &plan.page_counts {
             page_mass.push(
                 (0..np)
-                    .map(|p| mass[(off + p) * nq..(off + p + 1) * nq].iter().sum::<f32>() / qh as f32)
+                    .map(|p| {
+                        mass[(off + p) * nq..(off + p + 1) * nq].iter().sum::<f32>() / qh as f32
+                    })
                     .collect(),
             );
             off += np;
@@ -569,7 +714,8 @@ impl CudaStorage {
         st.context().bind_to_thread().map_err(drv)?;
         if want > 0 {
             // SAFETY: `plan.queries` holds `want` f32 (sized by `plan_into`).
-            unsafe { cu::memcpy_htod_async(plan.queries.ptr(), queries, st.cu_stream()) }.map_err(drv)?;
+            unsafe { cu::memcpy_htod_async(plan.queries.ptr(), queries, st.cu_stream()) }
+                .map_err(drv)?;
         }
         // SAFETY: plan-owned query/output buffers of the right size, this device's stream.
         unsafe { self.launch(plan, plan.queries.ptr(), plan.out.ptr(), None)? };
@@ -604,7 +750,14 @@ impl BackendStorage for CudaStorage {
         Ok(s)
     }
 
-    fn write_hot(&mut self, slot: u32, first: usize, keys: &[f32], values: &[f32], n: usize) -> Result<()> {
+    fn write_hot(
+        &mut self,
+        slot: u32,
+        first: usize,
+        keys: &[f32],
+        values: &[f32],
+        n: usize,
+    ) -> Result<()> {
         self.hot_slot_check(slot)?;
         let row = self.kvh * self.d;
         if first + n > self.ps || keys.len() != n * row || values.len() != n * row {
@@ -636,7 +789,12 @@ impl BackendStorage for CudaStorage {
             shared_mem_bytes: 0,
         };
         let mut b = st.launch_builder(&self.k.append);
-        b.arg(&base).arg(&vptr).arg(&hot).arg(&slot_a).arg(&first_a).arg(&n_a);
+        b.arg(&base)
+            .arg(&vptr)
+            .arg(&hot)
+            .arg(&slot_a)
+            .arg(&first_a)
+            .arg(&n_a);
         // SAFETY: matches `kvt_append`; the slot is live and `first + n <= page_size`, so every
         // store lands inside the slot.
         unsafe { b.launch(cfg) }.map_err(drv)?;
@@ -671,7 +829,12 @@ impl BackendStorage for CudaStorage {
                 shared_mem_bytes: 0,
             };
             let mut b = st.launch_builder(&this.k.quantize);
-            b.arg(&hot).arg(&warm).arg(&slot).arg(&ws).arg(&n).arg(&flag);
+            b.arg(&hot)
+                .arg(&warm)
+                .arg(&slot)
+                .arg(&ws)
+                .arg(&n)
+                .arg(&flag);
             // SAFETY: matches `kvt_quantize`; both slots are live, `n <= page_size`.
             unsafe { b.launch(cfg) }.map_err(drv)?;
             if !check {
@@ -748,7 +911,9 @@ impl BackendStorage for CudaStorage {
                 }
                 Ok((ks, vs))
             }
-            t => Err(internal(format!("page in tier {t:?} has no bytes on the device"))),
+            t => Err(internal(format!(
+                "page in tier {t:?} has no bytes on the device"
+            ))),
         }
     }
 
@@ -764,7 +929,9 @@ impl BackendStorage for CudaStorage {
 
     fn attend_device(&self, tables: &[&PageTable], bufs: DeviceBuffers) -> Result<Attention> {
         if bufs.queries == 0 || bufs.output == 0 {
-            return Err(internal("attend_device: null queries or output pointer".into()));
+            return Err(internal(
+                "attend_device: null queries or output pointer".into(),
+            ));
         }
         let mut plan = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
         self.plan_into(&mut plan, tables)?;
@@ -777,7 +944,11 @@ impl BackendStorage for CudaStorage {
         // SAFETY: `user` is the caller's live stream (or the legacy default stream) and `ev` is a
         // live event of the same context; waiting adds only a dependency.
         unsafe {
-            cu::stream::wait_event(user, ev.cu_event(), sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT)
+            cu::stream::wait_event(
+                user,
+                ev.cu_event(),
+                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+            )
         }
         .map_err(drv)?;
         // SAFETY: the caller guarantees `queries`/`output` are device buffers of this context of
@@ -787,13 +958,24 @@ impl BackendStorage for CudaStorage {
         self.collect(&plan, user, None)
     }
 
-    fn prefill(&self, table: &PageTable, queries: &[f32], keys: &[f32], values: &[f32], n: usize) -> Result<Vec<f32>> {
+    fn prefill(
+        &self,
+        table: &PageTable,
+        queries: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        n: usize,
+    ) -> Result<Vec<f32>> {
         let (qh, kvh, d) = (self.qh, self.kvh, self.d);
         if queries.len() != n * qh * d {
             return Err(Error::shape("queries", n * qh * d, queries.len()));
         }
         if keys.len() != n * kvh * d || values.len() != n * kvh * d {
-            return Err(Error::shape("keys/values", n * kvh * d, keys.len().max(values.len())));
+            return Err(Error::shape(
+                "keys/values",
+                n * kvh * d,
+                keys.len().max(values.len()),
+            ));
         }
         // Cached part on the device (one query per new token, all over the same table), causal
         // block of new tokens exact on the host, merged by log-sum-exp.
@@ -809,7 +991,10 @@ impl BackendStorage for CudaStorage {
         out.par_chunks_mut(d).enumerate().for_each(|(i, o)| {
             let (tok, h) = (i / qh, i % qh);
             let kv = h / g;
-            let q: Vec<f32> = queries[i * d..(i + 1) * d].iter().map(|x| x * self.scale).collect();
+            let q: Vec<f32> = queries[i * d..(i + 1) * d]
+                .iter()
+                .map(|x| x * self.scale)
+                .collect();
             let s: Vec<f32> = (0..=tok)
                 .map(|j| {
                     let k = &keys[(j * kvh + kv) * d..(j * kvh + kv + 1) * d];
@@ -821,7 +1006,11 @@ impl BackendStorage for CudaStorage {
                 None => (f32::NEG_INFINITY, &[][..]),
             };
             let m = s.iter().copied().fold(lz, f32::max);
-            let wc = if lz == f32::NEG_INFINITY { 0.0 } else { (lz - m).exp() };
+            let wc = if lz == f32::NEG_INFINITY {
+                0.0
+            } else {
+                (lz - m).exp()
+            };
             let mut l = wc;
             for (c, x) in o.iter_mut().enumerate() {
                 *x = if wc > 0.0 { wc * co[c] } else { 0.0 };

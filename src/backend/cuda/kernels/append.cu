@@ -18,3 +18,20 @@ extern "C" __global__ void kvt_append(const float* __restrict__ keys,
         vd[dst] = kvt_hot_store(values[i]);
     }
 }
+
+// Read-bandwidth probe for benchmarks: streams `n16` 16-byte words, keeps a checksum so the loads
+// cannot be removed.
+extern "C" __global__ void kvt_read_probe(const uint4* __restrict__ src, u64 n16, u32* __restrict__ sink) {
+    u32 acc = 0;
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    for (; i + 3 * stride < n16; i += 4 * stride) {
+        const uint4 a = src[i], b = src[i + stride], c = src[i + 2 * stride], d = src[i + 3 * stride];
+        acc ^= a.x ^ a.y ^ a.z ^ a.w ^ b.x ^ b.y ^ b.z ^ b.w ^ c.x ^ c.y ^ c.z ^ c.w ^ d.x ^ d.y ^ d.z ^ d.w;
+    }
+    for (; i < n16; i += stride) {
+        const uint4 a = src[i];
+        acc ^= a.x ^ a.y ^ a.z ^ a.w;
+    }
+    sink[(u64)blockIdx.x * blockDim.x + threadIdx.x] = acc;
+}
