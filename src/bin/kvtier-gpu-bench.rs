@@ -6,7 +6,8 @@
 //! `torch_decode.py`'s JSON (`--torch` for the big shape, `--torch-small` for 9/3/64) when given.
 //!
 //! usage: kvtier-gpu-bench [--json OUT] [--torch T.json] [--torch-small T.json] [--iters N]
-//!                         [--quick] [--sweep]
+//!                         [--quick] [--sweep] [--only-mode M] [--only-batch B] [--only-seq S]
+//!                         [--only-dim D]
 
 use kvtier::backend::cuda::{CudaDevice, CudaStorage, CudaTuning};
 use kvtier::backend::{BackendDevice, BackendStorage};
@@ -22,6 +23,10 @@ struct Args {
     iters: usize,
     quick: bool,
     sweep: bool,
+    only_mode: Option<String>,
+    only_batch: Option<usize>,
+    only_seq: Option<usize>,
+    only_dim: Option<usize>,
 }
 
 fn args() -> Args {
@@ -32,6 +37,10 @@ fn args() -> Args {
         iters: 50,
         quick: false,
         sweep: false,
+        only_mode: None,
+        only_batch: None,
+        only_seq: None,
+        only_dim: None,
     };
     let v: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -41,6 +50,10 @@ fn args() -> Args {
             "--json" => a.json = next(i),
             "--torch" => a.torch = next(i),
             "--torch-small" => a.torch_small = next(i),
+            "--only-mode" => a.only_mode = next(i),
+            "--only-batch" => a.only_batch = next(i).and_then(|s| s.parse().ok()),
+            "--only-seq" => a.only_seq = next(i).and_then(|s| s.parse().ok()),
+            "--only-dim" => a.only_dim = next(i).and_then(|s| s.parse().ok()),
             "--iters" => a.iters = next(i).and_then(|s| s.parse().ok()).unwrap_or(50),
             "--quick" => {
                 a.quick = true;
@@ -240,6 +253,9 @@ fn main() {
         dev.name()
     );
     for &(q, kv, d) in shapes {
+        if a.only_dim.is_some_and(|x| x != d) {
+            continue;
+        }
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         let pool: Vec<(Vec<f32>, Vec<f32>)> = (0..61)
             .map(|_| {
@@ -254,6 +270,12 @@ fn main() {
         for &b in batches {
             for &s in seqs {
                 for mode in modes {
+                    if a.only_mode.as_deref().is_some_and(|m| m != mode.name())
+                        || a.only_batch.is_some_and(|x| x != b)
+                        || a.only_seq.is_some_and(|x| x != s)
+                    {
+                        continue;
+                    }
                     let cfg = mode.config(q, kv, d);
                     let t0 = std::time::Instant::now();
                     let mut f = match fill(&dev, &cfg, b, s, &pool) {

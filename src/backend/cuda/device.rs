@@ -58,6 +58,7 @@ pub(crate) struct Inner {
     pub name: String,
     pub cc: (i32, i32),
     pub sms: u32,
+    pub smem_optin: usize,
     cache: Mutex<HashMap<KernelSpec, Arc<Kernels>>>,
     tuning: Mutex<CudaTuning>,
 }
@@ -111,6 +112,10 @@ impl CudaDevice {
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(drv)?
             .max(1) as u32;
+        let smem_optin = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(drv)?
+            .max(48 * 1024) as usize;
         Ok(CudaDevice {
             inner: Arc::new(Inner {
                 ordinal,
@@ -119,6 +124,7 @@ impl CudaDevice {
                 name,
                 cc,
                 sms,
+                smem_optin,
                 cache: Mutex::new(HashMap::new()),
                 tuning: Mutex::new(CudaTuning::default()),
             }),
@@ -138,6 +144,11 @@ impl CudaDevice {
     /// Streaming multiprocessors.
     pub fn sm_count(&self) -> u32 {
         self.inner.sms
+    }
+
+    /// Largest dynamic shared memory a block may opt into.
+    pub(crate) fn smem_optin(&self) -> usize {
+        self.inner.smem_optin
     }
 
     /// The raw `CUstream` this device's storages issue their work on.
@@ -232,7 +243,7 @@ impl BackendDevice for CudaDevice {
 /// Returns the PTX. Lets tests and tools check the sources where libnvrtc exists but no GPU does.
 #[doc(hidden)]
 pub fn compile_for_arch(cfg: &CacheConfig, arch: &str) -> Result<String> {
-    let spec = KernelSpec::new(cfg, CudaTuning::default())?;
+    let spec = KernelSpec::new(cfg, CudaTuning::default(), 227 * 1024)?;
     Ok(kernels::compile(&spec.source(), arch, "kvtier_kernels")?.to_src())
 }
 

@@ -18,9 +18,10 @@ const DECODE: &str = include_str!("kernels/decode.cu");
 /// Most partials one (sequence, kv head, head subgroup) may be split into (`MAXSPLIT` in decode.cu).
 pub(crate) const MAX_SPLIT: usize = 256;
 
-/// Launch-shape knobs of the decode kernel. The defaults are what the H200 measurements chose;
-/// [`super::CudaDevice::set_tuning`] overrides them for storages created afterwards.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// Launch-shape knobs of the decode kernel. `warps == 0` (the default) picks per configuration
+/// what the H200 measurements chose; [`super::CudaDevice::set_tuning`] overrides them for
+/// storages created afterwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct CudaTuning {
     /// Warps per CTA (1..=16). Each warp takes the work item's pages round-robin.
     pub warps: u32,
@@ -28,16 +29,6 @@ pub struct CudaTuning {
     pub channels_per_lane: u32,
     /// CTAs per SM the register allocation must allow (`__launch_bounds__` second argument).
     pub min_blocks: u32,
-}
-
-impl Default for CudaTuning {
-    fn default() -> Self {
-        CudaTuning {
-            warps: 4,
-            channels_per_lane: 16,
-            min_blocks: 3,
-        }
-    }
 }
 
 /// Everything a compiled module is specialised on. Two storages with equal specs share a module.
@@ -69,11 +60,42 @@ fn align16(x: usize) -> usize {
 
 impl KernelSpec {
     /// The spec for a validated config. Fails for shapes the kernels do not cover.
-    pub fn new(cfg: &CacheConfig, tuning: CudaTuning) -> Result<Self, CudaError> {
+    pub fn new(
+        cfg: &CacheConfig,
+        tuning: CudaTuning,
+        smem_limit: usize,
+    ) -> Result<Self, CudaError> {
         let l = WarmLayout::of(cfg);
         let d = cfg.head_dim;
         let gfull = cfg.group_size();
         let vb = cfg.v_bits.bits();
+        let tuning = if tuning.warps == 0 {
+            // Measured on the H200 (d128, G4, ps32): 8 warps with 8 value channels per lane and
+            // 2 CTAs per SM beat 4 warps x 16 channels, except with 2-bit values (16 channels
+            // forced), where 4 warps x 3 CTAs is better. Hot-only modules preload a block's
+            // values and need the registers of 2 CTAs per SM to avoid spills.
+            if !cfg.warm_enabled {
+                CudaTuning {
+                    warps: 4,
+                    channels_per_lane: 16,
+                    min_blocks: 2,
+                }
+            } else if vb == 2 {
+                CudaTuning {
+                    warps: 4,
+                    channels_per_lane: 16,
+                    min_blocks: 3,
+                }
+            } else {
+                CudaTuning {
+                    warps: 8,
+                    channels_per_lane: 8,
+                    min_blocks: 2,
+                }
+            }
+        } else {
+            tuning
+        };
         if !(1..=16).contains(&tuning.warps) || !(1..=8).contains(&tuning.min_blocks) {
             return Err(CudaError::Driver(format!(
                 "tuning out of range: {tuning:?} (warps 1..=16, min_blocks 1..=8)"
@@ -97,7 +119,7 @@ impl KernelSpec {
             HotDtype::F16 => 1,
             HotDtype::BF16 => 2,
         };
-        Ok(KernelSpec {
+        let mut spec = KernelSpec {
             d,
             gs,
             gfull,
@@ -121,7 +143,18 @@ impl KernelSpec {
             nwarps: tuning.warps as usize,
             cpl,
             minb: tuning.min_blocks as usize,
-        })
+        };
+        // Fewer warps per CTA until the shared memory fits the device.
+        while spec.decode_smem() > smem_limit && spec.nwarps > 1 {
+            spec.nwarps /= 2;
+        }
+        if spec.decode_smem() > smem_limit {
+            return Err(CudaError::Driver(format!(
+                "decode kernel needs {} bytes of shared memory per block, the device allows {smem_limit}",
+                spec.decode_smem()
+            )));
+        }
+        Ok(spec)
     }
 
     /// Subgroups of `gs` heads per kv head.
@@ -261,7 +294,7 @@ mod tests {
                 .build()
                 .unwrap(),
         ] {
-            let s = KernelSpec::new(&cfg, CudaTuning::default()).unwrap();
+            let s = KernelSpec::new(&cfg, CudaTuning::default(), 227 * 1024).unwrap();
             assert_eq!(s.gfull % s.gs, 0);
             assert!(s.gs * s.cpl <= 64);
             assert!(s.cpl * s.vb >= 32);

@@ -289,7 +289,7 @@ fn internal(msg: String) -> Error {
 impl CudaStorage {
     /// Empty pools for a validated config; compiles the config's kernels on first use.
     pub fn new(dev: CudaDevice, cfg: &CacheConfig) -> Result<Self> {
-        let spec = KernelSpec::new(cfg, dev.tuning())?;
+        let spec = KernelSpec::new(cfg, dev.tuning(), dev.smem_optin())?;
         let k = dev.kernels(&spec)?;
         let layout = WarmLayout::of(cfg);
         let hot_page = 2 * cfg.num_kv_heads * cfg.page_size * cfg.head_dim * cfg.hot_dtype.size();
@@ -496,7 +496,7 @@ impl CudaStorage {
     /// (the warm layout does not depend on them). For benchmarks.
     #[doc(hidden)]
     pub fn retune(&mut self, tuning: super::CudaTuning, cfg: &CacheConfig) -> Result<()> {
-        let spec = KernelSpec::new(cfg, tuning)?;
+        let spec = KernelSpec::new(cfg, tuning, self.dev.smem_optin())?;
         if spec.layout != self.k.spec.layout || spec.d != self.d || spec.kvh != self.kvh {
             return Err(internal("retune with a different geometry".into()));
         }
@@ -665,7 +665,7 @@ impl CudaStorage {
             }
             cu::stream::synchronize(stream).map_err(drv)?;
         }
-        let mut heads: Vec<HeadStats> = stats
+        let heads: Vec<HeadStats> = stats
             .chunks_exact(4)
             .map(|s| HeadStats {
                 entropy: s[0],
@@ -674,12 +674,6 @@ impl CudaStorage {
                 log_z: s[3],
             })
             .collect();
-        // A sequence with no pages has default statistics, as on the CPU backend.
-        for (i, &np) in plan.page_counts.iter().enumerate() {
-            if np == 0 {
-                heads[i * qh..(i + 1) * qh].fill(HeadStats::default());
-            }
-        }
         let mut page_mass = Vec::with_capacity(n);
         let mut off = 0;
         for &np in &plan.page_counts {

@@ -169,6 +169,26 @@ __device__ __forceinline__ void kvt_hot_vec(const hot_t* p, float (&f)[EV]) {
 }
 #endif
 
+// Tokens per lane per 32-token block, and 16-byte chunks per lane row, in the hot value phase.
+#define HTPL ((32 + TQ - 1) / TQ)
+#define HVCH (CPL / EV)
+
+#if HOT == 0
+__device__ __forceinline__ void kvt_hot_unpack(uint4 v, float (&f)[EV]) {
+    f[0] = __uint_as_float(v.x); f[1] = __uint_as_float(v.y);
+    f[2] = __uint_as_float(v.z); f[3] = __uint_as_float(v.w);
+}
+#else
+__device__ __forceinline__ void kvt_hot_unpack(uint4 v, float (&f)[EV]) {
+    const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = kvt_hot_load((u16)(w[i] & 0xffffu));
+        f[2 * i + 1] = kvt_hot_load((u16)(w[i] >> 16));
+    }
+}
+#endif
+
 // Per-warp running state.
 struct WarpState {
     float m[GS], l[GS], s1[GS], s2[GS];
@@ -377,6 +397,19 @@ kvt_decode(const Item* __restrict__ items, const uint2* __restrict__ pages,
             for (int b0 = 0; b0 < n; b0 += 32) {
                 const int t = b0 + lane;
                 const bool valid = t < n;
+                const int tend = min(n, b0 + 32);
+                // Issue this block's value loads first: their latency hides behind the scores.
+                // (Hot-only modules; with a warm tier hot pages are few and registers scarce.)
+                uint4 vraw[HTPL][HVCH];
+#pragma unroll
+                for (int k = 0; k < (WARM ? 0 : HTPL); ++k) {
+                    const int tt = b0 + tq + k * TQ;
+#pragma unroll
+                    for (int j = 0; j < HVCH; ++j)
+                        vraw[k][j] = (vlane && tt < tend)
+                                         ? *(const uint4*)(hv + (u64)tt * D + c0 + j * EV)
+                                         : make_uint4(0u, 0u, 0u, 0u);
+                }
                 float s[GS];
 #pragma unroll
                 for (int h = 0; h < GS; ++h) s[h] = valid ? 0.0f : -KVT_INF;
@@ -402,8 +435,29 @@ kvt_decode(const Item* __restrict__ items, const uint2* __restrict__ pages,
                 }
                 kvt_softmax_block(st, s, valid, ew, lane, lse);
                 __syncwarp();
-                if (vlane) {
-                    const int tend = min(n, b0 + 32);
+                if (vlane && !WARM) {
+#pragma unroll
+                    for (int k = 0; k < HTPL; ++k) {
+                        const int tt = b0 + tq + k * TQ;
+                        if (tt < tend) {
+                            const float* ep = ew + (tt - b0) * GP;
+                            float ev[GS];
+#pragma unroll
+                            for (int h = 0; h < GS; ++h) ev[h] = ep[h];
+#pragma unroll
+                            for (int jc = 0; jc < HVCH; ++jc) {
+                                float vf[EV];
+                                kvt_hot_unpack(vraw[k][jc], vf);
+#pragma unroll
+                                for (int h = 0; h < GS; ++h)
+#pragma unroll
+                                    for (int j = 0; j < EV; ++j)
+                                        st.acc[h][jc * EV + j] =
+                                            fmaf(ev[h], vf[j], st.acc[h][jc * EV + j]);
+                            }
+                        }
+                    }
+                } else if (vlane) {
                     for (int tt = b0 + tq; tt < tend; tt += TQ) {
                         const float* ep = ew + (tt - b0) * GP;
                         float ev[GS];
