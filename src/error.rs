@@ -87,6 +87,10 @@ pub enum Error {
     /// An error from candle (tensor interop).
     #[error("candle: {0}")]
     Candle(#[from] candle_core::Error),
+
+    /// The real-model layer failed (GGUF loading, tokenizer, forward pass); see [`crate::model`].
+    #[error("model: {0}")]
+    Model(#[from] crate::model::ModelError),
 }
 
 /// `Result` with kvtier's [`Error`].

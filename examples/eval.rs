@@ -1,0 +1,506 @@
+//! Evaluation harness: perplexity over long State of the Union speeches and passkey retrieval, for
+//! any set of kvtier cache configurations, with JSON (and optionally Markdown) output.
+//!
+//! Perplexity at length L: the first `L - tail` tokens of a speech go through one exact block
+//! prefill; the last `tail` tokens are decoded one by one, each prediction attending over the cache
+//! *as stored* (warm pages quantised), so the compressed cache shapes every scored prediction.
+//!
+//! Passkey: a 5-digit number is hidden at a depth of SOTU filler; the context (chat header,
+//! instruction, filler with the needle) is one exact prefill, then the question and the opening of
+//! the answer are prefilled on top of the stored cache and the answer is decoded greedily.
+//!
+//! The exact prefill of a context is the same for every configuration (attention inside one prefill
+//! is exact), so it is computed once and its keys/values are replayed into each configuration's
+//! cache (`Session::replay`), which leaves the state a prefill in that configuration would have left.
+//!
+//! ```text
+//! cargo run --release --example eval -- --config fp --config k4v4-w128 --lengths 4096 --tail 1024 \
+//!     --speeches 2 --passkey-trials 20 --out results.json
+//! cargo run --release --example eval -- --k-bits 4 --v-bits 2 --hot-window 64 --page-size 32
+//! ```
+//! Config spec: `fp` (everything hot and exact) or `k<bits>v<bits>[-w<hot window>][-p<page size>]
+//! [-s<sink tokens>][-g<value group>]`, bits in {8, 4, 2}.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::{Arg, ArgAction, ArgMatches, Command};
+use kvtier::model::corpus::{load_speeches, Assets, PasskeyBuilder, SplitMix64};
+use kvtier::model::{
+    protect_with, CapturedPrefill, ExactAttention, GenerateOptions, Llama, LoadOptions, ModelError,
+    Session,
+};
+use kvtier::{Bits, CacheConfig, HotDtype};
+use serde_json::{json, Value};
+
+type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// A named cache configuration from the command line.
+#[derive(Debug, Clone)]
+struct Spec {
+    name: String,
+    full_precision: bool,
+    k_bits: u32,
+    v_bits: u32,
+    hot_window: usize,
+    page_size: usize,
+    sinks: usize,
+    group: usize,
+}
+
+impl Spec {
+    fn parse(s: &str, defaults: &Spec) -> AnyResult<Spec> {
+        let mut spec = defaults.clone();
+        spec.name = s.to_string();
+        if s == "fp" {
+            spec.full_precision = true;
+            return Ok(spec);
+        }
+        spec.full_precision = false;
+        let mut parts = s.split('-');
+        let kv = parts.next().unwrap_or_default();
+        let (k, v) = kv
+            .strip_prefix('k')
+            .and_then(|r| r.split_once('v'))
+            .ok_or_else(|| {
+                format!("config `{s}`: expected `fp` or `k<bits>v<bits>[-w..][-p..][-s..][-g..]`")
+            })?;
+        spec.k_bits = k
+            .parse()
+            .map_err(|_| format!("config `{s}`: bad key bits `{k}`"))?;
+        spec.v_bits = v
+            .parse()
+            .map_err(|_| format!("config `{s}`: bad value bits `{v}`"))?;
+        for p in parts {
+            let (key, num) = p.split_at(1.min(p.len()));
+            let num: usize = num
+                .parse()
+                .map_err(|_| format!("config `{s}`: bad field `{p}`"))?;
+            match key {
+                "w" => spec.hot_window = num,
+                "p" => spec.page_size = num,
+                "s" => spec.sinks = num,
+                "g" => spec.group = num,
+                _ => return Err(format!("config `{s}`: unknown field `{p}` (w, p, s, g)").into()),
+            }
+        }
+        Ok(spec)
+    }
+
+    fn build(&self, model: &Llama, hot: HotDtype) -> AnyResult<CacheConfig> {
+        let c = model.config();
+        let b = CacheConfig::builder(c.num_layers, c.num_q_heads, c.num_kv_heads, c.head_dim)
+            .hot_dtype(hot)
+            .page_size(self.page_size)
+            .sink_tokens(self.sinks)
+            .hot_window(self.hot_window)
+            .value_group(self.group)
+            .k_bits(Bits::from_bits(self.k_bits)?)
+            .v_bits(Bits::from_bits(self.v_bits)?);
+        let b = if self.full_precision {
+            b.full_precision()
+        } else {
+            b
+        };
+        Ok(b.build()?)
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "name": self.name, "full_precision": self.full_precision,
+            "k_bits": self.k_bits, "v_bits": self.v_bits, "hot_window": self.hot_window,
+            "page_size": self.page_size, "sink_tokens": self.sinks, "value_group": self.group,
+        })
+    }
+}
+
+fn list<T: std::str::FromStr>(s: &str, what: &str) -> AnyResult<Vec<T>> {
+    s.split(',')
+        .filter(|x| !x.trim().is_empty())
+        .map(|x| {
+            x.trim()
+                .parse::<T>()
+                .map_err(|_| format!("--{what}: cannot parse `{x}`").into())
+        })
+        .collect()
+}
+
+fn cli() -> Command {
+    let num = |name: &'static str, default: &'static str, help: &'static str| {
+        Arg::new(name).long(name).default_value(default).help(help)
+    };
+    Command::new("eval")
+        .about("kvtier real-model evaluation: SOTU perplexity and passkey retrieval")
+        .arg(Arg::new("config").long("config").action(ArgAction::Append).help(
+            "cache config spec, repeatable: fp | k<bits>v<bits>[-w<hot>][-p<page>][-s<sinks>][-g<group>]",
+        ))
+        .arg(num("k-bits", "4", "key bits (8, 4, 2) when no --config is given"))
+        .arg(num("v-bits", "4", "value bits (8, 4, 2) when no --config is given"))
+        .arg(num("hot-window", "128", "recent tokens kept exact (default for specs)"))
+        .arg(num("page-size", "32", "tokens per page (default for specs)"))
+        .arg(num("sinks", "4", "attention-sink tokens kept exact (default for specs)"))
+        .arg(num("value-group", "32", "value quantisation group (default for specs)"))
+        .arg(Arg::new("full-precision").long("full-precision").action(ArgAction::SetTrue).help(
+            "with no --config: evaluate the full-precision cache instead of k/v bits",
+        ))
+        .arg(num("hot-dtype", "f16", "element type of hot pages: f32, f16, bf16"))
+        .arg(Arg::new("dense-decode").long("dense-decode").action(ArgAction::SetTrue).help(
+            "decode with dequantised f32 weights instead of candle's quantised matmul (no Q8_1 \
+             activation rounding: cache effects are not buried in rounding noise)",
+        ))
+        .arg(num("lengths", "4096", "perplexity context lengths, comma-separated (0 or empty: skip)"))
+        .arg(num("tail", "1024", "tokens decoded and scored at the end of each length"))
+        .arg(num("speeches", "2", "speeches per length (the most recent ones long enough)"))
+        .arg(num("passkey-trials", "20", "passkey trials per depth (0: skip)"))
+        .arg(num("passkey-depths", "0,0.25,0.5,0.75,1", "needle depths in [0, 1]"))
+        .arg(num("passkey-context", "1024", "passkey prompt tokens"))
+        .arg(num("seed", "2024", "passkey seed"))
+        .arg(Arg::new("assets").long("assets").help("assets folder (default: $KVTIER_ASSETS or <crate>/assets)"))
+        .arg(Arg::new("out").long("out").help("write the JSON report here (default: stdout)"))
+        .arg(Arg::new("markdown").long("markdown").help("also write a Markdown table here"))
+}
+
+fn get<T: std::str::FromStr>(m: &ArgMatches, name: &str) -> AnyResult<T> {
+    let s = m
+        .get_one::<String>(name)
+        .ok_or_else(|| format!("--{name} missing"))?;
+    s.parse::<T>()
+        .map_err(|_| format!("--{name}: cannot parse `{s}`").into())
+}
+
+fn log(msg: impl AsRef<str>) {
+    eprintln!("[eval] {}", msg.as_ref());
+}
+
+/// Perplexity results of one configuration at one length.
+#[derive(Default, Clone)]
+struct PplAcc {
+    nll_sum: f64,
+    count: usize,
+    decode_secs: f64,
+    decode_steps: usize,
+    device_bytes_per_token: Vec<f64>,
+    runs: Vec<Value>,
+}
+
+fn main() -> AnyResult<()> {
+    let m = cli().get_matches();
+    let assets = match m.get_one::<String>("assets") {
+        Some(p) => Assets { root: p.into() },
+        None => Assets::locate(),
+    };
+    if !assets.available() {
+        return Err(format!(
+            "assets missing in {} (run scripts/fetch-assets.sh)",
+            assets.root.display()
+        )
+        .into());
+    }
+    let hot = match get::<String>(&m, "hot-dtype")?.as_str() {
+        "f32" => HotDtype::F32,
+        "f16" => HotDtype::F16,
+        "bf16" => HotDtype::BF16,
+        other => return Err(format!("--hot-dtype: `{other}` (f32, f16, bf16)").into()),
+    };
+    let defaults = Spec {
+        name: String::new(),
+        full_precision: m.get_flag("full-precision"),
+        k_bits: get(&m, "k-bits")?,
+        v_bits: get(&m, "v-bits")?,
+        hot_window: get(&m, "hot-window")?,
+        page_size: get(&m, "page-size")?,
+        sinks: get(&m, "sinks")?,
+        group: get(&m, "value-group")?,
+    };
+    let specs: Vec<Spec> = match m.get_many::<String>("config") {
+        Some(v) => v
+            .map(|s| Spec::parse(s, &defaults))
+            .collect::<AnyResult<_>>()?,
+        None => {
+            let mut d = defaults.clone();
+            d.name = if d.full_precision {
+                "fp".into()
+            } else {
+                format!(
+                    "k{}v{}-w{}-p{}-s{}-g{}",
+                    d.k_bits, d.v_bits, d.hot_window, d.page_size, d.sinks, d.group
+                )
+            };
+            vec![d]
+        }
+    };
+    let lengths: Vec<usize> = list(&get::<String>(&m, "lengths")?, "lengths")?;
+    let tail: usize = get(&m, "tail")?;
+    let n_speeches: usize = get(&m, "speeches")?;
+    let trials: usize = get(&m, "passkey-trials")?;
+    let depths: Vec<f64> = list(&get::<String>(&m, "passkey-depths")?, "passkey-depths")?;
+    let pk_context: usize = get(&m, "passkey-context")?;
+    let seed: u64 = get(&m, "seed")?;
+
+    let started = Instant::now();
+    let dense_decode = m.get_flag("dense-decode");
+    let model = Arc::new(Llama::load_with(
+        assets.model(),
+        LoadOptions {
+            dense_prefill: true,
+            dense_decode,
+        },
+    )?);
+    let mc = model.config().clone();
+    // Validate every config before spending time.
+    let configs: Vec<CacheConfig> = specs
+        .iter()
+        .map(|s| s.build(&model, hot))
+        .collect::<AnyResult<_>>()?;
+    log(format!(
+        "model loaded ({} layers); {} configs: {}",
+        mc.num_layers,
+        specs.len(),
+        specs
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+
+    let speeches = load_speeches(&assets.sotu())?;
+    let tok = model.tokenizer();
+    // Most recent speeches first.
+    let mut encoded = Vec::new();
+    for s in speeches.iter().rev() {
+        encoded.push((s.name.clone(), tok.encode(&s.text)?));
+    }
+    let mut oracle = Session::new(
+        model.clone(),
+        ExactAttention::new(mc.attention_shape())?,
+        0.0,
+    )?;
+    let mut sessions: Vec<_> = configs
+        .iter()
+        .map(|c| protect_with(model.clone(), 0.0, c.clone()))
+        .collect::<Result<_, ModelError>>()?;
+
+    // ---------------------------------------------------------------- perplexity
+    let mut ppl: Vec<Vec<PplAcc>> = vec![vec![PplAcc::default(); lengths.len()]; specs.len()];
+    for (li, &len) in lengths.iter().enumerate() {
+        if len == 0 {
+            continue;
+        }
+        if tail == 0 || tail >= len || len > mc.context_length {
+            return Err(format!(
+                "length {len}: need 0 < tail ({tail}) < length <= context ({})",
+                mc.context_length
+            )
+            .into());
+        }
+        let chosen: Vec<_> = encoded
+            .iter()
+            .filter(|(_, ids)| ids.len() >= len)
+            .take(n_speeches)
+            .collect();
+        if chosen.len() < n_speeches {
+            return Err(format!("only {} speeches have {len} tokens", chosen.len()).into());
+        }
+        for (name, ids) in chosen {
+            let ids = &ids[..len];
+            let t0 = Instant::now();
+            let cap: CapturedPrefill = oracle.capture_prefill(&ids[..len - tail])?;
+            log(format!(
+                "L={len} {name}: exact prefill of {} tokens in {:.1}s",
+                len - tail,
+                t0.elapsed().as_secs_f64()
+            ));
+            for (ci, sess) in sessions.iter_mut().enumerate() {
+                let t1 = Instant::now();
+                let mut last_print = Instant::now();
+                let score = sess.score_tail_with_progress(ids, &cap, |done, total| {
+                    if last_print.elapsed().as_secs() >= 30 {
+                        log(format!("    {} {done}/{total}", specs[ci].name));
+                        last_print = Instant::now();
+                    }
+                })?;
+                let mem = sess.memory_report();
+                let per_token =
+                    mem.device_bytes() as f64 / (mem.tokens as f64 / mc.num_layers as f64);
+                let acc = &mut ppl[ci][li];
+                acc.nll_sum += score.nll.iter().map(|&x| x as f64).sum::<f64>();
+                acc.count += score.nll.len();
+                acc.decode_secs += score.decode_time.as_secs_f64();
+                acc.decode_steps += score.decode_steps;
+                acc.device_bytes_per_token.push(per_token);
+                acc.runs.push(json!({
+                    "speech": name, "tokens": len, "prefill": len - tail, "scored": score.nll.len(),
+                    "ppl": score.perplexity(), "mean_nll": score.mean_nll(),
+                    "decode_tok_per_s": score.decode_tokens_per_sec(),
+                    "memory": {
+                        "hot_bytes": mem.hot_bytes, "warm_bytes": mem.warm_bytes, "cold_bytes": mem.cold_bytes,
+                        "metadata_bytes": mem.metadata_bytes, "f16_equivalent_bytes": mem.f16_equivalent_bytes,
+                        "device_bytes": mem.device_bytes(), "tokens_per_layer": mem.tokens / mc.num_layers,
+                        "device_bytes_per_token": per_token,
+                    },
+                }));
+                log(format!(
+                    "  {:<14} ppl {:>8.4}  {:>6.1} tok/s  {:>7.0} B/token  ({:.0}s)",
+                    specs[ci].name,
+                    score.perplexity(),
+                    score.decode_tokens_per_sec(),
+                    per_token,
+                    t1.elapsed().as_secs_f64()
+                ));
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- passkey
+    let mut pk_hits: Vec<Vec<usize>> = vec![vec![0; depths.len()]; specs.len()];
+    let mut pk_runs: Vec<Vec<Value>> = vec![Vec::new(); specs.len()];
+    if trials > 0 && !depths.is_empty() {
+        let filler: String = speeches
+            .iter()
+            .rev()
+            .take(8)
+            .map(|s| s.text.as_str())
+            .collect::<Vec<_>>()
+            .join("\n\n");
+        let builder = PasskeyBuilder::new(tok, &filler)?;
+        let mut rng = SplitMix64::new(seed);
+        let opts = GenerateOptions {
+            max_new_tokens: 8,
+            stop_at_eos: true,
+        };
+        for (di, &depth) in depths.iter().enumerate() {
+            let t0 = Instant::now();
+            for _ in 0..trials {
+                let trial = builder.trial(tok, pk_context, depth, &mut rng)?;
+                let cap = oracle.capture_prefill(&trial.context)?;
+                for (ci, sess) in sessions.iter_mut().enumerate() {
+                    let g = sess.generate_after(&cap, &trial.question, opts)?;
+                    let ok = trial.is_correct(&g.text);
+                    pk_hits[ci][di] += ok as usize;
+                    pk_runs[ci].push(json!({"depth": depth, "passkey": trial.passkey, "answer": g.text, "correct": ok}));
+                }
+            }
+            log(format!(
+                "passkey depth {depth}: {} ({:.0}s)",
+                specs
+                    .iter()
+                    .zip(&pk_hits)
+                    .map(|(s, h)| format!("{} {}/{trials}", s.name, h[di]))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                t0.elapsed().as_secs_f64()
+            ));
+        }
+    }
+
+    // ---------------------------------------------------------------- report
+    let baseline: Vec<f64> = (0..lengths.len())
+        .map(|li| ppl[0][li].nll_sum / ppl[0][li].count.max(1) as f64)
+        .collect();
+    let mut results = Vec::new();
+    for (ci, spec) in specs.iter().enumerate() {
+        let per_len: Vec<Value> = lengths
+            .iter()
+            .enumerate()
+            .filter(|(_, &l)| l > 0)
+            .map(|(li, &len)| {
+                let a = &ppl[ci][li];
+                let mean = a.nll_sum / a.count.max(1) as f64;
+                let bpt = a.device_bytes_per_token.iter().sum::<f64>()
+                    / a.device_bytes_per_token.len().max(1) as f64;
+                json!({
+                    "tokens": len, "tail": tail, "scored": a.count, "ppl": mean.exp(),
+                    "ppl_ratio_vs_first": (mean - baseline[li]).exp(),
+                    "device_bytes_per_token": bpt,
+                    "decode_tok_per_s": a.decode_steps as f64 / a.decode_secs.max(1e-9),
+                    "runs": a.runs,
+                })
+            })
+            .collect();
+        let total_trials = trials * depths.len();
+        let hits: usize = pk_hits[ci].iter().sum();
+        results.push(json!({
+            "config": spec.to_json(),
+            "perplexity": per_len,
+            "passkey": {
+                "context_tokens": pk_context, "trials_per_depth": trials,
+                "accuracy": if total_trials > 0 { hits as f64 / total_trials as f64 } else { f64::NAN },
+                "by_depth": depths.iter().zip(&pk_hits[ci]).map(|(d, h)| json!({"depth": d, "correct": h, "trials": trials})).collect::<Vec<_>>(),
+                "trials": pk_runs[ci],
+            },
+        }));
+    }
+    let report = json!({
+        "model": assets.model().file_name().map(|s| s.to_string_lossy().to_string()),
+        "hot_dtype": format!("{hot:?}"),
+        "decode_weights": if dense_decode { "dense f32 (dequantised)" } else { "quantised (QMatMul)" },
+        "ppl_setup": {"lengths": lengths, "tail": tail, "speeches": n_speeches},
+        "elapsed_s": started.elapsed().as_secs_f64(),
+        "results": results,
+    });
+    let text = serde_json::to_string_pretty(&report)?;
+    match m.get_one::<String>("out") {
+        Some(p) => std::fs::write(p, text + "\n")?,
+        None => println!("{text}"),
+    }
+    if let Some(p) = m.get_one::<String>("markdown") {
+        let mut f = std::fs::File::create(p)?;
+        write_markdown(&mut f, &report, &specs)?;
+    }
+    log(format!("done in {:.0}s", started.elapsed().as_secs_f64()));
+    Ok(())
+}
+
+fn write_markdown(f: &mut impl Write, report: &Value, specs: &[Spec]) -> AnyResult<()> {
+    let results = report["results"].as_array().ok_or("no results")?;
+    let lengths: Vec<u64> = results[0]["perplexity"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|p| p["tokens"].as_u64()).collect())
+        .unwrap_or_default();
+    write!(f, "| config | K bits | V bits | hot window |")?;
+    for l in &lengths {
+        write!(f, " PPL @{l} | PPL ratio @{l} | device B/token @{l} |")?;
+    }
+    writeln!(f, " passkey |")?;
+    write!(f, "|---|---|---|---|")?;
+    for _ in &lengths {
+        write!(f, "---|---|---|")?;
+    }
+    writeln!(f, "---|")?;
+    for (r, s) in results.iter().zip(specs) {
+        let (kb, vb, w) = if s.full_precision {
+            ("-".to_string(), "-".to_string(), "all".to_string())
+        } else {
+            (
+                s.k_bits.to_string(),
+                s.v_bits.to_string(),
+                s.hot_window.to_string(),
+            )
+        };
+        write!(f, "| `{}` | {kb} | {vb} | {w} |", s.name)?;
+        for p in r["perplexity"].as_array().into_iter().flatten() {
+            write!(
+                f,
+                " {:.3} | {:.4} | {:.0} |",
+                p["ppl"].as_f64().unwrap_or(f64::NAN),
+                p["ppl_ratio_vs_first"].as_f64().unwrap_or(f64::NAN),
+                p["device_bytes_per_token"].as_f64().unwrap_or(f64::NAN)
+            )?;
+        }
+        let pk = &r["passkey"];
+        match pk["accuracy"].as_f64() {
+            Some(a) => {
+                let per: Vec<String> = pk["by_depth"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|d| format!("{}", d["correct"].as_u64().unwrap_or(0)))
+                    .collect();
+                writeln!(f, " {:.0}% ({}) |", a * 100.0, per.join("/"))?
+            }
+            None => writeln!(f, " - |")?,
+        }
+    }
+    Ok(())
+}
