@@ -115,6 +115,10 @@ enum kvtier_status
      */
     KVTIER_STATUS_CANDLE = 111,
     /*
+     The real-model layer failed (GGUF file, tokenizer, model metadata).
+     */
+    KVTIER_STATUS_MODEL = 112,
+    /*
      The requested backend was not compiled into this library (for example CUDA without the
      `cuda` feature).
      */

@@ -74,6 +74,8 @@ pub enum kvtier_status {
     Unsupported = 110,
     /// Tensor interop (candle) failed.
     Candle = 111,
+    /// The real-model layer failed (GGUF file, tokenizer, model metadata).
+    Model = 112,
 
     // 200..=299: backends.
     /// The requested backend was not compiled into this library (for example CUDA without the
@@ -88,7 +90,7 @@ pub enum kvtier_status {
 }
 
 /// Every status, for tests and `kvtier_status_name`.
-pub(crate) const ALL: [kvtier_status; 22] = {
+pub(crate) const ALL: [kvtier_status; 23] = {
     use kvtier_status::*;
     [
         Ok,
@@ -109,6 +111,7 @@ pub(crate) const ALL: [kvtier_status; 22] = {
         OutOfMemory,
         Unsupported,
         Candle,
+        Model,
         BackendNotCompiled,
         NoDevice,
         DeviceError,
@@ -139,6 +142,7 @@ impl kvtier_status {
             OutOfMemory => c"KVTIER_STATUS_OUT_OF_MEMORY",
             Unsupported => c"KVTIER_STATUS_UNSUPPORTED",
             Candle => c"KVTIER_STATUS_CANDLE",
+            Model => c"KVTIER_STATUS_MODEL",
             BackendNotCompiled => c"KVTIER_STATUS_BACKEND_NOT_COMPILED",
             NoDevice => c"KVTIER_STATUS_NO_DEVICE",
             DeviceError => c"KVTIER_STATUS_DEVICE_ERROR",
@@ -169,6 +173,7 @@ pub(crate) fn status_of(e: &Error) -> kvtier_status {
         Error::OutOfMemory { .. } => S::OutOfMemory,
         Error::Unsupported(_) => S::Unsupported,
         Error::Candle(_) => S::Candle,
+        Error::Model(_) => S::Model,
         Error::Cuda(c) => match c {
             CudaError::NotCompiled => S::BackendNotCompiled,
             CudaError::NoDevice(_) => S::NoDevice,
