@@ -296,6 +296,7 @@ mod tests {
         ),
         (kvtier_status::Unsupported, 110, "KVTIER_STATUS_UNSUPPORTED"),
         (kvtier_status::Candle, 111, "KVTIER_STATUS_CANDLE"),
+        (kvtier_status::Model, 112, "KVTIER_STATUS_MODEL"),
         (
             kvtier_status::BackendNotCompiled,
             200,
