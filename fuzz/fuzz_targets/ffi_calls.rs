@@ -17,6 +17,7 @@
 use kvtier::ffi::*;
 use libfuzzer_sys::fuzz_target;
 use std::ffi::c_char;
+use std::mem::size_of;
 use std::ptr::{null, null_mut};
 
 const POOL: usize = 1 << 14;
@@ -234,7 +235,7 @@ fn step(s: &mut State, b: &mut Bytes) -> Option<()> {
                 b.pick(&[32usize, 64, 0, 48, 1024, 1 << 36])?,
             ];
             let preset = b.pick(&[0u32, 1, 2, 3, u32::MAX])?;
-            let mut out = null_mut();
+            let mut out: *mut kvtier_config = null_mut();
             let out_ptr = if b.u8()? % 8 == 0 { null_mut() } else { &mut out as *mut _ };
             // SAFETY: `out_ptr` is NULL or a live local.
             let st = unsafe {
@@ -265,7 +266,8 @@ fn step(s: &mut State, b: &mut Bytes) -> Option<()> {
                     5 => kvtier_config_set_value_group(cfg, v),
                     6 => {
                         let layers: Vec<usize> = (0..8).map(|i| i % 3).collect();
-                        let (p, n) = in_array(b, &layers, b.u8()? as usize % 4)?;
+                        let want = b.u8()? as usize % 4;
+                        let (p, n) = in_array(b, &layers, want)?;
                         kvtier_config_set_protected_layers(cfg, p, n)
                     }
                     7 => kvtier_config_set_warm_enabled(cfg, b.u8()? % 2 == 0),
@@ -291,7 +293,7 @@ fn step(s: &mut State, b: &mut Bytes) -> Option<()> {
                 return Some(());
             }
             let cfg = s.config(b)?;
-            let mut out = null_mut();
+            let mut out: *mut kvtier_cache = null_mut();
             let out_ptr = if b.u8()? % 8 == 0 { null_mut() } else { &mut out as *mut _ };
             // SAFETY: `cfg` is NULL, misaligned or live; `out_ptr` NULL or a live local.
             let st = unsafe {
@@ -506,25 +508,29 @@ fn attend(s: &mut State, b: &mut Bytes) -> Option<()> {
         return Some(());
     }
     let ci = ci.expect("success needs a live cache");
+    // What the call really read: `n_seqs` ids from the start of `ids` (a non-zero count that
+    // succeeded came with the pool's own pointer), and wrote: one row per sequence.
+    let used: Vec<u64> = s.ids[..n_seqs].to_vec();
+    let written = n_seqs * s.row(Some(ci), true);
     if !s.poisoned {
         let off = region.unwrap_or(0);
         assert!(
-            s.out[off..off + want].iter().all(|x| x.is_finite()),
+            s.out[off..off + written].iter().all(|x| x.is_finite()),
             "non-finite attention output from finite inputs"
         );
     }
     if stats_kind >= 2 && stats.page_offsets_len > 0 {
-        let ids: Vec<u64> = s.ids[..n].to_vec();
+        let off = (stats.page_offsets as usize - s.offsets.as_ptr() as usize) / size_of::<usize>();
         let mut total = 0usize;
-        for (i, id) in ids.iter().enumerate() {
+        for (i, id) in used.iter().enumerate() {
             let mut pages = 0usize;
             // SAFETY: a live handle and a live local.
             let st = unsafe { kvtier_cache_sequence_pages(s.caches[ci].ptr, *id, layer, &mut pages) };
             assert_eq!(st, kvtier_status::Ok);
-            assert_eq!(s.offsets[i], total, "page offsets disagree with sequence_pages");
+            assert_eq!(s.offsets[off + i], total, "page offsets disagree with sequence_pages");
             total += pages;
         }
-        assert_eq!(s.offsets[n], total);
+        assert_eq!(s.offsets[off + used.len()], total);
     }
     Some(())
 }
