@@ -89,7 +89,7 @@ mod header {
     }
 
     pub fn generate(v: &Version) {
-        for path in ["src/ffi", "src/lib.rs", "cbindgen.toml", "Cargo.toml"] {
+        for path in ["src/ffi", "cbindgen.toml", "Cargo.toml"] {
             println!("cargo:rerun-if-changed={path}");
         }
         println!("cargo:rerun-if-env-changed=KVTIER_HEADER_OUT");
@@ -98,10 +98,11 @@ mod header {
             .unwrap_or_else(|e| panic!("cbindgen.toml: {e}"));
         let extra = config.after_includes.take().unwrap_or_default();
         config.after_includes = Some(format!("{}\n{extra}", version_macros(v)));
-        // Parse src/lib.rs and its modules only: no `cargo metadata`, no dependencies.
+        // Parse src/ffi only (no `cargo metadata`, no dependencies, no core module): the ABI is
+        // exactly what src/ffi declares, and a public const added to the core never leaks in.
         let bindings = cbindgen::Builder::new()
             .with_config(config)
-            .with_src(root.join("src/lib.rs"))
+            .with_src(root.join("src/ffi/mod.rs"))
             .generate()
             .unwrap_or_else(|e| panic!("cbindgen failed: {e}"));
         let out = env::var_os("KVTIER_HEADER_OUT")

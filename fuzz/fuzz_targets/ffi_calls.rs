@@ -17,6 +17,7 @@
 use kvtier::ffi::*;
 use libfuzzer_sys::fuzz_target;
 use std::ffi::c_char;
+use std::mem::size_of;
 use std::ptr::{null, null_mut};
 
 const POOL: usize = 1 << 14;
@@ -32,7 +33,12 @@ impl Bytes<'_> {
         Some(b)
     }
     fn u32(&mut self) -> Option<u32> {
-        Some(u32::from_le_bytes([self.u8()?, self.u8()?, self.u8()?, self.u8()?]))
+        Some(u32::from_le_bytes([
+            self.u8()?,
+            self.u8()?,
+            self.u8()?,
+            self.u8()?,
+        ]))
     }
     fn u64(&mut self) -> Option<u64> {
         Some(u64::from(self.u32()?) | (u64::from(self.u32()?) << 32))
@@ -79,7 +85,11 @@ fn in_array<T>(b: &mut Bytes, pool: &[T], want: usize) -> Option<(*const T, usiz
         4 => {
             // Off by a little, within the pool.
             let delta = b.u8()? as usize % 5;
-            let len = if b.u8()? % 2 == 0 { want + delta } else { want.saturating_sub(delta) };
+            let len = if b.u8()? % 2 == 0 {
+                want + delta
+            } else {
+                want.saturating_sub(delta)
+            };
             (base, len.min(pool.len()))
         }
         _ => {
@@ -90,20 +100,34 @@ fn in_array<T>(b: &mut Bytes, pool: &[T], want: usize) -> Option<(*const T, usiz
 }
 
 /// An output array as C would pass it: (pointer, count, offset into the pool or None).
-fn out_array<T>(b: &mut Bytes, pool: &mut [T], want: usize) -> Option<(*mut T, usize, Option<usize>)> {
+fn out_array<T>(
+    b: &mut Bytes,
+    pool: &mut [T],
+    want: usize,
+) -> Option<(*mut T, usize, Option<usize>)> {
     let base = pool.as_mut_ptr();
     Some(match b.u8()? % 10 {
         0 => (null_mut(), 0, None),
         1 => (null_mut(), want.max(1), None),
         2 => (null_mut(), b.pick(&BIG)?, None),
-        3 => ((base as *mut u8).wrapping_add(1) as *mut T, want.max(1), None),
+        3 => (
+            (base as *mut u8).wrapping_add(1) as *mut T,
+            want.max(1),
+            None,
+        ),
         4 => {
-            let len = want.saturating_sub(1 + b.u8()? as usize % 3).min(pool.len());
+            let len = want
+                .saturating_sub(1 + b.u8()? as usize % 3)
+                .min(pool.len());
             (base, len, Some(0))
         }
         _ => {
             let off = (b.u8()? as usize % 4 * 16).min(pool.len());
-            (base.wrapping_add(off), want.min(pool.len() - off), Some(off))
+            (
+                base.wrapping_add(off),
+                want.min(pool.len() - off),
+                Some(off),
+            )
         }
     })
 }
@@ -113,7 +137,9 @@ impl State {
         State {
             configs: Vec::new(),
             caches: Vec::new(),
-            data: (0..POOL).map(|i| ((i * 2_654_435_761) % 2001) as f32 / 250.0 - 4.0).collect(),
+            data: (0..POOL)
+                .map(|i| ((i * 2_654_435_761) % 2001) as f32 / 250.0 - 4.0)
+                .collect(),
             poisoned: false,
             out: vec![0.0; POOL],
             ids: vec![0; 64],
@@ -137,7 +163,10 @@ impl State {
     fn cache(&mut self, b: &mut Bytes) -> Option<(*mut kvtier_cache, Option<usize>)> {
         Some(match b.u8()? % 8 {
             0 => (null_mut(), None),
-            1 => ((self.scalar.as_mut_ptr() as *mut u8).wrapping_add(1) as *mut kvtier_cache, None),
+            1 => (
+                (self.scalar.as_mut_ptr() as *mut u8).wrapping_add(1) as *mut kvtier_cache,
+                None,
+            ),
             _ if self.caches.is_empty() => (null_mut(), None),
             i => {
                 let i = i as usize % self.caches.len();
@@ -187,10 +216,18 @@ impl State {
 
 /// The promises every status-returning call keeps.
 fn check(st: kvtier_status, call: &str) {
-    assert_ne!(st, kvtier_status::Panic, "{call} panicked: {}", last_error());
+    assert_ne!(
+        st,
+        kvtier_status::Panic,
+        "{call} panicked: {}",
+        last_error()
+    );
     if st != kvtier_status::Ok {
         let msg = last_error();
-        assert!(msg.starts_with("kvtier_"), "{call} -> {st:?}: last error `{msg}`");
+        assert!(
+            msg.starts_with("kvtier_"),
+            "{call} -> {st:?}: last error `{msg}`"
+        );
     }
 }
 
@@ -234,8 +271,12 @@ fn step(s: &mut State, b: &mut Bytes) -> Option<()> {
                 b.pick(&[32usize, 64, 0, 48, 1024, 1 << 36])?,
             ];
             let preset = b.pick(&[0u32, 1, 2, 3, u32::MAX])?;
-            let mut out = null_mut();
-            let out_ptr = if b.u8()? % 8 == 0 { null_mut() } else { &mut out as *mut _ };
+            let mut out: *mut kvtier_config = null_mut();
+            let out_ptr = if b.u8()? % 8 == 0 {
+                null_mut()
+            } else {
+                &mut out as *mut _
+            };
             // SAFETY: `out_ptr` is NULL or a live local.
             let st = unsafe {
                 if b.u8()? % 2 == 0 {
@@ -252,7 +293,23 @@ fn step(s: &mut State, b: &mut Bytes) -> Option<()> {
         }
         2 | 3 => {
             let cfg = s.config(b)?;
-            let v = b.pick(&[0usize, 1, 2, 4, 8, 12, 16, 32, 64, 48, 100, 256, 512, 1 << 32, usize::MAX])?;
+            let v = b.pick(&[
+                0usize,
+                1,
+                2,
+                4,
+                8,
+                12,
+                16,
+                32,
+                64,
+                48,
+                100,
+                256,
+                512,
+                1 << 32,
+                usize::MAX,
+            ])?;
             let small = b.pick(&[0u32, 1, 2, 3, 4, 8, 16, u32::MAX])?;
             // SAFETY: `cfg` is NULL, misaligned or live; arrays are as `in_array` documents.
             let st = unsafe {
@@ -265,7 +322,8 @@ fn step(s: &mut State, b: &mut Bytes) -> Option<()> {
                     5 => kvtier_config_set_value_group(cfg, v),
                     6 => {
                         let layers: Vec<usize> = (0..8).map(|i| i % 3).collect();
-                        let (p, n) = in_array(b, &layers, b.u8()? as usize % 4)?;
+                        let want = b.u8()? as usize % 4;
+                        let (p, n) = in_array(b, &layers, want)?;
                         kvtier_config_set_protected_layers(cfg, p, n)
                     }
                     7 => kvtier_config_set_warm_enabled(cfg, b.u8()? % 2 == 0),
@@ -291,8 +349,12 @@ fn step(s: &mut State, b: &mut Bytes) -> Option<()> {
                 return Some(());
             }
             let cfg = s.config(b)?;
-            let mut out = null_mut();
-            let out_ptr = if b.u8()? % 8 == 0 { null_mut() } else { &mut out as *mut _ };
+            let mut out: *mut kvtier_cache = null_mut();
+            let out_ptr = if b.u8()? % 8 == 0 {
+                null_mut()
+            } else {
+                &mut out as *mut _
+            };
             // SAFETY: `cfg` is NULL, misaligned or live; `out_ptr` NULL or a live local.
             let st = unsafe {
                 if b.u8()? % 8 == 0 {
@@ -305,8 +367,15 @@ fn step(s: &mut State, b: &mut Bytes) -> Option<()> {
             if st == kvtier_status::Ok {
                 let mut shape = kvtier_shape::default();
                 // SAFETY: a live handle and a live local.
-                check(unsafe { kvtier_cache_shape(out, &mut shape) }, "kvtier_cache_shape");
-                s.caches.push(Cache { ptr: out, shape, seqs: Vec::new() });
+                check(
+                    unsafe { kvtier_cache_shape(out, &mut shape) },
+                    "kvtier_cache_shape",
+                );
+                s.caches.push(Cache {
+                    ptr: out,
+                    shape,
+                    seqs: Vec::new(),
+                });
             }
         }
         7 => {
@@ -319,7 +388,11 @@ fn step(s: &mut State, b: &mut Bytes) -> Option<()> {
         8 | 9 => {
             let (cache, ci) = s.cache(b)?;
             let mut id = 0u64;
-            let out = if b.u8()? % 8 == 0 { null_mut() } else { &mut id as *mut u64 };
+            let out = if b.u8()? % 8 == 0 {
+                null_mut()
+            } else {
+                &mut id as *mut u64
+            };
             // SAFETY: `cache` NULL, misaligned or live; `out` NULL or a live local.
             let st = unsafe { kvtier_cache_sequence_add(cache, out) };
             check(st, "kvtier_cache_sequence_add");
@@ -344,7 +417,11 @@ fn step(s: &mut State, b: &mut Bytes) -> Option<()> {
             let (cache, ci) = s.cache(b)?;
             let (seq, layer) = (s.seq(b, ci)?, s.layer(b, ci)?);
             let mut n = 0usize;
-            let out = if b.u8()? % 8 == 0 { null_mut() } else { &mut n as *mut usize };
+            let out = if b.u8()? % 8 == 0 {
+                null_mut()
+            } else {
+                &mut n as *mut usize
+            };
             // SAFETY: `cache` NULL, misaligned or live; `out` NULL or a live local.
             let st = unsafe {
                 if b.u8()? % 2 == 0 {
@@ -403,7 +480,10 @@ fn step(s: &mut State, b: &mut Bytes) -> Option<()> {
                         report.hot_bytes + report.warm_bytes + report.metadata_bytes
                     );
                 }
-                check(kvtier_cache_counters(cache, &mut counters), "kvtier_cache_counters");
+                check(
+                    kvtier_cache_counters(cache, &mut counters),
+                    "kvtier_cache_counters",
+                );
                 check(kvtier_cache_shape(cache, &mut shape), "kvtier_cache_shape");
                 let cfg = s.config(b)?;
                 check(kvtier_config_shape(cfg, &mut shape), "kvtier_config_shape");
@@ -414,7 +494,8 @@ fn step(s: &mut State, b: &mut Bytes) -> Option<()> {
                 // Poison or restore the data.
                 0 => {
                     let i = b.u8()? as usize * 61 % POOL;
-                    s.data[i] = b.pick(&[f32::NAN, f32::INFINITY, -f32::INFINITY, 1e30, 7e4, -1e9])?;
+                    s.data[i] =
+                        b.pick(&[f32::NAN, f32::INFINITY, -f32::INFINITY, 1e30, 7e4, -1e9])?;
                     s.poisoned = true;
                 }
                 1 => {
@@ -425,12 +506,18 @@ fn step(s: &mut State, b: &mut Bytes) -> Option<()> {
                         (s.text.as_mut_ptr(), len)
                     };
                     let mut full = 0usize;
-                    let lp = if b.u8()? % 2 == 0 { null_mut() } else { &mut full as *mut usize };
+                    let lp = if b.u8()? % 2 == 0 {
+                        null_mut()
+                    } else {
+                        &mut full as *mut usize
+                    };
                     // SAFETY: `p` is NULL or holds `n` bytes; `lp` NULL or a live local.
                     let st = unsafe { kvtier_last_error(p, n, lp) };
                     assert!(matches!(
                         st,
-                        kvtier_status::Ok | kvtier_status::BufferTooSmall | kvtier_status::NullParameter
+                        kvtier_status::Ok
+                            | kvtier_status::BufferTooSmall
+                            | kvtier_status::NullParameter
                     ));
                 }
                 2 => {
@@ -492,39 +579,61 @@ fn attend(s: &mut State, b: &mut Bytes) -> Option<()> {
     // addresses are never dereferenced on a CPU cache (it refuses device attention).
     let st = unsafe {
         if device {
-            kvtier_cache_attend_device(cache, layer, seqs, n_seqs, 0x1000, 0x2000, null_mut(), stats_ptr)
+            kvtier_cache_attend_device(
+                cache,
+                layer,
+                seqs,
+                n_seqs,
+                0x1000,
+                0x2000,
+                null_mut(),
+                stats_ptr,
+            )
         } else {
             kvtier_cache_attend(cache, layer, seqs, n_seqs, q, qn, o, on, stats_ptr)
         }
     };
     check(st, "kvtier_cache_attend*");
     if device {
-        assert_ne!(st, kvtier_status::Ok, "a CPU cache cannot attend on a device");
+        assert_ne!(
+            st,
+            kvtier_status::Ok,
+            "a CPU cache cannot attend on a device"
+        );
     }
     if st != kvtier_status::Ok {
         untouched(&s.out, region, on, "kvtier_cache_attend");
         return Some(());
     }
     let ci = ci.expect("success needs a live cache");
+    // What the call really read: `n_seqs` ids from the start of `ids` (a non-zero count that
+    // succeeded came with the pool's own pointer), and wrote: one row per sequence.
+    let used: Vec<u64> = s.ids[..n_seqs].to_vec();
+    let written = n_seqs * s.row(Some(ci), true);
     if !s.poisoned {
         let off = region.unwrap_or(0);
         assert!(
-            s.out[off..off + want].iter().all(|x| x.is_finite()),
+            s.out[off..off + written].iter().all(|x| x.is_finite()),
             "non-finite attention output from finite inputs"
         );
     }
     if stats_kind >= 2 && stats.page_offsets_len > 0 {
-        let ids: Vec<u64> = s.ids[..n].to_vec();
+        let off = (stats.page_offsets as usize - s.offsets.as_ptr() as usize) / size_of::<usize>();
         let mut total = 0usize;
-        for (i, id) in ids.iter().enumerate() {
+        for (i, id) in used.iter().enumerate() {
             let mut pages = 0usize;
             // SAFETY: a live handle and a live local.
-            let st = unsafe { kvtier_cache_sequence_pages(s.caches[ci].ptr, *id, layer, &mut pages) };
+            let st =
+                unsafe { kvtier_cache_sequence_pages(s.caches[ci].ptr, *id, layer, &mut pages) };
             assert_eq!(st, kvtier_status::Ok);
-            assert_eq!(s.offsets[i], total, "page offsets disagree with sequence_pages");
+            assert_eq!(
+                s.offsets[off + i],
+                total,
+                "page offsets disagree with sequence_pages"
+            );
             total += pages;
         }
-        assert_eq!(s.offsets[n], total);
+        assert_eq!(s.offsets[off + used.len()], total);
     }
     Some(())
 }

@@ -65,7 +65,7 @@
 //!   is 0. The numbers are permanent (see [`status`]). On failure, nothing was changed: no output
 //!   buffer or out-parameter was written and the cache is as it was; the thread-local last error
 //!   (see [`kvtier_last_error`]) holds a message naming the function and the offending input.
-//! - **Panics** never unwind into C: every entry point runs inside [`ffi_panic_boundary!`], which
+//! - **Panics** never unwind into C: every entry point runs inside `ffi_panic_boundary!`, which
 //!   returns `KVTIER_STATUS_PANIC` (or a neutral value for functions without a status). A cache
 //!   whose mutation panicked is poisoned: later calls on it return `KVTIER_STATUS_POISONED`; only
 //!   `kvtier_cache_free` is still meaningful.

@@ -1,7 +1,7 @@
 //! Status codes of the C ABI, and the one mapping from [`crate::Error`] to them.
 //!
-//! Owns: [`kvtier_status`] (numbered, `#[repr(u32)]`), [`FfiError`] (a status plus its message, the
-//! error type of every entry point's body), [`status_of`] (the **only** place where a core error
+//! Owns: [`kvtier_status`] (numbered, `#[repr(u32)]`), `FfiError` (a status plus its message, the
+//! error type of every entry point's body), `status_of` (the **only** place where a core error
 //! becomes a number) and `kvtier_status_name`.
 //! Must never: renumber or reuse a code. A number, once released, means the same thing forever;
 //! a code that is no longer produced is retired (its number stays taken and documented), and a new

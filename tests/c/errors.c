@@ -24,6 +24,11 @@ static void config_errors(void) {
     EXPECT(kvt_last_error_has("num_layers"));
     EXPECT_STATUS(KVTIER_STATUS_INVALID_CONFIG, kvtier_config_new(2, QH, KVH, 60, &cfg));
     EXPECT(kvt_last_error_has("head_dim"));
+    /* Absurd shapes are refused up front, not allocated. */
+    EXPECT_STATUS(KVTIER_STATUS_INVALID_CONFIG, kvtier_config_new(SIZE_MAX / 2, QH, KVH, D, &cfg));
+    EXPECT(kvt_last_error_has("num_layers"));
+    EXPECT_STATUS(KVTIER_STATUS_INVALID_CONFIG, kvtier_config_new(2, SIZE_MAX / 2, 1, D, &cfg));
+    EXPECT(kvt_last_error_has("num_q_heads"));
     EXPECT_STATUS(KVTIER_STATUS_INVALID_ARGUMENT, kvtier_config_new_preset(3, 2, QH, KVH, D, &cfg));
     EXPECT(kvt_last_error_has("preset 3"));
     EXPECT_STATUS(KVTIER_STATUS_NULL_PARAMETER,
