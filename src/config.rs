@@ -77,7 +77,8 @@ pub struct TierBudgets {
 /// Invariants after `validate()`: `num_q_heads % num_kv_heads == 0`; `head_dim % 32 == 0`;
 /// `page_size` is a multiple of 8 in 8..=256; `value_group` divides `head_dim` and is a multiple of 32 (so a
 /// group never splits a SIMD unpack block);
-/// `protected_layers` are all `< num_layers`.
+/// `protected_layers` are all `< num_layers`; `num_layers` and `num_q_heads` are at most
+/// [`CacheConfig::MAX_LAYERS`] and [`CacheConfig::MAX_HEADS`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct CacheConfig {
     /// Transformer layers.
@@ -205,6 +206,13 @@ impl CacheConfig {
         !self.warm_enabled || self.protected_layers.contains(&layer)
     }
 
+    /// Largest `num_layers` accepted: far above any model, low enough that a cache's per-layer
+    /// state is never a huge allocation (a shape such as `1 << 40` layers is a caller's bug).
+    pub const MAX_LAYERS: usize = 4096;
+    /// Largest `num_q_heads` (and so `num_kv_heads`) accepted, for the same reason; with
+    /// `head_dim <= 512` every size product the cache computes stays far from overflow.
+    pub const MAX_HEADS: usize = 4096;
+
     /// Checks every invariant; the error names the first offending field.
     pub fn validate(&self) -> Result<()> {
         let positive = |field: &'static str, v: usize| {
@@ -218,6 +226,18 @@ impl CacheConfig {
         positive("num_q_heads", self.num_q_heads)?;
         positive("num_kv_heads", self.num_kv_heads)?;
         positive("head_dim", self.head_dim)?;
+        if self.num_layers > Self::MAX_LAYERS {
+            return Err(Error::config(
+                "num_layers",
+                format!("{} must be <= {}", self.num_layers, Self::MAX_LAYERS),
+            ));
+        }
+        if self.num_q_heads > Self::MAX_HEADS {
+            return Err(Error::config(
+                "num_q_heads",
+                format!("{} must be <= {}", self.num_q_heads, Self::MAX_HEADS),
+            ));
+        }
         if !self.num_q_heads.is_multiple_of(self.num_kv_heads) {
             return Err(Error::config(
                 "num_kv_heads",
@@ -358,6 +378,14 @@ mod tests {
         assert_eq!(
             field(CacheConfig::builder(2, 9, 2, 64).build()),
             "num_kv_heads"
+        );
+        assert_eq!(
+            field(CacheConfig::builder(1 << 40, 8, 8, 64).build()),
+            "num_layers"
+        );
+        assert_eq!(
+            field(CacheConfig::builder(2, 1 << 33, 1, 64).build()),
+            "num_q_heads"
         );
         assert_eq!(field(CacheConfig::builder(2, 8, 8, 60).build()), "head_dim");
         assert_eq!(

@@ -24,13 +24,14 @@
 //! Module map (see docs/architecture.md): [`config`] → [`cache`] (sequences, page tables, tiering)
 //! → [`backend`] (page bytes and kernels; [`backend::cpu`] is the oracle) using [`quant`] (formats)
 //! and [`attention`] (online softmax algebra), with [`tiers`] (vocabulary, demotion rule) and
-//! [`memory`] (accounting).
+//! [`memory`] (accounting). [`ffi`] is the C ABI (`include/kvtier.h`).
 
 pub mod attention;
 pub mod backend;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod ffi;
 pub mod memory;
 pub mod model;
 pub mod quant;

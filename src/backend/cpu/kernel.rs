@@ -42,6 +42,8 @@ struct Scratch {
     vstep: Vec<f32>,
     hot_k: Vec<f32>,
     hot_v: Vec<f32>,
+    /// `e · step` per head, token and group (the AVX2 value loop's weights).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     w: Vec<f32>,
     /// The item's queries in key lane order, `[group][head_dim]`.
     q_lanes: Vec<f32>,

@@ -1,0 +1,825 @@
+/*
+ * kvtier.h: the C ABI of kvtier, a tiered, quantised KV cache for LLM inference engines.
+ *
+ * GENERATED from src/ffi by cbindgen (cargo check --features generate-header): do not edit.
+ * See the top of src/ffi/mod.rs for the lifecycle of the handles and the rules every function keeps.
+ * SPDX-License-Identifier: Apache-2.0 OR MIT
+ */
+
+#ifndef KVTIER_H
+#define KVTIER_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+/* Package and ABI version, written by build.rs from Cargo.toml: do not edit. */
+#define KVTIER_VERSION_MAJOR 0
+#define KVTIER_VERSION_MINOR 1
+#define KVTIER_VERSION_PATCH 0
+#define KVTIER_VERSION_STRING "0.1.0"
+/* Changes exactly when a release may break the C ABI (Cargo's semver rule): compare it
+ * with kvtier_abi_version() at run time. */
+#define KVTIER_ABI_VERSION 0x000100u
+
+/* Budget value meaning "no limit" for kvtier_config_set_budgets. */
+#define KVTIER_UNLIMITED SIZE_MAX
+
+
+/*
+ The result of a kvtier call. `KVTIER_STATUS_OK` (0) is success; every other value names what
+ went wrong, and `kvtier_last_error` gives the message.
+
+ Numbers are permanent: a code is never renumbered and a retired number is never reused, so a
+ program may store, log and compare them across library versions. New codes may be added in any
+ release: treat an unknown value as a generic failure. Function documentation names the codes
+ it can return without the `KVTIER_STATUS_` prefix.
+ */
+enum kvtier_status
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+    /*
+     Success.
+     */
+    KVTIER_STATUS_OK = 0,
+    /*
+     A required pointer (handle, out-parameter, or array with a non-zero count) was NULL.
+     */
+    KVTIER_STATUS_NULL_PARAMETER = 1,
+    /*
+     kvtier panicked inside the call (a bug: please report it with the last error text).
+     */
+    KVTIER_STATUS_PANIC = 2,
+    /*
+     A value is not meaningful at the C boundary: an unknown enum value, a pointer not aligned
+     for its type, or sizes whose product overflows.
+     */
+    KVTIER_STATUS_INVALID_ARGUMENT = 3,
+    /*
+     An output buffer holds fewer elements (or bytes) than the call must write.
+     */
+    KVTIER_STATUS_BUFFER_TOO_SMALL = 4,
+    /*
+     An earlier call panicked while changing this cache; it can only be freed now.
+     */
+    KVTIER_STATUS_POISONED = 5,
+    /*
+     A configuration field is out of range or inconsistent with another.
+     */
+    KVTIER_STATUS_INVALID_CONFIG = 100,
+    /*
+     An array has the wrong number of elements for the shape it must have.
+     */
+    KVTIER_STATUS_SHAPE = 101,
+    /*
+     A tensor has an element type kvtier does not accept there.
+     */
+    KVTIER_STATUS_DTYPE = 102,
+    /*
+     The sequence id is not (or no longer) in the cache.
+     */
+    KVTIER_STATUS_UNKNOWN_SEQUENCE = 103,
+    /*
+     The layer index is not below the configured number of layers.
+     */
+    KVTIER_STATUS_LAYER_OUT_OF_RANGE = 104,
+    /*
+     The same sequence appears twice in one batched call.
+     */
+    KVTIER_STATUS_DUPLICATE_SEQUENCE = 105,
+    /*
+     A sequence would grow past the configured maximum length.
+     */
+    KVTIER_STATUS_SEQUENCE_TOO_LONG = 106,
+    /*
+     A tier's byte budget would be exceeded.
+     */
+    KVTIER_STATUS_BUDGET_EXCEEDED = 107,
+    /*
+     A NaN or infinity was passed where it would poison the cache.
+     */
+    KVTIER_STATUS_NON_FINITE = 108,
+    /*
+     Host or device memory could not be allocated.
+     */
+    KVTIER_STATUS_OUT_OF_MEMORY = 109,
+    /*
+     The operation is not available on this backend or in this build (for example device
+     attention on a CPU cache).
+     */
+    KVTIER_STATUS_UNSUPPORTED = 110,
+    /*
+     Tensor interop (candle) failed.
+     */
+    KVTIER_STATUS_CANDLE = 111,
+    /*
+     The real-model layer failed (GGUF file, tokenizer, model metadata).
+     */
+    KVTIER_STATUS_MODEL = 112,
+    /*
+     The requested backend was not compiled into this library (for example CUDA without the
+     `cuda` feature).
+     */
+    KVTIER_STATUS_BACKEND_NOT_COMPILED = 200,
+    /*
+     No such device, or no driver for it.
+     */
+    KVTIER_STATUS_NO_DEVICE = 201,
+    /*
+     The device driver reported an error.
+     */
+    KVTIER_STATUS_DEVICE_ERROR = 202,
+    /*
+     A device kernel failed to compile.
+     */
+    KVTIER_STATUS_KERNEL_COMPILE = 203,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum kvtier_status kvtier_status;
+#else
+typedef uint32_t kvtier_status;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/*
+ Named starting points (pass as `uint32_t`).
+ */
+enum kvtier_preset
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+    /*
+     int4 keys and values (KIVI-4), f16 hot pages, 128-token hot window, 4 sink tokens: about
+     3.5x smaller than f16 on long contexts. The same as `kvtier_config_new`.
+     */
+    KVTIER_PRESET_BALANCED = 0,
+    /*
+     int8 keys and values, 256-token hot window, first and last layer exact: near-lossless.
+     */
+    KVTIER_PRESET_QUALITY = 1,
+    /*
+     int4 keys, int2 values, 64-token hot window: about 4.5x smaller than f16.
+     */
+    KVTIER_PRESET_COMPACT = 2,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum kvtier_preset kvtier_preset;
+#else
+typedef uint32_t kvtier_preset;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/*
+ Element type of hot (exact) pages (pass as `uint32_t`).
+ */
+enum kvtier_hot_dtype
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+    KVTIER_HOT_DTYPE_F32 = 0,
+    KVTIER_HOT_DTYPE_F16 = 1,
+    KVTIER_HOT_DTYPE_BF16 = 2,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum kvtier_hot_dtype kvtier_hot_dtype;
+#else
+typedef uint32_t kvtier_hot_dtype;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/*
+ A KV cache for one model. Opaque: make one with `kvtier_cache_new` (or `_new_cuda`), free it
+ with `kvtier_cache_free`. Thread-safe: calls that take `const kvtier_cache *` may run
+ concurrently; calls that change it are serialised by an internal lock.
+ */
+typedef struct kvtier_cache kvtier_cache;
+
+/*
+ A cache configuration: model shape, page geometry, warm-tier precision, budgets. Opaque: make
+ one with `kvtier_config_new` or `kvtier_config_new_preset`, adjust it with the setters, pass it
+ to `kvtier_cache_new` (which copies it) and free it with `kvtier_config_free`.
+ */
+typedef struct kvtier_config kvtier_config;
+
+/*
+ The sizes a caller needs to shape its buffers. Arrays of the ABI are row-major:
+ keys and values `[n_tokens][num_kv_heads][head_dim]`, queries and outputs
+ `[n][num_q_heads][head_dim]`.
+ */
+typedef struct kvtier_shape {
+    size_t num_layers;
+    size_t num_q_heads;
+    size_t num_kv_heads;
+    size_t head_dim;
+    /*
+     Token positions per page.
+     */
+    size_t page_size;
+    /*
+     Longest sequence accepted, per layer.
+     */
+    size_t max_seq_len;
+} kvtier_shape;
+
+/*
+ Bytes a cache has actually allocated, per tier, metadata included.
+ */
+typedef struct kvtier_memory_report {
+    /*
+     Exact pages (K and V).
+     */
+    size_t hot_bytes;
+    /*
+     Quantised pages: packed codes plus their minimums and steps.
+     */
+    size_t warm_bytes;
+    /*
+     Host / NVMe tier (0 until the cold tier exists).
+     */
+    size_t cold_bytes;
+    /*
+     Bookkeeping: slot tables, free lists, page tables, the sequence map.
+     */
+    size_t metadata_bytes;
+    /*
+     hot + warm + metadata.
+     */
+    size_t device_bytes;
+    /*
+     device + cold.
+     */
+    size_t total_bytes;
+    /*
+     Tokens stored, summed over sequences and layers.
+     */
+    size_t tokens;
+    size_t hot_pages;
+    size_t warm_pages;
+    /*
+     What the same tokens take as plain f16 K and V.
+     */
+    size_t f16_equivalent_bytes;
+    /*
+     f16_equivalent_bytes / device_bytes (higher is smaller).
+     */
+    double compression;
+} kvtier_memory_report;
+
+/*
+ Events that did not fail a call but that a caller may want to see.
+ */
+typedef struct kvtier_counters {
+    /*
+     Pages quantised from hot to warm.
+     */
+    uint64_t demotions;
+    /*
+     Pages that stayed hot: not representable in the warm format, or the warm tier was full.
+     */
+    uint64_t demotions_skipped;
+} kvtier_counters;
+
+/*
+ Statistics of one query head's attention distribution in one step.
+ */
+typedef struct kvtier_head_stats {
+    /*
+     Shannon entropy (nats) of the attention weights.
+     */
+    float entropy;
+    /*
+     Varentropy: variance of the surprisal `-log p` under the weights.
+     */
+    float varentropy;
+    /*
+     Largest scaled score (`-INFINITY` for an empty sequence).
+     */
+    float max_score;
+    /*
+     `log sum exp(score)` over the attended tokens (`-INFINITY` for an empty sequence).
+     */
+    float log_z;
+} kvtier_head_stats;
+
+/*
+ Where an attention call writes its statistics: any pair with a count of 0 is not wanted (its
+ pointer is ignored and may be NULL); otherwise the pointer must be non-NULL and the count at
+ least what the call writes. Pass NULL instead of this struct to skip all statistics.
+ */
+typedef struct kvtier_attention_stats {
+    /*
+     `[n_seqs][num_q_heads]`: per sequence of the batch, per query head.
+     */
+    struct kvtier_head_stats *heads;
+    size_t heads_len;
+    /*
+     The attention mass of every page (sum of its tokens' softmax weights, averaged over the
+     query heads), the pages of batch entry 0 first; each sequence's masses sum to 1. Needs the
+     total page count of the batch (see `kvtier_cache_sequence_pages`).
+     */
+    float *page_mass;
+    size_t page_mass_len;
+    /*
+     `[n_seqs + 1]`: batch entry `i`'s masses are `page_mass[page_offsets[i] ..
+     page_offsets[i + 1]]`; `page_offsets[n_seqs]` is the total page count.
+     */
+    size_t *page_offsets;
+    size_t page_offsets_len;
+} kvtier_attention_stats;
+
+#ifdef __cplusplus
+extern "C" {
+#endif // __cplusplus
+
+/*
+ A config with the default settings (the balanced preset) for a model with `num_layers` layers,
+ `num_q_heads` query heads, `num_kv_heads` key/value heads (dividing `num_q_heads`) and
+ `head_dim` channels per head (a multiple of 32, at most 512). On success `*config_out` holds a
+ new handle to free with `kvtier_config_free`.
+
+ Errors: `NULL_PARAMETER` (`config_out`), `INVALID_CONFIG` (the shape).
+
+ # Safety
+
+ `config_out` must be valid for a write of one pointer.
+ */
+kvtier_status kvtier_config_new(size_t num_layers,
+                                size_t num_q_heads,
+                                size_t num_kv_heads,
+                                size_t head_dim,
+                                struct kvtier_config **config_out);
+
+/*
+ A config from a preset (`preset` is a `kvtier_preset` value), for the model shape as in
+ `kvtier_config_new`.
+
+ Errors: `NULL_PARAMETER` (`config_out`), `INVALID_ARGUMENT` (unknown preset), `INVALID_CONFIG`.
+
+ # Safety
+
+ `config_out` must be valid for a write of one pointer.
+ */
+kvtier_status kvtier_config_new_preset(uint32_t preset,
+                                       size_t num_layers,
+                                       size_t num_q_heads,
+                                       size_t num_kv_heads,
+                                       size_t head_dim,
+                                       struct kvtier_config **config_out);
+
+/*
+ Frees a config. NULL is a no-op. Caches made from it are not affected (they hold a copy).
+
+ # Safety
+
+ `config` must be NULL or a handle from `kvtier_config_new*` that was not freed yet; it must not
+ be used again, nor by another thread during this call.
+ */
+void kvtier_config_free(struct kvtier_config *config);
+
+/*
+ Sets the tokens per page (a multiple of 8 in 8..=256; default 32).
+
+ Errors: `NULL_PARAMETER` (`config`), `INVALID_CONFIG` (the config is left unchanged).
+
+ # Safety
+
+ `config` must be NULL or a live handle from `kvtier_config_new*`.
+ */
+kvtier_status kvtier_config_set_page_size(struct kvtier_config *config, size_t page_size);
+
+/*
+ Sets the element type of hot pages (`dtype` is a `kvtier_hot_dtype` value; default F16).
+
+ Errors: `NULL_PARAMETER` (`config`), `INVALID_ARGUMENT` (unknown dtype).
+
+ # Safety
+
+ `config` must be NULL or a live handle from `kvtier_config_new*`.
+ */
+kvtier_status kvtier_config_set_hot_dtype(struct kvtier_config *config, uint32_t dtype);
+
+/*
+ Sets how many leading tokens of every sequence stay hot forever (attention sinks; default 4).
+
+ Errors: `NULL_PARAMETER` (`config`), `INVALID_CONFIG` (the config is left unchanged).
+
+ # Safety
+
+ `config` must be NULL or a live handle from `kvtier_config_new*`.
+ */
+kvtier_status kvtier_config_set_sink_tokens(struct kvtier_config *config, size_t sink_tokens);
+
+/*
+ Sets how many recent tokens stay hot (exact); older full pages are quantised to the warm tier.
+
+ Errors: `NULL_PARAMETER` (`config`), `INVALID_CONFIG` (the config is left unchanged).
+
+ # Safety
+
+ `config` must be NULL or a live handle from `kvtier_config_new*`.
+ */
+kvtier_status kvtier_config_set_hot_window(struct kvtier_config *config, size_t hot_window);
+
+/*
+ Sets the warm-tier code widths of keys and values (each 8, 4 or 2).
+
+ Errors: `NULL_PARAMETER` (`config`), `INVALID_CONFIG` (a width is not 8, 4 or 2; the config is
+ left unchanged).
+
+ # Safety
+
+ `config` must be NULL or a live handle from `kvtier_config_new*`.
+ */
+kvtier_status kvtier_config_set_bits(struct kvtier_config *config,
+                                     uint32_t k_bits,
+                                     uint32_t v_bits);
+
+/*
+ Sets the channels per value quantisation group (a multiple of 32 dividing head_dim; default 32).
+
+ Errors: `NULL_PARAMETER` (`config`), `INVALID_CONFIG` (the config is left unchanged).
+
+ # Safety
+
+ `config` must be NULL or a live handle from `kvtier_config_new*`.
+ */
+kvtier_status kvtier_config_set_value_group(struct kvtier_config *config, size_t value_group);
+
+/*
+ Sets the layers kept entirely exact (each below num_layers), replacing the previous list.
+ `layers` may be NULL when `n_layers` is 0 (no protected layer).
+
+ Errors: `NULL_PARAMETER` (`config`, or `layers` with `n_layers > 0`), `INVALID_ARGUMENT`
+ (misaligned `layers`), `INVALID_CONFIG` (the config is left unchanged).
+
+ # Safety
+
+ `config` must be NULL or a live handle from `kvtier_config_new*`; `layers` must point to
+ `n_layers` readable `size_t`s (or `n_layers` is 0).
+ */
+kvtier_status kvtier_config_set_protected_layers(struct kvtier_config *config,
+                                                 const size_t *layers,
+                                                 size_t n_layers);
+
+/*
+ Enables (default) or disables the warm tier. Disabled, every page stays hot and exact: the
+ full-precision reference cache.
+
+ Errors: `NULL_PARAMETER` (`config`).
+
+ # Safety
+
+ `config` must be NULL or a live handle from `kvtier_config_new*`.
+ */
+kvtier_status kvtier_config_set_warm_enabled(struct kvtier_config *config, bool enabled);
+
+/*
+ Sets the byte budgets of the hot, warm and cold tiers (bytes actually allocated, metadata
+ included); `KVTIER_UNLIMITED` (`SIZE_MAX`, the default) means no limit.
+
+ Errors: `NULL_PARAMETER` (`config`).
+
+ # Safety
+
+ `config` must be NULL or a live handle from `kvtier_config_new*`.
+ */
+kvtier_status kvtier_config_set_budgets(struct kvtier_config *config,
+                                        size_t hot_bytes,
+                                        size_t warm_bytes,
+                                        size_t cold_bytes);
+
+/*
+ Sets the longest sequence accepted per layer (1..=UINT32_MAX; default 2^20).
+
+ Errors: `NULL_PARAMETER` (`config`), `INVALID_CONFIG` (the config is left unchanged).
+
+ # Safety
+
+ `config` must be NULL or a live handle from `kvtier_config_new*`.
+ */
+kvtier_status kvtier_config_set_max_seq_len(struct kvtier_config *config, size_t max_seq_len);
+
+/*
+ Sets the softmax scale applied to q·k; 0 restores the default `1/sqrt(head_dim)`. Any other
+ value must be finite and positive.
+
+ Errors: `NULL_PARAMETER` (`config`), `INVALID_CONFIG` (the config is left unchanged).
+
+ # Safety
+
+ `config` must be NULL or a live handle from `kvtier_config_new*`.
+ */
+kvtier_status kvtier_config_set_softmax_scale(struct kvtier_config *config, float scale);
+
+/*
+ Writes the config's shape (layers, heads, head_dim, page size, max length) to `*shape_out`.
+
+ Errors: `NULL_PARAMETER` (`config`, `shape_out`).
+
+ # Safety
+
+ `config` must be NULL or a live handle; `shape_out` must be valid for a write of one
+ `kvtier_shape`.
+ */
+kvtier_status kvtier_config_shape(const struct kvtier_config *config,
+                                  struct kvtier_shape *shape_out);
+
+/*
+ A cache on the CPU backend, configured by a copy of `config`. On success `*cache_out` holds a
+ new handle to free with `kvtier_cache_free`.
+
+ Errors: `NULL_PARAMETER` (`config`, `cache_out`), `OUT_OF_MEMORY`.
+
+ # Safety
+
+ `config` must be NULL or a live config handle; `cache_out` must be valid for a write of one
+ pointer.
+ */
+kvtier_status kvtier_cache_new(const struct kvtier_config *config, struct kvtier_cache **cache_out);
+
+/*
+ A cache whose pages live on CUDA device `ordinal`. Only a library built with the `cuda`
+ feature can make one; otherwise this returns `KVTIER_STATUS_BACKEND_NOT_COMPILED`.
+
+ Errors: `NULL_PARAMETER`, `BACKEND_NOT_COMPILED`, `NO_DEVICE`, `DEVICE_ERROR`,
+ `KERNEL_COMPILE`, `OUT_OF_MEMORY`.
+
+ # Safety
+
+ As `kvtier_cache_new`.
+ */
+kvtier_status kvtier_cache_new_cuda(const struct kvtier_config *config,
+                                    size_t ordinal,
+                                    struct kvtier_cache **cache_out);
+
+/*
+ Frees a cache and every page it holds. NULL is a no-op.
+
+ # Safety
+
+ `cache` must be NULL or a handle from `kvtier_cache_new*` that was not freed yet; no other
+ thread may use it during or after this call.
+ */
+void kvtier_cache_free(struct kvtier_cache *cache);
+
+/*
+ Writes the cache's shape to `*shape_out`.
+
+ Errors: `NULL_PARAMETER`, `POISONED`.
+
+ # Safety
+
+ `cache` must be NULL or a live handle; `shape_out` must be valid for a write of one
+ `kvtier_shape`.
+ */
+kvtier_status kvtier_cache_shape(const struct kvtier_cache *cache, struct kvtier_shape *shape_out);
+
+/*
+ Starts a new, empty sequence and writes its id to `*seq_out`. Ids are never reused within a
+ cache.
+
+ Errors: `NULL_PARAMETER`, `POISONED`.
+
+ # Safety
+
+ `cache` must be NULL or a live handle; `seq_out` must be valid for a write of one `uint64_t`.
+ */
+kvtier_status kvtier_cache_sequence_add(struct kvtier_cache *cache, uint64_t *seq_out);
+
+/*
+ Removes a sequence and frees all its pages; its id becomes unknown.
+
+ Errors: `NULL_PARAMETER`, `UNKNOWN_SEQUENCE`, `POISONED`.
+
+ # Safety
+
+ `cache` must be NULL or a live handle.
+ */
+kvtier_status kvtier_cache_sequence_remove(struct kvtier_cache *cache, uint64_t seq);
+
+/*
+ Frees all pages of a sequence and sets its length to 0 in every layer; the id stays valid.
+
+ Errors: `NULL_PARAMETER`, `UNKNOWN_SEQUENCE`, `POISONED`.
+
+ # Safety
+
+ `cache` must be NULL or a live handle.
+ */
+kvtier_status kvtier_cache_sequence_reset(struct kvtier_cache *cache, uint64_t seq);
+
+/*
+ Writes the number of tokens stored for `seq` in `layer` to `*len_out`.
+
+ Errors: `NULL_PARAMETER`, `UNKNOWN_SEQUENCE`, `LAYER_OUT_OF_RANGE`, `POISONED`.
+
+ # Safety
+
+ `cache` must be NULL or a live handle; `len_out` must be valid for a write of one `size_t`.
+ */
+kvtier_status kvtier_cache_sequence_len(const struct kvtier_cache *cache,
+                                        uint64_t seq,
+                                        size_t layer,
+                                        size_t *len_out);
+
+/*
+ Writes the number of pages `seq` occupies in `layer` (`ceil(len / page_size)`) to
+ `*pages_out`: the number of page masses `kvtier_cache_attend` reports for it.
+
+ Errors: `NULL_PARAMETER`, `UNKNOWN_SEQUENCE`, `LAYER_OUT_OF_RANGE`, `POISONED`.
+
+ # Safety
+
+ `cache` must be NULL or a live handle; `pages_out` must be valid for a write of one `size_t`.
+ */
+kvtier_status kvtier_cache_sequence_pages(const struct kvtier_cache *cache,
+                                          uint64_t seq,
+                                          size_t layer,
+                                          size_t *pages_out);
+
+/*
+ Appends `n` tokens' keys (after RoPE) and values to `seq` in `layer`. `keys` and `values` are
+ `[n][num_kv_heads][head_dim]` row-major, `keys_len` and `values_len` their element counts (equal,
+ a multiple of `num_kv_heads * head_dim`; 0 appends nothing and allows NULL). Pages that leave
+ the hot window are then quantised to the warm tier.
+
+ Errors: `NULL_PARAMETER`, `INVALID_ARGUMENT` (misaligned array), `SHAPE`, `NON_FINITE`,
+ `UNKNOWN_SEQUENCE`, `LAYER_OUT_OF_RANGE`, `SEQUENCE_TOO_LONG`, `BUDGET_EXCEEDED`,
+ `OUT_OF_MEMORY`, `POISONED`. On error the cache is unchanged.
+
+ # Safety
+
+ `cache` must be NULL or a live handle; `keys` and `values` must point to `keys_len` and
+ `values_len` readable floats (or the count is 0).
+ */
+kvtier_status kvtier_cache_append(struct kvtier_cache *cache,
+                                  uint64_t seq,
+                                  size_t layer,
+                                  const float *keys,
+                                  size_t keys_len,
+                                  const float *values,
+                                  size_t values_len);
+
+/*
+ Chunked prefill of `n` new tokens of `seq` in `layer`: causal attention of each new query over
+ the cached tokens (as stored) and the new tokens up to itself, then the new keys and values are
+ appended. `queries` is `[n][num_q_heads][head_dim]`, `keys` and `values` are
+ `[n][num_kv_heads][head_dim]`; `output` receives `[n][num_q_heads][head_dim]`, so
+ `output_len >= queries_len`. `output` may alias `queries`.
+
+ Errors: as `kvtier_cache_append`, plus `BUFFER_TOO_SMALL` (`output`). On error neither the
+ cache nor `output` is changed.
+
+ # Safety
+
+ `cache` must be NULL or a live handle; each input array must hold its count of readable floats
+ and `output` `output_len` writable floats (or the count is 0).
+ */
+kvtier_status kvtier_cache_prefill(struct kvtier_cache *cache,
+                                   uint64_t seq,
+                                   size_t layer,
+                                   const float *queries,
+                                   size_t queries_len,
+                                   const float *keys,
+                                   size_t keys_len,
+                                   const float *values,
+                                   size_t values_len,
+                                   float *output,
+                                   size_t output_len);
+
+/*
+ Writes the bytes the cache has allocated, per tier, to `*report_out`.
+
+ Errors: `NULL_PARAMETER`, `POISONED`.
+
+ # Safety
+
+ `cache` must be NULL or a live handle; `report_out` must be valid for a write of one
+ `kvtier_memory_report`.
+ */
+kvtier_status kvtier_cache_memory_report(const struct kvtier_cache *cache,
+                                         struct kvtier_memory_report *report_out);
+
+/*
+ Writes the cache's event counters to `*counters_out`.
+
+ Errors: `NULL_PARAMETER`, `POISONED`.
+
+ # Safety
+
+ `cache` must be NULL or a live handle; `counters_out` must be valid for a write of one
+ `kvtier_counters`.
+ */
+kvtier_status kvtier_cache_counters(const struct kvtier_cache *cache,
+                                    struct kvtier_counters *counters_out);
+
+/*
+ Decode attention in `layer` for a batch of `n_seqs` sequences, one query token each, over every
+ stored token of each sequence (hot pages exact, warm pages read as quantised).
+
+ `seqs` holds the `n_seqs` distinct sequence ids; `queries` is `[n_seqs][num_q_heads][head_dim]`
+ (`queries_len` elements); `output` receives the same shape, so `output_len` must be at least
+ `n_seqs * num_q_heads * head_dim`; it may alias `queries`. `stats` may be NULL, or name buffers for per-head
+ statistics and per-page attention masses. `n_seqs == 0` is a no-op (NULL arrays allowed).
+
+ Errors: `NULL_PARAMETER`, `INVALID_ARGUMENT`, `BUFFER_TOO_SMALL`, `SHAPE`, `NON_FINITE`,
+ `UNKNOWN_SEQUENCE`, `DUPLICATE_SEQUENCE`, `LAYER_OUT_OF_RANGE`, `POISONED`. On error no buffer
+ is written.
+
+ # Safety
+
+ `cache` must be NULL or a live handle; `seqs` and `queries` must hold their counts of readable
+ elements, `output` `output_len` writable floats, and the buffers named in `*stats` (when `stats`
+ is not NULL) their counts of writable elements (any array whose count is 0 may be NULL).
+ */
+kvtier_status kvtier_cache_attend(const struct kvtier_cache *cache,
+                                  size_t layer,
+                                  const uint64_t *seqs,
+                                  size_t n_seqs,
+                                  const float *queries,
+                                  size_t queries_len,
+                                  float *output,
+                                  size_t output_len,
+                                  const struct kvtier_attention_stats *stats);
+
+/*
+ `kvtier_cache_attend` with the queries and the output in device memory: `queries_device` and
+ `output_device` are device addresses (`CUdeviceptr` for CUDA) of
+ `n_seqs * num_q_heads * head_dim` floats each, on the cache's device; `stream` is the backend's stream (`CUstream`),
+ NULL for the default stream. Statistics are written to host buffers as for
+ `kvtier_cache_attend`.
+
+ A CPU cache returns `KVTIER_STATUS_UNSUPPORTED` (use `kvtier_cache_attend`).
+
+ Errors: as `kvtier_cache_attend`, plus `UNSUPPORTED`, `DEVICE_ERROR`; `NULL_PARAMETER` when a
+ device address is 0 and `n_seqs > 0`.
+
+ # Safety
+
+ As `kvtier_cache_attend` for `cache`, `seqs` and `stats`. The device addresses must be live
+ allocations of the sizes above on the cache's device, usable from `stream`, and not used by
+ anything else until the work queued on `stream` has finished.
+ */
+kvtier_status kvtier_cache_attend_device(const struct kvtier_cache *cache,
+                                         size_t layer,
+                                         const uint64_t *seqs,
+                                         size_t n_seqs,
+                                         uint64_t queries_device,
+                                         uint64_t output_device,
+                                         void *stream,
+                                         const struct kvtier_attention_stats *stats);
+
+/*
+ Copies the message of this thread's most recent failed kvtier call into `buf` as a
+ NUL-terminated string. The message names the function and the offending input; it stays until
+ the next failing call on this thread (successful calls do not clear it). Before any failure it
+ is the empty string.
+
+ At most `buf_len - 1` bytes of text are copied, cut at a UTF-8 character boundary, followed by
+ a NUL. `*len_out` (when `len_out` is not NULL) receives the length of the whole message in
+ bytes, without the NUL, so `kvtier_last_error(NULL, 0, &len)` asks for the size to allocate
+ (`len + 1`).
+
+ Returns `KVTIER_STATUS_OK` when the whole message fit, `KVTIER_STATUS_BUFFER_TOO_SMALL` when it
+ was cut (or `buf_len` is 0 and the message is not empty), `KVTIER_STATUS_NULL_PARAMETER` when
+ `buf` is NULL but `buf_len` is not 0, `KVTIER_STATUS_INVALID_ARGUMENT` when `len_out` is
+ misaligned. This function never changes the last error.
+
+ # Safety
+
+ `buf` must be valid for writes of `buf_len` bytes (or `buf_len` is 0); `len_out` must be NULL
+ or valid for a write of one `size_t`.
+ */
+kvtier_status kvtier_last_error(char *buf, size_t buf_len, size_t *len_out);
+
+/*
+ The name of a status code (`"KVTIER_STATUS_SHAPE"` for 101), or `"KVTIER_STATUS_UNKNOWN"` for a
+ number that is not a status of this library version. The string is static: never free it.
+ */
+const char *kvtier_status_name(uint32_t status);
+
+/*
+ The library version, `"MAJOR.MINOR.PATCH"` (as `KVTIER_VERSION_STRING` in the header this
+ library was built with). The string is static: never free it.
+ */
+const char *kvtier_version(void);
+
+/*
+ The ABI version of the library. A program compiled against the header should check
+ `kvtier_abi_version() == KVTIER_ABI_VERSION` before any other call: different values mean the
+ structs or signatures may differ.
+ */
+uint32_t kvtier_abi_version(void);
+
+#ifdef __cplusplus
+}  // extern "C"
+#endif  // __cplusplus
+
+#endif  /* KVTIER_H */

@@ -1,0 +1,305 @@
+//! Kernel sources, their compile-time geometry, and NVRTC compilation.
+//!
+//! Owns: the `.cu` sources (embedded with `include_str!`), [`KernelSpec`] (every constant a kernel
+//! is specialised on, written as a block of `#define`s in front of the sources) and [`compile`]
+//! (NVRTC, for the device's own architecture). Loading the result into a context and caching it per
+//! device is `device.rs`'s job. Must never: touch device memory, or guess a layout offset — every
+//! warm-page offset comes from [`WarmLayout`], the one definition shared with the CPU backend.
+
+use super::CudaError;
+use crate::config::{CacheConfig, HotDtype};
+use crate::quant::WarmLayout;
+
+const COMMON: &str = include_str!("kernels/common.cuh");
+const APPEND: &str = include_str!("kernels/append.cu");
+const QUANT: &str = include_str!("kernels/quant.cu");
+const DECODE: &str = include_str!("kernels/decode.cu");
+
+/// Most partials one (sequence, kv head, head subgroup) may be split into (`MAXSPLIT` in decode.cu).
+pub(crate) const MAX_SPLIT: usize = 256;
+
+/// Launch-shape knobs of the decode kernel. `warps == 0` (the default) picks per configuration
+/// what the H200 measurements chose; [`super::CudaDevice::set_tuning`] overrides them for
+/// storages created afterwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct CudaTuning {
+    /// Warps per CTA (1..=16). Each warp takes the work item's pages round-robin.
+    pub warps: u32,
+    /// Value channels per lane in the value phase (8 or 16; 16 is forced for 2-bit values).
+    pub channels_per_lane: u32,
+    /// CTAs per SM the register allocation must allow (`__launch_bounds__` second argument).
+    pub min_blocks: u32,
+}
+
+/// Everything a compiled module is specialised on. Two storages with equal specs share a module.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct KernelSpec {
+    pub d: usize,
+    /// q heads handled by one CTA (a divisor of `gfull`).
+    pub gs: usize,
+    /// q heads per kv head.
+    pub gfull: usize,
+    pub qh: usize,
+    pub kvh: usize,
+    pub ps: usize,
+    pub kb: usize,
+    pub vb: usize,
+    pub vg: usize,
+    /// 0 = f32, 1 = f16, 2 = bf16.
+    pub hot: u8,
+    pub warm: bool,
+    pub layout: [usize; 7],
+    pub nwarps: usize,
+    pub cpl: usize,
+    pub minb: usize,
+}
+
+fn align16(x: usize) -> usize {
+    x.div_ceil(16) * 16
+}
+
+impl KernelSpec {
+    /// The spec for a validated config. Fails for shapes the kernels do not cover.
+    pub fn new(
+        cfg: &CacheConfig,
+        tuning: CudaTuning,
+        smem_limit: usize,
+    ) -> Result<Self, CudaError> {
+        let l = WarmLayout::of(cfg);
+        let d = cfg.head_dim;
+        let gfull = cfg.group_size();
+        let vb = cfg.v_bits.bits();
+        let tuning = if tuning.warps == 0 {
+            // Measured on the H200 (d128, G4, ps32): 8 warps with 8 value channels per lane and
+            // 2 CTAs per SM beat 4 warps x 16 channels, except with 2-bit values (16 channels
+            // forced), where 4 warps x 3 CTAs is better. Hot-only modules preload a block's
+            // values and need the registers of 2 CTAs per SM to avoid spills.
+            if !cfg.warm_enabled {
+                CudaTuning {
+                    warps: 4,
+                    channels_per_lane: 16,
+                    min_blocks: 2,
+                }
+            } else if vb == 2 {
+                CudaTuning {
+                    warps: 4,
+                    channels_per_lane: 16,
+                    min_blocks: 3,
+                }
+            } else {
+                CudaTuning {
+                    warps: 8,
+                    channels_per_lane: 8,
+                    min_blocks: 2,
+                }
+            }
+        } else {
+            tuning
+        };
+        if !(1..=16).contains(&tuning.warps) || !(1..=8).contains(&tuning.min_blocks) {
+            return Err(CudaError::Driver(format!(
+                "tuning out of range: {tuning:?} (warps 1..=16, min_blocks 1..=8)"
+            )));
+        }
+        // Value channels per lane: at least 8, a whole 32-bit word of value codes, and a whole row
+        // across a warp. Heads per CTA: the largest divisor of the group whose accumulators fit in
+        // 64 registers per lane; the rest of the group goes to sibling CTAs.
+        let cpl_min = 8.max(d / 32).max(32 / vb);
+        let gs = (1..=gfull.min(8))
+            .rev()
+            .find(|g| gfull.is_multiple_of(*g) && g * cpl_min <= 64)
+            .unwrap_or(1);
+        let cpl = if tuning.channels_per_lane >= 16 && gs * 16 <= 64 {
+            16.max(cpl_min)
+        } else {
+            cpl_min
+        };
+        let hot = match cfg.hot_dtype {
+            HotDtype::F32 => 0,
+            HotDtype::F16 => 1,
+            HotDtype::BF16 => 2,
+        };
+        let mut spec = KernelSpec {
+            d,
+            gs,
+            gfull,
+            qh: cfg.num_q_heads,
+            kvh: cfg.num_kv_heads,
+            ps: cfg.page_size,
+            kb: cfg.k_bits.bits(),
+            vb,
+            vg: cfg.value_group,
+            hot,
+            warm: cfg.warm_enabled,
+            layout: [
+                l.k_min,
+                l.k_step,
+                l.v_min,
+                l.v_step,
+                l.k_codes,
+                l.v_codes,
+                l.head_bytes,
+            ],
+            nwarps: tuning.warps as usize,
+            cpl,
+            minb: tuning.min_blocks as usize,
+        };
+        // Fewer warps per CTA until the shared memory fits the device.
+        while spec.decode_smem() > smem_limit && spec.nwarps > 1 {
+            spec.nwarps /= 2;
+        }
+        if spec.decode_smem() > smem_limit {
+            return Err(CudaError::Driver(format!(
+                "decode kernel needs {} bytes of shared memory per block, the device allows {smem_limit}",
+                spec.decode_smem()
+            )));
+        }
+        Ok(spec)
+    }
+
+    /// Subgroups of `gs` heads per kv head.
+    pub fn nsub(&self) -> usize {
+        self.gfull / self.gs
+    }
+
+    /// Threads per decode CTA.
+    pub fn decode_threads(&self) -> u32 {
+        (self.nwarps * 32) as u32
+    }
+
+    /// Dynamic shared memory of the decode kernel; mirrors the `*_BYTES` macros of decode.cu.
+    pub fn decode_smem(&self) -> usize {
+        let gp = self.gs.div_ceil(4) * 4;
+        let krow = self.d * self.kb / 8;
+        let kstride = if krow.is_multiple_of(16) && (krow / 16).is_multiple_of(2) {
+            krow + 16
+        } else {
+            krow
+        };
+        let [_, _, _, _, k_codes, v_codes, head_bytes] = self.layout;
+        let stage = if self.warm {
+            align16(k_codes + self.ps * kstride + (head_bytes - v_codes))
+        } else {
+            0
+        };
+        let qsm = self.d * gp * 4;
+        let warp = self.d * gp * 4 + 32 * gp * 4 + 2 * stage;
+        (qsm + self.nwarps * warp).max(MAX_SPLIT * self.gs * 4)
+    }
+
+    /// The `#define` block in front of the sources.
+    pub fn defines(&self) -> String {
+        let [k_min, k_step, v_min, v_step, k_codes, v_codes, head_bytes] = self.layout;
+        let vals: [(&str, usize); 24] = [
+            ("D", self.d),
+            ("GS", self.gs),
+            ("GFULL", self.gfull),
+            ("NSUB", self.nsub()),
+            ("QH", self.qh),
+            ("KVH", self.kvh),
+            ("PS", self.ps),
+            ("KB", self.kb),
+            ("VB", self.vb),
+            ("VG", self.vg),
+            ("HOT", self.hot as usize),
+            ("WARM", self.warm as usize),
+            ("K_MIN", k_min),
+            ("K_STEP", k_step),
+            ("V_MIN", v_min),
+            ("V_STEP", v_step),
+            ("K_CODES", k_codes),
+            ("V_CODES", v_codes),
+            ("HEAD_BYTES", head_bytes),
+            ("NWARPS", self.nwarps),
+            ("CPL", self.cpl),
+            ("MINB", self.minb),
+            ("KVT_MAXSPLIT_HOST", MAX_SPLIT),
+            ("KVT_SPEC_VERSION", 1),
+        ];
+        let mut s = String::from("// kvtier kernel specialisation\n");
+        for (k, v) in vals {
+            s.push_str(&format!("#define {k} {v}\n"));
+        }
+        s
+    }
+
+    /// Full NVRTC source of the module.
+    pub fn source(&self) -> String {
+        format!(
+            "{}\n{COMMON}\n{APPEND}\n{QUANT}\n{DECODE}\n",
+            self.defines()
+        )
+    }
+}
+
+/// Compiles `src` with NVRTC for `arch` (e.g. `sm_90`) and returns the PTX. A rejected program
+/// becomes [`CudaError::Compile`] carrying NVRTC's log; a missing libnvrtc is reported the same way.
+pub(crate) fn compile(
+    src: &str,
+    arch: &str,
+    name: &'static str,
+) -> Result<cudarc::nvrtc::Ptx, CudaError> {
+    use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions};
+    // SAFETY: `is_culib_present` only tries to dlopen libnvrtc under its known names and drops the
+    // handle; it has no other side effect. Without this check cudarc panics on first use.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(CudaError::Compile {
+            kernel: name,
+            log: "libnvrtc (the NVRTC runtime compiler) was not found on the loader path".into(),
+        });
+    }
+    if src.as_bytes().contains(&0) {
+        return Err(CudaError::Compile {
+            kernel: name,
+            log: "source contains a NUL byte".into(),
+        });
+    }
+    let opts = CompileOptions {
+        options: vec![
+            format!("--gpu-architecture={arch}"),
+            "--std=c++17".into(),
+            "-default-device".into(),
+            "-diag-suppress=186".into(),
+        ],
+        name: Some(format!("{name}.cu")),
+        ..Default::default()
+    };
+    compile_ptx_with_opts(src, opts).map_err(|e| CudaError::Compile {
+        kernel: name,
+        log: match e {
+            CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
+            other => format!("{other:?}"),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Bits;
+
+    #[test]
+    fn smem_and_defines_cover_presets() {
+        for cfg in [
+            CacheConfig::builder(1, 32, 8, 128)
+                .hot_dtype(HotDtype::BF16)
+                .build()
+                .unwrap(),
+            CacheConfig::builder(1, 9, 3, 64)
+                .v_bits(Bits::B2)
+                .build()
+                .unwrap(),
+            CacheConfig::builder(1, 8, 1, 512)
+                .hot_dtype(HotDtype::F32)
+                .build()
+                .unwrap(),
+        ] {
+            let s = KernelSpec::new(&cfg, CudaTuning::default(), 227 * 1024).unwrap();
+            assert_eq!(s.gfull % s.gs, 0);
+            assert!(s.gs * s.cpl <= 64);
+            assert!(s.cpl * s.vb >= 32);
+            assert!(s.decode_smem() >= MAX_SPLIT * s.gs * 4);
+            assert!(s.source().contains("#define HEAD_BYTES"));
+        }
+    }
+}

@@ -1,0 +1,123 @@
+// Quantise one hot page into one warm page (demotion), byte-identical to `quant::quantize_keys`
+// and `quant::quantize_values` on the host. One CTA per kv head writes that head's whole block,
+// padding included (zeros), so a reused warm slot never leaks old bytes.
+//
+// Every float operation below uses an explicit `__f*_rn` intrinsic: the host code is plain f32
+// arithmetic without fused multiply-add, so contraction here would change codes.
+
+#define KMAX ((1u << KB) - 1u)
+#define VMAX ((1u << VB) - 1u)
+
+// `quant::min_and_step`: f16 minimum and f16 step (rounded up until min + max_code * step >= hi).
+// Returns false when the range does not fit f16.
+__device__ __forceinline__ bool kvt_min_and_step(float lo, float hi, u32 max_code, u16* mn, u16* st) {
+    const u16 m16 = kvt_f2h(lo);
+    const float m = kvt_h2f(m16);
+    if (!kvt_isfinite(m)) return false;
+    float span = __fsub_rn(hi, m);
+    span = span > 0.0f ? span : 0.0f;
+    const float mc = (float)max_code;
+    u16 s16 = kvt_f2h(__fdiv_rn(span, mc));
+    while (__fadd_rn(__fmul_rn(kvt_h2f(s16), mc), m) < hi) {
+        s16 = (u16)(s16 + 1);
+        if (!kvt_isfinite(kvt_h2f(s16))) return false;
+    }
+    if (!kvt_isfinite(kvt_h2f(s16))) return false;
+    *mn = m16;
+    *st = s16;
+    return true;
+}
+
+// `quant::code_of` with `quant::inv`: round half away from zero, clamp to [0, max].
+__device__ __forceinline__ u32 kvt_code(float x, u16 mn, u16 st, u32 max_code) {
+    const float s = kvt_h2f(st);
+    const float inv = s > 0.0f ? __fdiv_rn(1.0f, s) : 0.0f;
+    float c = roundf(__fmul_rn(__fsub_rn(x, kvt_h2f(mn)), inv));
+    c = fminf(fmaxf(c, 0.0f), (float)max_code);
+    return (u32)c;
+}
+
+__device__ __forceinline__ u8 kvt_u16_byte(const u16* a, u32 rel) {
+    const u16 v = a[rel >> 1];
+    return (rel & 1) ? (u8)(v >> 8) : (u8)(v & 0xff);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+kvt_quantize(const u8* __restrict__ hot_pool, u8* __restrict__ warm_pool,
+             u32 hot_slot, u32 warm_slot, u32 n, u32* __restrict__ fail) {
+    __shared__ u16 kmin[D], kstep[D], vmin[PS * NG], vstep[PS * NG];
+    __shared__ int bad;
+    const u32 h = blockIdx.x;
+    const u32 tid = threadIdx.x;
+    if (tid == 0) bad = 0;
+    __syncthreads();
+    const hot_t* K = (const hot_t*)(hot_pool + (u64)hot_slot * HOT_PAGE_BYTES) + (u64)h * PS * D;
+    const hot_t* V = K + HOT_HALF_ELEMS;
+
+    for (u32 c = tid; c < D; c += blockDim.x) {
+        float lo = KVT_INF, hi = -KVT_INF;
+        for (u32 t = 0; t < n; ++t) {
+            const float x = kvt_hot_load(K[t * D + c]);
+            lo = fminf(lo, x);
+            hi = fmaxf(hi, x);
+        }
+        if (!kvt_min_and_step(lo, hi, KMAX, &kmin[c], &kstep[c])) bad = 1;
+    }
+    for (u32 i = tid; i < PS * NG; i += blockDim.x) {
+        const u32 t = i / NG, g = i % NG;
+        if (t < n) {
+            float lo = KVT_INF, hi = -KVT_INF;
+            for (u32 j = 0; j < VG; ++j) {
+                const float x = kvt_hot_load(V[t * D + g * VG + j]);
+                lo = fminf(lo, x);
+                hi = fmaxf(hi, x);
+            }
+            if (!kvt_min_and_step(lo, hi, VMAX, &vmin[i], &vstep[i])) bad = 1;
+        } else {
+            vmin[i] = 0;
+            vstep[i] = 0;
+        }
+    }
+    __syncthreads();
+    if (bad) {
+        if (tid == 0) atomicOr(fail, 1u);
+        return;
+    }
+    u8* blk = warm_pool + (u64)warm_slot * WARM_PAGE_BYTES + (u64)h * HEAD_BYTES;
+    for (u32 b = tid; b < HEAD_BYTES; b += blockDim.x) {
+        u8 out = 0;
+        if (b >= K_MIN && b < K_MIN + 2 * D) {
+            out = kvt_u16_byte(kmin, b - K_MIN);
+        } else if (b >= K_STEP && b < K_STEP + 2 * D) {
+            out = kvt_u16_byte(kstep, b - K_STEP);
+        } else if (b >= V_MIN && b < V_MIN + 2 * PS * NG) {
+            out = kvt_u16_byte(vmin, b - V_MIN);
+        } else if (b >= V_STEP && b < V_STEP + 2 * PS * NG) {
+            out = kvt_u16_byte(vstep, b - V_STEP);
+        } else if (b >= K_CODES && b < K_CODES + PS * KROW) {
+            const u32 rel = b - K_CODES, t = rel / KROW, j = rel % KROW;
+            if (t < n) {
+                u32 v = 0;
+#pragma unroll
+                for (u32 f = 0; f < 8 / KB; ++f) {
+                    const u32 c = j * (8 / KB) + f;
+                    v |= kvt_code(kvt_hot_load(K[t * D + c]), kmin[c], kstep[c], KMAX) << (f * KB);
+                }
+                out = (u8)v;
+            }
+        } else if (b >= V_CODES && b < V_CODES + PS * VROW) {
+            const u32 rel = b - V_CODES, t = rel / VROW, j = rel % VROW;
+            if (t < n) {
+                u32 v = 0;
+#pragma unroll
+                for (u32 f = 0; f < 8 / VB; ++f) {
+                    const u32 c = j * (8 / VB) + f;
+                    const u32 i = t * NG + c / VG;
+                    v |= kvt_code(kvt_hot_load(V[t * D + c]), vmin[i], vstep[i], VMAX) << (f * VB);
+                }
+                out = (u8)v;
+            }
+        }
+        blk[b] = out;
+    }
+}

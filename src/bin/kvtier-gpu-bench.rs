@@ -1,0 +1,386 @@
+//! GPU decode-attention benchmark: bf16 hot-only vs int4 vs int2 warm pages on the CUDA backend,
+//! for 32 q / 8 kv heads d128 and the SmolLM2 shape 9 / 3 / 64, batch 1 and 8, contexts 8K / 32K /
+//! 128K. Each timing flushes L2 (256 MiB written) and launches the fused decode once; medians of
+//! `--iters` launches. Prints milliseconds, GB/s of the bytes actually read (page bytes, page
+//! table, queries), the fraction of a measured read-bandwidth ceiling, and ratios against
+//! `torch_decode.py`'s JSON (`--torch` for the big shape, `--torch-small` for 9/3/64) when given.
+//!
+//! usage: kvtier-gpu-bench [--json OUT] [--torch T.json] [--torch-small T.json] [--iters N]
+//!                         [--quick] [--sweep] [--only-mode M] [--only-batch B] [--only-seq S]
+//!                         [--only-dim D]
+
+use kvtier::backend::cuda::{CudaDevice, CudaStorage, CudaTuning};
+use kvtier::backend::{BackendDevice, BackendStorage};
+use kvtier::tiers::{demotable, PageEntry, Tier};
+use kvtier::{Bits, CacheConfig, HotDtype};
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+struct Args {
+    json: Option<String>,
+    torch: Option<String>,
+    torch_small: Option<String>,
+    iters: usize,
+    quick: bool,
+    sweep: bool,
+    only_mode: Option<String>,
+    only_batch: Option<usize>,
+    only_seq: Option<usize>,
+    only_dim: Option<usize>,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        json: None,
+        torch: None,
+        torch_small: None,
+        iters: 50,
+        quick: false,
+        sweep: false,
+        only_mode: None,
+        only_batch: None,
+        only_seq: None,
+        only_dim: None,
+    };
+    let v: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < v.len() {
+        let next = |i: usize| v.get(i + 1).cloned();
+        match v[i].as_str() {
+            "--json" => a.json = next(i),
+            "--torch" => a.torch = next(i),
+            "--torch-small" => a.torch_small = next(i),
+            "--only-mode" => a.only_mode = next(i),
+            "--only-batch" => a.only_batch = next(i).and_then(|s| s.parse().ok()),
+            "--only-seq" => a.only_seq = next(i).and_then(|s| s.parse().ok()),
+            "--only-dim" => a.only_dim = next(i).and_then(|s| s.parse().ok()),
+            "--iters" => a.iters = next(i).and_then(|s| s.parse().ok()).unwrap_or(50),
+            "--quick" => {
+                a.quick = true;
+                i += 1;
+                continue;
+            }
+            "--sweep" => {
+                a.sweep = true;
+                i += 1;
+                continue;
+            }
+            other => {
+                eprintln!("unknown argument {other}");
+                std::process::exit(2);
+            }
+        }
+        i += 2;
+    }
+    a
+}
+
+/// Minimal extraction of (batch, seq) -> (sdpa_flash_ms, int4_deq_ms) from torch_decode.py JSON.
+fn torch_rows(path: &Option<String>) -> HashMap<(usize, usize), (f64, f64)> {
+    let mut m = HashMap::new();
+    let Some(p) = path else { return m };
+    let Ok(s) = std::fs::read_to_string(p) else {
+        eprintln!("cannot read {p}");
+        return m;
+    };
+    let num = |obj: &str, key: &str| -> Option<f64> {
+        let at = obj.find(&format!("\"{key}\""))?;
+        let rest = &obj[at + key.len() + 2..];
+        let rest = rest[rest.find(':')? + 1..].trim_start();
+        let end = rest.find([',', '}', '\n']).unwrap_or(rest.len());
+        rest[..end].trim().parse().ok()
+    };
+    for obj in s.split('{').skip(1) {
+        if let (Some(b), Some(q), Some(f), Some(d)) = (
+            num(obj, "batch"),
+            num(obj, "seq"),
+            num(obj, "sdpa_flash_ms"),
+            num(obj, "int4_deq_ms"),
+        ) {
+            m.insert((b as usize, q as usize), (f, d));
+        }
+    }
+    m
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Bf16,
+    Int4,
+    Int2,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Bf16 => "bf16",
+            Mode::Int4 => "int4",
+            Mode::Int2 => "int2",
+        }
+    }
+    fn config(self, q: usize, kv: usize, d: usize) -> CacheConfig {
+        let b = CacheConfig::builder(1, q, kv, d)
+            .hot_dtype(HotDtype::BF16)
+            .page_size(32)
+            .sink_tokens(4)
+            .hot_window(128);
+        match self {
+            Mode::Bf16 => b.full_precision().build(),
+            Mode::Int4 => b.k_bits(Bits::B4).v_bits(Bits::B4).build(),
+            Mode::Int2 => b.k_bits(Bits::B2).v_bits(Bits::B2).build(),
+        }
+        .expect("valid bench config")
+    }
+}
+
+struct Rng(u64);
+impl Rng {
+    fn f32(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+}
+
+struct Filled {
+    st: CudaStorage,
+    seqs: Vec<Vec<PageEntry>>,
+    bytes_read: f64,
+}
+
+fn fill(
+    dev: &CudaDevice,
+    cfg: &CacheConfig,
+    batch: usize,
+    seq: usize,
+    pool: &[(Vec<f32>, Vec<f32>)],
+) -> kvtier::Result<Filled> {
+    let mut st: CudaStorage = dev.storage(cfg, 0)?;
+    let ps = cfg.page_size;
+    let pages = seq.div_ceil(ps);
+    if cfg.warm_enabled {
+        st.reserve(batch * 8, batch * pages)?;
+    } else {
+        st.reserve(batch * pages, 0)?;
+    }
+    let layout = kvtier::quant::WarmLayout::of(cfg);
+    let (kvh, d) = (cfg.num_kv_heads, cfg.head_dim);
+    let mut bytes = 0f64;
+    let mut seqs = Vec::new();
+    for b in 0..batch {
+        let mut entries = Vec::with_capacity(pages);
+        for i in 0..pages {
+            let n = ps.min(seq - i * ps);
+            let (k, v) = &pool[(i * 7 + b * 13) % pool.len()];
+            let slot = st.alloc_hot()?;
+            st.write_hot(slot, 0, &k[..n * kvh * d], &v[..n * kvh * d], n)?;
+            let mut e = PageEntry {
+                tier: Tier::Hot,
+                slot,
+                n_tokens: n as u32,
+            };
+            if cfg.warm_enabled && demotable(i, ps, seq, cfg.sink_tokens, cfg.hot_window) {
+                if let Some(w) = st.demote(slot, n)? {
+                    e = PageEntry {
+                        tier: Tier::Warm,
+                        slot: w,
+                        n_tokens: n as u32,
+                    };
+                }
+            }
+            bytes += match e.tier {
+                Tier::Warm => (layout.head_bytes * kvh) as f64,
+                _ => (2 * kvh * n * d * 2) as f64,
+            } + 8.0;
+            entries.push(e);
+        }
+        seqs.push(entries);
+    }
+    bytes += (batch * cfg.num_q_heads * d * 4) as f64;
+    Ok(Filled {
+        st,
+        seqs,
+        bytes_read: bytes,
+    })
+}
+
+fn median(mut v: Vec<f32>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2] as f64
+}
+
+fn main() {
+    let a = args();
+    let dev = match CudaDevice::new(0) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("SKIP: no CUDA device: {e}");
+            return;
+        }
+    };
+    let t_all = std::time::Instant::now();
+    let torch_big = torch_rows(&a.torch);
+    let torch_small = torch_rows(&a.torch_small);
+    let shapes: &[(usize, usize, usize)] = &[(32, 8, 128), (9, 3, 64)];
+    let batches: &[usize] = if a.quick { &[1] } else { &[1, 8] };
+    let seqs: &[usize] = if a.quick {
+        &[8192]
+    } else {
+        &[8192, 32768, 131072]
+    };
+    let modes = [Mode::Bf16, Mode::Int4, Mode::Int2];
+
+    // Read-bandwidth ceiling, through a probe kernel in the same module family.
+    let probe_cfg = Mode::Int4.config(32, 8, 128);
+    let probe: CudaStorage = dev.storage(&probe_cfg, 0).expect("storage");
+    let read_bw = probe.read_bandwidth_probe(4 << 30, 10).expect("probe");
+    drop(probe);
+    println!(
+        "device {} sm_{}{} {} SMs; read-bandwidth probe {:.0} GB/s",
+        dev.name(),
+        dev.compute_capability().0,
+        dev.compute_capability().1,
+        dev.sm_count(),
+        read_bw
+    );
+
+    let mut rows = Vec::new();
+    let mut json = String::new();
+    let _ = write!(
+        json,
+        "{{\"device\":\"{}\",\"read_probe_GBps\":{read_bw:.1},\"rows\":[",
+        dev.name()
+    );
+    for &(q, kv, d) in shapes {
+        if a.only_dim.is_some_and(|x| x != d) {
+            continue;
+        }
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let pool: Vec<(Vec<f32>, Vec<f32>)> = (0..61)
+            .map(|_| {
+                let n = 32 * kv * d;
+                (
+                    (0..n).map(|_| rng.f32() * 2.0).collect(),
+                    (0..n).map(|_| rng.f32()).collect(),
+                )
+            })
+            .collect();
+        let torch = if d == 128 { &torch_big } else { &torch_small };
+        for &b in batches {
+            for &s in seqs {
+                for mode in modes {
+                    if a.only_mode.as_deref().is_some_and(|m| m != mode.name())
+                        || a.only_batch.is_some_and(|x| x != b)
+                        || a.only_seq.is_some_and(|x| x != s)
+                    {
+                        continue;
+                    }
+                    let cfg = mode.config(q, kv, d);
+                    let t0 = std::time::Instant::now();
+                    let mut f = match fill(&dev, &cfg, b, s, &pool) {
+                        Ok(f) => f,
+                        Err(e) => {
+                            eprintln!("{q}/{kv}/{d} B{b} S{s} {}: setup failed: {e}", mode.name());
+                            continue;
+                        }
+                    };
+                    let fill_s = t0.elapsed().as_secs_f64();
+                    let lists: Vec<&[PageEntry]> = f.seqs.iter().map(|v| v.as_slice()).collect();
+                    let plan = f.st.plan_pages(&lists).expect("plan");
+                    let qv: Vec<f32> = (0..b * q * d).map(|_| rng.f32()).collect();
+                    let att = f.st.attend_plan(&plan, &qv).expect("attend");
+                    let mass: f32 = att
+                        .page_mass
+                        .iter()
+                        .map(|m| m.iter().sum::<f32>())
+                        .sum::<f32>()
+                        / b as f32;
+                    let finite = att.output.iter().all(|x| x.is_finite());
+                    let mut tunings = vec![dev.tuning()];
+                    if a.sweep
+                        && d == 128
+                        && mode != Mode::Bf16
+                        && ((b == 1 && s == 131072) || (b == 8 && s == 32768))
+                    {
+                        for t in [
+                            CudaTuning {
+                                warps: 4,
+                                channels_per_lane: 8,
+                                min_blocks: 4,
+                            },
+                            CudaTuning {
+                                warps: 8,
+                                channels_per_lane: 16,
+                                min_blocks: 1,
+                            },
+                            CudaTuning {
+                                warps: 8,
+                                channels_per_lane: 8,
+                                min_blocks: 2,
+                            },
+                            CudaTuning {
+                                warps: 2,
+                                channels_per_lane: 16,
+                                min_blocks: 6,
+                            },
+                        ] {
+                            tunings.push(t);
+                        }
+                    }
+                    for (ti, t) in tunings.iter().enumerate() {
+                        if ti > 0 && f.st.retune(*t, &cfg).is_err() {
+                            continue;
+                        }
+                        let plan = f.st.plan_pages(&lists).expect("plan");
+                        let _ = f.st.attend_plan(&plan, &qv).expect("attend");
+                        let _ = f.st.time_decode(&plan, 5, 256 << 20).expect("warmup");
+                        let times = f.st.time_decode(&plan, a.iters, 256 << 20).expect("time");
+                        let ms = median(times);
+                        let gbps = f.bytes_read / (ms * 1e-3) / 1e9;
+                        let (regs, bps, w, cpl, gs) = f.st.decode_kernel_info();
+                        let (flash, deq) =
+                            torch.get(&(b, s)).copied().unwrap_or((f64::NAN, f64::NAN));
+                        let tag = if ti == 0 {
+                            String::new()
+                        } else {
+                            format!(" [w{} c{} m{}]", t.warps, t.channels_per_lane, t.min_blocks)
+                        };
+                        let line = format!(
+                            "{q:>2}/{kv}/{d:<3} B{b} S{s:<6} {:<4}{tag:<14} {ms:>8.4} ms {gbps:>7.0} GB/s {:>5.1}% | x flash {:>5.2} x int4_deq {:>5.2} | items {} regs {regs} ctas/sm {bps} w{w} cpl{cpl} gs{gs} | mass {mass:.4} {} fill {fill_s:.1}s",
+                            mode.name(),
+                            100.0 * gbps / read_bw,
+                            flash / ms,
+                            deq / ms,
+                            plan.n_items(),
+                            if finite { "ok" } else { "NONFINITE" },
+                        );
+                        println!("{line}");
+                        let _ = write!(
+                            json,
+                            "{}{{\"q_heads\":{q},\"kv_heads\":{kv},\"dim\":{d},\"batch\":{b},\"seq\":{s},\"mode\":\"{}\",\"warps\":{},\"cpl\":{},\"min_blocks\":{},\"ms\":{ms:.5},\"GBps\":{gbps:.1},\"bytes_read\":{:.0},\"pct_read_bw\":{:.2},\"x_sdpa_flash\":{:.3},\"x_int4_deq\":{:.3},\"regs\":{regs},\"ctas_per_sm\":{bps},\"items\":{},\"mass_sum\":{mass:.5}}}",
+                            if rows.is_empty() { "" } else { "," },
+                            mode.name(),
+                            t.warps,
+                            t.channels_per_lane,
+                            t.min_blocks,
+                            f.bytes_read,
+                            100.0 * gbps / read_bw,
+                            flash / ms,
+                            deq / ms,
+                            plan.n_items(),
+                        );
+                        rows.push(line);
+                    }
+                }
+            }
+        }
+    }
+    json.push_str("]}\n");
+    if let Some(p) = &a.json {
+        if let Err(e) = std::fs::write(p, &json) {
+            eprintln!("cannot write {p}: {e}");
+        }
+    }
+    println!("total {:.1} s", t_all.elapsed().as_secs_f64());
+}
