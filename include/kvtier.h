@@ -119,6 +119,32 @@ enum kvtier_status
      */
     KVTIER_STATUS_MODEL = 112,
     /*
+     A finite value is beyond the range of the storage dtype (for example above 65504 for f16
+     hot pages); nothing was stored.
+     */
+    KVTIER_STATUS_OUT_OF_RANGE = 113,
+    /*
+     A page reference names no page (page index past the sequence's pages).
+     */
+    KVTIER_STATUS_UNKNOWN_PAGE = 114,
+    /*
+     A page move is not possible from the page's state (pinned, wrong tier, still being
+     written); nothing was changed.
+     */
+    KVTIER_STATUS_INVALID_MOVE = 115,
+    /*
+     Attention statistics passed to observe do not match the cache as it is now.
+     */
+    KVTIER_STATUS_STALE = 116,
+    /*
+     Attention over finite inputs overflowed f32; no result is returned.
+     */
+    KVTIER_STATUS_OVERFLOW = 117,
+    /*
+     A broken internal invariant: a kvtier bug, never the caller's fault (please report it).
+     */
+    KVTIER_STATUS_INTERNAL = 118,
+    /*
      The requested backend was not compiled into this library (for example CUDA without the
      `cuda` feature).
      */
@@ -241,7 +267,7 @@ typedef struct kvtier_memory_report {
      */
     size_t warm_bytes;
     /*
-     Host / NVMe tier (0 until the cold tier exists).
+     Cold tier (host RAM): pages that left the device and are not already in the archive.
      */
     size_t cold_bytes;
     /*
@@ -253,7 +279,7 @@ typedef struct kvtier_memory_report {
      */
     size_t device_bytes;
     /*
-     device + cold.
+     device + cold + archive.
      */
     size_t total_bytes;
     /*
@@ -270,6 +296,16 @@ typedef struct kvtier_memory_report {
      f16_equivalent_bytes / device_bytes (higher is smaller).
      */
     double compression;
+    /*
+     Lossless archive (host RAM): exact copies of pages that left the hot tier.
+     */
+    size_t archive_bytes;
+    size_t cold_pages;
+    size_t evicted_pages;
+    /*
+     Pages with an archive copy.
+     */
+    size_t archived_pages;
 } kvtier_memory_report;
 
 /*
@@ -277,13 +313,30 @@ typedef struct kvtier_memory_report {
  */
 typedef struct kvtier_counters {
     /*
-     Pages quantised from hot to warm.
+     Pages quantised from hot to warm (or to fewer bits).
      */
     uint64_t demotions;
     /*
-     Pages that stayed hot: not representable in the warm format, or the warm tier was full.
+     Pages the default policy left hot: not representable in the warm format, a budget was
+     full, or memory ran out.
      */
     uint64_t demotions_skipped;
+    /*
+     Pages brought back to hot.
+     */
+    uint64_t promotions;
+    /*
+     Pages evicted.
+     */
+    uint64_t evictions;
+    /*
+     Pages moved to the cold tier.
+     */
+    uint64_t to_cold;
+    /*
+     Pages moved back from the cold tier.
+     */
+    uint64_t from_cold;
 } kvtier_counters;
 
 /*

@@ -115,6 +115,13 @@ pub struct CacheConfig {
     pub max_seq_len: usize,
     /// Softmax scale; `None` means `1 / sqrt(head_dim)`.
     pub softmax_scale: Option<f32>,
+    /// Keep a lossless archive in host RAM: every page that leaves the hot tier keeps its exact
+    /// bytes (hot dtype), so `promote` restores it bit for bit. On by default; costs host memory
+    /// (reported as `archive_bytes`), never device memory.
+    pub archive: bool,
+    /// Decay of the accumulated attention mass per page at each `observe` step:
+    /// `mass = decay * mass + step_mass`. 1.0 (default) is H2O's plain accumulation.
+    pub mass_decay: f32,
 }
 
 impl CacheConfig {
@@ -143,6 +150,8 @@ impl CacheConfig {
                 budgets: TierBudgets::default(),
                 max_seq_len: 1 << 20,
                 softmax_scale: None,
+                archive: true,
+                mass_decay: 1.0,
             },
         }
     }
@@ -284,6 +293,12 @@ impl CacheConfig {
         if self.max_seq_len == 0 || self.max_seq_len > (u32::MAX as usize) {
             return Err(Error::config("max_seq_len", "must be in 1..=u32::MAX"));
         }
+        if !(self.mass_decay > 0.0 && self.mass_decay <= 1.0) {
+            return Err(Error::config(
+                "mass_decay",
+                format!("{} must be in (0, 1]", self.mass_decay),
+            ));
+        }
         if let Some(s) = self.softmax_scale {
             if !(s.is_finite() && s > 0.0) {
                 return Err(Error::config(
@@ -335,6 +350,10 @@ impl CacheConfigBuilder {
         max_seq_len: usize);
     setter!(/// Softmax scale (default `1/sqrt(head_dim)`).
         softmax_scale: Option<f32>);
+    setter!(/// Lossless host archive of pages that leave the hot tier (default on).
+        archive: bool);
+    setter!(/// Per-step decay of accumulated page attention mass, in (0, 1] (default 1).
+        mass_decay: f32);
 
     /// Keeps every page hot and exact (no warm tier): the full-precision reference.
     pub fn full_precision(mut self) -> Self {

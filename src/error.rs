@@ -9,7 +9,7 @@ use crate::backend::cuda::CudaError;
 use crate::backend::metal::MetalError;
 
 /// A tier of the cache, used in error messages and reports.
-pub use crate::tiers::Tier;
+pub use crate::cache::Tier;
 
 /// Everything that can go wrong in kvtier.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +76,49 @@ pub enum Error {
     #[error("unsupported: {0}")]
     Unsupported(&'static str),
 
+    /// A finite input value does not fit the storage dtype (e.g. above 65504 for f16 hot pages).
+    #[error("value {value} in `{what}` at index {index} is beyond the {dtype} range (|x| <= {max})")]
+    OutOfRange {
+        what: &'static str,
+        index: usize,
+        value: f32,
+        dtype: &'static str,
+        max: f32,
+    },
+
+    /// A page reference names no page: wrong sequence, layer or page index.
+    #[error("no page {page} in layer {layer} of sequence {seq} (it has {n_pages} pages)")]
+    UnknownPage {
+        seq: u64,
+        layer: usize,
+        page: usize,
+        n_pages: usize,
+    },
+
+    /// A page move is not possible from the page's current state; nothing was changed.
+    #[error("cannot {op} page {page} of sequence {seq} in layer {layer}: {reason}")]
+    InvalidMove {
+        op: &'static str,
+        seq: u64,
+        layer: usize,
+        page: usize,
+        reason: String,
+    },
+
+    /// Statistics passed to `observe` do not describe the cache as it is now (pages moved,
+    /// sequences changed, or the result came from another layer).
+    #[error("stale attention result: {0}")]
+    Stale(String),
+
+    /// Attention over finite inputs would have produced a non-finite result (scores overflow f32);
+    /// nothing is returned rather than infinities.
+    #[error("attention overflowed: {0}")]
+    Overflow(String),
+
+    /// A broken internal invariant: a bug in kvtier, never the caller's fault. Please report it.
+    #[error("internal error (a kvtier bug): {0}")]
+    Internal(String),
+
     /// The CUDA backend failed.
     #[error("cuda: {0}")]
     Cuda(#[from] CudaError),
@@ -103,6 +146,9 @@ impl Error {
             expected: expected.to_string(),
             got: got.to_string(),
         }
+    }
+    pub(crate) fn internal(msg: impl Into<String>) -> Self {
+        Error::Internal(msg.into())
     }
     pub(crate) fn config(field: &'static str, reason: impl Into<String>) -> Self {
         Error::InvalidConfig {

@@ -29,6 +29,7 @@
 pub mod attention;
 pub mod backend;
 pub mod cache;
+pub mod cold;
 pub mod config;
 pub mod error;
 pub mod ffi;
@@ -36,13 +37,15 @@ pub mod memory;
 pub mod model;
 pub mod quant;
 pub mod tensor;
-pub mod tiers;
 
-pub use attention::{Attention, HeadStats};
-pub use backend::{Device, DeviceBuffers, DeviceLocation};
-pub use cache::{CacheCounters, KvCache, SeqId};
+pub use attention::{Attention, HeadStats, PageSelection};
+pub use backend::{Device, DeviceBuffers, DeviceLocation, InputDtype, PageBytes, Scratch};
+pub use cache::{
+    CacheCounters, KvCache, Move, PageEntry, PageMeta, PageRef, PageTable, Pins, Restored, Rows,
+    SeqId, Tier,
+};
 pub use config::{Bits, CacheConfig, CacheConfigBuilder, HotDtype, TierBudgets};
 pub use error::{Error, Result};
 pub use memory::MemoryReport;
 pub use model::{protect, ProtectedSession};
-pub use tiers::Tier;
+pub use quant::WarmFormat;

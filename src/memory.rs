@@ -12,8 +12,11 @@ pub struct MemoryReport {
     pub hot_bytes: usize,
     /// Quantised pages: packed codes plus f16 minimums and steps.
     pub warm_bytes: usize,
-    /// Host / NVMe tier (0 until the cold tier exists).
+    /// Cold tier (host RAM): bytes of pages that left the device and are not already in the
+    /// archive.
     pub cold_bytes: usize,
+    /// Lossless archive (host RAM): exact copies of pages that left the hot tier.
+    pub archive_bytes: usize,
     /// Bookkeeping.
     pub metadata_bytes: usize,
     /// Tokens stored, summed over sequences and layers.
@@ -21,18 +24,28 @@ pub struct MemoryReport {
     /// Pages per tier.
     pub hot_pages: usize,
     pub warm_pages: usize,
-    /// What the same tokens take as plain f16 K and V with no padding.
+    pub cold_pages: usize,
+    pub evicted_pages: usize,
+    /// Tokens in evicted pages (counted in `tokens`, never attended).
+    pub evicted_tokens: usize,
+    /// Pages with an archive copy.
+    pub archived_pages: usize,
+    /// What the same (not evicted) tokens take as plain f16 K and V with no padding.
     pub f16_equivalent_bytes: usize,
 }
 
 impl MemoryReport {
-    /// Device bytes: hot + warm + metadata (cold lives on the host).
+    /// Device bytes: hot + warm + metadata (cold and archive live on the host).
     pub fn device_bytes(&self) -> usize {
         self.hot_bytes + self.warm_bytes + self.metadata_bytes
     }
+    /// Host bytes: cold tier + archive.
+    pub fn host_bytes(&self) -> usize {
+        self.cold_bytes + self.archive_bytes
+    }
     /// All bytes.
     pub fn total(&self) -> usize {
-        self.device_bytes() + self.cold_bytes
+        self.device_bytes() + self.host_bytes()
     }
     /// f16 bytes divided by device bytes (compression ratio; higher is smaller).
     pub fn compression(&self) -> f64 {
@@ -45,16 +58,19 @@ impl std::fmt::Display for MemoryReport {
         let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
         write!(
             f,
-            "tokens {} | hot {:.2} MiB ({} pages) | warm {:.2} MiB ({} pages) | cold {:.2} MiB | metadata {:.3} MiB | \
-             total {:.2} MiB vs f16 {:.2} MiB ({:.2}x)",
+            "tokens {} | hot {:.2} MiB ({} pages) | warm {:.2} MiB ({} pages) | cold {:.2} MiB ({} pages) | \
+             archive {:.2} MiB ({} pages) | metadata {:.3} MiB | device {:.2} MiB vs f16 {:.2} MiB ({:.2}x)",
             self.tokens,
             mib(self.hot_bytes),
             self.hot_pages,
             mib(self.warm_bytes),
             self.warm_pages,
             mib(self.cold_bytes),
+            self.cold_pages,
+            mib(self.archive_bytes),
+            self.archived_pages,
             mib(self.metadata_bytes),
-            mib(self.total()),
+            mib(self.device_bytes()),
             mib(self.f16_equivalent_bytes),
             self.compression()
         )

@@ -82,11 +82,12 @@ fn shapes_ids_layers_values() {
         c.attend_device(
             0,
             &[s],
-            kvtier::DeviceBuffers {
+            kvtier::DeviceBuffers::Cuda(kvtier::backend::cuda::CudaBuffers {
                 queries: 0,
+                query_dtype: kvtier::InputDtype::F32,
                 output: 0,
                 stream: 0
-            }
+            })
         ),
         Err(Error::Unsupported(_))
     ));

@@ -11,6 +11,9 @@
 //! Keeping `x` relative to the running max keeps `s2/l - (s1/l)²` free of catastrophic cancellation.
 
 pub mod exp;
+mod selection;
+
+pub use selection::PageSelection;
 
 /// Per query head statistics of one attention step.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -33,10 +36,163 @@ pub struct Attention {
     /// `[n_seqs * num_q_heads]`.
     pub heads: Vec<HeadStats>,
     /// Per sequence, per page: the attention mass of the page (sum of softmax weights of its tokens),
-    /// averaged over the q heads. Each sequence's masses sum to 1.
+    /// averaged over the q heads. Each sequence's masses sum to 1 over the pages attended.
     pub page_mass: Vec<Vec<f32>>,
+    /// Per sequence, `[n_pages][num_q_heads]`: `log Σ exp(s)` over the page's tokens for that q
+    /// head; `-inf` where the page was not attended (not selected, cold-skipped, evicted). The mass
+    /// of page `p` for head `h` is `exp(page_lse - heads[h].log_z)`.
+    pub page_lse: Vec<Vec<f32>>,
     pub num_q_heads: usize,
+    pub num_kv_heads: usize,
     pub head_dim: usize,
+}
+
+impl Attention {
+    /// An empty result for `n_pages[i]` pages per sequence: zero output, `-inf` statistics.
+    pub fn empty(n_pages: &[usize], num_q_heads: usize, num_kv_heads: usize, head_dim: usize) -> Self {
+        Attention {
+            output: vec![0.0; n_pages.len() * num_q_heads * head_dim],
+            heads: vec![OnlineSoftmax::default().stats(); n_pages.len() * num_q_heads],
+            page_mass: n_pages.iter().map(|&n| vec![0.0; n]).collect(),
+            page_lse: n_pages
+                .iter()
+                .map(|&n| vec![f32::NEG_INFINITY; n * num_q_heads])
+                .collect(),
+            num_q_heads,
+            num_kv_heads,
+            head_dim,
+        }
+    }
+
+    /// Recomputes `page_mass` from `page_lse` and the heads' `log_z`.
+    pub fn finish_masses(&mut self) {
+        let qh = self.num_q_heads;
+        for (i, (mass, lse)) in self.page_mass.iter_mut().zip(&self.page_lse).enumerate() {
+            let heads = &self.heads[i * qh..(i + 1) * qh];
+            for (p, m) in mass.iter_mut().enumerate() {
+                let mut sum = 0.0f32;
+                for (h, hs) in heads.iter().enumerate() {
+                    let x = lse[p * qh + h];
+                    if x > f32::NEG_INFINITY && hs.log_z > f32::NEG_INFINITY {
+                        sum += (x - hs.log_z).exp();
+                    }
+                }
+                *m = sum / qh as f32;
+            }
+        }
+    }
+
+    /// Per kv head masses of sequence `i`, `[n_pages][num_kv_heads]`: the mass of each page averaged
+    /// over the q heads of that kv head's GQA group (each kv head's masses sum to 1 over the pages
+    /// it attended). This is what per-head policies (SnapKV, PyramidKV) read.
+    pub fn kv_page_mass(&self, i: usize) -> Vec<f32> {
+        let (qh, kvh) = (self.num_q_heads, self.num_kv_heads.max(1));
+        let g = qh / kvh;
+        let heads = &self.heads[i * qh..(i + 1) * qh];
+        let lse = &self.page_lse[i];
+        let n = lse.len() / qh.max(1);
+        let mut out = vec![0.0f32; n * kvh];
+        for p in 0..n {
+            for kv in 0..kvh {
+                let mut sum = 0.0;
+                for h in kv * g..(kv + 1) * g {
+                    let x = lse[p * qh + h];
+                    if x > f32::NEG_INFINITY && heads[h].log_z > f32::NEG_INFINITY {
+                        sum += (x - heads[h].log_z).exp();
+                    }
+                }
+                out[p * kvh + kv] = sum / g as f32;
+            }
+        }
+        out
+    }
+
+    /// Whether any q head of kv head `kv` attended page `page` of sequence `i`.
+    pub fn attended(&self, i: usize, page: usize, kv: usize) -> bool {
+        let (qh, kvh) = (self.num_q_heads, self.num_kv_heads.max(1));
+        let g = qh / kvh;
+        self.page_lse[i][page * qh + kv * g..page * qh + (kv + 1) * g]
+            .iter()
+            .any(|&x| x > f32::NEG_INFINITY)
+    }
+
+    /// Folds `other`, attention of the same batch and queries over a disjoint set of pages (pages
+    /// `other` did not attend have `-inf` lse), into `self`: the result is attention over the
+    /// union, as one call over both would give (up to f32 rounding of the log-sum-exp merge).
+    pub fn merge_disjoint(&mut self, other: &Attention) {
+        let (qh, d) = (self.num_q_heads, self.head_dim);
+        for (i, hs) in self.heads.iter_mut().enumerate() {
+            let o = &other.heads[i];
+            let mut a = OnlineSoftmax::from_stats(hs);
+            let (wa, wb) = a.merge(&OnlineSoftmax::from_stats(o));
+            let (la, lb) = (
+                OnlineSoftmax::from_stats(hs).l * wa,
+                OnlineSoftmax::from_stats(o).l * wb,
+            );
+            let l = a.l;
+            if l > 0.0 {
+                let (fa, fb) = (la / l, lb / l);
+                for c in 0..d {
+                    let at = i * d + c;
+                    self.output[at] = fa * self.output[at] + fb * other.output[at];
+                }
+            }
+            *hs = a.stats();
+        }
+        for (mine, theirs) in self.page_lse.iter_mut().zip(&other.page_lse) {
+            for (x, &y) in mine.iter_mut().zip(theirs) {
+                if y > f32::NEG_INFINITY {
+                    *x = if *x > f32::NEG_INFINITY {
+                        log_add_exp(*x, y)
+                    } else {
+                        y
+                    };
+                }
+            }
+        }
+        let _ = qh;
+        self.finish_masses();
+    }
+
+    /// True when every output value and every statistic of a non-empty head is finite.
+    pub fn is_finite(&self) -> bool {
+        self.output.iter().all(|x| x.is_finite())
+            && self.heads.iter().all(|h| {
+                h.log_z == f32::NEG_INFINITY
+                    || (h.log_z.is_finite()
+                        && h.max_score.is_finite()
+                        && h.entropy.is_finite()
+                        && h.varentropy.is_finite())
+            })
+    }
+}
+
+/// `ln(e^a + e^b)` for finite `a`, `b`.
+pub fn log_add_exp(a: f32, b: f32) -> f32 {
+    let m = a.max(b);
+    m + ((a - m).exp() + (b - m).exp()).ln()
+}
+
+/// Merges per-chunk partial results of one query head, in order: each part is its softmax state
+/// and its unnormalised accumulator (`Σ e·v` relative to the part's own max). Returns the merged
+/// state and the normalised output. This is the prefill / split-K combine every backend shares.
+pub fn combine_parts<'a>(
+    parts: impl IntoIterator<Item = (OnlineSoftmax, &'a [f32])>,
+    out: &mut [f32],
+) -> OnlineSoftmax {
+    let mut st = OnlineSoftmax::default();
+    out.iter_mut().for_each(|x| *x = 0.0);
+    for (p, acc) in parts {
+        let (a, b) = st.merge(&p);
+        for (o, &x) in out.iter_mut().zip(acc) {
+            *o = a * *o + b * x;
+        }
+    }
+    if st.l > 0.0 {
+        let inv = 1.0 / st.l;
+        out.iter_mut().for_each(|x| *x *= inv);
+    }
+    st
 }
 
 impl Attention {
@@ -105,6 +261,22 @@ impl OnlineSoftmax {
         self.s1 += o.s1;
         self.s2 += o.s2;
         (a, ao)
+    }
+
+    /// The state that [`OnlineSoftmax::stats`] summarised (exact up to f32 rounding): `l` relative
+    /// to `m = max_score`, `s1`, `s2` recovered from entropy and varentropy.
+    pub fn from_stats(h: &HeadStats) -> Self {
+        if h.log_z == f32::NEG_INFINITY || !h.max_score.is_finite() {
+            return OnlineSoftmax::default();
+        }
+        let l = (h.log_z - h.max_score).exp();
+        let ex = l.ln() - h.entropy;
+        OnlineSoftmax {
+            m: h.max_score,
+            l,
+            s1: ex * l,
+            s2: (h.varentropy + ex * ex) * l,
+        }
     }
 
     /// Final statistics.

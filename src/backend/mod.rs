@@ -3,20 +3,29 @@
 //! Owns: the [`BackendStorage`] trait (one pool of hot and warm pages for one layer on one device,
 //! plus the kernels over it) and the [`BackendDevice`] trait (creates storages), in the candle-core
 //! shape, with enum dispatch through [`Storage`] and [`Device`]. Backends not compiled in still exist
-//! as stub types whose constructors return a typed error, so user code and the C ABI need no `cfg`.
+//! as stub types (one macro, [`stub_backend!`]) whose constructors return a typed error, so user code
+//! and the C ABI need no `cfg`. Methods a backend may lack have default [`Error::Unsupported`] bodies,
+//! so adding one is one edit in the trait and one in each backend that implements it.
+//!
+//! Attention follows regex-automata's split: the storage is an immutable engine (`&self`, usable
+//! from several threads), the caller owns a reusable [`Scratch`], and each call passes an
+//! [`AttendInput`] (page tables, queries, an optional page selection).
 //!
 //! The CPU backend is the oracle: every other backend is tested against it on the same inputs.
-//! Must never: decide which pages move between tiers (the cache and its policies do) or keep a
-//! dequantised copy of a warm page.
+//! Must never: decide which pages move between tiers (the cache and its policies do), see a cold
+//! page (the cache brings cold pages back before a kernel runs), or keep a dequantised copy of a
+//! warm page.
 
 pub mod cpu;
 pub mod cuda;
 pub mod metal;
+mod stub;
 
-use crate::attention::Attention;
-use crate::config::CacheConfig;
-use crate::error::Result;
-use crate::tiers::{PageEntry, PageTable, Tier};
+use crate::attention::{Attention, PageSelection};
+use crate::cache::{PageEntry, PageTable, Tier};
+use crate::config::{CacheConfig, HotDtype};
+use crate::error::{Error, Result};
+use crate::quant::WarmFormat;
 
 /// Bytes a storage has allocated, by part.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -37,14 +46,100 @@ pub enum DeviceLocation {
     Metal,
 }
 
-/// Raw device addresses for attention whose queries and output stay on an accelerator.
-/// `queries` is `[n_seqs, num_q_heads, head_dim]` f32, `output` the same shape; `stream` is the
-/// backend's stream handle (a `CUstream` for CUDA), 0 for the default stream.
+/// Element type of queries (and of keys/values an engine appends).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum InputDtype {
+    F32,
+    F16,
+    BF16,
+}
+
+impl InputDtype {
+    /// Bytes per element.
+    pub const fn size(self) -> usize {
+        match self {
+            InputDtype::F32 => 4,
+            InputDtype::F16 | InputDtype::BF16 => 2,
+        }
+    }
+}
+
+/// Query and output buffers in accelerator memory, by backend (each backend defines its own type:
+/// no raw handle of one backend appears in the shared trait).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DeviceBuffers {
-    pub queries: u64,
-    pub output: u64,
-    pub stream: u64,
+pub enum DeviceBuffers {
+    Cuda(cuda::CudaBuffers),
+    Metal(metal::MetalBuffers),
+}
+
+/// The portable bytes of one page, for the archive, the cold store and migration between
+/// backends. `data` is the page exactly as the storage holds it:
+/// - hot: keys then values, each `[num_kv_heads][page_size][head_dim]` in `hot_dtype`
+///   (little-endian), the whole page (tokens past `n_tokens` are zero);
+/// - warm: `num_kv_heads` head blocks of [`crate::quant::WarmLayout`] for `format`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageBytes {
+    pub tier: Tier,
+    pub format: WarmFormat,
+    pub n_tokens: u32,
+    pub data: Vec<u8>,
+}
+
+impl PageBytes {
+    /// Bytes held (the payload; the struct itself is metadata).
+    pub fn bytes(&self) -> usize {
+        self.data.capacity()
+    }
+}
+
+/// One decode-attention call: one query token per sequence.
+#[derive(Debug, Clone, Copy)]
+pub struct AttendInput<'a> {
+    /// Page tables, one per sequence of the batch. Cold and evicted pages must not be selected.
+    pub tables: &'a [&'a PageTable],
+    /// `[tables.len(), num_q_heads, head_dim]` f32 (empty for [`BackendStorage::attend_device`]).
+    pub queries: &'a [f32],
+    /// The pages to attend per sequence and kv head; `None` attends every page.
+    pub selection: Option<&'a PageSelection>,
+}
+
+/// Caller-owned, reusable working memory for [`BackendStorage::attend`]. Each backend keeps its own
+/// variant and replaces another backend's, so one `Scratch` can serve any storage. A fresh
+/// `Scratch::default()` is always valid; reusing one saves allocations (and device uploads).
+#[derive(Default)]
+pub enum Scratch {
+    #[default]
+    Empty,
+    Cpu(cpu::CpuScratch),
+    Cuda(cuda::CudaScratch),
+}
+
+impl Scratch {
+    pub(crate) fn cpu(&mut self) -> &mut cpu::CpuScratch {
+        if !matches!(self, Scratch::Cpu(_)) {
+            *self = Scratch::Cpu(cpu::CpuScratch::default());
+        }
+        match self {
+            Scratch::Cpu(s) => s,
+            // Set just above.
+            _ => unreachable!(),
+        }
+    }
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn cuda(&mut self) -> &mut cuda::CudaScratch {
+        if !matches!(self, Scratch::Cuda(_)) {
+            *self = Scratch::Cuda(cuda::CudaScratch::default());
+        }
+        match self {
+            Scratch::Cuda(s) => s,
+            // Set just above.
+            _ => unreachable!(),
+        }
+    }
+}
+
+fn unsupported<T>(what: &'static str) -> Result<T> {
+    Err(Error::Unsupported(what))
 }
 
 /// One layer's page pools on one device, and the kernels that read them.
@@ -54,7 +149,7 @@ pub struct DeviceBuffers {
 pub trait BackendStorage: Send + Sync {
     /// Where the bytes live.
     fn location(&self) -> DeviceLocation;
-    /// Allocates an empty hot page.
+    /// Allocates an empty (zeroed) hot page.
     fn alloc_hot(&mut self) -> Result<u32>;
     /// Writes `n` tokens into hot page `slot` starting at token offset `first`.
     fn write_hot(
@@ -65,25 +160,36 @@ pub trait BackendStorage: Send + Sync {
         values: &[f32],
         n: usize,
     ) -> Result<()>;
-    /// Quantises the first `n_tokens` of hot page `slot` into a new warm page and frees the hot one.
-    /// Returns `Ok(None)`, leaving the hot page untouched, when its values do not fit the warm
-    /// format (beyond f16 range).
-    fn demote(&mut self, slot: u32, n_tokens: usize) -> Result<Option<u32>>;
+    /// Quantises the first `n_tokens` of hot page `slot` into a new warm page of `format` and frees
+    /// the hot one. Returns `Ok(None)`, leaving the hot page untouched, when its values do not fit
+    /// the warm format (beyond f16 range).
+    fn demote(&mut self, slot: u32, n_tokens: usize, format: WarmFormat) -> Result<Option<u32>>;
+    /// Whether [`BackendStorage::demote`] accepts `format` (the config's own always is).
+    fn supports_format(&self, format: WarmFormat) -> bool;
     /// Frees a slot of `tier`.
     fn free(&mut self, tier: Tier, slot: u32);
     /// Reads a page back as f32 `(keys, values)`, each `[num_kv_heads, n_tokens, head_dim]`
     /// (dequantised for warm pages). For tests, the archive and debugging, not the hot path.
     fn read_page(&self, entry: &PageEntry) -> Result<(Vec<f32>, Vec<f32>)>;
-    /// Decode attention for a batch: one query token per sequence, `queries` is
-    /// `[tables.len(), num_q_heads, head_dim]`.
-    fn attend(&self, tables: &[&PageTable], queries: &[f32]) -> Result<Attention>;
-    /// Decode attention reading queries from and writing the output to device memory. The returned
-    /// [`Attention`] carries statistics and page masses; its `output` is empty. Backends without
-    /// device memory return [`crate::Error::Unsupported`].
-    fn attend_device(&self, _tables: &[&PageTable], _bufs: DeviceBuffers) -> Result<Attention> {
-        Err(crate::Error::Unsupported(
-            "attend_device needs an accelerator backend",
-        ))
+    /// The page's bytes (see [`PageBytes`]); the page stays where it is.
+    fn export_page(&self, _entry: &PageEntry) -> Result<PageBytes> {
+        unsupported("export_page on this backend")
+    }
+    /// Allocates a page of `page.tier` holding exactly `page.data`; returns its slot.
+    fn import_page(&mut self, _page: &PageBytes) -> Result<u32> {
+        unsupported("import_page on this backend")
+    }
+    /// Decode attention for a batch over the selected (default: all) pages.
+    fn attend(&self, scratch: &mut Scratch, input: &AttendInput) -> Result<Attention>;
+    /// Decode attention reading queries from and writing the f32 output to accelerator memory.
+    /// The returned [`Attention`] carries statistics and page masses; its `output` is empty.
+    fn attend_device(
+        &self,
+        _scratch: &mut Scratch,
+        _input: &AttendInput,
+        _bufs: &DeviceBuffers,
+    ) -> Result<Attention> {
+        unsupported("attend_device needs an accelerator backend")
     }
     /// Causal attention of `n` new tokens over the cached pages of `table` (as stored) plus the
     /// new tokens themselves (exact). `queries` is `[n, num_q_heads, head_dim]`, keys and values
@@ -96,7 +202,7 @@ pub trait BackendStorage: Send + Sync {
         values: &[f32],
         n: usize,
     ) -> Result<Vec<f32>>;
-    /// Bytes allocated.
+    /// Bytes allocated (kept as running counters: O(1)).
     fn bytes(&self) -> StorageBytes;
 }
 
@@ -173,8 +279,11 @@ impl BackendStorage for Storage {
     ) -> Result<()> {
         dispatch!(self, s => s.write_hot(slot, first, keys, values, n))
     }
-    fn demote(&mut self, slot: u32, n_tokens: usize) -> Result<Option<u32>> {
-        dispatch!(self, s => s.demote(slot, n_tokens))
+    fn demote(&mut self, slot: u32, n_tokens: usize, format: WarmFormat) -> Result<Option<u32>> {
+        dispatch!(self, s => s.demote(slot, n_tokens, format))
+    }
+    fn supports_format(&self, format: WarmFormat) -> bool {
+        dispatch!(self, s => s.supports_format(format))
     }
     fn free(&mut self, tier: Tier, slot: u32) {
         dispatch!(self, s => s.free(tier, slot))
@@ -182,11 +291,22 @@ impl BackendStorage for Storage {
     fn read_page(&self, entry: &PageEntry) -> Result<(Vec<f32>, Vec<f32>)> {
         dispatch!(self, s => s.read_page(entry))
     }
-    fn attend(&self, tables: &[&PageTable], queries: &[f32]) -> Result<Attention> {
-        dispatch!(self, s => s.attend(tables, queries))
+    fn export_page(&self, entry: &PageEntry) -> Result<PageBytes> {
+        dispatch!(self, s => s.export_page(entry))
     }
-    fn attend_device(&self, tables: &[&PageTable], bufs: DeviceBuffers) -> Result<Attention> {
-        dispatch!(self, s => s.attend_device(tables, bufs))
+    fn import_page(&mut self, page: &PageBytes) -> Result<u32> {
+        dispatch!(self, s => s.import_page(page))
+    }
+    fn attend(&self, scratch: &mut Scratch, input: &AttendInput) -> Result<Attention> {
+        dispatch!(self, s => s.attend(scratch, input))
+    }
+    fn attend_device(
+        &self,
+        scratch: &mut Scratch,
+        input: &AttendInput,
+        bufs: &DeviceBuffers,
+    ) -> Result<Attention> {
+        dispatch!(self, s => s.attend_device(scratch, input, bufs))
     }
     fn prefill(
         &self,
@@ -201,4 +321,9 @@ impl BackendStorage for Storage {
     fn bytes(&self) -> StorageBytes {
         dispatch!(self, s => s.bytes())
     }
+}
+
+/// Bytes of one whole hot page (K and V) of `cfg` in `dtype`.
+pub(crate) fn hot_page_bytes(cfg: &CacheConfig, dtype: HotDtype) -> usize {
+    2 * cfg.num_kv_heads * cfg.page_size * cfg.head_dim * dtype.size()
 }

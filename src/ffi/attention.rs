@@ -11,7 +11,8 @@ use super::boundary::{handle, input, optional_struct, Out};
 use super::cache::kvtier_cache;
 use super::status::{kvtier_status, FfiError};
 use crate::attention::Attention;
-use crate::backend::DeviceBuffers;
+use crate::backend::cuda::CudaBuffers;
+use crate::backend::{DeviceBuffers, InputDtype};
 use crate::cache::{KvCache, SeqId};
 use std::ffi::c_void;
 
@@ -253,11 +254,12 @@ pub unsafe extern "C" fn kvtier_cache_attend_device(
         }
         // SAFETY: `stats` is NULL or initialised (this function's contract).
         let stats_out = unsafe { StatsOut::check(stats, n_seqs, c.config().num_q_heads, &pages) }?;
-        let bufs = DeviceBuffers {
+        let bufs = DeviceBuffers::Cuda(CudaBuffers {
             queries: queries_device,
+            query_dtype: InputDtype::F32,
             output: output_device,
             stream: stream as usize as u64,
-        };
+        });
         let att = c.attend_device(layer, &ids, bufs)?;
         // SAFETY: the stats buffers were checked for their counts; writable (this function's
         // contract).

@@ -45,13 +45,13 @@ pub struct kvtier_memory_report {
     pub hot_bytes: usize,
     /// Quantised pages: packed codes plus their minimums and steps.
     pub warm_bytes: usize,
-    /// Host / NVMe tier (0 until the cold tier exists).
+    /// Cold tier (host RAM): pages that left the device and are not already in the archive.
     pub cold_bytes: usize,
     /// Bookkeeping: slot tables, free lists, page tables, the sequence map.
     pub metadata_bytes: usize,
     /// hot + warm + metadata.
     pub device_bytes: usize,
-    /// device + cold.
+    /// device + cold + archive.
     pub total_bytes: usize,
     /// Tokens stored, summed over sequences and layers.
     pub tokens: usize,
@@ -61,16 +61,31 @@ pub struct kvtier_memory_report {
     pub f16_equivalent_bytes: usize,
     /// f16_equivalent_bytes / device_bytes (higher is smaller).
     pub compression: f64,
+    /// Lossless archive (host RAM): exact copies of pages that left the hot tier.
+    pub archive_bytes: usize,
+    pub cold_pages: usize,
+    pub evicted_pages: usize,
+    /// Pages with an archive copy.
+    pub archived_pages: usize,
 }
 
 /// Events that did not fail a call but that a caller may want to see.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct kvtier_counters {
-    /// Pages quantised from hot to warm.
+    /// Pages quantised from hot to warm (or to fewer bits).
     pub demotions: u64,
-    /// Pages that stayed hot: not representable in the warm format, or the warm tier was full.
+    /// Pages the default policy left hot: not representable in the warm format, a budget was
+    /// full, or memory ran out.
     pub demotions_skipped: u64,
+    /// Pages brought back to hot.
+    pub promotions: u64,
+    /// Pages evicted.
+    pub evictions: u64,
+    /// Pages moved to the cold tier.
+    pub to_cold: u64,
+    /// Pages moved back from the cold tier.
+    pub from_cold: u64,
 }
 
 /// Creates a cache, and its handle, from `out`'s checked pointer.
@@ -413,6 +428,10 @@ pub unsafe extern "C" fn kvtier_cache_memory_report(
             warm_pages: r.warm_pages,
             f16_equivalent_bytes: r.f16_equivalent_bytes,
             compression: r.compression(),
+            archive_bytes: r.archive_bytes,
+            cold_pages: r.cold_pages,
+            evicted_pages: r.evicted_pages,
+            archived_pages: r.archived_pages,
         };
         // SAFETY: checked; writable (this function's contract).
         unsafe { out.write(report) };
@@ -443,6 +462,10 @@ pub unsafe extern "C" fn kvtier_cache_counters(
             out.write(kvtier_counters {
                 demotions: k.demotions,
                 demotions_skipped: k.demotions_skipped,
+                promotions: k.promotions,
+                evictions: k.evictions,
+                to_cold: k.to_cold,
+                from_cold: k.from_cold,
             })
         };
         Ok(())

@@ -76,6 +76,20 @@ pub enum kvtier_status {
     Candle = 111,
     /// The real-model layer failed (GGUF file, tokenizer, model metadata).
     Model = 112,
+    /// A finite value is beyond the range of the storage dtype (for example above 65504 for f16
+    /// hot pages); nothing was stored.
+    OutOfRange = 113,
+    /// A page reference names no page (page index past the sequence's pages).
+    UnknownPage = 114,
+    /// A page move is not possible from the page's state (pinned, wrong tier, still being
+    /// written); nothing was changed.
+    InvalidMove = 115,
+    /// Attention statistics passed to observe do not match the cache as it is now.
+    Stale = 116,
+    /// Attention over finite inputs overflowed f32; no result is returned.
+    Overflow = 117,
+    /// A broken internal invariant: a kvtier bug, never the caller's fault (please report it).
+    Internal = 118,
 
     // 200..=299: backends.
     /// The requested backend was not compiled into this library (for example CUDA without the
@@ -90,7 +104,7 @@ pub enum kvtier_status {
 }
 
 /// Every status, for tests and `kvtier_status_name`.
-pub(crate) const ALL: [kvtier_status; 23] = {
+pub(crate) const ALL: [kvtier_status; 29] = {
     use kvtier_status::*;
     [
         Ok,
@@ -112,6 +126,12 @@ pub(crate) const ALL: [kvtier_status; 23] = {
         Unsupported,
         Candle,
         Model,
+        OutOfRange,
+        UnknownPage,
+        InvalidMove,
+        Stale,
+        Overflow,
+        Internal,
         BackendNotCompiled,
         NoDevice,
         DeviceError,
@@ -143,6 +163,12 @@ impl kvtier_status {
             Unsupported => c"KVTIER_STATUS_UNSUPPORTED",
             Candle => c"KVTIER_STATUS_CANDLE",
             Model => c"KVTIER_STATUS_MODEL",
+            OutOfRange => c"KVTIER_STATUS_OUT_OF_RANGE",
+            UnknownPage => c"KVTIER_STATUS_UNKNOWN_PAGE",
+            InvalidMove => c"KVTIER_STATUS_INVALID_MOVE",
+            Stale => c"KVTIER_STATUS_STALE",
+            Overflow => c"KVTIER_STATUS_OVERFLOW",
+            Internal => c"KVTIER_STATUS_INTERNAL",
             BackendNotCompiled => c"KVTIER_STATUS_BACKEND_NOT_COMPILED",
             NoDevice => c"KVTIER_STATUS_NO_DEVICE",
             DeviceError => c"KVTIER_STATUS_DEVICE_ERROR",
@@ -174,6 +200,12 @@ pub(crate) fn status_of(e: &Error) -> kvtier_status {
         Error::Unsupported(_) => S::Unsupported,
         Error::Candle(_) => S::Candle,
         Error::Model(_) => S::Model,
+        Error::OutOfRange { .. } => S::OutOfRange,
+        Error::UnknownPage { .. } => S::UnknownPage,
+        Error::InvalidMove { .. } => S::InvalidMove,
+        Error::Stale(_) => S::Stale,
+        Error::Overflow(_) => S::Overflow,
+        Error::Internal(_) => S::Internal,
         Error::Cuda(c) => match c {
             CudaError::NotCompiled => S::BackendNotCompiled,
             CudaError::NoDevice(_) => S::NoDevice,
@@ -297,6 +329,12 @@ mod tests {
         (kvtier_status::Unsupported, 110, "KVTIER_STATUS_UNSUPPORTED"),
         (kvtier_status::Candle, 111, "KVTIER_STATUS_CANDLE"),
         (kvtier_status::Model, 112, "KVTIER_STATUS_MODEL"),
+        (kvtier_status::OutOfRange, 113, "KVTIER_STATUS_OUT_OF_RANGE"),
+        (kvtier_status::UnknownPage, 114, "KVTIER_STATUS_UNKNOWN_PAGE"),
+        (kvtier_status::InvalidMove, 115, "KVTIER_STATUS_INVALID_MOVE"),
+        (kvtier_status::Stale, 116, "KVTIER_STATUS_STALE"),
+        (kvtier_status::Overflow, 117, "KVTIER_STATUS_OVERFLOW"),
+        (kvtier_status::Internal, 118, "KVTIER_STATUS_INTERNAL"),
         (
             kvtier_status::BackendNotCompiled,
             200,

@@ -19,6 +19,35 @@ use crate::config::{Bits, CacheConfig};
 
 const ALIGN: usize = 16;
 
+/// The code widths of one warm page. Pages of one layer may differ: a policy can demote a warm
+/// page to fewer bits (`KvCache::demote`), so the format travels with the page entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct WarmFormat {
+    pub k_bits: Bits,
+    pub v_bits: Bits,
+}
+
+impl WarmFormat {
+    /// The config's default format.
+    pub fn of(cfg: &CacheConfig) -> Self {
+        WarmFormat {
+            k_bits: cfg.k_bits,
+            v_bits: cfg.v_bits,
+        }
+    }
+    /// Both widths equal to `bits`.
+    pub const fn uniform(bits: Bits) -> Self {
+        WarmFormat {
+            k_bits: bits,
+            v_bits: bits,
+        }
+    }
+    /// True when no width of `self` is wider than the same width of `other`.
+    pub fn no_wider_than(&self, other: WarmFormat) -> bool {
+        self.k_bits.bits() <= other.k_bits.bits() && self.v_bits.bits() <= other.v_bits.bits()
+    }
+}
+
 fn align(x: usize) -> usize {
     x.div_ceil(ALIGN) * ALIGN
 }
@@ -74,15 +103,28 @@ impl WarmLayout {
         }
     }
 
-    /// Layout for a config.
+    /// Layout for a config (its default warm format).
     pub fn of(cfg: &CacheConfig) -> Self {
+        Self::of_format(cfg, WarmFormat::of(cfg))
+    }
+
+    /// Layout of a page of `cfg`'s geometry in warm format `fmt`.
+    pub fn of_format(cfg: &CacheConfig, fmt: WarmFormat) -> Self {
         Self::new(
             cfg.page_size,
             cfg.head_dim,
-            cfg.k_bits,
-            cfg.v_bits,
+            fmt.k_bits,
+            fmt.v_bits,
             cfg.value_group,
         )
+    }
+
+    /// The code widths of this layout.
+    pub fn format(&self) -> WarmFormat {
+        WarmFormat {
+            k_bits: self.k_bits,
+            v_bits: self.v_bits,
+        }
     }
 
     /// Value groups per token.

@@ -18,7 +18,7 @@ pub mod pack;
 pub mod values;
 
 pub use keys::{dequantize_keys, quantize_keys};
-pub use layout::WarmLayout;
+pub use layout::{WarmFormat, WarmLayout};
 pub use values::{dequantize_values, quantize_values};
 
 use half::f16;

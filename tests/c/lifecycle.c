@@ -152,7 +152,9 @@ int main(void) {
     EXPECT(report.warm_pages > 0 && report.hot_pages > 0 && report.warm_bytes > 0);
     EXPECT(report.device_bytes ==
            report.hot_bytes + report.warm_bytes + report.metadata_bytes);
-    EXPECT(report.total_bytes == report.device_bytes + report.cold_bytes);
+    EXPECT(report.total_bytes == report.device_bytes + report.cold_bytes + report.archive_bytes);
+    /* The archive (on by default) keeps an exact copy of every demoted page. */
+    EXPECT(report.archived_pages == report.warm_pages && report.archive_bytes > 0);
     EXPECT(report.compression > 0.0);
     kvtier_counters counters;
     EXPECT_OK(kvtier_cache_counters(cache, &counters));

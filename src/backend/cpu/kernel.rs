@@ -7,22 +7,47 @@
 //! merges the chunks of one (sequence, kv head) in order.
 //!
 //! The inner loops are compiled twice: with AVX2+FMA (selected at run time) and portable.
+//!
+//! Batch invariance: a sequence's work items depend only on its own pages (a fixed number of
+//! pages per item), and chunks merge in page order, so its result is bit-identical whatever else
+//! is in the batch and however many threads run.
+//!
+//! Warm pages of one layer may have different code widths (a policy can demote a page to fewer
+//! bits): the query is permuted once per key width met, and value accumulators are kept per value
+//! width, each in its own lane order, folded into channel order at the end.
 
 use super::simd::{axpy, dot, f16_to_f32, prefetch, scale, sum, unpack_lanes};
-use super::{internal, CpuStorage, Geometry};
+use super::{bits_index, internal, CpuStorage, Geometry};
 use crate::attention::exp::exp_nonpos;
-use crate::attention::{Attention, HeadStats, OnlineSoftmax};
+use crate::attention::{Attention, OnlineSoftmax, PageSelection};
+use crate::backend::AttendInput;
+use crate::cache::{PageEntry, PageTable, Tier};
+use crate::config::Bits;
 use crate::error::{Error, Result};
-use crate::tiers::{PageEntry, PageTable, Tier};
+use crate::quant::WarmFormat;
 use rayon::prelude::*;
+
+/// Pages per decode work item. Fixed (not derived from the batch or the thread count) so results
+/// are batch invariant; 16 pages keep an item's merge cost negligible next to its loads.
+const ITEM_PAGES: usize = 16;
+
+/// Reusable working memory of CPU decode attention (see [`crate::backend::Scratch`]).
+#[derive(Default)]
+pub struct CpuScratch {
+    q: Vec<f32>,
+    items: Vec<Item>,
+}
+
+const WIDTHS: [Bits; 3] = [Bits::B8, Bits::B4, Bits::B2];
 
 /// Running state of one work item: a GQA group of q heads.
 struct Acc {
     st: Vec<OnlineSoftmax>,
     /// Exact-page value accumulator, standard channel order, `[group][head_dim]`.
     acc: Vec<f32>,
-    /// Warm-page value accumulator of `step·code`, value lane order, `[group][head_dim]`.
-    acc_w: Vec<f32>,
+    /// Warm-page value accumulators of `step·code`, one per value width (empty until a page of
+    /// that width is met), each in that width's lane order, `[group][head_dim]`.
+    acc_w: [Vec<f32>; 3],
     /// Warm-page value accumulator of `min` terms, `[group][value groups]`.
     acc_b: Vec<f32>,
     /// `(m_p, l_p)` per page per head, when page masses are wanted.
@@ -45,8 +70,10 @@ struct Scratch {
     /// `e · step` per head, token and group (the AVX2 value loop's weights).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     w: Vec<f32>,
-    /// The item's queries in key lane order, `[group][head_dim]`.
-    q_lanes: Vec<f32>,
+    /// The item's queries in each key width's lane order, `[group][head_dim]` (empty until met).
+    q_lanes: [Vec<f32>; 3],
+    /// The item's page entries.
+    entries: Vec<PageEntry>,
 }
 
 struct Kernel<'a> {
@@ -62,7 +89,7 @@ impl<'a> Kernel<'a> {
             s,
             geo: s.geo,
             g: s.geo.group(),
-            groups: s.layout.groups(),
+            groups: s.layouts[0][0].groups(),
         }
     }
 
@@ -71,7 +98,7 @@ impl<'a> Kernel<'a> {
         Acc {
             st: vec![OnlineSoftmax::default(); self.g],
             acc: vec![0.0; self.g * d],
-            acc_w: vec![0.0; self.g * d],
+            acc_w: [Vec::new(), Vec::new(), Vec::new()],
             acc_b: vec![0.0; self.g * self.groups],
             page_stats: record_pages.then(Vec::new),
         }
@@ -92,7 +119,8 @@ impl<'a> Kernel<'a> {
             hot_k: Vec::new(),
             hot_v: Vec::new(),
             w: Vec::new(),
-            q_lanes: Vec::new(),
+            q_lanes: [Vec::new(), Vec::new(), Vec::new()],
+            entries: Vec::new(),
         }
     }
 
@@ -107,7 +135,9 @@ impl<'a> Kernel<'a> {
             if mp > st.m {
                 let alpha = st.rescale_to(mp);
                 scale(&mut a.acc[h * d..(h + 1) * d], alpha);
-                scale(&mut a.acc_w[h * d..(h + 1) * d], alpha);
+                for w in a.acc_w.iter_mut().filter(|w| !w.is_empty()) {
+                    scale(&mut w[h * d..(h + 1) * d], alpha);
+                }
                 scale(&mut a.acc_b[h * self.groups..(h + 1) * self.groups], alpha);
             }
             let m = st.m;
@@ -172,29 +202,41 @@ impl<'a> Kernel<'a> {
         }
     }
 
-    /// One warm page's head block.
+    /// One warm page's head block, of format `fmt`.
     #[inline(always)]
     fn warm_block<const FMA: bool>(
         &self,
         q: &[f32],
         blk: &[u8],
+        fmt: WarmFormat,
         n: usize,
         a: &mut Acc,
         sc: &mut Scratch,
     ) {
         let (d, ps, groups) = (self.geo.head_dim, self.geo.page_size, self.groups);
-        let l = &self.s.layout;
+        let l = self.s.layout(fmt);
         let vg = l.value_group;
+        let (ki, vi) = (bits_index(fmt.k_bits), bits_index(fmt.v_bits));
+        if sc.q_lanes[ki].is_empty() {
+            let order = self.s.order(fmt.k_bits);
+            for h in 0..self.g {
+                sc.q_lanes[ki].extend(order.iter().map(|&c| q[h * d + c]));
+            }
+        }
+        if a.acc_w[vi].is_empty() {
+            a.acc_w[vi] = vec![0.0; self.g * d];
+        }
         f16_to_f32::<FMA>(&blk[l.k_min..l.k_min + 2 * d], &mut sc.kmin);
         f16_to_f32::<FMA>(&blk[l.k_step..l.k_step + 2 * d], &mut sc.kstep);
         f16_to_f32::<FMA>(&blk[l.v_min..l.v_min + 2 * ps * groups], &mut sc.vmin);
         f16_to_f32::<FMA>(&blk[l.v_step..l.v_step + 2 * ps * groups], &mut sc.vstep);
         // Key steps in lane order once per page; the query was permuted once per item.
         sc.row.clear();
-        sc.row.extend(self.s.k_order.iter().map(|&c| sc.kstep[c]));
+        sc.row
+            .extend(self.s.order(fmt.k_bits).iter().map(|&c| sc.kstep[c]));
         for h in 0..self.g {
             sc.qm[h] = dot::<FMA>(&q[h * d..(h + 1) * d], &sc.kmin);
-            let qp = &sc.q_lanes[h * d..(h + 1) * d];
+            let qp = &sc.q_lanes[ki][h * d..(h + 1) * d];
             for ((o, &x), &st) in sc.qs[h * d..(h + 1) * d].iter_mut().zip(qp).zip(&sc.row) {
                 *o = x * st;
             }
@@ -204,7 +246,7 @@ impl<'a> Kernel<'a> {
         if FMA {
             // SAFETY: FMA instantiations run only after detection of avx2, fma and f16c; the
             // pointers cover the scratch and page ranges the layout defines (checked by slicing).
-            unsafe { self.warm_block_avx2(blk, n, a, sc) };
+            unsafe { self.warm_block_avx2(blk, fmt, n, a, sc) };
             return;
         }
         for t in 0..n {
@@ -224,7 +266,7 @@ impl<'a> Kernel<'a> {
                     let w = e * sc.vstep[t * groups + gi];
                     let at = h * d + gi * vg;
                     axpy::<FMA>(
-                        &mut a.acc_w[at..at + vg],
+                        &mut a.acc_w[vi][at..at + vg],
                         w,
                         &sc.row[gi * vg..(gi + 1) * vg],
                     );
@@ -254,10 +296,18 @@ impl<'a> Kernel<'a> {
     /// avx2, fma and f16c must be available; `blk` is a whole head block of this storage's layout.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn warm_block_avx2(&self, blk: &[u8], n: usize, a: &mut Acc, sc: &mut Scratch) {
+    unsafe fn warm_block_avx2(
+        &self,
+        blk: &[u8],
+        fmt: WarmFormat,
+        n: usize,
+        a: &mut Acc,
+        sc: &mut Scratch,
+    ) {
         use super::avx2::{scores, values, ScoreArgs, ValueArgs};
         let (d, ps, groups) = (self.geo.head_dim, self.geo.page_size, self.groups);
-        let l = &self.s.layout;
+        let l = self.s.layout(fmt);
+        let vi = bits_index(fmt.v_bits);
         assert!(blk.len() >= l.head_bytes && n <= ps);
         let (kr, vr) = (l.k_row_bytes(), l.v_row_bytes());
         let mut hb = 0;
@@ -314,7 +364,7 @@ impl<'a> Kernel<'a> {
                 codes: blk.as_ptr().add(l.v_codes),
                 row_bytes: vr,
                 n,
-                acc: a.acc_w.as_mut_ptr().add(hb * d),
+                acc: a.acc_w[vi].as_mut_ptr().add(hb * d),
                 d,
             };
             // SAFETY: heads hb..hb+h exist in w and acc_w; n rows of vr bytes follow v_codes.
@@ -335,6 +385,7 @@ impl<'a> Kernel<'a> {
         self.value_mins(n, a, sc);
     }
 
+    /// Attends `pages` (hot and warm only) for kv head `kv` with the group's queries `q`.
     #[inline(always)]
     fn pages<const FMA: bool>(
         &self,
@@ -345,20 +396,20 @@ impl<'a> Kernel<'a> {
         sc: &mut Scratch,
     ) -> Result<()> {
         let d = self.geo.head_dim;
-        sc.q_lanes.clear();
-        for h in 0..self.g {
-            sc.q_lanes
-                .extend(self.s.k_order.iter().map(|&c| q[h * d + c]));
+        for l in sc.q_lanes.iter_mut() {
+            l.clear();
         }
         let ps = self.geo.page_size;
-        let hb = self.s.layout.head_bytes;
         for (i, p) in pages.iter().enumerate() {
             let n = p.n_tokens as usize;
             // Pages are separate allocations, so the hardware prefetcher cannot run ahead across
             // them: ask for the next warm page's head block while this one is computed.
             if let Some(next) = pages.get(i + 1).filter(|x| x.tier == Tier::Warm) {
                 if let Ok(b) = self.s.warm_page(next.slot) {
-                    prefetch(&b[kv * hb..(kv + 1) * hb]);
+                    let hb = self.s.layout(next.format).head_bytes;
+                    if let Some(blk) = b.get(kv * hb..(kv + 1) * hb) {
+                        prefetch(blk);
+                    }
                 }
             }
             match p.tier {
@@ -375,11 +426,15 @@ impl<'a> Kernel<'a> {
                 }
                 Tier::Warm => {
                     let b = self.s.warm_page(p.slot)?;
-                    self.warm_block::<FMA>(q, &b[kv * hb..(kv + 1) * hb], n, a, sc);
+                    let hb = self.s.layout(p.format).head_bytes;
+                    let blk = b
+                        .get(kv * hb..(kv + 1) * hb)
+                        .ok_or_else(|| internal("warm page shorter than its format".into()))?;
+                    self.warm_block::<FMA>(q, blk, p.format, n, a, sc);
                 }
                 t => {
                     return Err(internal(format!(
-                        "attention over a page in tier {t:?} is not supported"
+                        "a kernel was handed a page in tier {t:?} (the cache must not select it)"
                     )))
                 }
             }
@@ -390,10 +445,15 @@ impl<'a> Kernel<'a> {
     /// Folds the warm accumulators into the standard-order accumulator.
     fn finish(&self, a: &mut Acc) {
         let d = self.geo.head_dim;
-        let vg = self.s.layout.value_group;
+        let vg = self.s.layouts[0][0].value_group;
         for h in 0..self.g {
-            for (p, &c) in self.s.v_order.iter().enumerate() {
-                a.acc[h * d + c] += a.acc_w[h * d + p];
+            for (w, &bits) in a.acc_w.iter().zip(&WIDTHS) {
+                if w.is_empty() {
+                    continue;
+                }
+                for (p, &c) in self.s.order(bits).iter().enumerate() {
+                    a.acc[h * d + c] += w[h * d + p];
+                }
             }
             for c in 0..d {
                 a.acc[h * d + c] += a.acc_b[h * self.groups + c / vg];
@@ -402,24 +462,36 @@ impl<'a> Kernel<'a> {
     }
 }
 
-/// One decode work item.
+/// One decode work item: pages `first..first + n` of the (sequence, kv head)'s page list (its
+/// selection, or all its pages).
+#[derive(Clone, Copy)]
 struct Item {
     seq: usize,
     kv: usize,
-    first_page: usize,
-    n_pages: usize,
+    first: usize,
+    n: usize,
 }
 
 struct Partial {
     st: Vec<OnlineSoftmax>,
     acc: Vec<f32>,
+    /// `(m_p, l_p)` per page of the item, per head of the group.
     page_stats: Vec<(f32, f32)>,
+}
+
+/// Page index `j` of the list of (sequence `seq`, kv head `kv`).
+#[inline(always)]
+fn page_index(sel: Option<&PageSelection>, seq: usize, kv: usize, j: usize) -> usize {
+    match sel {
+        Some(s) => s.pages(seq, kv)[j] as usize,
+        None => j,
+    }
 }
 
 #[inline(always)]
 fn decode_item_generic<const FMA: bool>(
     k: &Kernel,
-    tables: &[&PageTable],
+    input: &AttendInput,
     q: &[f32],
     it: &Item,
 ) -> Result<Partial> {
@@ -428,8 +500,14 @@ fn decode_item_generic<const FMA: bool>(
     let qg = &q[q0..q0 + g * d];
     let mut a = k.acc(true);
     let mut sc = k.scratch();
-    let pages = &tables[it.seq].pages()[it.first_page..it.first_page + it.n_pages];
-    k.pages::<FMA>(it.kv, qg, pages, &mut a, &mut sc)?;
+    let all = input.tables[it.seq].pages();
+    sc.entries.clear();
+    for j in it.first..it.first + it.n {
+        sc.entries
+            .push(all[page_index(input.selection, it.seq, it.kv, j)]);
+    }
+    let entries = std::mem::take(&mut sc.entries);
+    k.pages::<FMA>(it.kv, qg, &entries, &mut a, &mut sc)?;
     k.finish(&mut a);
     Ok(Partial {
         st: a.st,
@@ -443,11 +521,11 @@ fn decode_item_generic<const FMA: bool>(
 // SAFETY (for callers): only call after `is_x86_feature_detected!` confirmed avx2 and fma.
 unsafe fn decode_item_avx2(
     k: &Kernel,
-    tables: &[&PageTable],
+    input: &AttendInput,
     q: &[f32],
     it: &Item,
 ) -> Result<Partial> {
-    decode_item_generic::<true>(k, tables, q, it)
+    decode_item_generic::<true>(k, input, q, it)
 }
 
 fn has_avx2_fma() -> bool {
@@ -465,7 +543,7 @@ fn has_avx2_fma() -> bool {
 
 fn decode_item(
     k: &Kernel,
-    tables: &[&PageTable],
+    input: &AttendInput,
     q: &[f32],
     it: &Item,
     simd: bool,
@@ -473,63 +551,66 @@ fn decode_item(
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY: `simd` is true only when `has_avx2_fma()` returned true on this machine.
-        return unsafe { decode_item_avx2(k, tables, q, it) };
+        return unsafe { decode_item_avx2(k, input, q, it) };
     }
     let _ = simd;
-    decode_item_generic::<false>(k, tables, q, it)
+    decode_item_generic::<false>(k, input, q, it)
 }
 
-/// Pages per work item: enough items to keep every thread busy, at least 8 pages each.
-fn chunk_pages(total_pages: usize, kv_heads: usize) -> usize {
-    let target_items = 4 * rayon::current_num_threads().max(1);
-    (total_pages * kv_heads).div_ceil(target_items).max(8)
-}
-
-pub(super) fn attend(s: &CpuStorage, tables: &[&PageTable], queries: &[f32]) -> Result<Attention> {
+pub(super) fn attend(
+    s: &CpuStorage,
+    scratch: &mut CpuScratch,
+    input: &AttendInput,
+) -> Result<Attention> {
     let geo = s.geo;
     let (d, qh, kvh) = (geo.head_dim, geo.q_heads, geo.kv_heads);
+    let tables = input.tables;
     let want = tables.len() * qh * d;
-    if queries.len() != want {
-        return Err(Error::shape("queries", want, queries.len()));
+    if input.queries.len() != want {
+        return Err(Error::shape("queries", want, input.queries.len()));
     }
-    let q: Vec<f32> = queries.iter().map(|x| x * geo.scale).collect();
+    let n_pages: Vec<usize> = tables.iter().map(|t| t.pages().len()).collect();
+    if let Some(sel) = input.selection {
+        sel.validate(&n_pages, kvh)?;
+    }
+    scratch.q.clear();
+    scratch
+        .q
+        .extend(input.queries.iter().map(|x| x * geo.scale));
     let k = Kernel::new(s);
-    let total: usize = tables.iter().map(|t| t.pages().len()).sum();
-    let chunk = chunk_pages(total, kvh);
-    let mut items = Vec::new();
-    for (si, t) in tables.iter().enumerate() {
+    scratch.items.clear();
+    for (si, &np) in n_pages.iter().enumerate() {
         for kv in 0..kvh {
-            let np = t.pages().len();
+            let len = input.selection.map_or(np, |sel| sel.pages(si, kv).len());
             let mut first = 0;
-            while first < np {
-                let n = chunk.min(np - first);
-                items.push(Item {
+            while first < len {
+                let n = ITEM_PAGES.min(len - first);
+                scratch.items.push(Item {
                     seq: si,
                     kv,
-                    first_page: first,
-                    n_pages: n,
+                    first,
+                    n,
                 });
                 first += n;
             }
         }
     }
     let simd = has_avx2_fma();
+    let (q, items) = (&scratch.q, &scratch.items);
     let partials: Vec<Partial> = items
         .par_iter()
-        .map(|it| decode_item(&k, tables, &q, it, simd))
+        .map(|it| decode_item(&k, input, q, it, simd))
         .collect::<Result<_>>()?;
 
     // Combine, in item order: items of one (seq, kv) are consecutive and ordered by page.
     let g = k.g;
-    let mut output = vec![0f32; want];
-    let mut heads = vec![HeadStats::default(); tables.len() * qh];
-    let mut page_mass: Vec<Vec<f32>> = tables.iter().map(|t| vec![0.0; t.pages().len()]).collect();
+    let mut att = Attention::empty(&n_pages, qh, kvh, d);
     let mut i = 0;
-    for (si, t) in tables.iter().enumerate() {
+    for si in 0..tables.len() {
         for kv in 0..kvh {
             let mut st = vec![OnlineSoftmax::default(); g];
             let mut acc = vec![0f32; g * d];
-            let mut stats: Vec<(usize, &Partial)> = Vec::new();
+            let start = i;
             while i < items.len() && items[i].seq == si && items[i].kv == kv {
                 let p = &partials[i];
                 for h in 0..g {
@@ -538,38 +619,33 @@ pub(super) fn attend(s: &CpuStorage, tables: &[&PageTable], queries: &[f32]) -> 
                         acc[h * d + c] = a * acc[h * d + c] + b * p.acc[h * d + c];
                     }
                 }
-                stats.push((items[i].first_page, p));
                 i += 1;
             }
             for h in 0..g {
                 let head = si * qh + kv * g + h;
-                heads[head] = st[h].stats();
+                att.heads[head] = st[h].stats();
                 let l = st[h].l;
                 if l > 0.0 {
                     for c in 0..d {
-                        output[head * d + c] = acc[h * d + c] / l;
+                        att.output[head * d + c] = acc[h * d + c] / l;
                     }
                 }
-                for &(first, p) in &stats {
-                    let np = p.page_stats.len() / g;
-                    for j in 0..np {
+            }
+            for (it, p) in items[start..i].iter().zip(&partials[start..i]) {
+                for j in 0..it.n {
+                    let page = page_index(input.selection, si, kv, it.first + j);
+                    for h in 0..g {
                         let (mp, lp) = p.page_stats[j * g + h];
-                        if l > 0.0 {
-                            page_mass[si][first + j] += (mp - st[h].m).exp() * lp / l / qh as f32;
+                        if lp > 0.0 {
+                            att.page_lse[si][page * qh + kv * g + h] = mp + lp.ln();
                         }
                     }
                 }
             }
         }
-        debug_assert_eq!(page_mass[si].len(), t.pages().len());
     }
-    Ok(Attention {
-        output,
-        heads,
-        page_mass,
-        num_q_heads: qh,
-        head_dim: d,
-    })
+    att.finish_masses();
+    Ok(att)
 }
 
 #[inline(always)]

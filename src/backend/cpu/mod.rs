@@ -12,12 +12,16 @@ mod pools;
 mod simd;
 
 use crate::attention::Attention;
-use crate::backend::{BackendDevice, BackendStorage, DeviceLocation, StorageBytes};
-use crate::config::{CacheConfig, HotDtype};
+use crate::backend::{
+    AttendInput, BackendDevice, BackendStorage, DeviceLocation, PageBytes, Scratch, StorageBytes,
+};
+use crate::cache::{PageEntry, PageTable, Tier};
+use crate::config::{Bits, CacheConfig, HotDtype};
 use crate::error::{Error, Result};
-use crate::quant::{self, WarmLayout};
-use crate::tiers::{PageEntry, PageTable, Tier};
+use crate::quant::{self, WarmFormat, WarmLayout};
 use pools::{try_zeroed_bytes, HotBuf, HotPage, Pool};
+
+pub use kernel::CpuScratch;
 
 /// The host device.
 #[derive(Debug, Clone, Copy, Default)]
@@ -54,21 +58,36 @@ impl Geometry {
     }
 }
 
+/// Index of a code width in per-width tables.
+pub(crate) const fn bits_index(b: Bits) -> usize {
+    match b {
+        Bits::B8 => 0,
+        Bits::B4 => 1,
+        Bits::B2 => 2,
+    }
+}
+
+const ALL_BITS: [Bits; 3] = [Bits::B8, Bits::B4, Bits::B2];
+
 /// One layer's pages in host memory.
 pub struct CpuStorage {
     geo: Geometry,
-    layout: WarmLayout,
+    /// Warm layouts by `[k bits][v bits]` index: pages of one layer may have different widths.
+    layouts: [[WarmLayout; 3]; 3],
     hot: Pool<HotPage>,
     warm: Pool<Box<[u8]>>,
-    /// Lane orders of the key and value bit widths (see `quant::pack`).
-    k_order: Vec<usize>,
-    v_order: Vec<usize>,
+    hot_bytes: usize,
+    warm_bytes: usize,
+    /// Lane orders of each bit width (see `quant::pack`), by width index.
+    orders: [Vec<usize>; 3],
 }
 
 impl CpuStorage {
     /// Empty pools for a validated config.
     pub fn new(cfg: &CacheConfig) -> Self {
-        let layout = WarmLayout::of(cfg);
+        let layouts = ALL_BITS.map(|k_bits| {
+            ALL_BITS.map(|v_bits| WarmLayout::of_format(cfg, WarmFormat { k_bits, v_bits }))
+        });
         CpuStorage {
             geo: Geometry {
                 kv_heads: cfg.num_kv_heads,
@@ -78,12 +97,27 @@ impl CpuStorage {
                 scale: cfg.scale(),
                 hot_dtype: cfg.hot_dtype,
             },
-            layout,
+            layouts,
             hot: Pool::default(),
             warm: Pool::default(),
-            k_order: quant::pack::lane_order(cfg.k_bits, cfg.head_dim),
-            v_order: quant::pack::lane_order(cfg.v_bits, cfg.head_dim),
+            hot_bytes: 0,
+            warm_bytes: 0,
+            orders: ALL_BITS.map(|b| quant::pack::lane_order(b, cfg.head_dim)),
         }
+    }
+
+    /// The warm layout of `fmt`.
+    pub(crate) fn layout(&self, fmt: WarmFormat) -> &WarmLayout {
+        &self.layouts[bits_index(fmt.k_bits)][bits_index(fmt.v_bits)]
+    }
+
+    /// Lane order of codes of width `b`.
+    pub(crate) fn order(&self, b: Bits) -> &[usize] {
+        &self.orders[bits_index(b)]
+    }
+
+    fn hot_elems_bytes(&self) -> usize {
+        2 * self.geo.hot_elems() * self.geo.hot_dtype.size()
     }
 
     fn hot_page(&self, slot: u32) -> Result<&HotPage> {
@@ -114,7 +148,7 @@ impl CpuStorage {
 
 /// A broken internal invariant reported as an error rather than a panic.
 fn internal(msg: String) -> Error {
-    Error::config("internal", msg)
+    Error::internal(msg)
 }
 
 impl BackendStorage for CpuStorage {
@@ -128,7 +162,10 @@ impl BackendStorage for CpuStorage {
             k: HotBuf::new(self.geo.hot_dtype, n)?,
             v: HotBuf::new(self.geo.hot_dtype, n)?,
         };
-        self.hot.insert(page)
+        let bytes = page.k.bytes() + page.v.bytes();
+        let slot = self.hot.insert(page)?;
+        self.hot_bytes += bytes;
+        Ok(slot)
     }
 
     fn write_hot(
@@ -165,27 +202,122 @@ impl BackendStorage for CpuStorage {
         Ok(())
     }
 
-    fn demote(&mut self, slot: u32, n_tokens: usize) -> Result<Option<u32>> {
-        let mut block = try_zeroed_bytes(self.layout.head_bytes * self.geo.kv_heads)?;
+    fn demote(&mut self, slot: u32, n_tokens: usize, format: WarmFormat) -> Result<Option<u32>> {
+        if n_tokens > self.geo.page_size {
+            return Err(internal(format!("demote of {n_tokens} tokens")));
+        }
+        let layout = *self.layout(format);
+        let mut block = try_zeroed_bytes(layout.head_bytes * self.geo.kv_heads)?;
         for h in 0..self.geo.kv_heads {
             let (k, v) = self.hot_head(slot, h, n_tokens)?;
-            let dst = &mut block[h * self.layout.head_bytes..(h + 1) * self.layout.head_bytes];
-            if !quant::quantize_keys(&k, n_tokens, &self.layout, dst)
-                || !quant::quantize_values(&v, n_tokens, &self.layout, dst)
+            let dst = &mut block[h * layout.head_bytes..(h + 1) * layout.head_bytes];
+            if !quant::quantize_keys(&k, n_tokens, &layout, dst)
+                || !quant::quantize_values(&v, n_tokens, &layout, dst)
             {
                 return Ok(None);
             }
         }
+        let len = block.len();
         let warm = self.warm.insert(block)?;
-        self.hot.remove(slot);
+        self.warm_bytes += len;
+        self.free(Tier::Hot, slot);
         Ok(Some(warm))
+    }
+
+    fn supports_format(&self, _format: WarmFormat) -> bool {
+        true
     }
 
     fn free(&mut self, tier: Tier, slot: u32) {
         match tier {
-            Tier::Hot => drop(self.hot.remove(slot)),
-            Tier::Warm => drop(self.warm.remove(slot)),
+            Tier::Hot => {
+                if let Some(p) = self.hot.remove(slot) {
+                    self.hot_bytes -= p.k.bytes() + p.v.bytes();
+                }
+            }
+            Tier::Warm => {
+                if let Some(b) = self.warm.remove(slot) {
+                    self.warm_bytes -= b.len();
+                }
+            }
             Tier::Cold | Tier::Evicted => {}
+        }
+    }
+
+    fn export_page(&self, entry: &PageEntry) -> Result<PageBytes> {
+        let data = match entry.tier {
+            Tier::Hot => {
+                let p = self.hot_page(entry.slot)?;
+                let mut d = Vec::new();
+                d.try_reserve_exact(self.hot_elems_bytes())
+                    .map_err(|_| Error::OutOfMemory {
+                        what: "exported page",
+                        bytes: self.hot_elems_bytes(),
+                    })?;
+                p.k.append_le_bytes(&mut d);
+                p.v.append_le_bytes(&mut d);
+                d
+            }
+            Tier::Warm => {
+                let b = self.warm_page(entry.slot)?;
+                let mut d = Vec::new();
+                d.try_reserve_exact(b.len()).map_err(|_| Error::OutOfMemory {
+                    what: "exported page",
+                    bytes: b.len(),
+                })?;
+                d.extend_from_slice(b);
+                d
+            }
+            t => {
+                return Err(internal(format!(
+                    "export of a page in tier {t:?}, which has no bytes on the device"
+                )))
+            }
+        };
+        Ok(PageBytes {
+            tier: entry.tier,
+            format: entry.format,
+            n_tokens: entry.n_tokens,
+            data,
+        })
+    }
+
+    fn import_page(&mut self, page: &PageBytes) -> Result<u32> {
+        if page.n_tokens as usize > self.geo.page_size {
+            return Err(Error::shape(
+                "page bytes",
+                format!("at most {} tokens", self.geo.page_size),
+                page.n_tokens,
+            ));
+        }
+        match page.tier {
+            Tier::Hot => {
+                let want = self.hot_elems_bytes();
+                if page.data.len() != want {
+                    return Err(Error::shape("hot page bytes", want, page.data.len()));
+                }
+                let n = self.geo.hot_elems();
+                let half = want / 2;
+                let p = HotPage {
+                    k: HotBuf::from_le_bytes(self.geo.hot_dtype, n, &page.data[..half])?,
+                    v: HotBuf::from_le_bytes(self.geo.hot_dtype, n, &page.data[half..])?,
+                };
+                let slot = self.hot.insert(p)?;
+                self.hot_bytes += want;
+                Ok(slot)
+            }
+            Tier::Warm => {
+                let want = self.layout(page.format).head_bytes * self.geo.kv_heads;
+                if page.data.len() != want {
+                    return Err(Error::shape("warm page bytes", want, page.data.len()));
+                }
+                let mut b = try_zeroed_bytes(want)?;
+                b.copy_from_slice(&page.data);
+                let slot = self.warm.insert(b)?;
+                self.warm_bytes += want;
+                Ok(slot)
+            }
+            t => Err(Error::shape("page bytes", "a hot or warm page", format!("{t:?}"))),
         }
     }
 
@@ -197,10 +329,13 @@ impl BackendStorage for CpuStorage {
                 Tier::Hot => self.hot_head(entry.slot, h, n)?,
                 Tier::Warm => {
                     let b = self.warm_page(entry.slot)?;
-                    let blk = &b[h * self.layout.head_bytes..(h + 1) * self.layout.head_bytes];
+                    let l = self.layout(entry.format);
+                    let blk = b
+                        .get(h * l.head_bytes..(h + 1) * l.head_bytes)
+                        .ok_or_else(|| internal("warm page shorter than its format".into()))?;
                     (
-                        quant::dequantize_keys(blk, n, &self.layout),
-                        quant::dequantize_values(blk, n, &self.layout),
+                        quant::dequantize_keys(blk, n, l),
+                        quant::dequantize_values(blk, n, l),
                     )
                 }
                 t => {
@@ -215,8 +350,8 @@ impl BackendStorage for CpuStorage {
         Ok((ks, vs))
     }
 
-    fn attend(&self, tables: &[&PageTable], queries: &[f32]) -> Result<Attention> {
-        kernel::attend(self, tables, queries)
+    fn attend(&self, scratch: &mut Scratch, input: &AttendInput) -> Result<Attention> {
+        kernel::attend(self, scratch.cpu(), input)
     }
 
     fn prefill(
@@ -232,12 +367,15 @@ impl BackendStorage for CpuStorage {
 
     fn bytes(&self) -> StorageBytes {
         StorageBytes {
-            hot: self.hot.iter().map(|p| p.k.bytes() + p.v.bytes()).sum(),
-            warm: self.warm.iter().map(|b| b.len()).sum(),
+            hot: self.hot_bytes,
+            warm: self.warm_bytes,
             metadata: self.hot.metadata_bytes()
                 + self.warm.metadata_bytes()
-                + (self.k_order.capacity() + self.v_order.capacity())
-                    * std::mem::size_of::<usize>(),
+                + self
+                    .orders
+                    .iter()
+                    .map(|o| o.capacity() * std::mem::size_of::<usize>())
+                    .sum::<usize>(),
         }
     }
 }

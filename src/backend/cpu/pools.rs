@@ -40,6 +40,38 @@ impl HotBuf {
         }
     }
 
+    /// Appends the elements' little-endian bytes to `out`.
+    pub fn append_le_bytes(&self, out: &mut Vec<u8>) {
+        match self {
+            HotBuf::F32(b) => b.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            HotBuf::F16(b) => b.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            HotBuf::BF16(b) => b.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        }
+    }
+
+    /// A buffer of `len` elements from little-endian bytes (`bytes.len() == len * size`).
+    pub fn from_le_bytes(dtype: HotDtype, len: usize, bytes: &[u8]) -> Result<Self> {
+        let mut b = Self::new(dtype, len)?;
+        match &mut b {
+            HotBuf::F32(d) => {
+                for (x, c) in d.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            HotBuf::F16(d) => {
+                for (x, c) in d.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *x = f16::from_le_bytes([c[0], c[1]]);
+                }
+            }
+            HotBuf::BF16(d) => {
+                for (x, c) in d.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *x = bf16::from_le_bytes([c[0], c[1]]);
+                }
+            }
+        }
+        Ok(b)
+    }
+
     /// Stores `src` at element offset `at` (rounding to the hot dtype).
     pub fn write(&mut self, at: usize, src: &[f32]) {
         match self {
@@ -141,10 +173,6 @@ impl<T> Pool<T> {
     /// Bookkeeping bytes: the slot vector and the free list.
     pub fn metadata_bytes(&self) -> usize {
         self.slots.capacity() * std::mem::size_of::<Option<T>>() + self.free.capacity() * 4
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = &T> {
-        self.slots.iter().flatten()
     }
 }
 

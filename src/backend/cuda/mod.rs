@@ -1,9 +1,16 @@
 //! CUDA backend (cudarc + NVRTC).
 //!
-//! Owns: device pools of hot and warm pages ([`CudaStorage`]), device page tables and work items
-//! ([`DecodePlan`]), and the `.cu` kernels (append, quantise, fused split-K decode with its
-//! combine) compiled lazily by NVRTC once per device and configuration, for the device's own
-//! architecture ([`CudaDevice`] caches them). Warm pages have exactly the byte layout of
+//! Owns: device pools of hot and warm pages ([`CudaStorage`]), device page lists and work items
+//! ([`DecodePlan`], kept in the caller's [`CudaScratch`]), and the `.cu` kernels (append,
+//! quantise, fused split-K decode with its combine, query conversion) compiled lazily by NVRTC
+//! once per device and configuration, for the device's own architecture ([`CudaDevice`] caches
+//! them).
+//!
+//! Files: `device.rs` (context, stream, module cache), `kernels.rs` (sources, specialisation,
+//! NVRTC), `pool.rs` (device buffers and slot pools), `plan.rs` (page lists and work items, with
+//! or without a page selection), `launch.rs` (launches, reading results back), `storage.rs`
+//! (the storage and its trait impl), `transfer.rs` (page bytes to and from the host), `probe.rs`
+//! (benchmark probes). Warm pages have exactly the byte layout of
 //! [`crate::quant::WarmLayout`], so they can move between backends. Without the `cuda` feature
 //! this module holds the typed error and stub types, so code that names the CUDA backend compiles
 //! either way.
@@ -15,20 +22,51 @@
 mod error;
 pub use error::CudaError;
 
+/// Query and output buffers in CUDA device memory for [`crate::KvCache::attend_device`].
+/// `queries` is `[n_seqs, num_q_heads, head_dim]` in `query_dtype`, `output` the same shape in f32;
+/// `stream` is a `CUstream` (0: the storage's own stream). The caller keeps both allocations
+/// alive until the call returns (the call synchronises its stream before returning).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CudaBuffers {
+    pub queries: u64,
+    pub query_dtype: crate::backend::InputDtype,
+    pub output: u64,
+    pub stream: u64,
+}
+
 #[cfg(not(feature = "cuda"))]
-mod stub;
+mod stubs {
+    use super::CudaError;
+    crate::backend::stub::stub_backend!(CudaDevice, CudaStorage, CudaError, "cuda", (ordinal: usize));
+
+    /// Reusable decode plan (stub: holds nothing without the `cuda` feature).
+    #[derive(Default)]
+    pub struct CudaScratch;
+}
 #[cfg(not(feature = "cuda"))]
-pub use stub::{CudaDevice, CudaStorage};
+pub use stubs::{CudaDevice, CudaScratch, CudaStorage};
 
 #[cfg(feature = "cuda")]
 mod device;
 #[cfg(feature = "cuda")]
 mod kernels;
 #[cfg(feature = "cuda")]
+mod launch;
+#[cfg(feature = "cuda")]
+mod plan;
+#[cfg(feature = "cuda")]
+mod pool;
+#[cfg(feature = "cuda")]
+mod probe;
+#[cfg(feature = "cuda")]
 mod storage;
+#[cfg(feature = "cuda")]
+mod transfer;
 #[cfg(feature = "cuda")]
 pub use device::{compile_for_arch, compile_source, CudaDevice};
 #[cfg(feature = "cuda")]
 pub use kernels::CudaTuning;
 #[cfg(feature = "cuda")]
-pub use storage::{CudaStorage, DecodePlan};
+pub use plan::DecodePlan;
+#[cfg(feature = "cuda")]
+pub use storage::{CudaScratch, CudaStorage};

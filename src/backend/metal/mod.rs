@@ -6,7 +6,21 @@
 //! Must never: panic in `Drop` (record the error instead) or hand out host copies of device pages.
 
 mod error;
-mod stub;
 
 pub use error::MetalError;
-pub use stub::{MetalDevice, MetalStorage};
+
+/// Query and output buffers in Metal device memory (reserved: the Metal kernels are not written
+/// yet, so nothing accepts them today).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetalBuffers {
+    /// `MTLBuffer` of the queries (an opaque handle).
+    pub queries: u64,
+    /// `MTLBuffer` of the f32 output.
+    pub output: u64,
+}
+
+mod stubs {
+    use super::MetalError;
+    crate::backend::stub::stub_backend!(MetalDevice, MetalStorage, MetalError, "metal", ());
+}
+pub use stubs::{MetalDevice, MetalStorage};

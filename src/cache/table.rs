@@ -1,16 +1,36 @@
 //! The page table of one (sequence, layer): which slot of which tier holds each page.
+//!
+//! Owns: the [`Tier`] vocabulary, [`PageEntry`] and [`PageTable`]. Must never: touch page bytes
+//! (storage belongs to the backend) or decide anything from statistics (policies do).
 
-use super::Tier;
+use crate::quant::WarmFormat;
+
+/// Where a page lives and in what form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Tier {
+    /// Device memory, exact (f32/f16/bf16).
+    Hot = 0,
+    /// Device memory, quantised and packed.
+    Warm = 1,
+    /// Host RAM: the page left the device; its bytes (exact or quantised) sit in the cold store.
+    Cold = 2,
+    /// Dropped on purpose (`KvCache::evict`): its tokens keep their positions but are never
+    /// attended again.
+    Evicted = 3,
+}
 
 /// One page of a page table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PageEntry {
     /// Tier the page is in.
     pub tier: Tier,
-    /// Slot index inside that tier's pool of the layer.
+    /// Slot index inside that tier's pool of the layer (the cold store's id for cold pages).
     pub slot: u32,
     /// Valid tokens in the page (`page_size` except for the last page).
     pub n_tokens: u32,
+    /// Code widths, meaningful for warm pages (and cold pages that were warm).
+    pub format: WarmFormat,
 }
 
 /// Pages of one sequence in one layer, in token order: page `i` holds positions
@@ -22,7 +42,13 @@ pub struct PageTable {
 }
 
 impl PageTable {
-    /// Tokens stored.
+    /// A table over `pages` holding `len` tokens (for engines and benchmarks that manage slots
+    /// themselves; the cache builds its own).
+    pub fn from_pages(pages: Vec<PageEntry>) -> Self {
+        let len = pages.iter().map(|p| p.n_tokens as usize).sum();
+        PageTable { pages, len }
+    }
+    /// Tokens stored (evicted pages included: positions never shift).
     pub fn len(&self) -> usize {
         self.len
     }

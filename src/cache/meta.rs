@@ -1,0 +1,175 @@
+//! Per-page metadata: the side table that policies, eliminators and the monitor read.
+//!
+//! Owns: [`PageMeta`] (accumulated attention mass per kv head, last attended step, the key bounds
+//! summary of exact pages, pins, the archive entry) and [`KeyBounds`]. The cache keeps one
+//! `PageMeta` per page, parallel to the page table. Must never: hold page payload (bounds are a
+//! summary: two f16 per channel per kv head) or change a page's tier.
+
+use half::f16;
+
+/// Why a page may not be moved off the hot tier.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Pins(u8);
+
+impl Pins {
+    /// Holds attention-sink positions (`sink_tokens`): set by the cache.
+    pub const SINK: Pins = Pins(1);
+    /// Pinned by the caller (`KvCache::pin`).
+    pub const USER: Pins = Pins(2);
+    /// In a protected layer: set by the cache.
+    pub const PROTECTED: Pins = Pins(4);
+
+    /// No pin.
+    pub const fn none() -> Self {
+        Pins(0)
+    }
+    /// True when any pin is set.
+    pub const fn any(self) -> bool {
+        self.0 != 0
+    }
+    /// True when every pin of `other` is set.
+    pub const fn contains(self, other: Pins) -> bool {
+        self.0 & other.0 == other.0
+    }
+    pub(crate) fn insert(&mut self, other: Pins) {
+        self.0 |= other.0;
+    }
+    pub(crate) fn remove(&mut self, other: Pins) {
+        self.0 &= !other.0;
+    }
+}
+
+/// Per kv head, per channel bounds of a page's keys as stored: every key `k[t][c]` of head `h`
+/// satisfies `lo[h][c] <= k <= hi[h][c]`. Kept in f16, rounded outward, for exact (hot) pages
+/// and cold pages that were hot; warm pages carry their own bounds (`quant::keys::key_bounds`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyBounds {
+    /// `[kv_heads][head_dim]`.
+    pub lo: Box<[f16]>,
+    /// `[kv_heads][head_dim]`.
+    pub hi: Box<[f16]>,
+}
+
+/// The largest f16 not above `x` (`-inf` below the f16 range).
+pub(crate) fn f16_down(x: f32) -> f16 {
+    let h = f16::from_f32(x);
+    if h.to_f32() <= x {
+        h
+    } else {
+        prev_f16(h)
+    }
+}
+
+/// The smallest f16 not below `x` (`inf` above the f16 range).
+pub(crate) fn f16_up(x: f32) -> f16 {
+    let h = f16::from_f32(x);
+    if h.to_f32() >= x {
+        h
+    } else {
+        next_f16(h)
+    }
+}
+
+fn next_f16(h: f16) -> f16 {
+    let b = h.to_bits();
+    if h.to_f32() == 0.0 {
+        return f16::from_bits(1);
+    }
+    f16::from_bits(if b & 0x8000 == 0 { b + 1 } else { b - 1 })
+}
+
+fn prev_f16(h: f16) -> f16 {
+    let b = h.to_bits();
+    if h.to_f32() == 0.0 {
+        return f16::from_bits(0x8001);
+    }
+    f16::from_bits(if b & 0x8000 == 0 { b - 1 } else { b + 1 })
+}
+
+impl KeyBounds {
+    /// Empty bounds (lo = +inf, hi = -inf) for `n` = kv_heads * head_dim channels.
+    pub(crate) fn empty(n: usize) -> Self {
+        KeyBounds {
+            lo: vec![f16::INFINITY; n].into_boxed_slice(),
+            hi: vec![f16::NEG_INFINITY; n].into_boxed_slice(),
+        }
+    }
+
+    /// Widens the bounds by `rows` of `kv_heads * head_dim` keys each.
+    pub(crate) fn extend(&mut self, rows: &[f32]) {
+        let n = self.lo.len();
+        for row in rows.chunks_exact(n) {
+            for (c, &x) in row.iter().enumerate() {
+                if x < self.lo[c].to_f32() {
+                    self.lo[c] = f16_down(x);
+                }
+                if x > self.hi[c].to_f32() {
+                    self.hi[c] = f16_up(x);
+                }
+            }
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        (self.lo.len() + self.hi.len()) * 2
+    }
+}
+
+/// What the cache knows about one page besides its bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PageMeta {
+    /// Accumulated attention mass per kv head (`mass = decay * mass + step mass` at each observe).
+    pub mass: Box<[f32]>,
+    /// The observe step (of this sequence and layer) at which any head last attended the page.
+    pub last_attended: Option<u64>,
+    /// Key bounds summary (exact pages; `None` for warm pages, whose bytes hold their bounds).
+    pub bounds: Option<KeyBounds>,
+    /// Pins.
+    pub pins: Pins,
+    /// Id of the page's exact copy in the archive, if it has one.
+    pub archive: Option<u32>,
+    /// Set when the page was promoted: the default hot-window rule leaves it hot (a policy that
+    /// brought it back decides when it leaves again).
+    pub promoted: bool,
+}
+
+impl PageMeta {
+    pub(crate) fn new(kv_heads: usize, head_dim: usize, pins: Pins) -> Self {
+        PageMeta {
+            mass: vec![0.0; kv_heads].into_boxed_slice(),
+            last_attended: None,
+            bounds: Some(KeyBounds::empty(kv_heads * head_dim)),
+            pins,
+            archive: None,
+            promoted: false,
+        }
+    }
+
+    /// Heap bytes held by this entry (the entry itself is counted by its table).
+    pub fn heap_bytes(&self) -> usize {
+        self.mass.len() * 4 + self.bounds.as_ref().map_or(0, KeyBounds::bytes)
+    }
+
+    /// Total accumulated mass over kv heads.
+    pub fn total_mass(&self) -> f32 {
+        self.mass.iter().sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outward_rounding_bounds_every_value() {
+        for &x in &[0.1f32, -0.1, 1.0 / 3.0, -7.77, 0.0, 65504.0, -65504.0, 1e-7, -1e-7] {
+            assert!(f16_down(x).to_f32() <= x, "{x}");
+            assert!(f16_up(x).to_f32() >= x, "{x}");
+        }
+        let mut b = KeyBounds::empty(2);
+        b.extend(&[0.3, -1.1, -0.2, 2.5]);
+        assert!(b.lo[0].to_f32() <= -0.2 && b.hi[0].to_f32() >= 0.3);
+        assert!(b.lo[1].to_f32() <= -1.1 && b.hi[1].to_f32() >= 2.5);
+    }
+}

@@ -1,0 +1,253 @@
+//! The cache: sequences, page tables, per-page metadata, page moves, budgets and attention calls.
+//!
+//! Owns: [`KvCache`], the map from [`SeqId`] to per-layer [`PageTable`]s and their [`PageMeta`]
+//! side tables, input validation, the page-move API ([`KvCache::demote`], [`KvCache::promote`],
+//! [`KvCache::evict`], [`KvCache::to_cold`], [`KvCache::from_cold`], [`KvCache::pin`],
+//! [`KvCache::apply`]) with the default hot-window policy expressed through it, the lossless
+//! archive and the cold store (host RAM, [`crate::cold`]), `observe` (folding attention masses into
+//! `PageMeta`), byte budgets checked against what storages really allocated, and the memory report.
+//!
+//! Every public method validates its input completely before it changes anything, so an error
+//! leaves the cache as it was. Must never: touch page bytes directly (the backend storage does),
+//! decide retention from statistics (policies return moves; the cache executes them), or panic on
+//! caller input.
+
+mod append;
+mod attend;
+mod meta;
+mod moves;
+mod report;
+mod table;
+
+pub use append::Rows;
+pub use meta::{KeyBounds, PageMeta, Pins};
+pub use moves::{Move, PageRef, Restored};
+pub use table::{PageEntry, PageTable, Tier};
+
+use crate::backend::{Device, Storage};
+use crate::cold::HostPages;
+use crate::config::CacheConfig;
+use crate::error::{Error, Result};
+use std::collections::BTreeMap;
+
+/// Identifies one sequence (request) in a cache. Ids are never reused within a cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(transparent)]
+pub struct SeqId(pub u64);
+
+impl std::fmt::Display for SeqId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// One sequence in one layer: its page table, the metadata side table (one entry per page) and the
+/// number of observe steps so far.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct SeqLayer {
+    pub(crate) table: PageTable,
+    pub(crate) meta: Vec<PageMeta>,
+    pub(crate) steps: u64,
+}
+
+pub(crate) struct Sequence {
+    pub(crate) layers: Vec<SeqLayer>,
+}
+
+/// Counters of events that do not fail a call but that a user may want to see.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheCounters {
+    /// Pages quantised from hot to warm (or to fewer bits).
+    pub demotions: u64,
+    /// Pages the default policy left hot because they could not be quantised (values beyond f16
+    /// range), a budget was full, or memory ran out.
+    pub demotions_skipped: u64,
+    /// Pages brought back to hot.
+    pub promotions: u64,
+    /// Pages evicted.
+    pub evictions: u64,
+    /// Pages moved to the cold tier / back.
+    pub to_cold: u64,
+    pub from_cold: u64,
+}
+
+/// A paged, tiered KV cache for one model.
+pub struct KvCache {
+    pub(crate) cfg: CacheConfig,
+    pub(crate) device: Device,
+    pub(crate) layers: Vec<Storage>,
+    pub(crate) seqs: BTreeMap<SeqId, Sequence>,
+    pub(crate) next_id: u64,
+    pub(crate) counters: CacheCounters,
+    /// Exact copies of pages that left the hot tier.
+    pub(crate) archive: HostPages,
+    /// Bytes of pages in the cold tier (those not already exact in the archive).
+    pub(crate) cold: HostPages,
+}
+
+impl KvCache {
+    /// A cache on the CPU backend.
+    pub fn new(cfg: CacheConfig) -> Result<Self> {
+        Self::with_device(cfg, Device::Cpu)
+    }
+
+    /// A cache whose pages live on `device`.
+    pub fn with_device(cfg: CacheConfig, device: Device) -> Result<Self> {
+        cfg.validate()?;
+        let layers = (0..cfg.num_layers)
+            .map(|l| device.storage(&cfg, l))
+            .collect::<Result<_>>()?;
+        Ok(KvCache {
+            cfg,
+            device,
+            layers,
+            seqs: BTreeMap::new(),
+            next_id: 0,
+            counters: CacheCounters::default(),
+            archive: HostPages::default(),
+            cold: HostPages::default(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &CacheConfig {
+        &self.cfg
+    }
+
+    /// The device the pages live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The storage of `layer` (for export, migration and backend-level tests).
+    pub fn layer_storage(&self, layer: usize) -> Result<&Storage> {
+        self.check_layer(layer)?;
+        Ok(&self.layers[layer])
+    }
+
+    /// Event counters.
+    pub fn counters(&self) -> CacheCounters {
+        self.counters
+    }
+
+    /// Starts a new, empty sequence.
+    pub fn add_sequence(&mut self) -> SeqId {
+        let id = SeqId(self.next_id);
+        self.next_id += 1;
+        self.seqs.insert(
+            id,
+            Sequence {
+                layers: vec![SeqLayer::default(); self.cfg.num_layers],
+            },
+        );
+        id
+    }
+
+    /// Removes a sequence and frees all its pages (device, cold and archive).
+    pub fn remove_sequence(&mut self, seq: SeqId) -> Result<()> {
+        self.reset_sequence(seq)?;
+        self.seqs.remove(&seq);
+        Ok(())
+    }
+
+    /// Frees all pages of a sequence and sets its length to 0 in every layer; the id stays valid.
+    pub fn reset_sequence(&mut self, seq: SeqId) -> Result<()> {
+        let s = self
+            .seqs
+            .get_mut(&seq)
+            .ok_or(Error::UnknownSequence(seq.0))?;
+        for (layer, sl) in s.layers.iter_mut().enumerate() {
+            let meta = std::mem::take(&mut sl.meta);
+            for (p, m) in sl.table.clear().into_iter().zip(meta) {
+                free_page(
+                    &mut self.layers[layer],
+                    &mut self.archive,
+                    &mut self.cold,
+                    &p,
+                    &m,
+                );
+            }
+            sl.steps = 0;
+        }
+        Ok(())
+    }
+
+    /// Live sequence ids, ascending.
+    pub fn sequences(&self) -> impl Iterator<Item = SeqId> + '_ {
+        self.seqs.keys().copied()
+    }
+
+    /// Whether `seq` is live.
+    pub fn contains(&self, seq: SeqId) -> bool {
+        self.seqs.contains_key(&seq)
+    }
+
+    pub(crate) fn seq_layer(&self, seq: SeqId, layer: usize) -> Result<&SeqLayer> {
+        self.check_layer(layer)?;
+        Ok(&self
+            .seqs
+            .get(&seq)
+            .ok_or(Error::UnknownSequence(seq.0))?
+            .layers[layer])
+    }
+
+    pub(crate) fn seq_layer_mut(&mut self, seq: SeqId, layer: usize) -> Result<&mut SeqLayer> {
+        self.check_layer(layer)?;
+        Ok(&mut self
+            .seqs
+            .get_mut(&seq)
+            .ok_or(Error::UnknownSequence(seq.0))?
+            .layers[layer])
+    }
+
+    /// The page table of `seq` in `layer`.
+    pub fn page_table(&self, seq: SeqId, layer: usize) -> Result<&PageTable> {
+        Ok(&self.seq_layer(seq, layer)?.table)
+    }
+
+    /// The per-page metadata of `seq` in `layer`, parallel to its page table.
+    pub fn page_meta(&self, seq: SeqId, layer: usize) -> Result<&[PageMeta]> {
+        Ok(&self.seq_layer(seq, layer)?.meta)
+    }
+
+    /// Observe steps folded into `seq`'s metadata in `layer` so far.
+    pub fn observed_steps(&self, seq: SeqId, layer: usize) -> Result<u64> {
+        Ok(self.seq_layer(seq, layer)?.steps)
+    }
+
+    /// Tokens stored for `seq` in `layer` (evicted positions included: positions never shift).
+    pub fn seq_len(&self, seq: SeqId, layer: usize) -> Result<usize> {
+        Ok(self.page_table(seq, layer)?.len())
+    }
+
+    pub(crate) fn check_layer(&self, layer: usize) -> Result<()> {
+        if layer >= self.cfg.num_layers {
+            return Err(Error::LayerOutOfRange {
+                layer,
+                num_layers: self.cfg.num_layers,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Frees whatever a page holds: its device slot, its cold bytes, its archive copy.
+pub(crate) fn free_page(
+    storage: &mut Storage,
+    archive: &mut HostPages,
+    cold: &mut HostPages,
+    p: &PageEntry,
+    m: &PageMeta,
+) {
+    use crate::backend::BackendStorage;
+    match p.tier {
+        Tier::Hot | Tier::Warm => storage.free(p.tier, p.slot),
+        Tier::Cold => {
+            cold.remove(p.slot);
+        }
+        Tier::Evicted => {}
+    }
+    if let Some(a) = m.archive {
+        archive.remove(a);
+    }
+}
