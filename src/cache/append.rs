@@ -104,12 +104,20 @@ impl KvCache {
         Ok(())
     }
 
-    /// Validates one append of keys and values to `seq` in `layer`; returns the token count.
-    fn check_append(&self, seq: SeqId, layer: usize, keys: Rows, values: Rows) -> Result<usize> {
+    /// Checks the element counts of an append of `keys_len` key and `values_len` value elements
+    /// to `seq` in `layer` against the config and the sequence, reading no element: what a caller
+    /// holding raw pointers (the C ABI) checks before it forms slices. Returns the token count.
+    pub fn check_append_len(
+        &self,
+        seq: SeqId,
+        layer: usize,
+        keys_len: usize,
+        values_len: usize,
+    ) -> Result<usize> {
         self.check_layer(layer)?;
         let kvh = self.cfg.num_kv_heads;
-        let n = self.count_rows("keys", keys.len(), kvh)?;
-        let nv = self.count_rows("values", values.len(), kvh)?;
+        let n = self.count_rows("keys", keys_len, kvh)?;
+        let nv = self.count_rows("values", values_len, kvh)?;
         if n != nv {
             return Err(Error::shape(
                 "values",
@@ -118,7 +126,6 @@ impl KvCache {
             ));
         }
         let len = self.seq_layer(seq, layer)?.table.len();
-        // Counts first: nothing is read from the caller's buffers before this check.
         if n > self.cfg.max_seq_len || len + n > self.cfg.max_seq_len {
             return Err(Error::SequenceTooLong {
                 seq: seq.0,
@@ -127,6 +134,13 @@ impl KvCache {
                 max: self.cfg.max_seq_len,
             });
         }
+        Ok(n)
+    }
+
+    /// Validates one append of keys and values to `seq` in `layer`; returns the token count.
+    fn check_append(&self, seq: SeqId, layer: usize, keys: Rows, values: Rows) -> Result<usize> {
+        // Counts first: nothing is read from the caller's buffers before this check.
+        let n = self.check_append_len(seq, layer, keys.len(), values.len())?;
         self.check_values("keys", keys, true)?;
         self.check_values("values", values, true)?;
         Ok(n)
@@ -256,7 +270,7 @@ impl KvCache {
                 }
             }
         }
-        let protected = self.cfg.is_protected(layer);
+        let protected = self.cfg.protected_layers.contains(&layer);
         let sinks = self.cfg.sink_tokens;
         let fmt = WarmFormat::of(&self.cfg);
         let sl = &mut self

@@ -16,7 +16,7 @@ impl Pins {
     pub const SINK: Pins = Pins(1);
     /// Pinned by the caller (`KvCache::pin`).
     pub const USER: Pins = Pins(2);
-    /// In a protected layer: set by the cache.
+    /// In one of the config's `protected_layers` (kept exact: never quantised): set by the cache.
     pub const PROTECTED: Pins = Pins(4);
 
     /// No pin.
@@ -26,6 +26,11 @@ impl Pins {
     /// True when any pin is set.
     pub const fn any(self) -> bool {
         self.0 != 0
+    }
+    /// True when a pin keeps the page on the device and present (sink or caller pin): it refuses
+    /// evict and to_cold. Every pin refuses demote (protected layers stay exact).
+    pub const fn blocks_removal(self) -> bool {
+        self.0 & (Pins::SINK.0 | Pins::USER.0) != 0
     }
     /// True when every pin of `other` is set.
     pub const fn contains(self, other: Pins) -> bool {

@@ -15,7 +15,7 @@
 //! | `evict(p)` | hot / warm / cold | evicted | everything freed, archive copy included |
 //! | `to_cold(p)` | hot / warm | cold (host RAM) | warm: the quantised copy; hot: the archive copy (archive on) or the exact bytes |
 //! | `from_cold(p)` | cold | the tier it left | imported back |
-//! | `pin(p)` / `unpin(p)` | any | same | pinned pages refuse demote, evict and to_cold |
+//! | `pin(p)` / `unpin(p)` | any | same | pinned (and sink) pages refuse demote, evict and to_cold; pages of protected layers refuse demote |
 
 use super::{free_page, KvCache, PageEntry, SeqId, Tier};
 use super::meta::{KeyBounds, Pins};
@@ -351,7 +351,7 @@ impl KvCache {
         if e.tier == Tier::Evicted {
             return Err(invalid("evict", p, "the page was already evicted"));
         }
-        if self.pins(p)?.any() {
+        if self.pins(p)?.blocks_removal() {
             return Err(invalid("evict", p, "the page is pinned"));
         }
         if self.is_last_partial(p, &e) {
@@ -374,7 +374,7 @@ impl KvCache {
         if !matches!(e.tier, Tier::Hot | Tier::Warm) {
             return Err(invalid("to_cold", p, format!("the page is {:?}", e.tier)));
         }
-        if self.pins(p)?.any() {
+        if self.pins(p)?.blocks_removal() {
             return Err(invalid("to_cold", p, "the page is pinned"));
         }
         if self.is_last_partial(p, &e) {

@@ -144,6 +144,17 @@ unsafe fn batch(
     seqs: *const u64,
     n_seqs: usize,
 ) -> Result<(Vec<SeqId>, Vec<usize>), FfiError> {
+    // Every id must be a distinct live sequence: a larger count is refused before anything is
+    // read or allocated.
+    let live = cache.sequences().count();
+    if n_seqs > live {
+        return Err(crate::Error::shape(
+            "n_seqs",
+            format!("at most the {live} live sequences (ids must be distinct)"),
+            n_seqs,
+        )
+        .into());
+    }
     // SAFETY: forwarded from the caller.
     let ids: Vec<SeqId> = unsafe { input(seqs, n_seqs, "seqs") }?
         .iter()
@@ -188,15 +199,24 @@ pub unsafe extern "C" fn kvtier_cache_attend(
     ffi_panic_boundary!("kvtier_cache_attend", {
         // SAFETY: `cache` is NULL or live (this function's contract).
         let c = unsafe { handle(cache, "cache") }?.read()?;
-        // SAFETY: `seqs` holds `n_seqs` readable ids (this function's contract).
-        let (ids, pages) = unsafe { batch(&c, layer, seqs, n_seqs) }?;
         let cfg = c.config();
         let needed = cfg
             .num_q_heads
             .checked_mul(cfg.head_dim)
             .and_then(|row| row.checked_mul(n_seqs))
             .ok_or_else(|| FfiError::invalid("n_seqs * num_q_heads * head_dim overflows"))?;
+        // Counts first: nothing is read or allocated before they agree.
+        if queries_len != needed {
+            return Err(crate::Error::shape(
+                "queries",
+                format!("{needed} values (n_seqs x num_q_heads x head_dim)"),
+                queries_len,
+            )
+            .into());
+        }
         let out = Out::new(output, output_len, needed, "output")?;
+        // SAFETY: `seqs` holds `n_seqs` readable ids (this function's contract).
+        let (ids, pages) = unsafe { batch(&c, layer, seqs, n_seqs) }?;
         // SAFETY: `stats` is NULL or initialised (this function's contract).
         let stats_out = unsafe { StatsOut::check(stats, n_seqs, cfg.num_q_heads, &pages) }?;
         let att = {

@@ -327,6 +327,9 @@ pub unsafe extern "C" fn kvtier_cache_append(
     ffi_panic_boundary!("kvtier_cache_append", {
         // SAFETY: `cache` is NULL or live (this function's contract).
         let h = unsafe { handle(cache, "cache") }?;
+        let mut c = h.write()?;
+        // Counts against the config before a slice is formed over the caller's memory.
+        c.check_append_len(SeqId(seq), layer, keys_len, values_len)?;
         // SAFETY: each array holds its count of readable floats (this function's contract).
         let (k, v) = unsafe {
             (
@@ -334,7 +337,7 @@ pub unsafe extern "C" fn kvtier_cache_append(
                 input(values, values_len, "values")?,
             )
         };
-        h.write()?.append(SeqId(seq), layer, k, v)?;
+        c.append(SeqId(seq), layer, k, v)?;
         Ok(())
     })
 }
@@ -371,6 +374,9 @@ pub unsafe extern "C" fn kvtier_cache_prefill(
         let h = unsafe { handle(cache, "cache") }?;
         // The output is `[n, q_heads, head_dim]` like the queries: check it before anything changes.
         let out = Out::new(output, output_len, queries_len, "output")?;
+        let mut c = h.write()?;
+        // Counts against the config before a slice is formed over the caller's memory.
+        c.check_append_len(SeqId(seq), layer, keys_len, values_len)?;
         let result = {
             // SAFETY: each array holds its count of readable floats (this function's contract).
             let (q, k, v) = unsafe {
@@ -380,7 +386,7 @@ pub unsafe extern "C" fn kvtier_cache_prefill(
                     input(values, values_len, "values")?,
                 )
             };
-            h.write()?.prefill(SeqId(seq), layer, q, k, v)?
+            c.prefill(SeqId(seq), layer, q, k, v)?
         };
         // The input borrows have ended: `output` may alias them.
         if result.len() != queries_len {
