@@ -77,7 +77,9 @@ pub enum Error {
     Unsupported(&'static str),
 
     /// A finite input value does not fit the storage dtype (e.g. above 65504 for f16 hot pages).
-    #[error("value {value} in `{what}` at index {index} is beyond the {dtype} range (|x| <= {max})")]
+    #[error(
+        "value {value} in `{what}` at index {index} is beyond the {dtype} range (|x| <= {max})"
+    )]
     OutOfRange {
         what: &'static str,
         index: usize,

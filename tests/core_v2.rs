@@ -10,7 +10,10 @@ use kvtier::{
 };
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// A cache of one layer with `len` random tokens in one sequence.
@@ -31,7 +34,11 @@ fn cfg(qh: usize, kvh: usize, d: usize) -> kvtier::CacheConfigBuilder {
 }
 
 fn pr(seq: SeqId, page: usize) -> PageRef {
-    PageRef { seq, layer: 0, page }
+    PageRef {
+        seq,
+        layer: 0,
+        page,
+    }
 }
 
 #[test]
@@ -48,8 +55,15 @@ fn promote_restores_bit_identical_pages_from_the_archive() {
         }
     }
     assert_eq!(c.page_table(s, 0).unwrap().count(Tier::Warm), 0);
-    assert_eq!(c.memory_report().archive_bytes, 0, "hot pages need no archive copy");
-    assert_eq!(c.read_tokens(s, 0).unwrap(), exact.read_tokens(se, 0).unwrap());
+    assert_eq!(
+        c.memory_report().archive_bytes,
+        0,
+        "hot pages need no archive copy"
+    );
+    assert_eq!(
+        c.read_tokens(s, 0).unwrap(),
+        exact.read_tokens(se, 0).unwrap()
+    );
     let a = c.attend(0, &[s], &q).unwrap();
     let b = exact.attend(0, &[se], &q).unwrap();
     assert_eq!(a.output, b.output, "promoted pages attend bit-identically");
@@ -81,8 +95,22 @@ fn warm_pages_go_to_fewer_bits_and_attention_stays_in_bound() {
         Err(Error::InvalidMove { .. })
     ));
     c.demote(pr(s, 0), b2).unwrap();
-    c.demote(pr(s, 1), WarmFormat { k_bits: Bits::B4, v_bits: Bits::B2 }).unwrap();
-    c.demote(pr(s, 2), WarmFormat { k_bits: Bits::B2, v_bits: Bits::B4 }).unwrap();
+    c.demote(
+        pr(s, 1),
+        WarmFormat {
+            k_bits: Bits::B4,
+            v_bits: Bits::B2,
+        },
+    )
+    .unwrap();
+    c.demote(
+        pr(s, 2),
+        WarmFormat {
+            k_bits: Bits::B2,
+            v_bits: Bits::B4,
+        },
+    )
+    .unwrap();
     assert_eq!(c.page(pr(s, 0)).unwrap().format, b2);
     let att = c.attend(0, &[s], &q).unwrap();
     let (want, _, _) = naive(&q, &k, &v, 256, 8, 2, 64);
@@ -108,7 +136,10 @@ fn cold_pages_attend_as_if_on_the_device_and_come_back_exactly() {
         c.to_cold(pr(s, 0)).unwrap();
         c.to_cold(pr(s, 1)).unwrap();
         c.pin(pr(s, 8)).unwrap();
-        assert!(matches!(c.to_cold(pr(s, 8)), Err(Error::InvalidMove { .. })));
+        assert!(matches!(
+            c.to_cold(pr(s, 8)),
+            Err(Error::InvalidMove { .. })
+        ));
         c.unpin(pr(s, 8)).unwrap();
         c.to_cold(pr(s, 8)).unwrap();
         let r = c.memory_report();
@@ -116,7 +147,10 @@ fn cold_pages_attend_as_if_on_the_device_and_come_back_exactly() {
         assert!(r.cold_bytes > 0);
         let got = c.attend(0, &[s], &q).unwrap();
         let err = max_abs_diff(&got.output, &want.output);
-        assert!(err < 1e-5, "archive {archive}: cold attention differs by {err}");
+        assert!(
+            err < 1e-5,
+            "archive {archive}: cold attention differs by {err}"
+        );
         for (a, b) in got.heads.iter().zip(&want.heads) {
             assert!((a.log_z - b.log_z).abs() < 1e-4 && (a.entropy - b.entropy).abs() < 1e-3);
         }
@@ -125,7 +159,14 @@ fn cold_pages_attend_as_if_on_the_device_and_come_back_exactly() {
         }
         c.from_cold(pr(s, 0)).unwrap();
         assert_eq!(c.page(pr(s, 0)).unwrap().tier, Tier::Warm);
-        assert_eq!(c.promote(pr(s, 1)).unwrap(), if archive { Restored::Exact } else { Restored::Dequantised });
+        assert_eq!(
+            c.promote(pr(s, 1)).unwrap(),
+            if archive {
+                Restored::Exact
+            } else {
+                Restored::Dequantised
+            }
+        );
         c.from_cold(pr(s, 8)).unwrap();
         assert_eq!(c.page(pr(s, 8)).unwrap().tier, Tier::Hot);
         assert_eq!(c.memory_report().cold_pages, 0);
@@ -133,18 +174,33 @@ fn cold_pages_attend_as_if_on_the_device_and_come_back_exactly() {
         let k8 = c.read_tokens(s, 0).unwrap().0;
         let r8 = reference.read_tokens(sr, 0).unwrap().0;
         let at = 8 * 32 * 128;
-        assert_eq!(k8[at..at + 32 * 128], r8[at..at + 32 * 128], "hot page back exactly");
+        assert_eq!(
+            k8[at..at + 32 * 128],
+            r8[at..at + 32 * 128],
+            "hot page back exactly"
+        );
     }
 }
 
 #[test]
 fn evicted_pages_are_never_attended_and_free_everything() {
-    let (mut c, s, k, v) = filled(cfg(4, 2, 32).hot_dtype(HotDtype::F32).full_precision().build().unwrap(), 150, 8);
+    let (mut c, s, k, v) = filled(
+        cfg(4, 2, 32)
+            .hot_dtype(HotDtype::F32)
+            .full_precision()
+            .build()
+            .unwrap(),
+        150,
+        8,
+    );
     let q = Rng(9).vec(4 * 32, 1.0);
     let before = c.memory_report();
     c.evict(pr(s, 1)).unwrap();
     assert!(matches!(c.evict(pr(s, 1)), Err(Error::InvalidMove { .. })));
-    assert!(matches!(c.evict(pr(s, 4)), Err(Error::InvalidMove { .. })), "last partial page");
+    assert!(
+        matches!(c.evict(pr(s, 4)), Err(Error::InvalidMove { .. })),
+        "last partial page"
+    );
     let r = c.memory_report();
     assert_eq!(r.evicted_pages, 1);
     assert!(r.hot_bytes < before.hot_bytes);
@@ -152,8 +208,14 @@ fn evicted_pages_are_never_attended_and_free_everything() {
     // Reference over the kept tokens only.
     let row = 2 * 32;
     let keep: Vec<usize> = (0..150).filter(|t| !(32..64).contains(t)).collect();
-    let kk: Vec<f32> = keep.iter().flat_map(|&t| k[t * row..(t + 1) * row].to_vec()).collect();
-    let vv: Vec<f32> = keep.iter().flat_map(|&t| v[t * row..(t + 1) * row].to_vec()).collect();
+    let kk: Vec<f32> = keep
+        .iter()
+        .flat_map(|&t| k[t * row..(t + 1) * row].to_vec())
+        .collect();
+    let vv: Vec<f32> = keep
+        .iter()
+        .flat_map(|&t| v[t * row..(t + 1) * row].to_vec())
+        .collect();
     let (want, _, _) = naive(&q, &kk, &vv, keep.len(), 4, 2, 32);
     let att = c.attend(0, &[s], &q).unwrap();
     assert!(max_abs_diff(&att.output, &want) < 1e-5);
@@ -178,7 +240,13 @@ fn selection_equals_a_cache_holding_only_the_selected_pages() {
         let mut only = KvCache::new(cfg(qh, kvh, d).hot_window(1 << 20).build().unwrap()).unwrap();
         let so = only.add_sequence();
         for &p in &pages {
-            only.append(so, 0, &k[p * 32 * row..(p + 1) * 32 * row], &v[p * 32 * row..(p + 1) * 32 * row]).unwrap();
+            only.append(
+                so,
+                0,
+                &k[p * 32 * row..(p + 1) * 32 * row],
+                &v[p * 32 * row..(p + 1) * 32 * row],
+            )
+            .unwrap();
         }
         let table = c.page_table(s, 0).unwrap();
         for (i, &p) in pages.iter().enumerate() {
@@ -188,9 +256,15 @@ fn selection_equals_a_cache_holding_only_the_selected_pages() {
         }
         let want = only.attend(0, &[so], &q).unwrap();
         let g = qh / kvh;
-        let (a, b) = (&got.output[kv * g * d..(kv + 1) * g * d], &want.output[kv * g * d..(kv + 1) * g * d]);
+        let (a, b) = (
+            &got.output[kv * g * d..(kv + 1) * g * d],
+            &want.output[kv * g * d..(kv + 1) * g * d],
+        );
         let err = max_abs_diff(a, b);
-        assert!(err < 1e-5, "kv head {kv}: selection differs from a cache of those pages by {err}");
+        assert!(
+            err < 1e-5,
+            "kv head {kv}: selection differs from a cache of those pages by {err}"
+        );
         for h in kv * g..(kv + 1) * g {
             assert!((got.heads[h].log_z - want.heads[h].log_z).abs() < 1e-4);
         }
@@ -200,10 +274,16 @@ fn selection_equals_a_cache_holding_only_the_selected_pages() {
     }
     // Bad selections are typed errors.
     let wrong = PageSelection::none(2, kvh);
-    assert!(matches!(c.attend_select(0, &[s], &q, &wrong), Err(Error::Shape { .. })));
+    assert!(matches!(
+        c.attend_select(0, &[s], &q, &wrong),
+        Err(Error::Shape { .. })
+    ));
     let mut oob = PageSelection::none(1, kvh);
     oob.set(0, 0, [25]).unwrap();
-    assert!(matches!(c.attend_select(0, &[s], &q, &oob), Err(Error::Shape { .. })));
+    assert!(matches!(
+        c.attend_select(0, &[s], &q, &oob),
+        Err(Error::Shape { .. })
+    ));
 }
 
 #[test]
@@ -212,25 +292,34 @@ fn observe_accumulates_per_kv_head_mass_with_decay() {
     let q = Rng(13).vec(8 * 64, 2.0);
     let a1 = c.attend(0, &[s], &q).unwrap();
     c.observe(0, &[s], &a1).unwrap();
-    let m1: Vec<Vec<f32>> = c.page_meta(s, 0).unwrap().iter().map(|m| m.mass.to_vec()).collect();
+    let m1: Vec<Vec<f32>> = c
+        .page_meta(s, 0)
+        .unwrap()
+        .iter()
+        .map(|m| m.mass.to_vec())
+        .collect();
     let kv = a1.kv_page_mass(0);
     for (p, m) in m1.iter().enumerate() {
         assert_eq!(m.as_slice(), &kv[p * 2..p * 2 + 2]);
     }
     for h in 0..2 {
         let total: f32 = m1.iter().map(|m| m[h]).sum();
-        assert!((total - 1.0).abs() < 1e-4, "kv head {h} masses sum to {total}");
+        assert!(
+            (total - 1.0).abs() < 1e-4,
+            "kv head {h} masses sum to {total}"
+        );
     }
     c.observe(0, &[s], &a1).unwrap();
     for (m, m0) in c.page_meta(s, 0).unwrap().iter().zip(&m1) {
-        for h in 0..2 {
-            assert!((m.mass[h] - 1.5 * m0[h]).abs() < 1e-6);
+        for (x, x0) in m.mass.iter().zip(m0) {
+            assert!((x - 1.5 * x0).abs() < 1e-6);
         }
         assert_eq!(m.last_attended, Some(1));
     }
     assert_eq!(c.observed_steps(s, 0).unwrap(), 2);
     // A result from before an append is stale.
-    c.append(s, 0, &vec![0.0; 128 * 33], &vec![0.0; 128 * 33]).unwrap();
+    c.append(s, 0, &vec![0.0; 128 * 33], &vec![0.0; 128 * 33])
+        .unwrap();
     assert!(matches!(c.observe(0, &[s], &a1), Err(Error::Stale(_))));
 }
 
@@ -245,30 +334,57 @@ fn f16_and_bf16_inputs_and_batched_decode_append() {
     let seqs_b: Vec<SeqId> = (0..3).map(|_| b.add_sequence()).collect();
     let mut rng = Rng(14);
     for _ in 0..70 {
-        let k: Vec<f16> = rng.vec(3 * row, 1.0).iter().map(|&x| f16::from_f32(x)).collect();
-        let v: Vec<bf16> = rng.vec(3 * row, 1.0).iter().map(|&x| bf16::from_f32(x)).collect();
-        a.append_decode(0, &seqs_a, Rows::F16(&k), Rows::BF16(&v)).unwrap();
+        let k: Vec<f16> = rng
+            .vec(3 * row, 1.0)
+            .iter()
+            .map(|&x| f16::from_f32(x))
+            .collect();
+        let v: Vec<bf16> = rng
+            .vec(3 * row, 1.0)
+            .iter()
+            .map(|&x| bf16::from_f32(x))
+            .collect();
+        a.append_decode(0, &seqs_a, Rows::F16(&k), Rows::BF16(&v))
+            .unwrap();
         for (i, &s) in seqs_b.iter().enumerate() {
-            let kf: Vec<f32> = k[i * row..(i + 1) * row].iter().map(|x| x.to_f32()).collect();
-            let vf: Vec<f32> = v[i * row..(i + 1) * row].iter().map(|x| x.to_f32()).collect();
+            let kf: Vec<f32> = k[i * row..(i + 1) * row]
+                .iter()
+                .map(|x| x.to_f32())
+                .collect();
+            let vf: Vec<f32> = v[i * row..(i + 1) * row]
+                .iter()
+                .map(|x| x.to_f32())
+                .collect();
             b.append(s, 0, &kf, &vf).unwrap();
         }
     }
     let q: Vec<f32> = rng.vec(3 * qh * d, 1.0);
     let qh16: Vec<f16> = q.iter().map(|&x| f16::from_f32(x)).collect();
     let q16: Vec<f32> = qh16.iter().map(|x| x.to_f32()).collect();
-    let x = a.attend_with(&mut Scratch::default(), 0, &seqs_a, Rows::F16(&qh16), None).unwrap();
+    let x = a
+        .attend_with(&mut Scratch::default(), 0, &seqs_a, Rows::F16(&qh16), None)
+        .unwrap();
     let y = b.attend(0, &seqs_b, &q16).unwrap();
     assert_eq!(x.output, y.output);
     // Batched append validates the whole batch first.
     let before = a.memory_report();
     let k = vec![0.0f32; 3 * row];
     assert!(matches!(
-        a.append_decode(0, &[seqs_a[0], seqs_a[0], seqs_a[1]], Rows::F32(&k), Rows::F32(&k)),
+        a.append_decode(
+            0,
+            &[seqs_a[0], seqs_a[0], seqs_a[1]],
+            Rows::F32(&k),
+            Rows::F32(&k)
+        ),
         Err(Error::DuplicateSequence(_))
     ));
     assert!(matches!(
-        a.append_decode(0, &[seqs_a[0], SeqId(99), seqs_a[1]], Rows::F32(&k), Rows::F32(&k)),
+        a.append_decode(
+            0,
+            &[seqs_a[0], SeqId(99), seqs_a[1]],
+            Rows::F32(&k),
+            Rows::F32(&k)
+        ),
         Err(Error::UnknownSequence(99))
     ));
     assert_eq!(a.memory_report(), before);
@@ -276,9 +392,21 @@ fn f16_and_bf16_inputs_and_batched_decode_append() {
 
 #[test]
 fn regression_huge_hot_window_or_sinks_keep_everything_hot() {
-    for (w, s) in [(usize::MAX, 0), (0, usize::MAX), (usize::MAX - 3, usize::MAX)] {
-        let (c, seq, _, _) = filled(cfg(4, 1, 32).hot_window(w).sink_tokens(s).build().unwrap(), 500, 15);
-        assert_eq!(c.page_table(seq, 0).unwrap().count(Tier::Warm), 0, "window {w} sinks {s}");
+    for (w, s) in [
+        (usize::MAX, 0),
+        (0, usize::MAX),
+        (usize::MAX - 3, usize::MAX),
+    ] {
+        let (c, seq, _, _) = filled(
+            cfg(4, 1, 32).hot_window(w).sink_tokens(s).build().unwrap(),
+            500,
+            15,
+        );
+        assert_eq!(
+            c.page_table(seq, 0).unwrap().count(Tier::Warm),
+            0,
+            "window {w} sinks {s}"
+        );
         assert_eq!(c.counters().demotions, 0);
     }
 }
@@ -290,8 +418,14 @@ fn regression_values_beyond_f16_are_refused_and_attention_is_never_inf() {
     let ok = vec![0.5f32; 32];
     let mut big = ok.clone();
     big[7] = 1e5;
-    assert!(matches!(c.append(s, 0, &big, &ok), Err(Error::OutOfRange { index: 7, .. })));
-    assert!(matches!(c.append(s, 0, &ok, &big), Err(Error::OutOfRange { .. })));
+    assert!(matches!(
+        c.append(s, 0, &big, &ok),
+        Err(Error::OutOfRange { index: 7, .. })
+    ));
+    assert!(matches!(
+        c.append(s, 0, &ok, &big),
+        Err(Error::OutOfRange { .. })
+    ));
     assert_eq!(c.seq_len(s, 0).unwrap(), 0, "nothing stored");
     c.append(s, 0, &ok, &ok).unwrap();
     // f32 hot pages hold 1e5 exactly; attention stays finite.
@@ -303,8 +437,11 @@ fn regression_values_beyond_f16_are_refused_and_attention_is_never_inf() {
     // Queries that overflow the scores give a typed error, not inf / NaN.
     let mut h = KvCache::new(cfg(4, 1, 32).hot_dtype(HotDtype::F32).build().unwrap()).unwrap();
     let sh = h.add_sequence();
-    h.append(sh, 0, &vec![3e38; 32], &ok).unwrap();
-    assert!(matches!(h.attend(0, &[sh], &vec![3e38; 4 * 32]), Err(Error::Overflow(_))));
+    h.append(sh, 0, &[3e38; 32], &ok).unwrap();
+    assert!(matches!(
+        h.attend(0, &[sh], &vec![3e38; 4 * 32]),
+        Err(Error::Overflow(_))
+    ));
 }
 
 #[test]
@@ -316,8 +453,14 @@ fn regression_counts_are_checked_before_anything_is_read() {
         c.check_append_len(s, 0, usize::MAX / 64 * 32, usize::MAX / 64 * 32),
         Err(Error::SequenceTooLong { .. })
     ));
-    assert!(matches!(c.check_append_len(s, 0, 1001 * 32, 1001 * 32), Err(Error::SequenceTooLong { .. })));
-    assert_eq!(c.check_append_len(s, 0, 1000 * 32, 1000 * 32).unwrap(), 1000);
+    assert!(matches!(
+        c.check_append_len(s, 0, 1001 * 32, 1001 * 32),
+        Err(Error::SequenceTooLong { .. })
+    ));
+    assert_eq!(
+        c.check_append_len(s, 0, 1000 * 32, 1000 * 32).unwrap(),
+        1000
+    );
 }
 
 #[test]
@@ -330,7 +473,8 @@ fn results_are_batch_invariant() {
         .iter()
         .map(|&n| {
             let s = c.add_sequence();
-            c.append(s, 0, &rng.vec(n * kvh * d, 1.0), &rng.vec(n * kvh * d, 1.0)).unwrap();
+            c.append(s, 0, &rng.vec(n * kvh * d, 1.0), &rng.vec(n * kvh * d, 1.0))
+                .unwrap();
             s
         })
         .collect();
@@ -339,7 +483,11 @@ fn results_are_batch_invariant() {
     let n = qh * d;
     for (i, &s) in seqs.iter().enumerate() {
         let alone = c.attend(0, &[s], &q[i * n..(i + 1) * n]).unwrap();
-        assert_eq!(alone.output, all.output_of(i), "sequence {i} alone vs in the batch");
+        assert_eq!(
+            alone.output,
+            all.output_of(i),
+            "sequence {i} alone vs in the batch"
+        );
         assert_eq!(alone.heads, all.heads_of(i));
         assert_eq!(alone.page_mass[0], all.page_mass[i]);
     }
@@ -365,11 +513,37 @@ fn apply_validates_every_page_and_refuses_duplicates() {
         Err(Error::InvalidMove { .. })
     ));
     assert_eq!(c.memory_report(), before, "a refused batch changes nothing");
-    assert_eq!(c.apply(&[Move::Demote(pr(s, 0), fmt), Move::ToCold(pr(s, 1)), Move::Pin(pr(s, 2))]).unwrap(), 3);
-    assert!(c.page_meta(s, 0).unwrap()[2].pins.contains(kvtier::Pins::USER));
-    assert!(matches!(c.promote(pr(s, 8)), Err(Error::InvalidMove { .. })), "already hot");
-    assert!(matches!(c.demote(PageRef { seq: s, layer: 3, page: 0 }, fmt), Err(Error::LayerOutOfRange { .. })));
-    assert!(matches!(c.demote(pr(SeqId(77), 0), fmt), Err(Error::UnknownSequence(77))));
+    assert_eq!(
+        c.apply(&[
+            Move::Demote(pr(s, 0), fmt),
+            Move::ToCold(pr(s, 1)),
+            Move::Pin(pr(s, 2))
+        ])
+        .unwrap(),
+        3
+    );
+    assert!(c.page_meta(s, 0).unwrap()[2]
+        .pins
+        .contains(kvtier::Pins::USER));
+    assert!(
+        matches!(c.promote(pr(s, 8)), Err(Error::InvalidMove { .. })),
+        "already hot"
+    );
+    assert!(matches!(
+        c.demote(
+            PageRef {
+                seq: s,
+                layer: 3,
+                page: 0
+            },
+            fmt
+        ),
+        Err(Error::LayerOutOfRange { .. })
+    ));
+    assert!(matches!(
+        c.demote(pr(SeqId(77), 0), fmt),
+        Err(Error::UnknownSequence(77))
+    ));
 }
 
 #[test]
@@ -378,17 +552,35 @@ fn budgets_count_allocated_bytes() {
     let page = 2 * 32 * 32 * 2; // one hot page: K and V, 32 tokens x 32 dims, f16
     let mut b = base.budgets;
     b.hot_bytes = Some(3 * page);
-    let mut c = KvCache::new(CacheConfig { budgets: b, ..base.clone() }.clone()).unwrap();
+    let mut c = KvCache::new(
+        CacheConfig {
+            budgets: b,
+            ..base.clone()
+        }
+        .clone(),
+    )
+    .unwrap();
     let s = c.add_sequence();
     let kv = vec![0.1f32; 96 * 32];
     c.append(s, 0, &kv, &kv).unwrap();
     assert_eq!(c.memory_report().hot_bytes, 3 * page);
-    assert!(matches!(c.append(s, 0, &kv[..32], &kv[..32]), Err(Error::BudgetExceeded { tier: Tier::Hot, .. })));
+    assert!(matches!(
+        c.append(s, 0, &kv[..32], &kv[..32]),
+        Err(Error::BudgetExceeded {
+            tier: Tier::Hot,
+            ..
+        })
+    ));
     assert_eq!(c.seq_len(s, 0).unwrap(), 96);
     // A cold budget bounds the archive: demotions that would exceed it are skipped, nothing lost.
     let mut b = base.budgets;
     b.cold_bytes = Some(page);
-    let mut c = KvCache::new(CacheConfig { budgets: b, hot_window: 32, ..base }).unwrap();
+    let mut c = KvCache::new(CacheConfig {
+        budgets: b,
+        hot_window: 32,
+        ..base
+    })
+    .unwrap();
     let s = c.add_sequence();
     let kv = vec![0.1f32; 300 * 32];
     c.append(s, 0, &kv, &kv).unwrap();

@@ -6,17 +6,28 @@
 //! - hot page bytes: identical; warm page bytes after demotion: identical (0 differing bytes);
 //! - attention output: max |Δ| <= 2e-5; entropy, max score, log Z: |Δ| <= 1e-4;
 //!   varentropy: |Δ| <= 1e-3 * (1 + V); page mass: |Δ| <= 1e-5 per page;
-//! - prefill output: max |Δ| <= 2e-5.
+//! - prefill output: max |Δ| <= 2e-5;
+//! - attention over a page selection: the same bounds against the CPU over the same selection and
+//!   against attention over a table holding only the selected pages; per-page lse |Δ| <=
+//!   1e-4 * (1 + |lse|), `-inf` exactly where a page was not attended;
+//! - exported page bytes: identical between backends, in both directions;
+//! - attend_device with f16 / bf16 queries: max |Δ| <= 1e-6 against f32 queries holding the same
+//!   (rounded) values, statistics and masses identical.
 #![cfg(feature = "cuda")]
 
 mod common;
 use common::Rng;
 use kvtier::backend::cpu::CpuDevice;
-use kvtier::backend::cuda::{compile_for_arch, compile_source, CudaDevice, CudaError, CudaStorage};
-use kvtier::backend::{BackendDevice, BackendStorage, Device};
+use kvtier::backend::cuda::{
+    compile_for_arch, compile_source, CudaBuffers, CudaDevice, CudaError, CudaStorage,
+};
+use kvtier::backend::metal::MetalBuffers;
+use kvtier::backend::{AttendInput, BackendDevice, BackendStorage, Device, DeviceBuffers};
 use kvtier::quant::{quantize_keys, quantize_values, WarmLayout};
-use kvtier::tiers::{PageEntry, Tier};
-use kvtier::{Attention, Bits, CacheConfig, Error, HotDtype, KvCache, SeqId};
+use kvtier::{
+    Attention, Bits, CacheConfig, Error, HotDtype, InputDtype, KvCache, PageBytes, PageEntry,
+    PageSelection, PageTable, Rows, Scratch, SeqId, Tier, WarmFormat,
+};
 
 fn device() -> Option<CudaDevice> {
     match CudaDevice::new(0) {
@@ -174,6 +185,7 @@ fn page_bytes_match_cpu() {
         let mut cpu = CpuDevice.storage(&cfg, 0).unwrap();
         let mut gpu: CudaStorage = dev.storage(&cfg, 0).unwrap();
         let mut rng = Rng(0x5eed + d as u64);
+        let format = WarmFormat::of(&cfg);
         let mut diff_bytes = 0usize;
         let mut demoted = 0usize;
         for case in 0..8 {
@@ -202,6 +214,7 @@ fn page_bytes_match_cpu() {
                 tier: Tier::Hot,
                 slot,
                 n_tokens: n as u32,
+                format,
             };
             let (hc, hg) = (
                 cpu.read_page(&e(sc)).unwrap(),
@@ -221,11 +234,14 @@ fn page_bytes_match_cpu() {
             }
             if !cfg.warm_enabled {
                 // The CUDA storage has no warm pool without a warm tier: it keeps the page hot.
-                assert_eq!(gpu.demote(sg, n).unwrap(), None, "{name}");
+                assert_eq!(gpu.demote(sg, n, format).unwrap(), None, "{name}");
                 assert_eq!(gpu.read_page(&e(sg)).unwrap(), hg, "{name}: hot page lost");
                 continue;
             }
-            let (rc, rg) = (cpu.demote(sc, n).unwrap(), gpu.demote(sg, n).unwrap());
+            let (rc, rg) = (
+                cpu.demote(sc, n, format).unwrap(),
+                gpu.demote(sg, n, format).unwrap(),
+            );
             assert_eq!(rc.is_some(), ok, "{name} case {case}");
             assert_eq!(
                 rg.is_some(),
@@ -248,11 +264,13 @@ fn page_bytes_match_cpu() {
                     tier: Tier::Warm,
                     slot: rc.unwrap(),
                     n_tokens: n as u32,
+                    format,
                 };
                 let wg = PageEntry {
                     tier: Tier::Warm,
                     slot: ws,
                     n_tokens: n as u32,
+                    format,
                 };
                 assert_eq!(cpu.read_page(&wc).unwrap(), gpu.read_page(&wg).unwrap());
             } else {
@@ -401,18 +419,23 @@ fn attend_device_matches_attend() {
     let want = g.cache.attend(0, &g.seqs, &q).unwrap();
     let ctx = CudaContext::new(0).unwrap();
     let user = ctx.new_stream().unwrap();
+    let mut scratch = Scratch::default();
     for stream in [user.cu_stream() as u64, 0u64] {
         let qd = user.clone_htod(&q).unwrap();
         let od = user.alloc_zeros::<f32>(q.len()).unwrap();
         let (qp, _a) = qd.device_ptr(&user);
         let (op, _b) = od.device_ptr(&user);
         user.synchronize().unwrap();
-        let bufs = kvtier::DeviceBuffers {
+        let bufs = DeviceBuffers::Cuda(CudaBuffers {
             queries: qp,
+            query_dtype: InputDtype::F32,
             output: op,
             stream,
-        };
-        let got = g.cache.attend_device(0, &g.seqs, bufs).unwrap();
+        });
+        let got = g
+            .cache
+            .attend_device_with(&mut scratch, 0, &g.seqs, &bufs, None)
+            .unwrap();
         assert!(got.output.is_empty());
         drop((_a, _b));
         let out = user.clone_dtoh(&od).unwrap();
@@ -422,6 +445,532 @@ fn attend_device_matches_attend() {
         );
         assert_eq!(got.heads, want.heads);
         assert_eq!(got.page_mass, want.page_mass);
+        assert_eq!(got.page_lse, want.page_lse);
+    }
+}
+
+/// f16 and bf16 device queries: converted on the device into the plan's f32 buffer, so the result
+/// equals f32 queries holding the same (rounded) values, with and without a page selection.
+#[test]
+fn attend_device_f16_and_bf16_queries_match_f32() {
+    use cudarc::driver::{CudaContext, DevicePtr};
+    use half::{bf16, f16};
+    let Some(dev) = device() else { return };
+    let cfg = CacheConfig::builder(1, 32, 8, 128)
+        .hot_dtype(HotDtype::BF16)
+        .build()
+        .unwrap();
+    let lens = [900usize, 2000, 40];
+    let g = fill(&cfg, Device::Cuda(dev.clone()), &lens, 31);
+    let mut rng = Rng(12);
+    let q = rng.vec(lens.len() * 32 * 128, 2.0);
+    let sel = random_selection(&g, &cfg, &mut rng, false);
+    let ctx = CudaContext::new(0).unwrap();
+    let user = ctx.new_stream().unwrap();
+    let mut scratch = Scratch::default();
+    for dtype in [InputDtype::F16, InputDtype::BF16] {
+        let (bits, rounded): (Vec<u16>, Vec<f32>) = match dtype {
+            InputDtype::F16 => q
+                .iter()
+                .map(|&x| {
+                    let h = f16::from_f32(x);
+                    (h.to_bits(), h.to_f32())
+                })
+                .unzip(),
+            _ => q
+                .iter()
+                .map(|&x| {
+                    let h = bf16::from_f32(x);
+                    (h.to_bits(), h.to_f32())
+                })
+                .unzip(),
+        };
+        for selection in [None, Some(&sel)] {
+            let want = g
+                .cache
+                .attend_with(
+                    &mut Scratch::default(),
+                    0,
+                    &g.seqs,
+                    Rows::F32(&rounded),
+                    selection,
+                )
+                .unwrap();
+            let qd = user.clone_htod(&bits).unwrap();
+            let od = user.alloc_zeros::<f32>(q.len()).unwrap();
+            let (qp, _a) = qd.device_ptr(&user);
+            let (op, _b) = od.device_ptr(&user);
+            user.synchronize().unwrap();
+            let bufs = DeviceBuffers::Cuda(CudaBuffers {
+                queries: qp,
+                query_dtype: dtype,
+                output: op,
+                stream: user.cu_stream() as u64,
+            });
+            let got = g
+                .cache
+                .attend_device_with(&mut scratch, 0, &g.seqs, &bufs, selection)
+                .unwrap();
+            drop((_a, _b));
+            let out = user.clone_dtoh(&od).unwrap();
+            let d = max_abs(&out, &want.output);
+            eprintln!(
+                "{dtype:?} queries, selection {}: output {d:.2e}",
+                selection.is_some()
+            );
+            assert!(d <= 1e-6, "{dtype:?}: device output differs by {d}");
+            assert_eq!(got.heads, want.heads, "{dtype:?}");
+            assert_eq!(got.page_mass, want.page_mass, "{dtype:?}");
+            assert_eq!(got.page_lse, want.page_lse, "{dtype:?}");
+        }
+    }
+    // Bad buffers are the caller's fault: typed errors, nothing launched.
+    let st = g.cache.layer_storage(0).unwrap();
+    let tables: Vec<&PageTable> = g
+        .seqs
+        .iter()
+        .map(|s| g.cache.page_table(*s, 0).unwrap())
+        .collect();
+    let input = AttendInput {
+        tables: &tables,
+        queries: &[],
+        selection: None,
+    };
+    let null = DeviceBuffers::Cuda(CudaBuffers {
+        queries: 0,
+        query_dtype: InputDtype::F16,
+        output: 0,
+        stream: 0,
+    });
+    match st.attend_device(&mut scratch, &input, &null) {
+        Err(Error::Shape { what, .. }) => assert_eq!(what, "device buffers"),
+        other => panic!("expected Error::Shape for null device buffers, got {other:?}"),
+    }
+    let metal = DeviceBuffers::Metal(MetalBuffers {
+        queries: 1,
+        output: 1,
+    });
+    match st.attend_device(&mut scratch, &input, &metal) {
+        Err(Error::Unsupported(_)) => {}
+        other => panic!("expected Error::Unsupported for Metal buffers, got {other:?}"),
+    }
+}
+
+/// For each sequence of `f` (and each kv head unless `same_for_all_heads`), a random half of its
+/// pages (at least one page of a non-empty sequence).
+fn random_selection(
+    f: &Filled,
+    cfg: &CacheConfig,
+    rng: &mut Rng,
+    same_for_all_heads: bool,
+) -> PageSelection {
+    let kvh = cfg.num_kv_heads;
+    let mut sel = PageSelection::none(f.seqs.len(), kvh);
+    for (i, s) in f.seqs.iter().enumerate() {
+        let np = f.cache.page_table(*s, 0).unwrap().pages().len();
+        let mut pick = || {
+            let mut idx: Vec<u32> = (0..np as u32).collect();
+            let k = np.div_ceil(2);
+            for j in 0..k {
+                let r = j + (rng.next_u64() % (np - j) as u64) as usize;
+                idx.swap(j, r);
+            }
+            idx.truncate(k);
+            idx
+        };
+        if same_for_all_heads {
+            let keep = pick();
+            sel.set_all_heads(i, &keep).unwrap();
+        } else {
+            for kv in 0..kvh {
+                let keep = pick();
+                sel.set(i, kv, keep).unwrap();
+            }
+        }
+    }
+    sel
+}
+
+/// Per-page lse of two results: `-inf` in the same places, close elsewhere.
+fn compare_lse(name: &str, a: &Attention, b: &Attention) {
+    assert_eq!(a.page_lse.len(), b.page_lse.len(), "{name}");
+    for (i, (x, y)) in a.page_lse.iter().zip(&b.page_lse).enumerate() {
+        assert_eq!(x.len(), y.len(), "{name}: sequence {i}");
+        for (j, (&u, &v)) in x.iter().zip(y).enumerate() {
+            if u == f32::NEG_INFINITY || v == f32::NEG_INFINITY {
+                assert_eq!(
+                    u, v,
+                    "{name}: sequence {i} lse entry {j} attended on one side only"
+                );
+            } else {
+                assert!(
+                    (u - v).abs() <= 1e-4 * (1.0 + u.abs()),
+                    "{name}: sequence {i} lse entry {j}: {u} vs {v}"
+                );
+            }
+        }
+    }
+}
+
+/// `att` over tables of only the pages `keep[i]` of each sequence, re-indexed to the full tables
+/// (`n_pages[i]` pages): unselected pages get mass 0 and lse `-inf`.
+fn expand(att: &Attention, keep: &[Vec<u32>], n_pages: &[usize]) -> Attention {
+    let qh = att.num_q_heads;
+    let mut out = att.clone();
+    for (i, k) in keep.iter().enumerate() {
+        let mut mass = vec![0.0; n_pages[i]];
+        let mut lse = vec![f32::NEG_INFINITY; n_pages[i] * qh];
+        for (j, &p) in k.iter().enumerate() {
+            let p = p as usize;
+            mass[p] = att.page_mass[i][j];
+            lse[p * qh..(p + 1) * qh].copy_from_slice(&att.page_lse[i][j * qh..(j + 1) * qh]);
+        }
+        out.page_mass[i] = mass;
+        out.page_lse[i] = lse;
+    }
+    out
+}
+
+/// Attention over a page selection: CUDA equals CPU over the same selection (a different random
+/// half per kv head, and one half for all heads), and equals attention over tables holding only the
+/// selected pages; unselected pages are never attended (nor validated: they may be cold or
+/// evicted); one scratch serves selected, unselected and different batches in turn.
+#[test]
+fn selection_matches_cpu_and_subtables() {
+    let Some(dev) = device() else { return };
+    let lens = [1000usize, 3100, 33, 1, 0];
+    for (name, cfg) in configs() {
+        let c = fill(&cfg, Device::Cpu, &lens, 17);
+        let g = fill(&cfg, Device::Cuda(dev.clone()), &lens, 17);
+        let (qh, kvh, d) = (cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim);
+        let mut rng = Rng(5 + d as u64);
+        let q = rng.vec(lens.len() * qh * d, 2.0);
+        let (mut sc, mut sg) = (Scratch::default(), Scratch::default());
+        let att = |f: &Filled, s: &mut Scratch, sel: Option<&PageSelection>| {
+            f.cache
+                .attend_with(s, 0, &f.seqs, Rows::F32(&q), sel)
+                .unwrap()
+        };
+
+        // A different random half per kv head.
+        let sel = random_selection(&g, &cfg, &mut rng, false);
+        let (a, b) = (att(&c, &mut sc, Some(&sel)), att(&g, &mut sg, Some(&sel)));
+        let (o, sd, m) = compare(&format!("{name} per-head half"), &a, &b);
+        compare_lse(&format!("{name} per-head half"), &a, &b);
+        for (i, s) in g.seqs.iter().enumerate() {
+            let np = g.cache.page_table(*s, 0).unwrap().pages().len();
+            for kv in 0..kvh {
+                for p in 0..np {
+                    let chosen = sel.pages(i, kv).contains(&(p as u32));
+                    assert_eq!(
+                        b.attended(i, p, kv),
+                        chosen,
+                        "{name}: seq {i} kv {kv} page {p}"
+                    );
+                }
+                // Each q head's masses over its kv head's selected pages sum to 1.
+                if !sel.pages(i, kv).is_empty() {
+                    let kvm = b.kv_page_mass(i);
+                    let sum: f32 = (0..np).map(|p| kvm[p * kvh + kv]).sum();
+                    assert!((sum - 1.0).abs() <= 1e-4, "{name}: kv {kv} mass sum {sum}");
+                }
+            }
+        }
+
+        // The same scratch without a selection, then on a sub-batch.
+        let full = att(&g, &mut sg, None);
+        compare(
+            &format!("{name} after selection"),
+            &att(&c, &mut sc, None),
+            &full,
+        );
+        let sub = [g.seqs[1], g.seqs[0]];
+        let qs: Vec<f32> = [&q[qh * d..2 * qh * d], &q[..qh * d]].concat();
+        let gsub = g
+            .cache
+            .attend_with(&mut sg, 0, &sub, Rows::F32(&qs), None)
+            .unwrap();
+        let csub = c
+            .cache
+            .attend_with(&mut sc, 0, &[c.seqs[1], c.seqs[0]], Rows::F32(&qs), None)
+            .unwrap();
+        compare(&format!("{name} sub-batch"), &csub, &gsub);
+
+        // One half for all heads: equals attention over tables of only those pages.
+        let sel = random_selection(&g, &cfg, &mut rng, true);
+        let (a, b) = (att(&c, &mut sc, Some(&sel)), att(&g, &mut sg, Some(&sel)));
+        compare(&format!("{name} shared half"), &a, &b);
+        let keep: Vec<Vec<u32>> = (0..lens.len()).map(|i| sel.pages(i, 0).to_vec()).collect();
+        let n_pages: Vec<usize> = g
+            .seqs
+            .iter()
+            .map(|s| g.cache.page_table(*s, 0).unwrap().pages().len())
+            .collect();
+        for (label, f) in [("cuda", &g), ("cpu", &c)] {
+            let subs: Vec<PageTable> = f
+                .seqs
+                .iter()
+                .zip(&keep)
+                .map(|(s, k)| {
+                    let pages = f.cache.page_table(*s, 0).unwrap().pages();
+                    PageTable::from_pages(k.iter().map(|&p| pages[p as usize]).collect())
+                })
+                .collect();
+            let refs: Vec<&PageTable> = subs.iter().collect();
+            let st = f.cache.layer_storage(0).unwrap();
+            let only = st
+                .attend(
+                    &mut Scratch::default(),
+                    &AttendInput {
+                        tables: &refs,
+                        queries: &q,
+                        selection: None,
+                    },
+                )
+                .unwrap();
+            let only = expand(&only, &keep, &n_pages);
+            compare(&format!("{name} subtables ({label})"), &only, &b);
+            compare_lse(&format!("{name} subtables ({label})"), &only, &b);
+        }
+
+        // Unselected entries are never looked at: cold / evicted / bogus slots may sit there.
+        let tabs: Vec<PageTable> = g
+            .seqs
+            .iter()
+            .map(|s| {
+                let mut pages = g.cache.page_table(*s, 0).unwrap().pages().to_vec();
+                pages.push(PageEntry {
+                    tier: Tier::Evicted,
+                    slot: 123_456,
+                    n_tokens: cfg.page_size as u32,
+                    format: WarmFormat::of(&cfg),
+                });
+                pages.push(PageEntry {
+                    tier: Tier::Cold,
+                    slot: 7,
+                    n_tokens: cfg.page_size as u32,
+                    format: WarmFormat::of(&cfg),
+                });
+                PageTable::from_pages(pages)
+            })
+            .collect();
+        let refs: Vec<&PageTable> = tabs.iter().collect();
+        let st = g.cache.layer_storage(0).unwrap();
+        let with_extra = st
+            .attend(
+                &mut sg,
+                &AttendInput {
+                    tables: &refs,
+                    queries: &q,
+                    selection: Some(&sel),
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            with_extra.output, b.output,
+            "{name}: unselected extra pages changed the result"
+        );
+        assert_eq!(with_extra.heads, b.heads, "{name}");
+        let mut bad = sel.clone();
+        bad.set(0, 0, [n_pages[0] as u32]).unwrap();
+        match st.attend(
+            &mut sg,
+            &AttendInput {
+                tables: &refs,
+                queries: &q,
+                selection: Some(&bad),
+            },
+        ) {
+            Err(Error::Internal(_)) => {}
+            other => panic!("{name}: selecting an evicted page must fail, got {other:?}"),
+        }
+        // A selection of the wrong batch shape is the caller's error.
+        match st.attend(
+            &mut sg,
+            &AttendInput {
+                tables: &refs[..2],
+                queries: &q[..2 * qh * d],
+                selection: Some(&sel),
+            },
+        ) {
+            Err(Error::Shape { .. }) => {}
+            other => panic!("{name}: mismatched selection must fail, got {other:?}"),
+        }
+        eprintln!("{name}: per-head half vs CPU: output {o:.2e}, stats {sd:.2e}, mass {m:.2e}");
+    }
+}
+
+/// Pages exported by the CPU import into CUDA (and back) byte for byte; CUDA-written pages export
+/// exactly like CPU-written ones; imported pages attend and demote like the originals; bad page
+/// bytes are typed errors.
+#[test]
+fn export_import_is_byte_identical() {
+    let Some(dev) = device() else { return };
+    for (name, cfg) in configs() {
+        let (kvh, d, ps) = (cfg.num_kv_heads, cfg.head_dim, cfg.page_size);
+        let format = WarmFormat::of(&cfg);
+        let mut cpu = CpuDevice.storage(&cfg, 0).unwrap();
+        let mut cpu2 = CpuDevice.storage(&cfg, 0).unwrap();
+        let mut gpu: CudaStorage = dev.storage(&cfg, 0).unwrap();
+        let mut rng = Rng(0xe4 + d as u64);
+        let (mut cpu_entries, mut gpu_entries) = (Vec::new(), Vec::new());
+        let (mut hot, mut warm) = (0, 0);
+        for case in 0..6 {
+            let n = [ps, ps - 3, 1, ps, ps, ps - 1][case];
+            let k = rng.vec(n * kvh * d, 2.0);
+            let v = rng.vec(n * kvh * d, 1.0);
+            let (sc, sg) = (cpu.alloc_hot().unwrap(), gpu.alloc_hot().unwrap());
+            cpu.write_hot(sc, 0, &k, &v, n).unwrap();
+            gpu.write_hot(sg, 0, &k, &v, n).unwrap();
+            let hot_entry = |slot| PageEntry {
+                tier: Tier::Hot,
+                slot,
+                n_tokens: n as u32,
+                format,
+            };
+            // Written on each backend, the hot page exports identically (zeros past n_tokens).
+            let (pc, pg) = (
+                cpu.export_page(&hot_entry(sc)).unwrap(),
+                gpu.export_page(&hot_entry(sg)).unwrap(),
+            );
+            assert_eq!(pc, pg, "{name} case {case}: hot export differs");
+            let mut entry = hot_entry(sc);
+            if case % 2 == 0 && cfg.warm_enabled {
+                if let Some(w) = cpu.demote(sc, n, format).unwrap() {
+                    entry = PageEntry {
+                        tier: Tier::Warm,
+                        slot: w,
+                        ..entry
+                    };
+                }
+            }
+            let pb = cpu.export_page(&entry).unwrap();
+            let gs = gpu.import_page(&pb).unwrap();
+            let ge = PageEntry { slot: gs, ..entry };
+            let back = gpu.export_page(&ge).unwrap();
+            assert_eq!(
+                back, pb,
+                "{name} case {case}: CPU -> CUDA changed the bytes"
+            );
+            assert_eq!(
+                gpu.read_page(&ge).unwrap(),
+                cpu.read_page(&entry).unwrap(),
+                "{name} case {case}"
+            );
+            let cs2 = cpu2.import_page(&back).unwrap();
+            let again = cpu2.export_page(&PageEntry { slot: cs2, ..entry }).unwrap();
+            assert_eq!(
+                again, pb,
+                "{name} case {case}: CUDA -> CPU changed the bytes"
+            );
+            match entry.tier {
+                Tier::Warm => warm += 1,
+                _ => hot += 1,
+            }
+            cpu_entries.push(entry);
+            gpu_entries.push(ge);
+        }
+        // Attention over the imported pages equals the CPU's over the originals.
+        let (tc, tg) = (
+            PageTable::from_pages(cpu_entries.clone()),
+            PageTable::from_pages(gpu_entries.clone()),
+        );
+        let q = rng.vec(cfg.num_q_heads * d, 2.0);
+        let input = |t| AttendInput {
+            tables: std::slice::from_ref(t),
+            queries: &q,
+            selection: None,
+        };
+        let (a, b) = (
+            cpu.attend(&mut Scratch::default(), &input(&&tc)).unwrap(),
+            gpu.attend(&mut Scratch::default(), &input(&&tg)).unwrap(),
+        );
+        compare(&format!("{name} imported"), &a, &b);
+
+        // An imported hot page keeps its largest |value|: a page beyond f16 range must stay hot
+        // on demotion exactly as on the CPU (f16 hot pages cannot hold such values at all).
+        if cfg.warm_enabled && cfg.hot_dtype != HotDtype::F16 {
+            let mut v = rng.vec(ps * kvh * d, 1.0);
+            v[3] = 70_000.0;
+            let k = rng.vec(ps * kvh * d, 62_000.0); // above the no-check bound, within f16
+            let sc = cpu.alloc_hot().unwrap();
+            cpu.write_hot(sc, 0, &k, &v, ps).unwrap();
+            let e = PageEntry {
+                tier: Tier::Hot,
+                slot: sc,
+                n_tokens: ps as u32,
+                format,
+            };
+            let gs = gpu.import_page(&cpu.export_page(&e).unwrap()).unwrap();
+            assert_eq!(
+                gpu.demote(gs, ps, format).unwrap(),
+                None,
+                "{name}: demoted past f16"
+            );
+            assert_eq!(cpu.demote(sc, ps, format).unwrap(), None, "{name}");
+            // Large but representable values demote identically (the flag is read back).
+            v[3] = 0.5;
+            let sc = cpu.alloc_hot().unwrap();
+            cpu.write_hot(sc, 0, &k, &v, ps).unwrap();
+            let e = PageEntry { slot: sc, ..e };
+            let gs = gpu.import_page(&cpu.export_page(&e).unwrap()).unwrap();
+            let (wc, wg) = (
+                cpu.demote(sc, ps, format).unwrap().expect("cpu demotes"),
+                gpu.demote(gs, ps, format).unwrap().expect("cuda demotes"),
+            );
+            let w = |slot| PageEntry {
+                tier: Tier::Warm,
+                slot,
+                ..e
+            };
+            assert_eq!(
+                cpu.export_page(&w(wc)).unwrap(),
+                gpu.export_page(&w(wg)).unwrap(),
+                "{name}: demotion of an imported page differs"
+            );
+        }
+
+        // Bad page bytes.
+        let good = cpu.export_page(&cpu_entries[1]).unwrap();
+        let mut short = good.clone();
+        short.data.pop();
+        assert!(
+            matches!(gpu.import_page(&short), Err(Error::Shape { .. })),
+            "{name}: short page"
+        );
+        let mut long = good.clone();
+        long.n_tokens = ps as u32 + 1;
+        assert!(
+            matches!(gpu.import_page(&long), Err(Error::Shape { .. })),
+            "{name}: too many tokens"
+        );
+        let cold = PageBytes {
+            tier: Tier::Cold,
+            ..good.clone()
+        };
+        assert!(
+            gpu.import_page(&cold).is_err(),
+            "{name}: cold page imported"
+        );
+        if let Some(we) = cpu_entries.iter().find(|e| e.tier == Tier::Warm) {
+            let other = if cfg.k_bits == Bits::B2 {
+                Bits::B8
+            } else {
+                Bits::B2
+            };
+            let w = cpu.export_page(we).unwrap();
+            let fmt2 = PageBytes {
+                format: WarmFormat::uniform(other),
+                ..w
+            };
+            assert!(
+                matches!(gpu.import_page(&fmt2), Err(Error::Unsupported(_))),
+                "{name}: warm page of another format"
+            );
+            assert!(!gpu.supports_format(WarmFormat::uniform(other)));
+            assert!(gpu.supports_format(format));
+        }
+        eprintln!("{name}: {hot} hot and {warm} warm pages round-tripped");
     }
 }
 
@@ -473,10 +1022,12 @@ fn out_of_memory_loses_nothing() {
     let (k, v) = (rng.vec(32 * 2 * 64, 1.0), rng.vec(32 * 2 * 64, 1.0));
     let s = gpu.alloc_hot().unwrap();
     gpu.write_hot(s, 0, &k, &v, 32).unwrap();
+    let format = WarmFormat::of(&cfg);
     let e = PageEntry {
         tier: Tier::Hot,
         slot: s,
         n_tokens: 32,
+        format,
     };
     let before = gpu.read_page(&e).unwrap();
     // 2^40 hot pages of 16 KiB: far beyond any device.
@@ -487,6 +1038,6 @@ fn out_of_memory_loses_nothing() {
         other => panic!("expected Error::Cuda(OutOfMemory), got {other:?}"),
     }
     assert_eq!(gpu.read_page(&e).unwrap(), before);
-    let w = gpu.demote(s, 32).unwrap().expect("demotes");
+    let w = gpu.demote(s, 32, format).unwrap().expect("demotes");
     assert!(gpu.warm_bytes(w).is_ok());
 }

@@ -49,7 +49,12 @@ pub struct Attention {
 
 impl Attention {
     /// An empty result for `n_pages[i]` pages per sequence: zero output, `-inf` statistics.
-    pub fn empty(n_pages: &[usize], num_q_heads: usize, num_kv_heads: usize, head_dim: usize) -> Self {
+    pub fn empty(
+        n_pages: &[usize],
+        num_q_heads: usize,
+        num_kv_heads: usize,
+        head_dim: usize,
+    ) -> Self {
         Attention {
             output: vec![0.0; n_pages.len() * num_q_heads * head_dim],
             heads: vec![OnlineSoftmax::default().stats(); n_pages.len() * num_q_heads],

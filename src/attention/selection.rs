@@ -46,7 +46,12 @@ impl PageSelection {
     }
 
     /// Sets the pages batch entry `seq` attends with kv head `kv` (sorted and deduplicated here).
-    pub fn set(&mut self, seq: usize, kv: usize, pages: impl IntoIterator<Item = u32>) -> Result<()> {
+    pub fn set(
+        &mut self,
+        seq: usize,
+        kv: usize,
+        pages: impl IntoIterator<Item = u32>,
+    ) -> Result<()> {
         if seq >= self.n_seqs() || kv >= self.kv_heads {
             return Err(Error::shape(
                 "selection",

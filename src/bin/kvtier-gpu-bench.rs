@@ -5,16 +5,41 @@
 //! table, queries), the fraction of a measured read-bandwidth ceiling, and ratios against
 //! `torch_decode.py`'s JSON (`--torch` for the big shape, `--torch-small` for 9/3/64) when given.
 //!
-//! usage: kvtier-gpu-bench [--json OUT] [--torch T.json] [--torch-small T.json] [--iters N]
-//!                         [--quick] [--sweep] [--only-mode M] [--only-batch B] [--only-seq S]
-//!                         [--only-dim D]
+//!
+//! `--selection` runs the page-selection comparison instead: decode attention over all pages vs
+//! over a 50% page selection (a different random half of the pages per kv head), 32 q / 8 kv
+//! heads, d128, 32K tokens, int4 warm pages with bf16 and with f16 hot pages; prints both times
+//! and their ratio.
+//!
+//! Run with `--help` for the flags.
 
 use kvtier::backend::cuda::{CudaDevice, CudaStorage, CudaTuning};
 use kvtier::backend::{BackendDevice, BackendStorage};
-use kvtier::tiers::{demotable, PageEntry, Tier};
-use kvtier::{Bits, CacheConfig, HotDtype};
+use kvtier::{Bits, CacheConfig, HotDtype, PageEntry, PageSelection, Tier, WarmFormat};
 use std::collections::HashMap;
 use std::fmt::Write as _;
+
+const USAGE: &str = "\
+usage: kvtier-gpu-bench [--json OUT] [--torch T.json] [--torch-small T.json] [--iters N]
+                        [--quick] [--sweep] [--selection] [--only-mode M] [--only-batch B]
+                        [--only-seq S] [--only-dim D]
+
+  --json OUT          also write the rows as JSON to OUT
+  --torch T.json      torch_decode.py results for 32/8/128 (adds x-flash / x-int4_deq ratios)
+  --torch-small T     torch_decode.py results for 9/3/64
+  --iters N           timed launches per row (median reported; default 50)
+  --quick             batch 1, 8K tokens only
+  --sweep             also time other launch-shape tunings (int4/int2, d128, B1 S128K and B8 S32K)
+  --selection         instead of the table: decode over all pages vs over a 50% page selection
+                      (random half of the pages per kv head), 32/8/128, 32K tokens (--only-seq
+                      overrides), batch 1 (--only-batch overrides), int4 warm pages, bf16 and f16
+                      hot pages; prints both times and the ratio selected / all
+  --only-mode M       bf16 | int4 | int2 (table only)
+  --only-batch B      one batch size
+  --only-seq S        one context length
+  --only-dim D        128 | 64 (table only)
+  -h, --help          this text
+";
 
 struct Args {
     json: Option<String>,
@@ -23,6 +48,7 @@ struct Args {
     iters: usize,
     quick: bool,
     sweep: bool,
+    selection: bool,
     only_mode: Option<String>,
     only_batch: Option<usize>,
     only_seq: Option<usize>,
@@ -37,6 +63,7 @@ fn args() -> Args {
         iters: 50,
         quick: false,
         sweep: false,
+        selection: false,
         only_mode: None,
         only_batch: None,
         only_seq: None,
@@ -65,8 +92,17 @@ fn args() -> Args {
                 i += 1;
                 continue;
             }
+            "--selection" => {
+                a.selection = true;
+                i += 1;
+                continue;
+            }
+            "-h" | "--help" => {
+                print!("{USAGE}");
+                std::process::exit(0);
+            }
             other => {
-                eprintln!("unknown argument {other}");
+                eprintln!("unknown argument {other}\n{USAGE}");
                 std::process::exit(2);
             }
         }
@@ -135,12 +171,36 @@ impl Mode {
 
 struct Rng(u64);
 impl Rng {
-    fn f32(&mut self) -> f32 {
+    fn u64(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
-        (self.0 >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        self.0
     }
+    fn f32(&mut self) -> f32 {
+        (self.u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+}
+
+/// 61 pages' worth of keys (amplitude 2) and values (amplitude 1), `[32, kv, d]` each.
+fn page_pool(rng: &mut Rng, kv: usize, d: usize) -> Vec<(Vec<f32>, Vec<f32>)> {
+    (0..61)
+        .map(|_| {
+            let n = 32 * kv * d;
+            (
+                (0..n).map(|_| rng.f32() * 2.0).collect(),
+                (0..n).map(|_| rng.f32()).collect(),
+            )
+        })
+        .collect()
+}
+
+/// The cache's demotion rule: page `index` of a sequence of `len` tokens is full, holds no sink
+/// token, and every token in it is older than the hot window.
+fn demotable(index: usize, page_size: usize, len: usize, sinks: usize, window: usize) -> bool {
+    let start = index * page_size;
+    let end = start + page_size;
+    end <= len && start >= sinks && end + window <= len
 }
 
 struct Filled {
@@ -165,6 +225,7 @@ fn fill(
         st.reserve(batch * pages, 0)?;
     }
     let layout = kvtier::quant::WarmLayout::of(cfg);
+    let format = WarmFormat::of(cfg);
     let (kvh, d) = (cfg.num_kv_heads, cfg.head_dim);
     let mut bytes = 0f64;
     let mut seqs = Vec::new();
@@ -179,20 +240,19 @@ fn fill(
                 tier: Tier::Hot,
                 slot,
                 n_tokens: n as u32,
+                format,
             };
             if cfg.warm_enabled && demotable(i, ps, seq, cfg.sink_tokens, cfg.hot_window) {
-                if let Some(w) = st.demote(slot, n)? {
+                if let Some(w) = st.demote(slot, n, format)? {
                     e = PageEntry {
                         tier: Tier::Warm,
                         slot: w,
                         n_tokens: n as u32,
+                        format,
                     };
                 }
             }
-            bytes += match e.tier {
-                Tier::Warm => (layout.head_bytes * kvh) as f64,
-                _ => (2 * kvh * n * d * 2) as f64,
-            } + 8.0;
+            bytes += page_read_bytes(cfg, &layout, &e);
             entries.push(e);
         }
         seqs.push(entries);
@@ -203,6 +263,19 @@ fn fill(
         seqs,
         bytes_read: bytes,
     })
+}
+
+/// Device bytes decode reads for one kv head of one page.
+fn head_read_bytes(cfg: &CacheConfig, layout: &kvtier::quant::WarmLayout, e: &PageEntry) -> f64 {
+    match e.tier {
+        Tier::Warm => layout.head_bytes as f64,
+        _ => (2 * e.n_tokens as usize * cfg.head_dim * cfg.hot_dtype.size()) as f64,
+    }
+}
+
+/// Device bytes decode reads for one page (all kv heads) plus its page-table entry.
+fn page_read_bytes(cfg: &CacheConfig, layout: &kvtier::quant::WarmLayout, e: &PageEntry) -> f64 {
+    cfg.num_kv_heads as f64 * head_read_bytes(cfg, layout, e) + 8.0
 }
 
 fn median(mut v: Vec<f32>) -> f64 {
@@ -245,6 +318,21 @@ fn main() {
         read_bw
     );
 
+    if a.selection {
+        let rows = selection_bench(&dev, &a, read_bw);
+        let json = format!(
+            "{{\"device\":\"{}\",\"read_probe_GBps\":{read_bw:.1},\"selection_rows\":[{rows}]}}\n",
+            dev.name()
+        );
+        if let Some(p) = &a.json {
+            if let Err(e) = std::fs::write(p, &json) {
+                eprintln!("cannot write {p}: {e}");
+            }
+        }
+        println!("total {:.1} s", t_all.elapsed().as_secs_f64());
+        return;
+    }
+
     let mut rows = Vec::new();
     let mut json = String::new();
     let _ = write!(
@@ -257,15 +345,7 @@ fn main() {
             continue;
         }
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-        let pool: Vec<(Vec<f32>, Vec<f32>)> = (0..61)
-            .map(|_| {
-                let n = 32 * kv * d;
-                (
-                    (0..n).map(|_| rng.f32() * 2.0).collect(),
-                    (0..n).map(|_| rng.f32()).collect(),
-                )
-            })
-            .collect();
+        let pool = page_pool(&mut rng, kv, d);
         let torch = if d == 128 { &torch_big } else { &torch_small };
         for &b in batches {
             for &s in seqs {
@@ -287,7 +367,7 @@ fn main() {
                     };
                     let fill_s = t0.elapsed().as_secs_f64();
                     let lists: Vec<&[PageEntry]> = f.seqs.iter().map(|v| v.as_slice()).collect();
-                    let plan = f.st.plan_pages(&lists).expect("plan");
+                    let plan = f.st.plan_pages(&lists, None).expect("plan");
                     let qv: Vec<f32> = (0..b * q * d).map(|_| rng.f32()).collect();
                     let att = f.st.attend_plan(&plan, &qv).expect("attend");
                     let mass: f32 = att
@@ -332,7 +412,7 @@ fn main() {
                         if ti > 0 && f.st.retune(*t, &cfg).is_err() {
                             continue;
                         }
-                        let plan = f.st.plan_pages(&lists).expect("plan");
+                        let plan = f.st.plan_pages(&lists, None).expect("plan");
                         let _ = f.st.attend_plan(&plan, &qv).expect("attend");
                         let _ = f.st.time_decode(&plan, 5, 256 << 20).expect("warmup");
                         let times = f.st.time_decode(&plan, a.iters, 256 << 20).expect("time");
@@ -383,4 +463,102 @@ fn main() {
         }
     }
     println!("total {:.1} s", t_all.elapsed().as_secs_f64());
+}
+
+/// `--selection`: decode over every page vs over a random half of the pages per kv head, int4
+/// warm pages, bf16 and f16 hot pages. Prints one line per hot dtype; returns the JSON rows.
+fn selection_bench(dev: &CudaDevice, a: &Args, read_bw: f64) -> String {
+    let (q, kv, d) = (32, 8, 128);
+    let seq = a.only_seq.unwrap_or(32768);
+    let batch = a.only_batch.unwrap_or(1);
+    let mut rng = Rng(0x51ec_7ed5_eed5_1234);
+    let pool = page_pool(&mut rng, kv, d);
+    let mut json = String::new();
+    for hot in [HotDtype::BF16, HotDtype::F16] {
+        let cfg = CacheConfig::builder(1, q, kv, d)
+            .hot_dtype(hot)
+            .page_size(32)
+            .sink_tokens(4)
+            .hot_window(128)
+            .k_bits(Bits::B4)
+            .v_bits(Bits::B4)
+            .build()
+            .expect("valid bench config");
+        let layout = kvtier::quant::WarmLayout::of(&cfg);
+        let f = match fill(dev, &cfg, batch, seq, &pool) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("selection {hot:?} B{batch} S{seq}: setup failed: {e}");
+                continue;
+            }
+        };
+        let lists: Vec<&[PageEntry]> = f.seqs.iter().map(|v| v.as_slice()).collect();
+        // A different random half of the pages for each kv head of each sequence.
+        let mut sel = PageSelection::none(batch, kv);
+        let mut sel_bytes = (batch * q * d * 4) as f64;
+        for (b, l) in lists.iter().enumerate() {
+            for h in 0..kv {
+                let mut idx: Vec<u32> = (0..l.len() as u32).collect();
+                let k = l.len() / 2;
+                for i in 0..k {
+                    let j = i + (rng.u64() % (l.len() - i) as u64) as usize;
+                    idx.swap(i, j);
+                }
+                idx.truncate(k);
+                for &p in &idx {
+                    sel_bytes += head_read_bytes(&cfg, &layout, &l[p as usize]) + 8.0;
+                }
+                sel.set(b, h, idx).expect("selection in range");
+            }
+        }
+        let qv: Vec<f32> = (0..batch * q * d).map(|_| rng.f32()).collect();
+        let plan_all = f.st.plan_pages(&lists, None).expect("plan");
+        let plan_sel = f.st.plan_pages(&lists, Some(&sel)).expect("plan");
+        let att_all = f.st.attend_plan(&plan_all, &qv).expect("attend");
+        let att_sel = f.st.attend_plan(&plan_sel, &qv).expect("attend");
+        let mass = |att: &kvtier::Attention| {
+            att.page_mass
+                .iter()
+                .map(|m| m.iter().sum::<f32>())
+                .sum::<f32>()
+                / batch as f32
+        };
+        let finite = att_all.is_finite() && att_sel.is_finite();
+        let _ = f.st.time_decode(&plan_all, 5, 256 << 20).expect("warmup");
+        let _ = f.st.time_decode(&plan_sel, 5, 256 << 20).expect("warmup");
+        // Alternate the two in rounds so that clock drift hits both alike.
+        let (mut t_all, mut t_sel) = (Vec::new(), Vec::new());
+        let rounds = 5;
+        for _ in 0..rounds {
+            let n = a.iters.div_ceil(rounds).max(1);
+            t_all.extend(f.st.time_decode(&plan_all, n, 256 << 20).expect("time"));
+            t_sel.extend(f.st.time_decode(&plan_sel, n, 256 << 20).expect("time"));
+        }
+        let (ms_all, ms_sel) = (median(t_all), median(t_sel));
+        let gb_all = f.bytes_read / (ms_all * 1e-3) / 1e9;
+        let gb_sel = sel_bytes / (ms_sel * 1e-3) / 1e9;
+        let ratio = ms_sel / ms_all;
+        let hot_name = match hot {
+            HotDtype::BF16 => "bf16",
+            HotDtype::F16 => "f16",
+            HotDtype::F32 => "f32",
+        };
+        println!(
+            "selection 32/8/128 B{batch} S{seq} int4 hot {hot_name:<4} | all pages {ms_all:>8.4} ms {gb_all:>6.0} GB/s ({:.1}%) items {} | 50% selection {ms_sel:>8.4} ms {gb_sel:>6.0} GB/s items {} | ratio {ratio:.3} | mass {:.4} / {:.4} {}",
+            100.0 * gb_all / read_bw,
+            plan_all.n_items(),
+            plan_sel.n_items(),
+            mass(&att_all),
+            mass(&att_sel),
+            if finite { "ok" } else { "NONFINITE" },
+        );
+        let _ = write!(
+            json,
+            "{}{{\"q_heads\":{q},\"kv_heads\":{kv},\"dim\":{d},\"batch\":{batch},\"seq\":{seq},\"warm\":\"int4\",\"hot\":\"{hot_name}\",\"ms_all\":{ms_all:.5},\"ms_selected\":{ms_sel:.5},\"ratio\":{ratio:.4},\"GBps_all\":{gb_all:.1},\"GBps_selected\":{gb_sel:.1},\"items_all\":{},\"items_selected\":{}}}",
+            if json.is_empty() { "" } else { "," },
+            plan_all.n_items(),
+            plan_sel.n_items(),
+        );
+    }
+    json
 }

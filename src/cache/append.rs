@@ -185,7 +185,13 @@ impl KvCache {
     }
 
     /// [`KvCache::append`] for f32, f16 or bf16 input (see [`Rows`]).
-    pub fn append_rows(&mut self, seq: SeqId, layer: usize, keys: Rows, values: Rows) -> Result<()> {
+    pub fn append_rows(
+        &mut self,
+        seq: SeqId,
+        layer: usize,
+        keys: Rows,
+        values: Rows,
+    ) -> Result<()> {
         let n = self.check_append(seq, layer, keys, values)?;
         let len = self.seq_layer(seq, layer)?.table.len();
         self.check_hot_budget(self.new_pages(len, n))?;
@@ -198,7 +204,13 @@ impl KvCache {
     /// Batched decode append: one token for each sequence of `seqs` in `layer`. `keys` and
     /// `values` are `[seqs.len(), num_kv_heads, head_dim]`. Validated for the whole batch (ids,
     /// duplicates, lengths, values, the hot budget) before any sequence changes.
-    pub fn append_decode(&mut self, layer: usize, seqs: &[SeqId], keys: Rows, values: Rows) -> Result<()> {
+    pub fn append_decode(
+        &mut self,
+        layer: usize,
+        seqs: &[SeqId],
+        keys: Rows,
+        values: Rows,
+    ) -> Result<()> {
         self.check_layer(layer)?;
         let kvh = self.cfg.num_kv_heads;
         let n = self.count_rows("keys", keys.len(), kvh)?;

@@ -31,7 +31,13 @@ impl KvCache {
     /// Decode attention in `layer` for a batch: `queries` is `[seqs.len(), num_q_heads, head_dim]`,
     /// one query token per sequence, attending to every stored (not evicted) token of that sequence.
     pub fn attend(&self, layer: usize, seqs: &[SeqId], queries: &[f32]) -> Result<Attention> {
-        self.attend_with(&mut Scratch::default(), layer, seqs, Rows::F32(queries), None)
+        self.attend_with(
+            &mut Scratch::default(),
+            layer,
+            seqs,
+            Rows::F32(queries),
+            None,
+        )
     }
 
     /// [`KvCache::attend`] over a page selection (per sequence and kv head; see
@@ -210,7 +216,9 @@ impl KvCache {
         for (i, t) in tables.iter().enumerate() {
             let mut pages = t.pages().to_vec();
             for (p, e) in pages.iter_mut().enumerate() {
-                if e.tier != Tier::Cold || !(0..kvh).any(|kv| sel.pages(i, kv).binary_search(&(p as u32)).is_ok()) {
+                if e.tier != Tier::Cold
+                    || !(0..kvh).any(|kv| sel.pages(i, kv).binary_search(&(p as u32)).is_ok())
+                {
                     continue;
                 }
                 let r = PageRef {

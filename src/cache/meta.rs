@@ -168,7 +168,17 @@ mod tests {
 
     #[test]
     fn outward_rounding_bounds_every_value() {
-        for &x in &[0.1f32, -0.1, 1.0 / 3.0, -7.77, 0.0, 65504.0, -65504.0, 1e-7, -1e-7] {
+        for &x in &[
+            0.1f32,
+            -0.1,
+            1.0 / 3.0,
+            -7.77,
+            0.0,
+            65504.0,
+            -65504.0,
+            1e-7,
+            -1e-7,
+        ] {
             assert!(f16_down(x).to_f32() <= x, "{x}");
             assert!(f16_up(x).to_f32() >= x, "{x}");
         }

@@ -17,8 +17,8 @@
 //! | `from_cold(p)` | cold | the tier it left | imported back |
 //! | `pin(p)` / `unpin(p)` | any | same | pinned (and sink) pages refuse demote, evict and to_cold; pages of protected layers refuse demote |
 
-use super::{free_page, KvCache, PageEntry, SeqId, Tier};
 use super::meta::{KeyBounds, Pins};
+use super::{free_page, KvCache, PageEntry, SeqId, Tier};
 use crate::backend::{BackendStorage, PageBytes};
 use crate::error::{Error, Result};
 use crate::quant::{WarmFormat, WarmLayout};
@@ -171,7 +171,11 @@ impl KvCache {
     pub fn demote(&mut self, p: PageRef, fmt: WarmFormat) -> Result<()> {
         let e = self.page(p)?;
         if !self.cfg.warm_enabled {
-            return Err(invalid("demote", p, "the warm tier is disabled (full-precision config)"));
+            return Err(invalid(
+                "demote",
+                p,
+                "the warm tier is disabled (full-precision config)",
+            ));
         }
         if self.pins(p)?.any() {
             return Err(invalid("demote", p, "the page is pinned"));
@@ -192,7 +196,15 @@ impl KvCache {
                 let archived = self.archive_hot(p, &e)?;
                 match self.layers[p.layer].demote(e.slot, e.n_tokens as usize, fmt) {
                     Ok(Some(slot)) => {
-                        self.set_page(p, PageEntry { tier: Tier::Warm, slot, format: fmt, ..e })?;
+                        self.set_page(
+                            p,
+                            PageEntry {
+                                tier: Tier::Warm,
+                                slot,
+                                format: fmt,
+                                ..e
+                            },
+                        )?;
                         let m = self.meta_mut(p)?;
                         m.bounds = None;
                         m.promoted = false;
@@ -219,10 +231,14 @@ impl KvCache {
                     return Err(invalid(
                         "demote",
                         p,
-                        format!("a warm page of {:?} can only go to fewer bits, not {fmt:?}", e.format),
+                        format!(
+                            "a warm page of {:?} can only go to fewer bits, not {fmt:?}",
+                            e.format
+                        ),
                     ));
                 }
-                let old = WarmLayout::of_format(&self.cfg, e.format).head_bytes * self.cfg.num_kv_heads;
+                let old =
+                    WarmLayout::of_format(&self.cfg, e.format).head_bytes * self.cfg.num_kv_heads;
                 self.check_warm_budget(fmt, old)?;
                 // Exact source when archived; otherwise the dequantised page (lossy on lossy).
                 let src = match self.archive_copy(p, &e)? {
@@ -234,7 +250,15 @@ impl KvCache {
                 match storage.demote(hot, e.n_tokens as usize, fmt) {
                     Ok(Some(slot)) => {
                         storage.free(Tier::Warm, e.slot);
-                        self.set_page(p, PageEntry { tier: Tier::Warm, slot, format: fmt, ..e })?;
+                        self.set_page(
+                            p,
+                            PageEntry {
+                                tier: Tier::Warm,
+                                slot,
+                                format: fmt,
+                                ..e
+                            },
+                        )?;
                         self.counters.demotions += 1;
                         Ok(())
                     }
@@ -254,7 +278,11 @@ impl KvCache {
 
     /// Archives hot page `p` if the archive is on and it has no copy yet; returns whether it did.
     fn archive_hot(&mut self, p: PageRef, e: &PageEntry) -> Result<bool> {
-        if !self.cfg.archive || self.seq_layer(p.seq, p.layer)?.meta[p.page].archive.is_some() {
+        if !self.cfg.archive
+            || self.seq_layer(p.seq, p.layer)?.meta[p.page]
+                .archive
+                .is_some()
+        {
             return Ok(false);
         }
         let bytes = self.layers[p.layer].export_page(e)?;
@@ -276,7 +304,11 @@ impl KvCache {
         let (k, v) = self.layers[layer].read_page(e)?;
         let mut tmp = crate::backend::cpu::CpuStorage::new(&self.cfg);
         let slot = tmp.alloc_hot()?;
-        let (kvh, d, n) = (self.cfg.num_kv_heads, self.cfg.head_dim, e.n_tokens as usize);
+        let (kvh, d, n) = (
+            self.cfg.num_kv_heads,
+            self.cfg.head_dim,
+            e.n_tokens as usize,
+        );
         // read_page gives [kv_heads][n][d]; write_hot takes [n][kv_heads][d].
         let mut kr = vec![0f32; n * kvh * d];
         let mut vr = vec![0f32; n * kvh * d];
@@ -288,7 +320,11 @@ impl KvCache {
             }
         }
         tmp.write_hot(slot, 0, &kr, &vr, n)?;
-        let mut b = tmp.export_page(&PageEntry { tier: Tier::Hot, slot, ..*e })?;
+        let mut b = tmp.export_page(&PageEntry {
+            tier: Tier::Hot,
+            slot,
+            ..*e
+        })?;
         b.n_tokens = e.n_tokens;
         Ok(b)
     }
@@ -315,11 +351,21 @@ impl KvCache {
         }
         let (src, how) = match self.archive_copy(p, &e)? {
             Some(b) => (b, Restored::Exact),
-            None => (self.dequantised_hot_bytes(p.layer, &e)?, Restored::Dequantised),
+            None => (
+                self.dequantised_hot_bytes(p.layer, &e)?,
+                Restored::Dequantised,
+            ),
         };
         let slot = self.layers[p.layer].import_page(&src)?;
         self.layers[p.layer].free(Tier::Warm, e.slot);
-        self.set_page(p, PageEntry { tier: Tier::Hot, slot, ..e })?;
+        self.set_page(
+            p,
+            PageEntry {
+                tier: Tier::Hot,
+                slot,
+                ..e
+            },
+        )?;
         self.unarchive(p)?;
         self.refresh_bounds(p)?;
         self.meta_mut(p)?.promoted = true;
@@ -331,7 +377,11 @@ impl KvCache {
     fn refresh_bounds(&mut self, p: PageRef) -> Result<()> {
         let e = self.page(p)?;
         let (k, _) = self.layers[p.layer].read_page(&e)?;
-        let (kvh, d, n) = (self.cfg.num_kv_heads, self.cfg.head_dim, e.n_tokens as usize);
+        let (kvh, d, n) = (
+            self.cfg.num_kv_heads,
+            self.cfg.head_dim,
+            e.n_tokens as usize,
+        );
         let mut b = KeyBounds::empty(kvh * d);
         let mut row = vec![0f32; kvh * d];
         for t in 0..n {
@@ -358,8 +408,21 @@ impl KvCache {
             return Err(invalid("evict", p, "the page is still being written"));
         }
         let m = self.seq_layer(p.seq, p.layer)?.meta[p.page].clone();
-        free_page(&mut self.layers[p.layer], &mut self.archive, &mut self.cold, &e, &m);
-        self.set_page(p, PageEntry { tier: Tier::Evicted, slot: 0, ..e })?;
+        free_page(
+            &mut self.layers[p.layer],
+            &mut self.archive,
+            &mut self.cold,
+            &e,
+            &m,
+        );
+        self.set_page(
+            p,
+            PageEntry {
+                tier: Tier::Evicted,
+                slot: 0,
+                ..e
+            },
+        )?;
         let m = self.meta_mut(p)?;
         m.archive = None;
         m.bounds = None;
@@ -390,7 +453,14 @@ impl KvCache {
             self.cold.insert(bytes)?
         };
         self.layers[p.layer].free(e.tier, e.slot);
-        self.set_page(p, PageEntry { tier: Tier::Cold, slot, ..e })?;
+        self.set_page(
+            p,
+            PageEntry {
+                tier: Tier::Cold,
+                slot,
+                ..e
+            },
+        )?;
         self.counters.to_cold += 1;
         Ok(())
     }
@@ -472,7 +542,11 @@ impl KvCache {
             let p = m.page();
             self.page(p)?;
             if moves[..i].iter().any(|o| o.page() == p) {
-                return Err(invalid("apply", p, "the page appears in two moves of one batch"));
+                return Err(invalid(
+                    "apply",
+                    p,
+                    "the page appears in two moves of one batch",
+                ));
             }
         }
         for m in moves {
@@ -520,7 +594,11 @@ impl KvCache {
             if m.pins.any() || m.promoted {
                 continue;
             }
-            let p = PageRef { seq, layer, page: i };
+            let p = PageRef {
+                seq,
+                layer,
+                page: i,
+            };
             if self.demote(p, fmt).is_err() {
                 self.counters.demotions_skipped += 1;
             }
@@ -530,7 +608,12 @@ impl KvCache {
 
 /// Whether page `index` of a sequence of `len` tokens is full and every token in it is older than
 /// the `hot_window` most recent ones. A window of any size (up to `usize::MAX`) means "keep all".
-pub(crate) fn outside_window(index: usize, page_size: usize, len: usize, hot_window: usize) -> bool {
+pub(crate) fn outside_window(
+    index: usize,
+    page_size: usize,
+    len: usize,
+    hot_window: usize,
+) -> bool {
     let end = index.saturating_mul(page_size).saturating_add(page_size);
     end <= len && end.saturating_add(hot_window) <= len
 }

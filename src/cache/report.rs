@@ -22,7 +22,14 @@ impl KvCache {
             let (k, v) = match p.tier {
                 Tier::Evicted => continue,
                 Tier::Cold => {
-                    let bytes = self.cold_bytes(PageRef { seq, layer, page: i }, p)?;
+                    let bytes = self.cold_bytes(
+                        PageRef {
+                            seq,
+                            layer,
+                            page: i,
+                        },
+                        p,
+                    )?;
                     let mut tmp = crate::backend::cpu::CpuStorage::new(&self.cfg);
                     let slot = tmp.import_page(bytes)?;
                     let e = super::PageEntry {
@@ -82,11 +89,8 @@ impl KvCache {
             }
         }
         r.archived_pages = self.archive.len();
-        r.f16_equivalent_bytes = (r.tokens - r.evicted_tokens)
-            * 2
-            * self.cfg.num_kv_heads
-            * self.cfg.head_dim
-            * 2;
+        r.f16_equivalent_bytes =
+            (r.tokens - r.evicted_tokens) * 2 * self.cfg.num_kv_heads * self.cfg.head_dim * 2;
         r
     }
 }

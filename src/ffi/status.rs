@@ -330,8 +330,16 @@ mod tests {
         (kvtier_status::Candle, 111, "KVTIER_STATUS_CANDLE"),
         (kvtier_status::Model, 112, "KVTIER_STATUS_MODEL"),
         (kvtier_status::OutOfRange, 113, "KVTIER_STATUS_OUT_OF_RANGE"),
-        (kvtier_status::UnknownPage, 114, "KVTIER_STATUS_UNKNOWN_PAGE"),
-        (kvtier_status::InvalidMove, 115, "KVTIER_STATUS_INVALID_MOVE"),
+        (
+            kvtier_status::UnknownPage,
+            114,
+            "KVTIER_STATUS_UNKNOWN_PAGE",
+        ),
+        (
+            kvtier_status::InvalidMove,
+            115,
+            "KVTIER_STATUS_INVALID_MOVE",
+        ),
         (kvtier_status::Stale, 116, "KVTIER_STATUS_STALE"),
         (kvtier_status::Overflow, 117, "KVTIER_STATUS_OVERFLOW"),
         (kvtier_status::Internal, 118, "KVTIER_STATUS_INTERNAL"),

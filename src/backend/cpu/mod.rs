@@ -261,10 +261,11 @@ impl BackendStorage for CpuStorage {
             Tier::Warm => {
                 let b = self.warm_page(entry.slot)?;
                 let mut d = Vec::new();
-                d.try_reserve_exact(b.len()).map_err(|_| Error::OutOfMemory {
-                    what: "exported page",
-                    bytes: b.len(),
-                })?;
+                d.try_reserve_exact(b.len())
+                    .map_err(|_| Error::OutOfMemory {
+                        what: "exported page",
+                        bytes: b.len(),
+                    })?;
                 d.extend_from_slice(b);
                 d
             }
@@ -317,7 +318,11 @@ impl BackendStorage for CpuStorage {
                 self.warm_bytes += want;
                 Ok(slot)
             }
-            t => Err(Error::shape("page bytes", "a hot or warm page", format!("{t:?}"))),
+            t => Err(Error::shape(
+                "page bytes",
+                "a hot or warm page",
+                format!("{t:?}"),
+            )),
         }
     }
 

@@ -43,9 +43,15 @@ impl HotBuf {
     /// Appends the elements' little-endian bytes to `out`.
     pub fn append_le_bytes(&self, out: &mut Vec<u8>) {
         match self {
-            HotBuf::F32(b) => b.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            HotBuf::F16(b) => b.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            HotBuf::BF16(b) => b.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            HotBuf::F32(b) => b
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            HotBuf::F16(b) => b
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            HotBuf::BF16(b) => b
+                .iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
         }
     }
 

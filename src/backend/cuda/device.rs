@@ -44,6 +44,9 @@ pub(crate) struct Kernels {
     pub quantize: CudaFunction,
     pub decode: CudaFunction,
     pub read_probe: CudaFunction,
+    /// f16 / bf16 queries to f32 (`attend_device`).
+    pub queries_f16: CudaFunction,
+    pub queries_bf16: CudaFunction,
     pub decode_smem: u32,
     /// Decode CTAs resident per SM (occupancy), at least 1.
     pub decode_blocks_per_sm: u32,
@@ -192,6 +195,7 @@ impl CudaDevice {
         let f = |n: &str| module.load_function(n).map_err(drv);
         let (append, quantize, decode) = (f("kvt_append")?, f("kvt_quantize")?, f("kvt_decode")?);
         let read_probe = f("kvt_read_probe")?;
+        let (queries_f16, queries_bf16) = (f("kvt_queries_f16")?, f("kvt_queries_bf16")?);
         let smem = spec.decode_smem() as u32;
         decode
             .set_attribute(
@@ -214,6 +218,8 @@ impl CudaDevice {
             quantize,
             decode,
             read_probe,
+            queries_f16,
+            queries_bf16,
             decode_smem: smem,
             decode_blocks_per_sm: blocks,
             decode_regs: regs,

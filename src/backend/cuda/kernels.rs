@@ -1,6 +1,7 @@
 //! Kernel sources, their compile-time geometry, and NVRTC compilation.
 //!
-//! Owns: the `.cu` sources (embedded with `include_str!`), [`KernelSpec`] (every constant a kernel
+//! Owns: the `.cu` sources (embedded with `include_str!`: append, quantise, decode, query
+//! conversion), [`KernelSpec`] (every constant a kernel
 //! is specialised on, written as a block of `#define`s in front of the sources) and [`compile`]
 //! (NVRTC, for the device's own architecture). Loading the result into a context and caching it per
 //! device is `device.rs`'s job. Must never: touch device memory, or guess a layout offset — every
@@ -14,6 +15,7 @@ const COMMON: &str = include_str!("kernels/common.cuh");
 const APPEND: &str = include_str!("kernels/append.cu");
 const QUANT: &str = include_str!("kernels/quant.cu");
 const DECODE: &str = include_str!("kernels/decode.cu");
+const CONVERT: &str = include_str!("kernels/convert.cu");
 
 /// Most partials one (sequence, kv head, head subgroup) may be split into (`MAXSPLIT` in decode.cu).
 pub(crate) const MAX_SPLIT: usize = 256;
@@ -214,7 +216,7 @@ impl KernelSpec {
             ("CPL", self.cpl),
             ("MINB", self.minb),
             ("KVT_MAXSPLIT_HOST", MAX_SPLIT),
-            ("KVT_SPEC_VERSION", 1),
+            ("KVT_SPEC_VERSION", 2),
         ];
         let mut s = String::from("// kvtier kernel specialisation\n");
         for (k, v) in vals {
@@ -226,7 +228,7 @@ impl KernelSpec {
     /// Full NVRTC source of the module.
     pub fn source(&self) -> String {
         format!(
-            "{}\n{COMMON}\n{APPEND}\n{QUANT}\n{DECODE}\n",
+            "{}\n{COMMON}\n{APPEND}\n{QUANT}\n{DECODE}\n{CONVERT}\n",
             self.defines()
         )
     }

@@ -39,9 +39,12 @@ mod stubs {
     use super::CudaError;
     crate::backend::stub::stub_backend!(CudaDevice, CudaStorage, CudaError, "cuda", (ordinal: usize));
 
-    /// Reusable decode plan (stub: holds nothing without the `cuda` feature).
+    /// Reusable decode plan (stub: holds nothing without the `cuda` feature; a braced struct so
+    /// that `CudaScratch::default()` reads the same in both builds).
     #[derive(Default)]
-    pub struct CudaScratch;
+    pub struct CudaScratch {
+        _private: (),
+    }
 }
 #[cfg(not(feature = "cuda"))]
 pub use stubs::{CudaDevice, CudaScratch, CudaStorage};

@@ -17,8 +17,16 @@
 //         e * (vmin + vstep * code).
 //   hot:  acc += e * v.
 // Online softmax per head with m (running max), l = sum e, s1 = sum e x, s2 = sum e x^2 (x = s - m),
-// exactly the algebra of `attention::OnlineSoftmax`. Per page: lse_p = log sum_page exp(s), from
-// which the combine derives the page's attention mass exp(lse_p - log Z).
+// exactly the algebra of `attention::OnlineSoftmax`. Per page: lse_p = log sum_page exp(s), written
+// to page_lse; the host derives the page's attention mass exp(lse_p - log Z) from it
+// (`Attention::finish_masses`).
+//
+// Page lists: item `it` reads entries page_off + [page_begin, page_end) of `pages`. Without a page
+// selection every kv head of a sequence shares one list (the sequence's pages in order) and
+// page_lse rows are [entry][QH] (lse_stride = QH, lse_kvcol = GFULL); with a selection each
+// (sequence, kv head) has its own list of selected pages and rows are [entry][GFULL]
+// (lse_stride = GFULL, lse_kvcol = 0). Either way head h0 + j of the item writes column
+// kv * lse_kvcol + sub * GS + j.
 
 #define GP (((GS) + 3) / 4 * 4)
 #define LT (D / CPL)
@@ -31,6 +39,7 @@
 #define NT (NWARPS * 32)
 #define MAXSPLIT 256
 
+// Mirrors `plan::Item`. n_pages: entries in the item's list (informational).
 struct Item {
     u32 seq, kv, sub, page_begin, page_end, page_off, n_pages, group, first_item, n_items;
 };
@@ -236,7 +245,7 @@ kvt_decode(const Item* __restrict__ items, const uint2* __restrict__ pages,
            const u8* __restrict__ warm_pool, float* __restrict__ part_state,
            float* __restrict__ part_acc, float* __restrict__ page_lse,
            u32* __restrict__ counters, float* __restrict__ out, float* __restrict__ stats,
-           float* __restrict__ mass_part, float scale) {
+           float scale, u32 lse_stride, u32 lse_kvcol) {
     extern __shared__ __align__(16) u8 smem[];
     __shared__ int is_last;
     __shared__ float cstat[GS][4];
@@ -484,7 +493,7 @@ kvt_decode(const Item* __restrict__ items, const uint2* __restrict__ pages,
 #pragma unroll
             for (int h = 1; h < GS; ++h)
                 if (lane == h) v = lse[h];
-            page_lse[((u64)it.page_off + p) * QH + h0 + lane] = v;
+            page_lse[((u64)it.page_off + p) * lse_stride + it.kv * lse_kvcol + it.sub * GS + lane] = v;
         }
         sidx ^= 1;
         __syncwarp();
@@ -629,17 +638,6 @@ kvt_decode(const Item* __restrict__ items, const uint2* __restrict__ pages,
             so[2] = -KVT_INF;
             so[3] = -KVT_INF;
         }
-    }
-    for (u32 p = tid; p < it.n_pages; p += NT) {
-        float s = 0.0f;
-#pragma unroll
-        for (int h = 0; h < GS; ++h) {
-            const float L = cstat[h][1];
-            if (L > 0.0f)
-                s += __expf(__ldcg(page_lse + ((u64)it.page_off + p) * QH + h0 + h) -
-                            (cstat[h][0] + logf(L)));
-        }
-        mass_part[((u64)it.page_off + p) * (QH / GS) + it.kv * NSUB + it.sub] = s;
     }
     if (tid == 0) counters[it.group] = 0;
 }

@@ -1,0 +1,356 @@
+//! Decode plans: the device page lists and work items of one batch.
+//!
+//! Owns: [`Item`] (one work item, one CTA of the decode kernel; mirrors `struct Item` in
+//! decode.cu), [`DecodePlan`] (device page lists and items, the kernel's scratch: partials,
+//! per-page log-sum-exp, combine counters, statistics, and plan-owned query and output buffers) and
+//! building a plan from page tables and an optional [`PageSelection`] (`CudaStorage::plan_*`).
+//!
+//! Without a selection each sequence has one page list (its pages in order) that every kv head
+//! reads, exactly the layout the kernel was tuned on. With a selection each (sequence, kv head)
+//! "group" has its own list holding only the selected pages, and the plan remembers which page
+//! index each entry stands for so that results map back to the caller's page indices.
+//!
+//! Must never: list a page that is not a live slot of the storage building the plan (every listed
+//! entry is checked, unselected entries are never looked at: they may be cold or evicted), launch
+//! anything, or keep buffers of one device while planning for another.
+
+use super::device::drv;
+use super::kernels::MAX_SPLIT;
+use super::pool::GrowBuf;
+use super::storage::CudaStorage;
+use crate::attention::PageSelection;
+use crate::cache::{PageEntry, PageTable, Tier};
+use crate::error::{Error, Result};
+use cudarc::driver::{result as cu, CudaStream};
+use std::sync::Arc;
+
+/// One decode work item; mirrors `struct Item` in decode.cu.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Item {
+    pub seq: u32,
+    pub kv: u32,
+    pub sub: u32,
+    pub page_begin: u32,
+    pub page_end: u32,
+    pub page_off: u32,
+    pub n_pages: u32,
+    pub group: u32,
+    pub first_item: u32,
+    pub n_items: u32,
+}
+
+/// Device page lists, work items and scratch for one batch. [`CudaStorage::plan_pages_into`] builds
+/// one; [`CudaStorage::attend_plan`] (or a benchmark's `time_decode`) runs the decode on it any
+/// number of times. Reusing a plan reuses its device buffers (they only grow).
+#[derive(Default)]
+pub struct DecodePlan {
+    /// Id of the storage that built the plan (0: none, or the last build failed).
+    pub(super) owner: u64,
+    /// The stream (hence device) every buffer below was allocated on.
+    pub(super) stream: Option<Arc<CudaStream>>,
+    pub(super) n_seqs: usize,
+    /// Pages per sequence (the tables' lengths, selected or not).
+    pub(super) page_counts: Vec<usize>,
+    /// Whether each (sequence, kv head) has its own list (a selection was given).
+    pub(super) per_head: bool,
+    /// Start of each list in the device page list, plus the end: per sequence without a
+    /// selection (`n_seqs + 1`), per (sequence, kv head) with one (`n_seqs * kv_heads + 1`).
+    pub(super) list_off: Vec<usize>,
+    /// With a selection: the page index each device list entry stands for.
+    pub(super) sel_pages: Vec<u32>,
+    /// Entries of the device page list.
+    pub(super) entries: usize,
+    /// Row stride and kv-head column factor of `page_lse` (see decode.cu).
+    pub(super) lse_stride: u32,
+    pub(super) lse_kvcol: u32,
+    pub(super) n_items: usize,
+    host_pages: Vec<[u32; 2]>,
+    host_items: Vec<Item>,
+    pub(super) items: GrowBuf,
+    pub(super) pages: GrowBuf,
+    pub(super) part_state: GrowBuf,
+    pub(super) part_acc: GrowBuf,
+    pub(super) page_lse: GrowBuf,
+    pub(super) counters: GrowBuf,
+    pub(super) stats: GrowBuf,
+    pub(super) queries: GrowBuf,
+    pub(super) out: GrowBuf,
+}
+
+impl DecodePlan {
+    /// Sequences in the batch.
+    pub fn n_seqs(&self) -> usize {
+        self.n_seqs
+    }
+    /// Work items (CTAs) of one launch.
+    pub fn n_items(&self) -> usize {
+        self.n_items
+    }
+    /// Pages over the whole batch (selected or not).
+    pub fn total_pages(&self) -> usize {
+        self.page_counts.iter().sum()
+    }
+    /// Entries of the device page list: the batch's pages without a selection, the selected
+    /// (page, kv head) pairs with one.
+    pub fn entries(&self) -> usize {
+        self.entries
+    }
+    /// Device address of the plan's own query buffer (`[n_seqs, q_heads, head_dim]` f32).
+    pub fn queries_ptr(&self) -> u64 {
+        self.queries.ptr()
+    }
+    /// Device address of the plan's own output buffer (`[n_seqs, q_heads, head_dim]` f32).
+    pub fn output_ptr(&self) -> u64 {
+        self.out.ptr()
+    }
+    /// Device bytes the plan holds.
+    pub fn device_bytes(&self) -> usize {
+        [
+            &self.items,
+            &self.pages,
+            &self.part_state,
+            &self.part_acc,
+            &self.page_lse,
+            &self.counters,
+            &self.stats,
+            &self.queries,
+            &self.out,
+        ]
+        .iter()
+        .map(|b| b.bytes())
+        .sum()
+    }
+    /// Host bytes the plan holds (its reusable vectors).
+    pub fn host_bytes(&self) -> usize {
+        self.page_counts.capacity() * 8
+            + self.list_off.capacity() * 8
+            + self.sel_pages.capacity() * 4
+            + self.host_pages.capacity() * 8
+            + self.host_items.capacity() * std::mem::size_of::<Item>()
+    }
+    /// `(offset, length)` of the device list that kv head `kv` of sequence `seq` reads.
+    pub(super) fn list(&self, seq: usize, kv: usize, kv_heads: usize) -> (usize, usize) {
+        let g = if self.per_head {
+            seq * kv_heads + kv
+        } else {
+            seq
+        };
+        (self.list_off[g], self.list_off[g + 1] - self.list_off[g])
+    }
+}
+
+impl CudaStorage {
+    /// Builds the device page lists and work items for `tables` into `plan` (reusing its buffers),
+    /// over the pages `selection` lists (`None`: every page).
+    pub fn plan_into(
+        &self,
+        plan: &mut DecodePlan,
+        tables: &[&PageTable],
+        selection: Option<&PageSelection>,
+    ) -> Result<()> {
+        let seqs: Vec<&[PageEntry]> = tables.iter().map(|t| t.pages()).collect();
+        self.plan_pages_into(plan, &seqs, selection)
+    }
+
+    /// [`CudaStorage::plan_into`] from raw page lists (one per sequence, in token order), for
+    /// callers that manage slots themselves (benchmarks, engines with their own page tables).
+    pub fn plan_pages_into(
+        &self,
+        plan: &mut DecodePlan,
+        tables: &[&[PageEntry]],
+        selection: Option<&PageSelection>,
+    ) -> Result<()> {
+        let st = self.stream().clone();
+        if plan.stream.as_ref().is_some_and(|s| !Arc::ptr_eq(s, &st)) {
+            // Buffers of another device (or context): start over rather than mix them.
+            *plan = DecodePlan::default();
+        }
+        plan.stream = Some(st.clone());
+        plan.owner = 0;
+        self.fill_lists(plan, tables, selection)?;
+        self.fill_items(plan);
+        self.upload(plan, &st)?;
+        plan.owner = self.id;
+        Ok(())
+    }
+
+    /// A fresh plan for raw page lists (see [`CudaStorage::plan_pages_into`]).
+    pub fn plan_pages(
+        &self,
+        tables: &[&[PageEntry]],
+        selection: Option<&PageSelection>,
+    ) -> Result<DecodePlan> {
+        let mut p = DecodePlan::default();
+        self.plan_pages_into(&mut p, tables, selection)?;
+        Ok(p)
+    }
+
+    /// Checks that a listed page is a live slot of this storage that the kernels can read.
+    fn check_entry(&self, p: &PageEntry) -> Result<()> {
+        let ok = match p.tier {
+            Tier::Hot => self.hot.is_live(p.slot),
+            Tier::Warm => {
+                if p.format != self.layout.format() {
+                    return Err(Error::internal(format!(
+                        "warm page {p:?} is not in this storage's format {:?}",
+                        self.layout.format()
+                    )));
+                }
+                self.warm_enabled && self.warm.is_live(p.slot)
+            }
+            t => {
+                return Err(Error::internal(format!(
+                    "attention over a page in tier {t:?} (cold and evicted pages must not be \
+                     selected)"
+                )))
+            }
+        };
+        if !ok || p.n_tokens as usize > self.ps {
+            return Err(Error::internal(format!(
+                "page {p:?} is not a live slot of this storage"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The host page lists (`plan.host_pages`, `plan.list_off`, `plan.sel_pages`) and the lse
+    /// layout.
+    fn fill_lists(
+        &self,
+        plan: &mut DecodePlan,
+        tables: &[&[PageEntry]],
+        selection: Option<&PageSelection>,
+    ) -> Result<()> {
+        let entry = |p: &PageEntry| -> [u32; 2] {
+            let warm = (p.tier == Tier::Warm) as u32;
+            [p.slot, (warm << 31) | p.n_tokens]
+        };
+        plan.n_seqs = tables.len();
+        plan.page_counts.clear();
+        plan.page_counts.extend(tables.iter().map(|t| t.len()));
+        plan.host_pages.clear();
+        plan.list_off.clear();
+        plan.sel_pages.clear();
+        plan.per_head = selection.is_some();
+        match selection {
+            None => {
+                for t in tables {
+                    plan.list_off.push(plan.host_pages.len());
+                    for p in t.iter() {
+                        self.check_entry(p)?;
+                        plan.host_pages.push(entry(p));
+                    }
+                }
+                plan.lse_stride = self.qh as u32;
+                plan.lse_kvcol = self.k.spec.gfull as u32;
+            }
+            Some(sel) => {
+                sel.validate(&plan.page_counts, self.kvh)?;
+                for (si, t) in tables.iter().enumerate() {
+                    for kv in 0..self.kvh {
+                        plan.list_off.push(plan.host_pages.len());
+                        for &pi in sel.pages(si, kv) {
+                            let p = &t[pi as usize];
+                            self.check_entry(p)?;
+                            plan.host_pages.push(entry(p));
+                            plan.sel_pages.push(pi);
+                        }
+                    }
+                }
+                plan.lse_stride = self.k.spec.gfull as u32;
+                plan.lse_kvcol = 0;
+            }
+        }
+        plan.list_off.push(plan.host_pages.len());
+        plan.entries = plan.host_pages.len();
+        if plan.entries > u32::MAX as usize / 2 {
+            return Err(Error::Unsupported(
+                "more than 2^31 page entries in one batch",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Work items: per (sequence, kv head, head subgroup), the group's list split into ranges so
+    /// that the whole batch fills the device about once.
+    fn fill_items(&self, plan: &mut DecodePlan) {
+        let spec = &self.k.spec;
+        let nsub = spec.nsub();
+        let slots = (self.dev.inner.sms * self.k.decode_blocks_per_sm).max(1) as usize;
+        // (entry, kv head, subgroup) triples the kernel visits.
+        let work = if plan.per_head {
+            plan.entries * nsub
+        } else {
+            plan.entries * self.kvh * nsub
+        };
+        let chunk = work.div_ceil(slots).max(spec.nwarps);
+        let mut items = std::mem::take(&mut plan.host_items);
+        items.clear();
+        let mut group = 0u32;
+        for si in 0..plan.n_seqs {
+            for kv in 0..self.kvh {
+                let (off, np) = plan.list(si, kv, self.kvh);
+                let splits = np.div_ceil(chunk).clamp(1, MAX_SPLIT);
+                for sub in 0..nsub {
+                    let first = items.len() as u32;
+                    for s in 0..splits {
+                        items.push(Item {
+                            seq: si as u32,
+                            kv: kv as u32,
+                            sub: sub as u32,
+                            page_begin: (np * s / splits) as u32,
+                            page_end: (np * (s + 1) / splits) as u32,
+                            page_off: off as u32,
+                            n_pages: np as u32,
+                            group,
+                            first_item: first,
+                            n_items: splits as u32,
+                        });
+                    }
+                    group += 1;
+                }
+            }
+        }
+        plan.n_items = items.len();
+        plan.host_items = items;
+    }
+
+    /// Sizes the device buffers for the plan and uploads its items and page lists.
+    fn upload(&self, plan: &mut DecodePlan, st: &Arc<CudaStream>) -> Result<()> {
+        let (gs, nsub) = (self.k.spec.gs, self.k.spec.nsub());
+        let (n_items, entries, n) = (plan.n_items, plan.entries, plan.n_seqs);
+        if n_items > i32::MAX as usize {
+            return Err(Error::Unsupported("more than 2^31 work items in one batch"));
+        }
+        let groups = n * self.kvh * nsub;
+        let f = 4usize;
+        let item_bytes = n_items * std::mem::size_of::<Item>();
+        plan.items.ensure(st, item_bytes, false)?;
+        plan.pages.ensure(st, entries.max(1) * 8, false)?;
+        plan.part_state.ensure(st, n_items * gs * 4 * f, false)?;
+        plan.part_acc.ensure(st, n_items * gs * self.d * f, false)?;
+        plan.page_lse
+            .ensure(st, entries.max(1) * plan.lse_stride as usize * f, false)?;
+        plan.counters.ensure(st, groups * 4, true)?;
+        plan.stats.ensure(st, n * self.qh * 4 * f, false)?;
+        plan.queries.ensure(st, n * self.qh * self.d * f, false)?;
+        plan.out.ensure(st, n * self.qh * self.d * f, false)?;
+        st.context().bind_to_thread().map_err(drv)?;
+        // SAFETY: `Item` is `repr(C)` plain u32s and `[u32; 2]` has no padding, so the driver may
+        // copy them as bytes; the destination buffers were just sized for these byte counts.
+        // Copies from pageable host memory are staged by the driver before the call returns, so
+        // the host vectors may change afterwards.
+        unsafe {
+            if n_items > 0 {
+                cu::memcpy_htod_async(plan.items.ptr(), &plan.host_items[..], st.cu_stream())
+                    .map_err(drv)?;
+            }
+            if entries > 0 {
+                cu::memcpy_htod_async(plan.pages.ptr(), &plan.host_pages[..], st.cu_stream())
+                    .map_err(drv)?;
+            }
+        }
+        Ok(())
+    }
+}

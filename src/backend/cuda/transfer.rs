@@ -1,0 +1,221 @@
+//! Page bytes across the host boundary: reading pages back, and the portable page format.
+//!
+//! Owns: raw slot reads and writes (`hot_bytes`, `warm_bytes`), decoding hot elements, and the
+//! bodies of `read_page`, `export_page` and `import_page` for [`CudaStorage`]. Exported bytes are
+//! exactly the [`PageBytes`] format of `backend/mod.rs`, which is how the device stores them, so
+//! pages move between the CPU and CUDA backends byte for byte. Must never: accept bytes whose
+//! tier, format or length differ from what the storage holds (typed errors instead), import a hot
+//! page without recording its largest |value| (demotion relies on it), or run on the hot path.
+
+use super::device::drv;
+use super::storage::CudaStorage;
+use crate::backend::PageBytes;
+use crate::cache::{PageEntry, Tier};
+use crate::config::HotDtype;
+use crate::error::{Error, Result};
+use crate::quant;
+use cudarc::driver::result as cu;
+use half::{bf16, f16};
+
+impl CudaStorage {
+    /// The raw bytes of warm page `slot` (all kv heads), exactly as stored.
+    pub fn warm_bytes(&self, slot: u32) -> Result<Vec<u8>> {
+        if !self.warm.is_live(slot) {
+            return Err(Error::internal(format!(
+                "warm slot {slot} is not allocated"
+            )));
+        }
+        self.read_bytes(self.warm.slot_ptr(slot), self.warm.slot_bytes)
+    }
+
+    /// The raw bytes of hot page `slot`: K then V, each `[kv_heads][page_size][head_dim]`.
+    pub fn hot_bytes(&self, slot: u32) -> Result<Vec<u8>> {
+        self.hot_slot_check(slot)?;
+        self.read_bytes(self.hot.slot_ptr(slot), self.hot.slot_bytes)
+    }
+
+    fn read_bytes(&self, ptr: u64, n: usize) -> Result<Vec<u8>> {
+        let mut v = vec![0u8; n];
+        let st = self.stream();
+        st.context().bind_to_thread().map_err(drv)?;
+        // SAFETY: `ptr..ptr+n` lies inside a live pool slot; the copy is ordered after every
+        // kernel that wrote it, and the stream is synchronised before `v` is read.
+        unsafe { cu::memcpy_dtoh_async(&mut v, ptr, st.cu_stream()) }.map_err(drv)?;
+        st.synchronize().map_err(drv)?;
+        Ok(v)
+    }
+
+    /// Copies `data` into the device at `ptr` (a live slot of at least `data.len()` bytes).
+    fn write_bytes(&self, ptr: u64, data: &[u8]) -> Result<()> {
+        let st = self.stream();
+        st.context().bind_to_thread().map_err(drv)?;
+        // SAFETY: the callers pass a live slot of `data.len()` bytes; the copy is ordered on the
+        // stream after every earlier use of the slot, and pageable host memory is staged before
+        // the call returns.
+        unsafe { cu::memcpy_htod_async(ptr, data, st.cu_stream()) }.map_err(drv)?;
+        Ok(())
+    }
+
+    fn element(&self, b: &[u8], i: usize) -> f32 {
+        let o = i * self.hot_dtype.size();
+        match self.hot_dtype {
+            HotDtype::F32 => f32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]),
+            HotDtype::F16 => f16::from_le_bytes([b[o], b[o + 1]]).to_f32(),
+            HotDtype::BF16 => bf16::from_le_bytes([b[o], b[o + 1]]).to_f32(),
+        }
+    }
+
+    /// Largest |x| of a whole hot page in this storage's hot dtype; non-finite values are an error.
+    fn hot_page_absmax(&self, data: &[u8]) -> Result<f32> {
+        let mut m = 0f32;
+        for i in 0..data.len() / self.hot_dtype.size() {
+            let x = self.element(data, i);
+            if !x.is_finite() {
+                return Err(Error::NonFinite {
+                    what: "page bytes",
+                    index: i,
+                });
+            }
+            m = m.max(x.abs());
+        }
+        Ok(m)
+    }
+
+    /// Stored page bytes checked against the tier's layout, for `import_page`.
+    fn check_import(&self, page: &PageBytes) -> Result<()> {
+        if page.n_tokens as usize > self.ps {
+            return Err(Error::shape(
+                "page n_tokens",
+                format!("at most {}", self.ps),
+                page.n_tokens,
+            ));
+        }
+        let want =
+            match page.tier {
+                Tier::Hot => self.hot.slot_bytes,
+                Tier::Warm if !self.warm_enabled => {
+                    return Err(Error::Unsupported(
+                        "warm pages on a CUDA storage without a warm tier",
+                    ))
+                }
+                Tier::Warm if page.format != self.layout.format() => {
+                    return Err(Error::Unsupported("CUDA warm pages use the config's bits"))
+                }
+                Tier::Warm => self.warm.slot_bytes,
+                Tier::Cold | Tier::Evicted => return Err(Error::Unsupported(
+                    "import_page of a cold or evicted page (only hot and warm pages have bytes)",
+                )),
+            };
+        if page.data.len() != want {
+            return Err(Error::shape("page bytes", want, page.data.len()));
+        }
+        Ok(())
+    }
+
+    /// See [`crate::backend::BackendStorage::read_page`].
+    pub(super) fn read_page_f32(&self, entry: &PageEntry) -> Result<(Vec<f32>, Vec<f32>)> {
+        let n = entry.n_tokens as usize;
+        let (d, ps) = (self.d, self.ps);
+        if n > ps {
+            return Err(Error::internal(format!(
+                "page {entry:?} holds more than {ps} tokens"
+            )));
+        }
+        match entry.tier {
+            Tier::Hot => {
+                let b = self.hot_bytes(entry.slot)?;
+                let half = self.kvh * ps * d;
+                let (mut ks, mut vs) = (Vec::new(), Vec::new());
+                for h in 0..self.kvh {
+                    let at = h * ps * d;
+                    ks.extend((at..at + n * d).map(|i| self.element(&b, i)));
+                    vs.extend((at..at + n * d).map(|i| self.element(&b, half + i)));
+                }
+                Ok((ks, vs))
+            }
+            Tier::Warm => {
+                if entry.format != self.layout.format() {
+                    return Err(Error::internal(format!(
+                        "warm page {entry:?} is not in this storage's format"
+                    )));
+                }
+                let b = self.warm_bytes(entry.slot)?;
+                let hb = self.layout.head_bytes;
+                let (mut ks, mut vs) = (Vec::new(), Vec::new());
+                for h in 0..self.kvh {
+                    let blk = &b[h * hb..(h + 1) * hb];
+                    ks.extend(quant::dequantize_keys(blk, n, &self.layout));
+                    vs.extend(quant::dequantize_values(blk, n, &self.layout));
+                }
+                Ok((ks, vs))
+            }
+            t => Err(Error::internal(format!(
+                "page in tier {t:?} has no bytes on the device"
+            ))),
+        }
+    }
+
+    /// See [`crate::backend::BackendStorage::export_page`].
+    pub(super) fn export(&self, entry: &PageEntry) -> Result<PageBytes> {
+        if entry.n_tokens as usize > self.ps {
+            return Err(Error::internal(format!(
+                "page {entry:?} holds more than {} tokens",
+                self.ps
+            )));
+        }
+        // Both tiers are stored exactly in the portable format: a hot slot is K then V, each
+        // [kv_heads][page_size][head_dim] little-endian (zeroed at allocation, so tokens past
+        // n_tokens are zero); a warm slot is kv_heads head blocks of the layout.
+        let data = match entry.tier {
+            Tier::Hot => self.hot_bytes(entry.slot)?,
+            Tier::Warm if entry.format != self.layout.format() => {
+                return Err(Error::internal(format!(
+                    "warm page {entry:?} is not in this storage's format"
+                )))
+            }
+            Tier::Warm => self.warm_bytes(entry.slot)?,
+            t => {
+                return Err(Error::internal(format!(
+                    "export of a page in tier {t:?}: it has no bytes on the device"
+                )))
+            }
+        };
+        Ok(PageBytes {
+            tier: entry.tier,
+            format: entry.format,
+            n_tokens: entry.n_tokens,
+            data,
+        })
+    }
+
+    /// See [`crate::backend::BackendStorage::import_page`].
+    pub(super) fn import(&mut self, page: &PageBytes) -> Result<u32> {
+        self.check_import(page)?;
+        let st = self.stream().clone();
+        match page.tier {
+            Tier::Hot => {
+                let absmax = self.hot_page_absmax(&page.data)?;
+                let s = self.hot.alloc(&st)?;
+                if let Err(e) = self.write_bytes(self.hot.slot_ptr(s), &page.data) {
+                    self.hot.release(s);
+                    return Err(e);
+                }
+                if self.hot_absmax.len() <= s as usize {
+                    self.hot_absmax.resize(s as usize + 1, 0.0);
+                }
+                // Demotion of this page must read back the overflow flag exactly when a written
+                // page with these values would.
+                self.hot_absmax[s as usize] = absmax;
+                Ok(s)
+            }
+            _ => {
+                let s = self.warm.alloc(&st)?;
+                if let Err(e) = self.write_bytes(self.warm.slot_ptr(s), &page.data) {
+                    self.warm.release(s);
+                    return Err(e);
+                }
+                Ok(s)
+            }
+        }
+    }
+}
