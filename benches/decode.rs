@@ -5,7 +5,7 @@
 mod common;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use kvtier::{Bits, CacheConfig};
+use kvtier::{Bits, CacheConfig, PageSelection, Rows, Scratch};
 
 fn decode(c: &mut Criterion) {
     let shapes = [("llama3-8b", 32, 8, 128), ("smollm2", 9, 3, 64)];
@@ -37,5 +37,50 @@ fn decode(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, decode);
+/// Decode over every page vs over a 50% page selection (a different random half per kv head), the
+/// cost an eliminator's selection saves. 32/8/128, 32K tokens, f16 hot-only and int4 warm.
+fn selection(c: &mut Criterion) {
+    let (qh, kvh, d, tokens) = (32, 8, 128, 32768);
+    let mut g = c.benchmark_group("decode_selection");
+    g.sample_size(20);
+    for (mode, b) in [
+        ("f16", CacheConfig::builder(1, qh, kvh, d).full_precision()),
+        ("int4", CacheConfig::builder(1, qh, kvh, d)),
+    ] {
+        let (cache, s, q) = common::filled(b, tokens);
+        let n_pages = cache.page_table(s, 0).expect("table").pages().len();
+        let mut sel = PageSelection::none(1, kvh);
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for kv in 0..kvh {
+            let mut pages: Vec<u32> = (0..n_pages as u32).collect();
+            // Fisher-Yates with a fixed xorshift: the same half every run.
+            for i in (1..pages.len()).rev() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                pages.swap(i, (x % (i as u64 + 1)) as usize);
+            }
+            pages.truncate(n_pages / 2);
+            sel.set(0, kv, pages).expect("selection");
+        }
+        let mut scratch = Scratch::default();
+        g.bench_function(BenchmarkId::new(format!("{mode}/all"), tokens), |bch| {
+            bch.iter(|| {
+                cache
+                    .attend_with(&mut scratch, 0, &[s], Rows::F32(&q), None)
+                    .expect("attend")
+            })
+        });
+        g.bench_function(BenchmarkId::new(format!("{mode}/half"), tokens), |bch| {
+            bch.iter(|| {
+                cache
+                    .attend_with(&mut scratch, 0, &[s], Rows::F32(&q), Some(&sel))
+                    .expect("attend")
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, decode, selection);
 criterion_main!(benches);
