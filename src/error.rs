@@ -3,7 +3,9 @@
 //! Owns: every failure a caller can see, as a typed variant with a message that names the offending
 //! input. Backend-specific enums (`CpuError`, `CudaError`, `MetalError`) fold in here. The C ABI maps
 //! these to numbered status codes in exactly one place (`ffi`), so variants added here must be mapped
-//! there. Must never: carry a panic payload or a borrowed value (errors cross threads and the C ABI).
+//! there. Must never: carry a panic payload or a borrowed value (errors cross threads and the C ABI),
+//! or name an engine's error type (the example engine's `ModelError` wraps this one, never the
+//! reverse: no type cycle).
 
 use crate::backend::cuda::CudaError;
 use crate::backend::metal::MetalError;
@@ -129,13 +131,10 @@ pub enum Error {
     #[error("metal: {0}")]
     Metal(#[from] MetalError),
 
-    /// An error from candle (tensor interop).
+    /// An error from candle (tensor interop, feature `candle`).
+    #[cfg(feature = "candle")]
     #[error("candle: {0}")]
     Candle(#[from] candle_core::Error),
-
-    /// The real-model layer failed (GGUF loading, tokenizer, forward pass); see [`crate::model`].
-    #[error("model: {0}")]
-    Model(#[from] crate::model::ModelError),
 }
 
 /// `Result` with kvtier's [`Error`].

@@ -34,8 +34,11 @@ pub mod config;
 pub mod error;
 pub mod ffi;
 pub mod memory;
+#[cfg(feature = "model")]
 pub mod model;
+pub mod protect;
 pub mod quant;
+#[cfg(feature = "candle")]
 pub mod tensor;
 
 pub use attention::{Attention, HeadStats, PageSelection};
@@ -47,5 +50,7 @@ pub use cache::{
 pub use config::{Bits, CacheConfig, CacheConfigBuilder, HotDtype, TierBudgets};
 pub use error::{Error, Result};
 pub use memory::MemoryReport;
-pub use model::{protect, ProtectedSession};
+#[cfg(feature = "model")]
+pub use model::ProtectedSession;
+pub use protect::{protect, protect_with, AttentionCache, AttentionShape, Engine, KvTierAttention};
 pub use quant::WarmFormat;

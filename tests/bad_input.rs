@@ -1,5 +1,6 @@
 //! Every bad input returns a typed error, never a panic, and leaves the cache as it was.
 
+#[cfg(feature = "candle")]
 use candle_core::{DType, Device, Tensor};
 use kvtier::{CacheConfig, Error, KvCache, SeqId, TierBudgets};
 
@@ -112,6 +113,7 @@ fn shapes_ids_layers_values() {
     assert!(att.output.iter().all(|&x| x == 0.0));
 }
 
+#[cfg(feature = "candle")]
 #[test]
 fn tensor_dtypes_and_shapes() {
     let (mut c, s) = cache();

@@ -198,10 +198,10 @@ fn sensitivity_is_validated() {
     for bad in [-0.1f32, 1.5, f32::NAN] {
         assert!(matches!(
             protect(model.clone(), bad),
-            Err(ModelError::InvalidArgument {
-                what: "sensitivity",
+            Err(ModelError::Cache(kvtier::Error::InvalidConfig {
+                field: "sensitivity",
                 ..
-            })
+            }))
         ));
     }
 }

@@ -72,9 +72,11 @@ pub enum kvtier_status {
     /// The operation is not available on this backend or in this build (for example device
     /// attention on a CPU cache).
     Unsupported = 110,
-    /// Tensor interop (candle) failed.
+    /// Tensor interop (candle) failed. Only in builds with the `candle` feature; no C call
+    /// returns it today.
     Candle = 111,
-    /// The real-model layer failed (GGUF file, tokenizer, model metadata).
+    /// Retired: the real-model layer left the core (feature `model`), so no C call returns it.
+    /// The number stays taken.
     Model = 112,
     /// A finite value is beyond the range of the storage dtype (for example above 65504 for f16
     /// hot pages); nothing was stored.
@@ -198,8 +200,8 @@ pub(crate) fn status_of(e: &Error) -> kvtier_status {
         Error::NonFinite { .. } => S::NonFinite,
         Error::OutOfMemory { .. } => S::OutOfMemory,
         Error::Unsupported(_) => S::Unsupported,
+        #[cfg(feature = "candle")]
         Error::Candle(_) => S::Candle,
-        Error::Model(_) => S::Model,
         Error::OutOfRange { .. } => S::OutOfRange,
         Error::UnknownPage { .. } => S::UnknownPage,
         Error::InvalidMove { .. } => S::InvalidMove,

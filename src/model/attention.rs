@@ -1,7 +1,7 @@
-//! The seam between the forward pass and a KV cache, plus an exact reference cache.
+//! An exact reference cache for the forward pass (the seam itself, [`AttentionCache`], lives in
+//! the core: [`crate::protect`]).
 //!
-//! Owns: the [`AttentionCache`] trait the Llama forward pass calls once per layer (prefill of a block
-//! of tokens, or one decode step), and [`ExactAttention`], a plain f32 cache with exact causal
+//! Owns: [`ExactAttention`], a plain f32 cache with exact causal
 //! softmax attention used to validate the forward pass independently of kvtier's tiered cache. Must
 //! never: apply RoPE or any projection (keys arrive post-RoPE, outputs leave pre-`attn_output`), or
 //! approximate anything in [`ExactAttention`] — it is the oracle the tiered cache is compared with.
@@ -9,48 +9,8 @@
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
-use super::error::{ModelError, Result};
-use crate::MemoryReport;
-
-/// Geometry of the attention a cache serves; identical to the model's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AttentionShape {
-    /// Transformer layers.
-    pub num_layers: usize,
-    /// Query heads.
-    pub num_q_heads: usize,
-    /// Key/value heads (GQA groups); divides `num_q_heads`.
-    pub num_kv_heads: usize,
-    /// Channels per head.
-    pub head_dim: usize,
-}
-
-/// What the forward pass needs from a KV cache, for one sequence.
-///
-/// Layouts are row-major f32: queries `[n, q_heads, head_dim]`, keys/values `[n, kv_heads,
-/// head_dim]`, outputs `[n, q_heads, head_dim]`. Keys are post-RoPE. Softmax scale is
-/// `1/sqrt(head_dim)`. Within one forward pass layers are called in order 0..num_layers.
-pub trait AttentionCache {
-    /// The geometry this cache was built for.
-    fn shape(&self) -> AttentionShape;
-
-    /// Causal attention of `n` new tokens over everything cached in `layer` plus the new tokens
-    /// themselves; then the new keys/values are stored.
-    fn prefill(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>>;
-
-    /// Stores one token's key/value in `layer`, then attends its query over the whole sequence.
-    fn decode(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>>;
-
-    /// Stores keys/values `[n, kv_heads, head_dim]` in `layer` without attending (replaying K/V that
-    /// an exact prefill computed elsewhere: the result is the state `prefill` would have left).
-    fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<()>;
-
-    /// Forgets every token; the cache can be reused for a new sequence.
-    fn reset(&mut self) -> Result<()>;
-
-    /// Bytes held, by tier.
-    fn memory(&self) -> MemoryReport;
-}
+pub use crate::protect::{check_qkv, AttentionCache, AttentionShape};
+use crate::{Error, MemoryReport, Result};
 
 /// Keys and values as a cache received them, per layer (`[n, kv_heads, head_dim]` each).
 #[derive(Debug, Clone, PartialEq)]
@@ -138,43 +98,6 @@ impl AttentionCache for Recorder<'_> {
     }
 }
 
-/// Checks `q`, `k`, `v` lengths against the shape; returns the token count.
-pub(crate) fn check_qkv(
-    shape: &AttentionShape,
-    layer: usize,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-) -> Result<usize> {
-    if layer >= shape.num_layers {
-        return Err(ModelError::InvalidArgument {
-            what: "layer",
-            reason: format!("{layer} >= num_layers {}", shape.num_layers),
-        });
-    }
-    let q_row = shape.num_q_heads * shape.head_dim;
-    let kv_row = shape.num_kv_heads * shape.head_dim;
-    if q.is_empty() || !q.len().is_multiple_of(q_row) {
-        return Err(ModelError::InvalidArgument {
-            what: "q",
-            reason: format!(
-                "length {} is not a positive multiple of q_heads*head_dim = {q_row}",
-                q.len()
-            ),
-        });
-    }
-    let n = q.len() / q_row;
-    for (what, x) in [("k", k), ("v", v)] {
-        if x.len() != n * kv_row {
-            return Err(ModelError::InvalidArgument {
-                what,
-                reason: format!("length {} != n*kv_heads*head_dim = {}", x.len(), n * kv_row),
-            });
-        }
-    }
-    Ok(n)
-}
-
 #[inline]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight independent accumulators so the compiler vectorises the loop.
@@ -251,12 +174,11 @@ impl ExactAttention {
             || shape.head_dim == 0
             || !shape.num_q_heads.is_multiple_of(shape.num_kv_heads)
         {
-            return Err(ModelError::InvalidArgument {
-                what: "shape",
-                reason: format!(
-                    "{shape:?}: need kv_heads > 0, head_dim > 0, q_heads a multiple of kv_heads"
-                ),
-            });
+            return Err(Error::shape(
+                "shape",
+                "kv_heads > 0, head_dim > 0, q_heads a multiple of kv_heads",
+                format!("{shape:?}"),
+            ));
         }
         Ok(Self {
             shape,
@@ -384,10 +306,11 @@ impl AttentionCache for ExactAttention {
     fn decode(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>> {
         let n = check_qkv(&self.shape, layer, q, k, v)?;
         if n != 1 {
-            return Err(ModelError::InvalidArgument {
-                what: "q",
-                reason: format!("decode takes one token, got {n}"),
-            });
+            return Err(Error::shape(
+                "q",
+                "one token (decode)",
+                format!("{n} tokens"),
+            ));
         }
         self.prefill(layer, q, k, v)
     }
@@ -395,14 +318,14 @@ impl AttentionCache for ExactAttention {
     fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<()> {
         let row = self.shape.num_kv_heads * self.shape.head_dim;
         if layer >= self.shape.num_layers || k.len() != v.len() || !k.len().is_multiple_of(row) {
-            return Err(ModelError::InvalidArgument {
-                what: "append",
-                reason: format!(
-                    "layer {layer}, {} keys, {} values, row {row}",
-                    k.len(),
-                    v.len()
+            return Err(Error::shape(
+                "append",
+                format!(
+                    "a layer < {} and equal multiples of {row}",
+                    self.shape.num_layers
                 ),
-            });
+                format!("layer {layer}, {} keys, {} values", k.len(), v.len()),
+            ));
         }
         self.keys[layer].extend_from_slice(k);
         self.values[layer].extend_from_slice(v);

@@ -63,23 +63,13 @@ pub enum ModelError {
     #[error("invalid argument `{what}`: {reason}")]
     InvalidArgument { what: &'static str, reason: String },
 
-    /// The kvtier cache rejected a call (boxed: `crate::Error` itself holds a `ModelError`).
+    /// The kvtier cache rejected a call.
     #[error("kv cache: {0}")]
-    Cache(#[source] Box<crate::Error>),
+    Cache(#[from] crate::Error),
 }
 
 /// Result alias of the model layer.
 pub type Result<T> = std::result::Result<T, ModelError>;
-
-impl From<crate::Error> for ModelError {
-    fn from(e: crate::Error) -> Self {
-        match e {
-            // Unwrap a model error that travelled through the crate error instead of nesting it.
-            crate::Error::Model(m) => m,
-            other => ModelError::Cache(Box::new(other)),
-        }
-    }
-}
 
 impl From<tokenizers::Error> for ModelError {
     fn from(e: tokenizers::Error) -> Self {

@@ -9,7 +9,7 @@
 //!
 //! ```no_run
 //! use kvtier::model::{corpus::Assets, protect, GenerateOptions, Llama, ScoreOptions};
-//! # fn main() -> Result<(), kvtier::Error> {
+//! # fn main() -> Result<(), kvtier::model::ModelError> {
 //! // scripts/fetch-assets.sh puts the model and the SOTU corpus in assets/.
 //! let model = Llama::load(Assets::locate().model())?;
 //! let mut session = protect(model, 0.85)?; // default cache: int4 K/V, 128-token hot window

@@ -1,154 +1,61 @@
-//! `protect(model, sensitivity)`: give a model a kvtier cache in one call.
+//! The SmolLM2 / Llama engine behind the core's engine-agnostic [`crate::protect()`].
 //!
-//! Owns: [`KvTierAttention`], the adapter that serves the forward pass's [`AttentionCache`] calls
-//! from one sequence of a [`KvCache`] (prefill → `KvCache::prefill`, decode → `append` + `attend`),
-//! keeping the per-head attention statistics of the latest decode step; and [`protect`] /
-//! [`protect_with`], which build a cache shaped for the model and return a [`ProtectedSession`].
-//! Must never: change what the cache stores or how it attends (configuration is the caller's), or
-//! run the monitor / healer itself — `sensitivity` is validated and stored for the monitor, which
-//! plugs in here later.
+//! Owns: the [`Engine`] implementation of [`Llama`] (and `Arc<Llama>`), the [`ProtectedSession`]
+//! alias, and the model-shaped [`default_config`]. Must never: implement the seam or the protect
+//! logic itself (both live in [`crate::protect`]).
 
 use std::sync::Arc;
 
-use super::attention::{check_qkv, AttentionCache, AttentionShape};
-use super::error::{ModelError, Result};
+use super::error::ModelError;
 use super::llama::Llama;
 use super::session::Session;
-use crate::{CacheConfig, HeadStats, KvCache, MemoryReport, SeqId};
-
-/// One sequence of a [`KvCache`], seen through [`AttentionCache`].
-pub struct KvTierAttention {
-    cache: KvCache,
-    seq: SeqId,
-    shape: AttentionShape,
-    /// Per layer: head statistics of the latest decode step (`[q_heads]`), empty before one.
-    last_heads: Vec<Vec<HeadStats>>,
-}
-
-impl std::fmt::Debug for KvTierAttention {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KvTierAttention")
-            .field("config", self.cache.config())
-            .field("seq", &self.seq)
-            .field("memory", &self.cache.memory_report())
-            .finish()
-    }
-}
-
-impl KvTierAttention {
-    /// A cache built from `config`, holding one fresh sequence.
-    pub fn new(config: CacheConfig) -> Result<Self> {
-        let shape = AttentionShape {
-            num_layers: config.num_layers,
-            num_q_heads: config.num_q_heads,
-            num_kv_heads: config.num_kv_heads,
-            head_dim: config.head_dim,
-        };
-        let mut cache = KvCache::new(config)?;
-        let seq = cache.add_sequence();
-        Ok(Self {
-            cache,
-            seq,
-            shape,
-            last_heads: vec![Vec::new(); shape.num_layers],
-        })
-    }
-
-    /// The underlying cache.
-    pub fn kv_cache(&self) -> &KvCache {
-        &self.cache
-    }
-
-    /// The sequence this adapter drives.
-    pub fn seq(&self) -> SeqId {
-        self.seq
-    }
-
-    /// Attention statistics per q head of `layer` at the latest decode step (empty before the first
-    /// decode step or after a reset).
-    pub fn last_head_stats(&self, layer: usize) -> &[HeadStats] {
-        self.last_heads.get(layer).map_or(&[], Vec::as_slice)
-    }
-}
-
-impl AttentionCache for KvTierAttention {
-    fn shape(&self) -> AttentionShape {
-        self.shape
-    }
-
-    fn prefill(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>> {
-        check_qkv(&self.shape, layer, q, k, v)?;
-        Ok(self.cache.prefill(self.seq, layer, q, k, v)?)
-    }
-
-    fn decode(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>> {
-        let n = check_qkv(&self.shape, layer, q, k, v)?;
-        if n != 1 {
-            return Err(ModelError::InvalidArgument {
-                what: "q",
-                reason: format!("decode takes one token, got {n}"),
-            });
-        }
-        self.cache.append(self.seq, layer, k, v)?;
-        let att = self.cache.attend(layer, &[self.seq], q)?;
-        self.last_heads[layer] = att.heads_of(0).to_vec();
-        Ok(att.output)
-    }
-
-    fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<()> {
-        Ok(self.cache.append(self.seq, layer, k, v)?)
-    }
-
-    fn reset(&mut self) -> Result<()> {
-        self.cache.reset_sequence(self.seq)?;
-        self.last_heads.iter_mut().for_each(Vec::clear);
-        Ok(())
-    }
-
-    fn memory(&self) -> MemoryReport {
-        self.cache.memory_report()
-    }
-}
+pub use crate::protect::{protect, protect_with, KvTierAttention};
+use crate::protect::{AttentionShape, Engine};
+use crate::CacheConfig;
 
 /// A model bound to a kvtier cache: generation, scoring and memory reports (see [`Session`]).
 pub type ProtectedSession = Session<KvTierAttention>;
 
-/// The cache configuration [`protect`] uses: kvtier's `balanced` preset (int4 K and V, 128-token hot
-/// window, 4 sinks) shaped for `model`.
-pub fn default_config(model: &Llama) -> Result<CacheConfig> {
-    let c = model.config();
-    Ok(CacheConfig::balanced(
-        c.num_layers,
-        c.num_q_heads,
-        c.num_kv_heads,
-        c.head_dim,
-    )?)
+impl Engine for Arc<Llama> {
+    type Session = ProtectedSession;
+    type Error = ModelError;
+    fn attention_shape(&self) -> AttentionShape {
+        self.config().attention_shape()
+    }
+    fn bind(
+        self,
+        cache: KvTierAttention,
+        sensitivity: f32,
+    ) -> Result<ProtectedSession, ModelError> {
+        Session::new(self, cache, sensitivity)
+    }
 }
 
-/// Gives `model` a kvtier cache with the default configuration and returns a session.
-/// `sensitivity` in `[0, 1]` sets how readily the (upcoming) monitor fires; it is validated and
-/// stored.
-pub fn protect(model: impl Into<Arc<Llama>>, sensitivity: f32) -> Result<ProtectedSession> {
-    let model = model.into();
-    let config = default_config(&model)?;
-    protect_with(model, sensitivity, config)
+impl Engine for Llama {
+    type Session = ProtectedSession;
+    type Error = ModelError;
+    fn attention_shape(&self) -> AttentionShape {
+        self.config().attention_shape()
+    }
+    fn bind(
+        self,
+        cache: KvTierAttention,
+        sensitivity: f32,
+    ) -> Result<ProtectedSession, ModelError> {
+        Session::new(Arc::new(self), cache, sensitivity)
+    }
 }
 
-/// [`protect`] with an explicit cache configuration; its shape must match the model's.
-pub fn protect_with(
-    model: impl Into<Arc<Llama>>,
-    sensitivity: f32,
-    config: CacheConfig,
-) -> Result<ProtectedSession> {
-    let model = model.into();
-    let cache = KvTierAttention::new(config)?;
-    Session::new(model, cache, sensitivity)
+/// The cache configuration [`protect`] uses for `model`: kvtier's `balanced` preset shaped for it.
+pub fn default_config(model: &Llama) -> Result<CacheConfig, ModelError> {
+    Ok(crate::protect::default_config(model.attention_shape())?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::ExactAttention;
+    use crate::protect::AttentionCache;
 
     fn pseudo(n: usize, seed: u64) -> Vec<f32> {
         let mut r = crate::model::corpus::SplitMix64::new(seed);
@@ -197,17 +104,16 @@ mod tests {
         let mut a = KvTierAttention::new(cfg).unwrap();
         assert!(matches!(
             a.decode(0, &[0.0; 128], &[0.0; 64], &[0.0; 64]),
-            Err(ModelError::InvalidArgument { .. })
+            Err(crate::Error::Shape { .. })
         ));
     }
 
     #[test]
-    fn cache_errors_convert_and_model_errors_unwrap() {
+    fn cache_errors_convert() {
         let e: ModelError = crate::Error::UnknownSequence(3).into();
-        assert!(matches!(e, ModelError::Cache(_)));
-        let e: ModelError = crate::Error::Model(ModelError::MissingTensor("x".into())).into();
-        assert!(matches!(e, ModelError::MissingTensor(_)));
-        let e: crate::Error = ModelError::MissingTensor("y".into()).into();
-        assert!(matches!(e, crate::Error::Model(_)));
+        assert!(matches!(
+            e,
+            ModelError::Cache(crate::Error::UnknownSequence(3))
+        ));
     }
 }

@@ -190,14 +190,7 @@ pub fn argmax(logits: &[f32]) -> u32 {
 
 /// Validates a monitor sensitivity: finite and in `[0, 1]`.
 pub fn check_sensitivity(sensitivity: f32) -> Result<f32> {
-    if (0.0..=1.0).contains(&sensitivity) {
-        Ok(sensitivity)
-    } else {
-        Err(ModelError::InvalidArgument {
-            what: "sensitivity",
-            reason: format!("{sensitivity} is not in [0, 1]"),
-        })
-    }
+    Ok(crate::protect::check_sensitivity(sensitivity)?)
 }
 
 /// A model, a cache, and the sequence that lives in it.
@@ -593,7 +586,7 @@ mod tests {
         for bad in [-0.01, 1.01, f32::NAN, f32::INFINITY] {
             assert!(matches!(
                 check_sensitivity(bad),
-                Err(ModelError::InvalidArgument { .. })
+                Err(ModelError::Cache(crate::Error::InvalidConfig { .. }))
             ));
         }
     }

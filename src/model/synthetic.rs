@@ -294,13 +294,12 @@ struct Flaky {
 }
 
 impl Flaky {
-    fn check(&mut self, layer: usize) -> super::error::Result<()> {
+    fn check(&mut self, layer: usize) -> crate::Result<()> {
         if self.fail_layer == Some(layer) {
             self.fail_layer = None;
-            return Err(ModelError::InvalidArgument {
-                what: "flaky",
-                reason: "injected".into(),
-            });
+            return Err(crate::Error::Unsupported(
+                "injected failure (flaky test cache)",
+            ));
         }
         Ok(())
     }
@@ -310,30 +309,18 @@ impl AttentionCache for Flaky {
     fn shape(&self) -> AttentionShape {
         self.inner.shape()
     }
-    fn prefill(
-        &mut self,
-        l: usize,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-    ) -> super::error::Result<Vec<f32>> {
+    fn prefill(&mut self, l: usize, q: &[f32], k: &[f32], v: &[f32]) -> crate::Result<Vec<f32>> {
         self.check(l)?;
         self.inner.prefill(l, q, k, v)
     }
-    fn decode(
-        &mut self,
-        l: usize,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-    ) -> super::error::Result<Vec<f32>> {
+    fn decode(&mut self, l: usize, q: &[f32], k: &[f32], v: &[f32]) -> crate::Result<Vec<f32>> {
         self.check(l)?;
         self.inner.decode(l, q, k, v)
     }
-    fn append(&mut self, l: usize, k: &[f32], v: &[f32]) -> super::error::Result<()> {
+    fn append(&mut self, l: usize, k: &[f32], v: &[f32]) -> crate::Result<()> {
         self.inner.append(l, k, v)
     }
-    fn reset(&mut self) -> super::error::Result<()> {
+    fn reset(&mut self) -> crate::Result<()> {
         self.inner.reset()
     }
     fn memory(&self) -> crate::MemoryReport {

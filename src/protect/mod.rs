@@ -1,0 +1,315 @@
+//! The engine seam and `protect(engine, sensitivity)`: give any engine a kvtier cache in one call.
+//!
+//! Owns: [`AttentionCache`], the trait a forward pass calls once per layer (prefill of a block of
+//! tokens, or one decode step), [`AttentionShape`], [`KvTierAttention`] (the adapter that serves
+//! those calls from one sequence of a [`KvCache`]: prefill → `KvCache::prefill`, decode → `append`
+//! then `attend`, keeping the per-head statistics of the latest decode step), the [`Engine`] trait an
+//! engine implements to be protected, and [`protect`] / [`protect_with`]. Engine-agnostic: the
+//! example SmolLM2 engine (`crate::model`, feature `model`) is one implementation.
+//!
+//! Must never: apply RoPE or any projection (keys arrive post-RoPE, outputs leave before the output
+//! projection), depend on a particular engine, or change what the cache stores (configuration is
+//! the caller's). `sensitivity` is validated and handed to the engine's session for the monitor.
+
+use crate::error::{Error, Result};
+use crate::{CacheConfig, HeadStats, KvCache, MemoryReport, SeqId};
+
+/// Geometry of the attention a cache serves; identical to the model's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    /// Transformer layers.
+    pub num_layers: usize,
+    /// Query heads.
+    pub num_q_heads: usize,
+    /// Key/value heads (GQA groups); divides `num_q_heads`.
+    pub num_kv_heads: usize,
+    /// Channels per head.
+    pub head_dim: usize,
+}
+
+impl AttentionShape {
+    /// The shape of a config.
+    pub fn of(cfg: &CacheConfig) -> Self {
+        AttentionShape {
+            num_layers: cfg.num_layers,
+            num_q_heads: cfg.num_q_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+        }
+    }
+}
+
+/// What a forward pass needs from a KV cache, for one sequence.
+///
+/// Layouts are row-major f32: queries `[n, q_heads, head_dim]`, keys/values `[n, kv_heads,
+/// head_dim]`, outputs `[n, q_heads, head_dim]`. Keys are post-RoPE. Softmax scale is
+/// `1/sqrt(head_dim)`. Within one forward pass layers are called in order 0..num_layers.
+pub trait AttentionCache {
+    /// The geometry this cache was built for.
+    fn shape(&self) -> AttentionShape;
+
+    /// Causal attention of `n` new tokens over everything cached in `layer` plus the new tokens
+    /// themselves; then the new keys/values are stored.
+    fn prefill(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>>;
+
+    /// Stores one token's key/value in `layer`, then attends its query over the whole sequence.
+    fn decode(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>>;
+
+    /// Stores keys/values `[n, kv_heads, head_dim]` in `layer` without attending (replaying K/V that
+    /// an exact prefill computed elsewhere: the result is the state `prefill` would have left).
+    fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<()>;
+
+    /// Forgets every token; the cache can be reused for a new sequence.
+    fn reset(&mut self) -> Result<()>;
+
+    /// Bytes held, by tier.
+    fn memory(&self) -> MemoryReport;
+}
+
+/// Checks `q`, `k`, `v` lengths against the shape; returns the token count.
+pub fn check_qkv(
+    shape: &AttentionShape,
+    layer: usize,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+) -> Result<usize> {
+    if layer >= shape.num_layers {
+        return Err(Error::LayerOutOfRange {
+            layer,
+            num_layers: shape.num_layers,
+        });
+    }
+    let q_row = shape.num_q_heads * shape.head_dim;
+    let kv_row = shape.num_kv_heads * shape.head_dim;
+    if q.is_empty() || !q.len().is_multiple_of(q_row) {
+        return Err(Error::shape(
+            "q",
+            format!("a positive multiple of q_heads*head_dim = {q_row}"),
+            q.len(),
+        ));
+    }
+    let n = q.len() / q_row;
+    for (what, x) in [("k", k), ("v", v)] {
+        if x.len() != n * kv_row {
+            return Err(Error::shape(what, n * kv_row, x.len()));
+        }
+    }
+    Ok(n)
+}
+
+/// One sequence of a [`KvCache`], seen through [`AttentionCache`].
+pub struct KvTierAttention {
+    cache: KvCache,
+    seq: SeqId,
+    shape: AttentionShape,
+    /// Per layer: head statistics of the latest decode step (`[q_heads]`), empty before one.
+    last_heads: Vec<Vec<HeadStats>>,
+}
+
+impl std::fmt::Debug for KvTierAttention {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvTierAttention")
+            .field("config", self.cache.config())
+            .field("seq", &self.seq)
+            .field("memory", &self.cache.memory_report())
+            .finish()
+    }
+}
+
+impl KvTierAttention {
+    /// A cache built from `config`, holding one fresh sequence.
+    pub fn new(config: CacheConfig) -> Result<Self> {
+        Self::with_cache(KvCache::new(config)?)
+    }
+
+    /// An adapter over `cache` (any device), driving a fresh sequence of it.
+    pub fn with_cache(mut cache: KvCache) -> Result<Self> {
+        let shape = AttentionShape::of(cache.config());
+        let seq = cache.add_sequence();
+        Ok(Self {
+            cache,
+            seq,
+            shape,
+            last_heads: vec![Vec::new(); shape.num_layers],
+        })
+    }
+
+    /// The underlying cache.
+    pub fn kv_cache(&self) -> &KvCache {
+        &self.cache
+    }
+
+    /// The underlying cache, mutably (page moves, policies, observe).
+    pub fn kv_cache_mut(&mut self) -> &mut KvCache {
+        &mut self.cache
+    }
+
+    /// The sequence this adapter drives.
+    pub fn seq(&self) -> SeqId {
+        self.seq
+    }
+
+    /// Attention statistics per q head of `layer` at the latest decode step (empty before the first
+    /// decode step or after a reset).
+    pub fn last_head_stats(&self, layer: usize) -> &[HeadStats] {
+        self.last_heads.get(layer).map_or(&[], Vec::as_slice)
+    }
+}
+
+impl AttentionCache for KvTierAttention {
+    fn shape(&self) -> AttentionShape {
+        self.shape
+    }
+
+    fn prefill(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>> {
+        check_qkv(&self.shape, layer, q, k, v)?;
+        self.cache.prefill(self.seq, layer, q, k, v)
+    }
+
+    fn decode(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>> {
+        let n = check_qkv(&self.shape, layer, q, k, v)?;
+        if n != 1 {
+            return Err(Error::shape(
+                "q",
+                "one token (decode)",
+                format!("{n} tokens"),
+            ));
+        }
+        self.cache.append(self.seq, layer, k, v)?;
+        let att = self.cache.attend(layer, &[self.seq], q)?;
+        self.last_heads[layer] = att.heads_of(0).to_vec();
+        Ok(att.output)
+    }
+
+    fn append(&mut self, layer: usize, k: &[f32], v: &[f32]) -> Result<()> {
+        self.cache.append(self.seq, layer, k, v)
+    }
+
+    fn reset(&mut self) -> Result<()> {
+        self.cache.reset_sequence(self.seq)?;
+        self.last_heads.iter_mut().for_each(Vec::clear);
+        Ok(())
+    }
+
+    fn memory(&self) -> MemoryReport {
+        self.cache.memory_report()
+    }
+}
+
+/// Validates a monitor sensitivity: finite and in `[0, 1]`.
+pub fn check_sensitivity(sensitivity: f32) -> Result<f32> {
+    if (0.0..=1.0).contains(&sensitivity) {
+        Ok(sensitivity)
+    } else {
+        Err(Error::config(
+            "sensitivity",
+            format!("{sensitivity} is not in [0, 1]"),
+        ))
+    }
+}
+
+/// An engine that can be protected: it says its attention shape and binds a kvtier cache.
+pub trait Engine: Sized {
+    /// What protecting returns (a session that generates and scores through the cache).
+    type Session;
+    /// The engine's error type; kvtier's errors convert into it.
+    type Error: From<Error>;
+    /// The attention geometry of the engine's model.
+    fn attention_shape(&self) -> AttentionShape;
+    /// Binds `cache` (shaped for this engine) and a validated `sensitivity`.
+    fn bind(
+        self,
+        cache: KvTierAttention,
+        sensitivity: f32,
+    ) -> std::result::Result<Self::Session, Self::Error>;
+}
+
+/// The configuration [`protect`] uses: kvtier's `balanced` preset (int4 K and V, 128-token hot
+/// window, 4 sinks, archive on) shaped for `shape`.
+pub fn default_config(shape: AttentionShape) -> Result<CacheConfig> {
+    CacheConfig::balanced(
+        shape.num_layers,
+        shape.num_q_heads,
+        shape.num_kv_heads,
+        shape.head_dim,
+    )
+}
+
+/// Gives `engine` a kvtier cache with the default configuration. `sensitivity` in `[0, 1]`
+/// (default 0.85) sets how readily the monitor fires.
+pub fn protect<E: Engine>(
+    engine: E,
+    sensitivity: f32,
+) -> std::result::Result<E::Session, E::Error> {
+    let config = default_config(engine.attention_shape())?;
+    protect_with(engine, sensitivity, config)
+}
+
+/// [`protect`] with an explicit cache configuration; its shape must match the engine's.
+pub fn protect_with<E: Engine>(
+    engine: E,
+    sensitivity: f32,
+    config: CacheConfig,
+) -> std::result::Result<E::Session, E::Error> {
+    let sensitivity = check_sensitivity(sensitivity)?;
+    let want = engine.attention_shape();
+    if AttentionShape::of(&config) != want {
+        return Err(Error::config(
+            "shape",
+            format!(
+                "cache shape {:?} differs from the engine's {want:?}",
+                AttentionShape::of(&config)
+            ),
+        )
+        .into());
+    }
+    let cache = KvTierAttention::new(config)?;
+    engine.bind(cache, sensitivity)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A toy engine: proves the seam needs no particular model.
+    struct Echo(AttentionShape);
+    struct EchoSession(KvTierAttention, f32);
+
+    impl Engine for Echo {
+        type Session = EchoSession;
+        type Error = Error;
+        fn attention_shape(&self) -> AttentionShape {
+            self.0
+        }
+        fn bind(self, cache: KvTierAttention, s: f32) -> Result<EchoSession> {
+            Ok(EchoSession(cache, s))
+        }
+    }
+
+    #[test]
+    fn protect_binds_a_shaped_cache_and_checks_sensitivity() {
+        let shape = AttentionShape {
+            num_layers: 2,
+            num_q_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 32,
+        };
+        let mut s = protect(Echo(shape), 0.85).unwrap();
+        assert_eq!(s.1, 0.85);
+        assert_eq!(s.0.shape(), shape);
+        let (q, k) = (vec![0.1; 4 * 32], vec![0.2; 2 * 32]);
+        assert_eq!(s.0.decode(1, &q, &k, &k).unwrap().len(), 4 * 32);
+        assert_eq!(s.0.last_head_stats(1).len(), 4);
+        assert!(matches!(
+            s.0.decode(0, &[0.0; 256], &k, &k),
+            Err(Error::Shape { .. })
+        ));
+        assert!(matches!(
+            protect(Echo(shape), 1.5),
+            Err(Error::InvalidConfig { .. })
+        ));
+        let other = CacheConfig::balanced(3, 4, 2, 32).unwrap();
+        assert!(protect_with(Echo(shape), 0.5, other).is_err());
+    }
+}
