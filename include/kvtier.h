@@ -27,6 +27,22 @@
 
 
 /*
+ Tiers as `kvtier_page_info.tier` reports them.
+ */
+#define KVTIER_TIER_HOT 0
+
+#define KVTIER_TIER_WARM 1
+
+#define KVTIER_TIER_COLD 2
+
+#define KVTIER_TIER_EVICTED 3
+
+/*
+ `kvtier_page_info.last_attended` of a page no observed step has attended.
+ */
+#define KVTIER_NEVER UINT64_MAX
+
+/*
  The result of a kvtier call. `KVTIER_STATUS_OK` (0) is success; every other value names what
  went wrong, and `kvtier_last_error` gives the message.
 
@@ -111,11 +127,13 @@ enum kvtier_status
      */
     KVTIER_STATUS_UNSUPPORTED = 110,
     /*
-     Tensor interop (candle) failed.
+     Tensor interop (candle) failed. Only in builds with the `candle` feature; no C call
+     returns it today.
      */
     KVTIER_STATUS_CANDLE = 111,
     /*
-     The real-model layer failed (GGUF file, tokenizer, model metadata).
+     Retired: the real-model layer left the core (feature `model`), so no C call returns it.
+     The number stays taken.
      */
     KVTIER_STATUS_MODEL = 112,
     /*
@@ -179,16 +197,19 @@ enum kvtier_preset
 #endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
  {
     /*
-     int4 keys and values (KIVI-4), f16 hot pages, 128-token hot window, 4 sink tokens: about
-     3.5x smaller than f16 on long contexts. The same as `kvtier_config_new`.
+     int4 keys and values (KIVI-4), f16 hot pages, 128-token hot window, 4 sink tokens: 3.15x
+     smaller than f16 in device bytes (measured at 32K tokens, 32/8/128; the format allows at
+     most 3.20x). The same as `kvtier_config_new`.
      */
     KVTIER_PRESET_BALANCED = 0,
     /*
-     int8 keys and values, 256-token hot window, first and last layer exact: near-lossless.
+     int8 keys and values, 256-token hot window, first and last layer exact: near-lossless,
+     1.76x smaller than f16 (measured as for Balanced; the format allows at most 1.78x).
      */
     KVTIER_PRESET_QUALITY = 1,
     /*
-     int4 keys, int2 values, 64-token hot window: about 4.5x smaller than f16.
+     int4 keys, int2 values, 64-token hot window: 3.94x smaller than f16 (measured as for
+     Balanced; the format allows at most 4.00x).
      */
     KVTIER_PRESET_COMPACT = 2,
 };
@@ -217,6 +238,72 @@ enum kvtier_hot_dtype
 typedef enum kvtier_hot_dtype kvtier_hot_dtype;
 #else
 typedef uint32_t kvtier_hot_dtype;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/*
+ Element type of keys, values and queries handed to the `_typed` calls (pass as `uint32_t`).
+ F16 and BF16 elements are 16-bit patterns (`uint16_t`, `_Float16`, `__bf16`).
+ */
+enum kvtier_dtype
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+    KVTIER_DTYPE_F32 = 0,
+    KVTIER_DTYPE_F16 = 1,
+    KVTIER_DTYPE_BF16 = 2,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum kvtier_dtype kvtier_dtype;
+#else
+typedef uint32_t kvtier_dtype;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/*
+ A page move (pass as `uint32_t` to `kvtier_cache_move`).
+ */
+enum kvtier_move_op
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+    /*
+     Hot -> warm at (`k_bits`, `v_bits`), or a warm page to fewer bits.
+     */
+    KVTIER_MOVE_OP_DEMOTE = 0,
+    /*
+     Warm or cold -> hot (exactly, from the archive, when it has a copy).
+     */
+    KVTIER_MOVE_OP_PROMOTE = 1,
+    /*
+     Drop the page for good (its positions stay, never attended again).
+     */
+    KVTIER_MOVE_OP_EVICT = 2,
+    /*
+     Hot or warm -> cold (host RAM); attention still reads it.
+     */
+    KVTIER_MOVE_OP_TO_COLD = 3,
+    /*
+     Cold -> the tier it left.
+     */
+    KVTIER_MOVE_OP_FROM_COLD = 4,
+    /*
+     Pin: the page refuses demote, evict and to_cold.
+     */
+    KVTIER_MOVE_OP_PIN = 5,
+    /*
+     Remove the caller's pin.
+     */
+    KVTIER_MOVE_OP_UNPIN = 6,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum kvtier_move_op kvtier_move_op;
+#else
+typedef uint32_t kvtier_move_op;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
@@ -387,6 +474,49 @@ typedef struct kvtier_attention_stats {
     size_t page_offsets_len;
 } kvtier_attention_stats;
 
+/*
+ What the cache knows about one page.
+ */
+typedef struct kvtier_page_info {
+    /*
+     `KVTIER_TIER_*`.
+     */
+    uint32_t tier;
+    /*
+     Valid tokens (page_size except for the last page).
+     */
+    uint32_t n_tokens;
+    /*
+     Code widths (warm pages and cold pages that were warm).
+     */
+    uint32_t k_bits;
+    uint32_t v_bits;
+    /*
+     Pinned by the caller.
+     */
+    bool pinned;
+    /*
+     Holds attention-sink positions (never leaves the hot tier by policy).
+     */
+    bool sink;
+    /*
+     Has an exact copy in the archive.
+     */
+    bool archived;
+    /*
+     Was promoted (the default hot-window rule leaves it hot).
+     */
+    bool promoted;
+    /*
+     Accumulated attention mass summed over kv heads (see `kvtier_config_set_mass_decay`).
+     */
+    float mass;
+    /*
+     Observe step at which the page was last attended, `KVTIER_NEVER` if none.
+     */
+    uint64_t last_attended;
+} kvtier_page_info;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -532,6 +662,31 @@ kvtier_status kvtier_config_set_protected_layers(struct kvtier_config *config,
  `config` must be NULL or a live handle from `kvtier_config_new*`.
  */
 kvtier_status kvtier_config_set_warm_enabled(struct kvtier_config *config, bool enabled);
+
+/*
+ Keeps (default) or drops the lossless archive: with it, every page that leaves the hot tier
+ keeps its exact bytes in host RAM (reported as `archive_bytes`), so a promoted page is restored
+ bit for bit.
+
+ Errors: `NULL_PARAMETER` (`config`).
+
+ # Safety
+
+ `config` must be NULL or a live handle from `kvtier_config_new*`.
+ */
+kvtier_status kvtier_config_set_archive(struct kvtier_config *config, bool enabled);
+
+/*
+ Sets the per-step decay of the attention mass accumulated per page by observing attention
+ (in (0, 1]; default 1: plain accumulation, as H2O).
+
+ Errors: `NULL_PARAMETER` (`config`), `INVALID_CONFIG` (the config is left unchanged).
+
+ # Safety
+
+ `config` must be NULL or a live handle from `kvtier_config_new*`.
+ */
+kvtier_status kvtier_config_set_mass_decay(struct kvtier_config *config, float decay);
 
 /*
  Sets the byte budgets of the hot, warm and cold tiers (bytes actually allocated, metadata
@@ -828,6 +983,125 @@ kvtier_status kvtier_cache_attend_device(const struct kvtier_cache *cache,
                                          uint64_t output_device,
                                          void *stream,
                                          const struct kvtier_attention_stats *stats);
+
+/*
+ [`kvtier_cache_append`](super::cache::kvtier_cache_append) for keys and values of any
+ `kvtier_dtype` (`dtype`, both arrays the same type). Values beyond the hot dtype's range (above
+ 65504 for f16 hot pages) are refused with `OUT_OF_RANGE`.
+
+ Errors: as `kvtier_cache_append`, plus `INVALID_ARGUMENT` (unknown dtype), `OUT_OF_RANGE`.
+
+ # Safety
+
+ `cache` must be NULL or a live handle; `keys` and `values` must point to `keys_len` and
+ `values_len` readable elements of `dtype` (or the count is 0).
+ */
+kvtier_status kvtier_cache_append_typed(struct kvtier_cache *cache,
+                                        uint64_t seq,
+                                        size_t layer,
+                                        uint32_t dtype,
+                                        const void *keys,
+                                        size_t keys_len,
+                                        const void *values,
+                                        size_t values_len);
+
+/*
+ Batched decode append: one token for each of the `n_seqs` distinct sequences `seqs` in
+ `layer`. `keys` and `values` are `[n_seqs][num_kv_heads][head_dim]` of `dtype`. The whole batch
+ is validated (ids, duplicates, lengths, values, the hot budget) before any sequence changes.
+
+ Errors: as `kvtier_cache_append_typed`, plus `DUPLICATE_SEQUENCE`.
+
+ # Safety
+
+ `cache` must be NULL or a live handle; `seqs` must hold `n_seqs` readable ids and `keys`,
+ `values` their counts of readable elements of `dtype` (any array whose count is 0 may be NULL).
+ */
+kvtier_status kvtier_cache_append_decode(struct kvtier_cache *cache,
+                                         size_t layer,
+                                         const uint64_t *seqs,
+                                         size_t n_seqs,
+                                         uint32_t dtype,
+                                         const void *keys,
+                                         size_t keys_len,
+                                         const void *values,
+                                         size_t values_len);
+
+/*
+ Decode attention over a page selection, with queries of any `kvtier_dtype`, optionally folding
+ the step's page masses into the page statistics (`observe`: the call then takes the cache's
+ lock exclusively).
+
+ The selection is in CSR form: for batch entry `i` and kv head `h`, the pages attended are
+ `sel_pages[sel_offsets[i * num_kv_heads + h] .. sel_offsets[i * num_kv_heads + h + 1]]` (page
+ indices, any order, duplicates ignored); `sel_offsets` has `n_seqs * num_kv_heads + 1`
+ non-decreasing entries starting at 0 and ending at `sel_pages_len`. `sel_offsets_len == 0`
+ attends every page. Other arguments as `kvtier_cache_attend`; `stats.page_mass` is 0 for pages
+ not attended.
+
+ Errors: as `kvtier_cache_attend`, plus `INVALID_ARGUMENT` (unknown dtype, malformed offsets),
+ `SHAPE` (a page index past the sequence), `OVERFLOW`.
+
+ # Safety
+
+ `cache` must be NULL or a live handle; every array must hold its count of readable (inputs) or
+ writable (outputs) elements; `stats` as for `kvtier_cache_attend`.
+ */
+kvtier_status kvtier_cache_attend_selected(const struct kvtier_cache *cache,
+                                           size_t layer,
+                                           const uint64_t *seqs,
+                                           size_t n_seqs,
+                                           uint32_t dtype,
+                                           const void *queries,
+                                           size_t queries_len,
+                                           const uint32_t *sel_pages,
+                                           size_t sel_pages_len,
+                                           const size_t *sel_offsets,
+                                           size_t sel_offsets_len,
+                                           float *output,
+                                           size_t output_len,
+                                           const struct kvtier_attention_stats *stats,
+                                           bool observe);
+
+/*
+ Executes one page move on page `page` of `seq` in `layer` (`op` is a `kvtier_move_op`;
+ `k_bits` and `v_bits` are read by `DEMOTE` only: 8, 4 or 2). Validated completely first: an
+ error changes nothing. For `PROMOTE`, `*exact_out` (may be NULL) is set to true when the page
+ was restored bit for bit (from the archive) and false when it was dequantised (no archive).
+
+ Errors: `NULL_PARAMETER`, `INVALID_ARGUMENT` (unknown op, bits), `UNKNOWN_SEQUENCE`,
+ `LAYER_OUT_OF_RANGE`, `UNKNOWN_PAGE`, `INVALID_MOVE` (pinned, wrong tier, still being
+ written, a width the backend cannot store), `BUDGET_EXCEEDED`, `OUT_OF_MEMORY`, `POISONED`.
+
+ # Safety
+
+ `cache` must be NULL or a live handle; `exact_out` NULL or valid for a write of one `bool`.
+ */
+kvtier_status kvtier_cache_move(struct kvtier_cache *cache,
+                                uint64_t seq,
+                                size_t layer,
+                                size_t page,
+                                uint32_t op,
+                                uint32_t k_bits,
+                                uint32_t v_bits,
+                                bool *exact_out);
+
+/*
+ Writes what the cache knows about page `page` of `seq` in `layer` to `*info_out` (pages are
+ numbered from 0; `kvtier_cache_sequence_pages` gives the count).
+
+ Errors: `NULL_PARAMETER`, `UNKNOWN_SEQUENCE`, `LAYER_OUT_OF_RANGE`, `UNKNOWN_PAGE`, `POISONED`.
+
+ # Safety
+
+ `cache` must be NULL or a live handle; `info_out` must be valid for a write of one
+ `kvtier_page_info`.
+ */
+kvtier_status kvtier_cache_page_info(const struct kvtier_cache *cache,
+                                     uint64_t seq,
+                                     size_t layer,
+                                     size_t page,
+                                     struct kvtier_page_info *info_out);
 
 /*
  Copies the message of this thread's most recent failed kvtier call into `buf` as a

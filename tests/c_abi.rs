@@ -224,6 +224,13 @@ fn c11_error_paths() {
 }
 
 #[test]
+fn c11_pages_moves_selection() {
+    let Some(t) = toolchain() else { return };
+    let exe = t.build("tests/c/pages.c", "pages", &[], Link::Dynamic);
+    assert!(stdout(&run(&exe, &[])).contains("pages: ok"));
+}
+
+#[test]
 fn cpp17_header() {
     let Some(t) = toolchain() else { return };
     if !works(&t.cxx, "--version") {
@@ -262,7 +269,7 @@ fn c_tests_under_sanitizers() {
         );
         return;
     }
-    for name in ["lifecycle", "errors", "attention"] {
+    for name in ["lifecycle", "errors", "attention", "pages"] {
         let exe = t.build(
             &format!("tests/c/{name}.c"),
             &format!("{name}-asan"),
@@ -305,7 +312,7 @@ fn c_tests_under_valgrind() {
         "--show-possibly-lost=no",
         "--errors-for-leak-kinds=definite",
     ];
-    for name in ["lifecycle", "errors", "attention"] {
+    for name in ["lifecycle", "errors", "attention", "pages"] {
         let exe = t.build(
             &format!("tests/c/{name}.c"),
             &format!("{name}-vg"),

@@ -589,3 +589,32 @@ fn budgets_count_allocated_bytes() {
     assert!(r.archive_bytes <= page);
     assert!(c.counters().demotions_skipped > 0);
 }
+
+/// The preset docs (config.rs, the C header, README) state these device-memory ratios against
+/// plain f16 K/V, measured here: 32 q / 8 kv heads, d128, one layer, 32K tokens, archive off (the
+/// archive is host memory and does not count against device bytes either way).
+#[test]
+fn preset_compression_is_what_the_docs_state() {
+    let tokens = 32 * 1024;
+    for (name, f, stated) in [
+        (
+            "quality",
+            CacheConfig::quality as fn(usize, usize, usize, usize) -> kvtier::Result<CacheConfig>,
+            1.76,
+        ),
+        ("balanced", CacheConfig::balanced, 3.15),
+        ("compact", CacheConfig::compact, 3.94),
+    ] {
+        let cfg = CacheConfig {
+            archive: false,
+            ..f(1, 32, 8, 128).unwrap()
+        };
+        let (c, _, _, _) = filled(cfg, tokens, 20);
+        let got = c.memory_report().compression();
+        println!("{name}: {got:.3}x");
+        assert!(
+            (got - stated).abs() < 0.01,
+            "{name}: measured {got:.3}x, docs say {stated}x"
+        );
+    }
+}

@@ -51,7 +51,7 @@ pub struct kvtier_attention_stats {
 }
 
 /// The statistics outputs of one call, checked.
-struct StatsOut {
+pub(super) struct StatsOut {
     heads: Option<Out<kvtier_head_stats>>,
     page_mass: Option<Out<f32>>,
     page_offsets: Option<Out<usize>>,
@@ -63,7 +63,7 @@ impl StatsOut {
     /// # Safety
     ///
     /// `stats` must be NULL or point to an initialised `kvtier_attention_stats`.
-    unsafe fn check(
+    pub(super) unsafe fn check(
         stats: *const kvtier_attention_stats,
         n_seqs: usize,
         num_q_heads: usize,
@@ -99,7 +99,7 @@ impl StatsOut {
     ///
     /// The buffers named by the `kvtier_attention_stats` given to `check` must be writable for
     /// their counts.
-    unsafe fn write(&self, att: &Attention) -> Result<(), FfiError> {
+    pub(super) unsafe fn write(&self, att: &Attention) -> Result<(), FfiError> {
         if let Some(out) = &self.heads {
             let heads: Vec<kvtier_head_stats> = att
                 .heads
@@ -138,7 +138,7 @@ impl StatsOut {
 /// # Safety
 ///
 /// `seqs` must point to `n_seqs` readable `uint64_t`s (or `n_seqs` is 0).
-unsafe fn batch(
+pub(super) unsafe fn batch(
     cache: &KvCache,
     layer: usize,
     seqs: *const u64,

@@ -43,6 +43,15 @@
 //! kvtier_attention_stats stats = { .heads = heads, .heads_len = 9 };
 //! st = kvtier_cache_attend(cache, layer, &seq, 1, q, q_len, out, out_len, &stats);
 //!
+//! // 4b. Engines with their own retention policy: attention over a page selection (CSR, per kv
+//! //     head), folded into per-page statistics, then page moves; f16 / bf16 inputs through the
+//! //     `_typed` calls; one decode token for many sequences with kvtier_cache_append_decode.
+//! st = kvtier_cache_attend_selected(cache, layer, &seq, 1, KVTIER_DTYPE_F32, q, q_len,
+//!                                   pages, n_sel, offsets, kv_heads + 1, out, out_len, NULL, true);
+//! kvtier_page_info info;
+//! st = kvtier_cache_page_info(cache, seq, layer, 3, &info);
+//! st = kvtier_cache_move(cache, seq, layer, 3, KVTIER_MOVE_OP_DEMOTE, 4, 2, NULL);
+//!
 //! // 5. Observe: bytes per tier, counters.
 //! kvtier_memory_report report;
 //! st = kvtier_cache_memory_report(cache, &report);
@@ -97,6 +106,8 @@ mod cache;
 
 mod attention;
 
+mod pages;
+
 mod last_error;
 pub mod status;
 mod version;
@@ -113,12 +124,18 @@ pub use cache::{
 };
 pub use config::{
     kvtier_config, kvtier_config_free, kvtier_config_new, kvtier_config_new_preset,
-    kvtier_config_set_bits, kvtier_config_set_budgets, kvtier_config_set_hot_dtype,
-    kvtier_config_set_hot_window, kvtier_config_set_max_seq_len, kvtier_config_set_page_size,
-    kvtier_config_set_protected_layers, kvtier_config_set_sink_tokens,
-    kvtier_config_set_softmax_scale, kvtier_config_set_value_group, kvtier_config_set_warm_enabled,
-    kvtier_config_shape, kvtier_hot_dtype, kvtier_preset, kvtier_shape, KVTIER_UNLIMITED,
+    kvtier_config_set_archive, kvtier_config_set_bits, kvtier_config_set_budgets,
+    kvtier_config_set_hot_dtype, kvtier_config_set_hot_window, kvtier_config_set_mass_decay,
+    kvtier_config_set_max_seq_len, kvtier_config_set_page_size, kvtier_config_set_protected_layers,
+    kvtier_config_set_sink_tokens, kvtier_config_set_softmax_scale, kvtier_config_set_value_group,
+    kvtier_config_set_warm_enabled, kvtier_config_shape, kvtier_hot_dtype, kvtier_preset,
+    kvtier_shape, KVTIER_UNLIMITED,
 };
 pub use last_error::kvtier_last_error;
+pub use pages::{
+    kvtier_cache_append_decode, kvtier_cache_append_typed, kvtier_cache_attend_selected,
+    kvtier_cache_move, kvtier_cache_page_info, kvtier_dtype, kvtier_move_op, kvtier_page_info,
+    KVTIER_NEVER, KVTIER_TIER_COLD, KVTIER_TIER_EVICTED, KVTIER_TIER_HOT, KVTIER_TIER_WARM,
+};
 pub use status::{kvtier_status, kvtier_status_name};
 pub use version::{kvtier_abi_version, kvtier_version};
