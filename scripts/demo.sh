@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/fetch-assets.sh
-cargo run --release --example protect_smollm2 -- "$@"
+cargo run --release --features model --example protect_smollm2 -- "$@"

@@ -15,7 +15,7 @@ repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
 
 scripts/fetch-assets.sh
-cargo build --release --example eval
+cargo build --release --features model --example eval
 
 configs=(fp)
 for bits in 8 4 2; do
