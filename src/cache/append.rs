@@ -158,18 +158,9 @@ impl KvCache {
 
     /// Checks that `new_pages` more hot pages fit the hot budget.
     pub(crate) fn check_hot_budget(&self, new_pages: usize) -> Result<()> {
-        if let Some(budget) = self.cfg.budgets.hot_bytes {
-            let needed = self.hot_bytes_allocated()
-                + new_pages * hot_page_bytes(&self.cfg, self.cfg.hot_dtype);
-            if needed > budget {
-                return Err(Error::BudgetExceeded {
-                    tier: Tier::Hot,
-                    needed,
-                    budget,
-                });
-            }
-        }
-        Ok(())
+        let needed =
+            self.hot_bytes_allocated() + new_pages * hot_page_bytes(&self.cfg, self.cfg.hot_dtype);
+        super::moves::within(Tier::Hot, needed, self.cfg.budgets.hot_bytes)
     }
 
     fn new_pages(&self, len: usize, n: usize) -> usize {

@@ -137,33 +137,16 @@ impl KvCache {
         Ok(None)
     }
 
+    /// The cold budget bounds host memory: the cold store and the archive.
     fn check_cold_budget(&self, more: usize) -> Result<()> {
-        if let Some(budget) = self.cfg.budgets.cold_bytes {
-            let needed = self.cold.bytes() + self.archive.bytes() + more;
-            if needed > budget {
-                return Err(Error::BudgetExceeded {
-                    tier: Tier::Cold,
-                    needed,
-                    budget,
-                });
-            }
-        }
-        Ok(())
+        let needed = self.cold.bytes() + self.archive.bytes() + more;
+        within(Tier::Cold, needed, self.cfg.budgets.cold_bytes)
     }
 
     fn check_warm_budget(&self, fmt: WarmFormat, freed: usize) -> Result<()> {
-        if let Some(budget) = self.cfg.budgets.warm_bytes {
-            let page = WarmLayout::of_format(&self.cfg, fmt).head_bytes * self.cfg.num_kv_heads;
-            let needed = (self.warm_bytes_allocated() + page).saturating_sub(freed);
-            if needed > budget {
-                return Err(Error::BudgetExceeded {
-                    tier: Tier::Warm,
-                    needed,
-                    budget,
-                });
-            }
-        }
-        Ok(())
+        let page = WarmLayout::of_format(&self.cfg, fmt).head_bytes * self.cfg.num_kv_heads;
+        let needed = (self.warm_bytes_allocated() + page).saturating_sub(freed);
+        within(Tier::Warm, needed, self.cfg.budgets.warm_bytes)
     }
 
     /// Quantises page `p` (hot) to warm format `fmt`, or requantises a warm page to fewer bits.
@@ -603,6 +586,18 @@ impl KvCache {
                 self.counters.demotions_skipped += 1;
             }
         }
+    }
+}
+
+/// `Ok` when `needed` bytes fit `budget` (`None`: unlimited).
+pub(crate) fn within(tier: Tier, needed: usize, budget: Option<usize>) -> Result<()> {
+    match budget {
+        Some(budget) if needed > budget => Err(Error::BudgetExceeded {
+            tier,
+            needed,
+            budget,
+        }),
+        _ => Ok(()),
     }
 }
 

@@ -31,18 +31,15 @@ impl Engine for Arc<Llama> {
     }
 }
 
+/// An owned model is shared behind an `Arc` (the session keeps it).
 impl Engine for Llama {
     type Session = ProtectedSession;
     type Error = ModelError;
     fn attention_shape(&self) -> AttentionShape {
         self.config().attention_shape()
     }
-    fn bind(
-        self,
-        cache: KvTierAttention,
-        sensitivity: f32,
-    ) -> Result<ProtectedSession, ModelError> {
-        Session::new(Arc::new(self), cache, sensitivity)
+    fn bind(self, cache: KvTierAttention, s: f32) -> Result<ProtectedSession, ModelError> {
+        Arc::new(self).bind(cache, s)
     }
 }
 
