@@ -230,6 +230,15 @@ fn c11_pages_moves_selection() {
     assert!(stdout(&run(&exe, &[])).contains("pages: ok"));
 }
 
+/// Batch invariance and the documented preset ratios, through the C ABI (natively and under the
+/// sanitizers; not under valgrind, which would take minutes over 32K-token caches).
+#[test]
+fn c11_batch_invariance_and_preset_ratios() {
+    let Some(t) = toolchain() else { return };
+    let exe = t.build("tests/c/invariance.c", "invariance", &[], Link::Dynamic);
+    assert!(stdout(&run(&exe, &[])).contains("invariance: ok"));
+}
+
 #[test]
 fn cpp17_header() {
     let Some(t) = toolchain() else { return };
@@ -269,7 +278,7 @@ fn c_tests_under_sanitizers() {
         );
         return;
     }
-    for name in ["lifecycle", "errors", "attention", "pages"] {
+    for name in ["lifecycle", "errors", "attention", "pages", "invariance"] {
         let exe = t.build(
             &format!("tests/c/{name}.c"),
             &format!("{name}-asan"),
