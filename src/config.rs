@@ -23,6 +23,14 @@ impl Bits {
     pub const fn bits(self) -> usize {
         self as usize
     }
+    /// The narrower of `self` and `other`.
+    pub const fn min_bits(self, other: Bits) -> Bits {
+        if (other as u8) < (self as u8) {
+            other
+        } else {
+            self
+        }
+    }
     /// Largest code value (`2^bits - 1`).
     pub const fn max_code(self) -> u32 {
         (1u32 << self as u32) - 1

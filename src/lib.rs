@@ -36,6 +36,7 @@ pub mod ffi;
 pub mod memory;
 #[cfg(feature = "model")]
 pub mod model;
+pub mod policy;
 pub mod protect;
 pub mod quant;
 #[cfg(feature = "candle")]

@@ -618,3 +618,25 @@ fn preset_compression_is_what_the_docs_state() {
         );
     }
 }
+
+/// Regression: when a later page's scores exceed an earlier page's by more than 88, the earlier
+/// page's mass was computed through exp(88+) and came out inf.
+#[test]
+fn page_masses_stay_finite_over_a_huge_score_range() {
+    let mut c = KvCache::new(cfg(4, 1, 32).hot_dtype(HotDtype::F32).build().unwrap()).unwrap();
+    let s = c.add_sequence();
+    let mut k = vec![0.01f32; 256 * 32];
+    for x in &mut k[200 * 32..201 * 32] {
+        *x = 20.0;
+    }
+    c.append(s, 0, &k, &k).unwrap();
+    let att = c.attend(0, &[s], &[20.0; 4 * 32]).unwrap();
+    let total: f32 = att.page_mass[0].iter().sum();
+    assert!(
+        att.page_mass[0].iter().all(|m| m.is_finite() && *m >= 0.0),
+        "{:?}",
+        att.page_mass
+    );
+    assert!((total - 1.0).abs() < 1e-5, "{total}");
+    assert!(att.page_mass[0][6] > 0.999);
+}

@@ -10,16 +10,20 @@
 //! - attention equals a naive f64 reference over the pages kept and selected, computed from what
 //!   the cache stores (so warm pages are compared with their dequantised values);
 //! - the memory report equals what is allocated (pages per tier, payload bytes per tier, archive
-//!   and cold bytes).
+//!   and cold bytes);
+//! - every retention policy (`policy::NAMES`), under random token or device-byte budgets, plans
+//!   only valid moves, and after the step that enforces a budget the budget holds unless the
+//!   policy has no move left that it may make.
 //!
 //! Cases: `PROPTEST_CASES` (default 256 in CI); run longer locally with e.g. `PROPTEST_CASES=2000`.
 
 mod common;
 use common::Rng;
+use kvtier::policy::{Budget, RetentionPolicy};
 use kvtier::quant::WarmLayout;
 use kvtier::{
-    Bits, CacheConfig, Error, HotDtype, KvCache, PageRef, PageSelection, Restored, Rows, SeqId,
-    Tier, WarmFormat,
+    Bits, CacheConfig, Error, HotDtype, KvCache, Move, PageRef, PageSelection, Restored, Rows,
+    SeqId, Tier, WarmFormat,
 };
 use proptest::prelude::*;
 
@@ -78,6 +82,15 @@ enum Op {
         observe: bool,
         seed: u64,
     },
+    /// A retention policy (by index into `policy::NAMES`) enforcing a budget of `frac` of the
+    /// current tokens (or device bytes) of one sequence in one layer.
+    Policy {
+        which: usize,
+        seq: usize,
+        layer: usize,
+        frac: f64,
+        bytes: bool,
+    },
 }
 
 fn bits() -> impl Strategy<Value = Bits> {
@@ -98,8 +111,10 @@ fn op(seqs: usize) -> impl Strategy<Value = Op> {
         2 => (s.clone(), l.clone(), p.clone()).prop_map(|(seq, layer, page)| Op::ToCold { seq, layer, page }),
         1 => (s.clone(), l.clone(), p.clone()).prop_map(|(seq, layer, page)| Op::FromCold { seq, layer, page }),
         1 => (s.clone(), l.clone(), p, any::<bool>()).prop_map(|(seq, layer, page, on)| Op::Pin { seq, layer, page, on }),
-        3 => (l, any::<bool>(), any::<bool>(), any::<u64>())
+        3 => (l.clone(), any::<bool>(), any::<bool>(), any::<u64>())
             .prop_map(|(layer, select, observe, seed)| Op::Attend { layer, select, observe, seed }),
+        3 => (0usize..64, s, l, 0.05f64..1.0, any::<bool>())
+            .prop_map(|(which, seq, layer, frac, bytes)| Op::Policy { which, seq, layer, frac, bytes }),
     ]
 }
 
@@ -408,7 +423,126 @@ fn check_all(c: &KvCache, m: &Model, ids: &[SeqId]) -> Result<(), TestCaseError>
     Ok(())
 }
 
+/// Executes one move on the cache and the model; checks that it succeeds exactly when the model
+/// says it may. Returns whether it succeeded.
+fn do_move(c: &mut KvCache, m: &mut Model, seq: usize, mv: Move) -> Result<bool, TestCaseError> {
+    let r = mv.page();
+    let (layer, p) = (r.layer, r.page);
+    let archive = m.cfg.archive;
+    match mv {
+        Move::Demote(_, fmt) => {
+            let want = m.predict_demote(seq, layer, p, fmt);
+            let got = c.demote(r, fmt);
+            prop_assert_eq!(
+                got.is_ok(),
+                want,
+                "demote {:?}: {:?} state {:?}",
+                fmt,
+                got,
+                m.seqs[seq][layer].pages[p]
+            );
+            if want {
+                m.demote_ok(seq, layer, p, fmt);
+            } else {
+                prop_assert!(matches!(got, Err(Error::InvalidMove { .. })), "{:?}", got);
+            }
+            Ok(want)
+        }
+        Move::Promote(_) => {
+            let pm = m.seqs[seq][layer].pages[p].clone();
+            let got = c.promote(r);
+            match pm.state {
+                State::Hot | State::Evicted => {
+                    prop_assert!(matches!(got, Err(Error::InvalidMove { .. })), "{:?}", got);
+                    Ok(false)
+                }
+                _ => {
+                    let exact = pm.archived || pm.state == State::Cold(None);
+                    prop_assert_eq!(
+                        got.unwrap(),
+                        if exact {
+                            Restored::Exact
+                        } else {
+                            Restored::Dequantised
+                        }
+                    );
+                    let pm = &mut m.seqs[seq][layer].pages[p];
+                    if exact {
+                        if pm.archived {
+                            pm.lossy_steps = 0;
+                            pm.min_bits = (32, 32);
+                        }
+                    } else {
+                        // Restored from the quantised copy: stored again in the hot dtype.
+                        pm.exact_source = false;
+                    }
+                    pm.state = State::Hot;
+                    pm.archived = false;
+                    pm.promoted = true;
+                    Ok(true)
+                }
+            }
+        }
+        Move::Evict(_) => {
+            let want =
+                m.seqs[seq][layer].pages[p].state != State::Evicted && m.removable(seq, layer, p);
+            prop_assert_eq!(c.evict(r).is_ok(), want);
+            if want {
+                let pm = &mut m.seqs[seq][layer].pages[p];
+                pm.state = State::Evicted;
+                pm.archived = false;
+            }
+            Ok(want)
+        }
+        Move::ToCold(_) => {
+            let st = m.seqs[seq][layer].pages[p].state;
+            let want = matches!(st, State::Hot | State::Warm(_)) && m.removable(seq, layer, p);
+            prop_assert_eq!(c.to_cold(r).is_ok(), want);
+            if want {
+                let pm = &mut m.seqs[seq][layer].pages[p];
+                if st == State::Hot && archive {
+                    pm.archived = true;
+                }
+                pm.state = State::Cold(match st {
+                    State::Warm(f) => Some(f),
+                    _ => None,
+                });
+            }
+            Ok(want)
+        }
+        Move::FromCold(_) => {
+            let st = m.seqs[seq][layer].pages[p].state;
+            prop_assert_eq!(c.from_cold(r).is_ok(), matches!(st, State::Cold(_)));
+            if let State::Cold(former) = st {
+                let pm = &mut m.seqs[seq][layer].pages[p];
+                pm.state = match former {
+                    Some(f) => State::Warm(f),
+                    None => State::Hot,
+                };
+                if former.is_none() {
+                    pm.archived = false;
+                }
+            }
+            Ok(matches!(st, State::Cold(_)))
+        }
+        Move::Pin(_) | Move::Unpin(_) => {
+            let on = matches!(mv, Move::Pin(_));
+            if on {
+                c.pin(r).unwrap()
+            } else {
+                c.unpin(r).unwrap()
+            }
+            m.seqs[seq][layer].pages[p].user_pin = on;
+            Ok(true)
+        }
+    }
+}
+
 fn run(cfg: CacheConfig, seqs: usize, ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let mut policies: Vec<Box<dyn RetentionPolicy>> = kvtier::policy::NAMES
+        .iter()
+        .map(|n| kvtier::policy::by_name(n).unwrap())
+        .collect();
     let mut c = KvCache::new(cfg.clone()).unwrap();
     let ids: Vec<SeqId> = (0..seqs).map(|_| c.add_sequence()).collect();
     let mut m = Model {
@@ -454,138 +588,19 @@ fn run(cfg: CacheConfig, seqs: usize, ops: Vec<Op>) -> Result<(), TestCaseError>
                 let Some(p) = pick(&m, seq, layer, page) else {
                     continue;
                 };
-                let fmt = fmt_of(k, v);
-                let want = m.predict_demote(seq, layer, p, fmt);
-                let got = c.demote(
-                    PageRef {
-                        seq: ids[seq],
-                        layer,
-                        page: p,
-                    },
-                    fmt,
-                );
-                prop_assert_eq!(
-                    got.is_ok(),
-                    want,
-                    "demote {:?}: {:?} state {:?}",
-                    fmt,
-                    got,
-                    m.seqs[seq][layer].pages[p]
-                );
-                if want {
-                    m.demote_ok(seq, layer, p, fmt);
-                } else {
-                    prop_assert!(matches!(got, Err(Error::InvalidMove { .. })), "{:?}", got);
-                }
-            }
-            Op::Promote { seq, layer, page } => {
-                let Some(p) = pick(&m, seq, layer, page) else {
-                    continue;
-                };
-                let pm = m.seqs[seq][layer].pages[p].clone();
-                let got = c.promote(PageRef {
+                let r = PageRef {
                     seq: ids[seq],
                     layer,
                     page: p,
-                });
-                match pm.state {
-                    State::Hot | State::Evicted => {
-                        prop_assert!(matches!(got, Err(Error::InvalidMove { .. })), "{:?}", got)
-                    }
-                    _ => {
-                        let exact = pm.archived || pm.state == State::Cold(None);
-                        prop_assert_eq!(
-                            got.unwrap(),
-                            if exact {
-                                Restored::Exact
-                            } else {
-                                Restored::Dequantised
-                            }
-                        );
-                        let pm = &mut m.seqs[seq][layer].pages[p];
-                        if exact {
-                            if pm.archived {
-                                pm.lossy_steps = 0;
-                                pm.min_bits = (32, 32);
-                            }
-                        } else {
-                            // Restored from the quantised copy: stored again in the hot dtype.
-                            pm.exact_source = false;
-                        }
-                        pm.state = State::Hot;
-                        pm.archived = false;
-                        pm.promoted = true;
-                    }
-                }
-            }
-            Op::Evict { seq, layer, page } => {
-                let Some(p) = pick(&m, seq, layer, page) else {
-                    continue;
                 };
-                let want = m.seqs[seq][layer].pages[p].state != State::Evicted
-                    && m.removable(seq, layer, p);
-                let got = c.evict(PageRef {
-                    seq: ids[seq],
-                    layer,
-                    page: p,
-                });
-                prop_assert_eq!(got.is_ok(), want);
-                if want {
-                    let pm = &mut m.seqs[seq][layer].pages[p];
-                    pm.state = State::Evicted;
-                    pm.archived = false;
-                }
+                do_move(&mut c, &mut m, seq, Move::Demote(r, fmt_of(k, v)))?;
             }
-            Op::ToCold { seq, layer, page } => {
-                let Some(p) = pick(&m, seq, layer, page) else {
-                    continue;
-                };
-                let st = m.seqs[seq][layer].pages[p].state;
-                let want = matches!(st, State::Hot | State::Warm(_)) && m.removable(seq, layer, p);
-                let got = c.to_cold(PageRef {
-                    seq: ids[seq],
-                    layer,
-                    page: p,
-                });
-                prop_assert_eq!(got.is_ok(), want);
-                if want {
-                    let pm = &mut m.seqs[seq][layer].pages[p];
-                    if st == State::Hot && cfg.archive {
-                        pm.archived = true;
-                    }
-                    pm.state = State::Cold(match st {
-                        State::Warm(f) => Some(f),
-                        _ => None,
-                    });
-                }
-            }
-            Op::FromCold { seq, layer, page } => {
-                let Some(p) = pick(&m, seq, layer, page) else {
-                    continue;
-                };
-                let st = m.seqs[seq][layer].pages[p].state;
-                let got = c.from_cold(PageRef {
-                    seq: ids[seq],
-                    layer,
-                    page: p,
-                });
-                prop_assert_eq!(got.is_ok(), matches!(st, State::Cold(_)));
-                if let State::Cold(former) = st {
-                    let pm = &mut m.seqs[seq][layer].pages[p];
-                    pm.state = match former {
-                        Some(f) => State::Warm(f),
-                        None => State::Hot,
-                    };
-                    if former.is_none() {
-                        pm.archived = false;
-                    }
-                }
-            }
-            Op::Pin {
-                seq,
-                layer,
-                page,
-                on,
+            Op::Promote { seq, layer, page }
+            | Op::Evict { seq, layer, page }
+            | Op::ToCold { seq, layer, page }
+            | Op::FromCold { seq, layer, page }
+            | Op::Pin {
+                seq, layer, page, ..
             } => {
                 let Some(p) = pick(&m, seq, layer, page) else {
                     continue;
@@ -595,12 +610,68 @@ fn run(cfg: CacheConfig, seqs: usize, ops: Vec<Op>) -> Result<(), TestCaseError>
                     layer,
                     page: p,
                 };
-                if on {
-                    c.pin(r).unwrap()
+                let mv = match op {
+                    Op::Promote { .. } => Move::Promote(r),
+                    Op::Evict { .. } => Move::Evict(r),
+                    Op::ToCold { .. } => Move::ToCold(r),
+                    Op::FromCold { .. } => Move::FromCold(r),
+                    Op::Pin { on: true, .. } => Move::Pin(r),
+                    _ => Move::Unpin(r),
+                };
+                do_move(&mut c, &mut m, seq, mv)?;
+            }
+            Op::Policy {
+                which,
+                seq,
+                layer,
+                frac,
+                bytes,
+            } => {
+                let np = policies.len();
+                let pol = &mut policies[which % np];
+                let view = c.policy_view(ids[seq], layer).unwrap();
+                let full = if bytes {
+                    view.device_bytes()
                 } else {
-                    c.unpin(r).unwrap()
+                    view.kept_tokens()
+                };
+                let limit = (full as f64 * frac) as usize;
+                let budget = if bytes {
+                    Budget::device_bytes(limit)
+                } else {
+                    Budget::tokens(limit)
+                };
+                let moves = pol.plan(&view, &budget);
+                for mv in &moves {
+                    let ok = do_move(&mut c, &mut m, seq, *mv)?;
+                    prop_assert!(ok, "policy {} planned an invalid move {:?}", pol.name(), mv);
                 }
-                m.seqs[seq][layer].pages[p].user_pin = on;
+                // The budget holds after the step that enforces it, unless the policy has nothing
+                // left it may do (protected pages alone exceed it): then planning again is a no-op.
+                let after = c.policy_view(ids[seq], layer).unwrap();
+                let used = if bytes {
+                    after.device_bytes()
+                } else {
+                    after.kept_tokens()
+                };
+                if used > limit && pol.name() != "keep_all" && pol.name() != "anchor" {
+                    let again = pol.plan(&after, &budget);
+                    let evicts = again
+                        .iter()
+                        .filter(|m| {
+                            matches!(m, Move::Evict(_) | Move::ToCold(_) | Move::Demote(..))
+                        })
+                        .count();
+                    prop_assert_eq!(
+                        evicts,
+                        0,
+                        "policy {} stopped over budget ({} > {}) with moves left: {:?}",
+                        pol.name(),
+                        used,
+                        limit,
+                        again
+                    );
+                }
             }
             Op::Attend {
                 layer,

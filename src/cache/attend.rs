@@ -277,8 +277,10 @@ impl KvCache {
             let step = sl.steps;
             for (p, m) in sl.meta.iter_mut().enumerate() {
                 let mut attended = false;
+                m.last_mass = 0.0;
                 for kv in 0..kvh {
                     m.mass[kv] = decay * m.mass[kv] + mass[p * kvh + kv];
+                    m.last_mass += mass[p * kvh + kv];
                     attended |= att.attended(i, p, kv);
                 }
                 if attended {

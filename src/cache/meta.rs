@@ -126,6 +126,8 @@ impl KeyBounds {
 pub struct PageMeta {
     /// Accumulated attention mass per kv head (`mass = decay * mass + step mass` at each observe).
     pub mass: Box<[f32]>,
+    /// The page's mass at the latest observe step, summed over kv heads (TOVA reads it).
+    pub last_mass: f32,
     /// The observe step (of this sequence and layer) at which any head last attended the page.
     pub last_attended: Option<u64>,
     /// Key bounds summary (exact pages; `None` for warm pages, whose bytes hold their bounds).
@@ -143,6 +145,7 @@ impl PageMeta {
     pub(crate) fn new(kv_heads: usize, head_dim: usize, pins: Pins) -> Self {
         PageMeta {
             mass: vec![0.0; kv_heads].into_boxed_slice(),
+            last_mass: 0.0,
             last_attended: None,
             bounds: Some(KeyBounds::empty(kv_heads * head_dim)),
             pins,

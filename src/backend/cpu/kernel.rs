@@ -167,8 +167,10 @@ impl<'a> Kernel<'a> {
             st.s1 += sum(&s1);
             st.s2 += sum(&s2);
             if let Some(ps) = a.page_stats.as_mut() {
-                // Σ exp(s - mp) = Σ exp(s - m) · exp(m - mp); m >= mp.
-                ps.push((mp, lsum * (m - mp).exp()));
+                // log Σ exp(s) = m + ln Σ exp(s - m), with m the running max (>= the page's own
+                // max). Rescaling to the page's max instead would need exp(m - mp), which
+                // overflows once the running max is 88 above the page's: masses became inf.
+                ps.push((m, lsum));
             }
         }
     }

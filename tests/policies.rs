@@ -1,0 +1,204 @@
+//! Retention policies on concrete caches: each meets a budget that its protected pages leave room
+//! for, evicts what its paper says goes first, and `tiered` lowers precision before deleting and
+//! brings pages back when attention returns.
+
+mod common;
+use common::Rng;
+use kvtier::policy::{self, Budget, RetentionPolicy, Tiered};
+use kvtier::{CacheConfig, Error, KvCache, SeqId, Tier};
+
+const QH: usize = 4;
+const KVH: usize = 2;
+const D: usize = 32;
+const ROW: usize = KVH * D;
+
+/// A cache of `layers` layers holding `len` tokens in one sequence, with masses from `steps`
+/// observed decode steps.
+fn observed(len: usize, layers: usize, steps: usize, seed: u64) -> (KvCache, SeqId) {
+    let cfg = CacheConfig::builder(layers, QH, KVH, D)
+        .hot_window(64)
+        .sink_tokens(4)
+        .build()
+        .unwrap();
+    let mut c = KvCache::new(cfg).unwrap();
+    let s = c.add_sequence();
+    let mut rng = Rng(seed);
+    for l in 0..layers {
+        c.append(s, l, &rng.vec(len * ROW, 1.0), &rng.vec(len * ROW, 1.0))
+            .unwrap();
+        for _ in 0..steps {
+            let q = rng.vec(QH * D, 3.0);
+            let att = c.attend(l, &[s], &q).unwrap();
+            c.observe(l, &[s], &att).unwrap();
+        }
+    }
+    (c, s)
+}
+
+#[test]
+fn every_policy_meets_a_budget_its_protected_pages_allow() {
+    for name in policy::NAMES {
+        for bytes in [false, true] {
+            let (mut c, s) = observed(1024, 1, 3, 1);
+            let view = c.policy_view(s, 0).unwrap();
+            // Half of what is there: far above what any window, sink or partial page protects.
+            let budget = if bytes {
+                Budget::device_bytes(view.device_bytes() / 2)
+            } else {
+                Budget::tokens(view.kept_tokens() / 2)
+            };
+            let mut p = policy::by_name(name).unwrap();
+            c.enforce(p.as_mut(), s, 0, &budget).unwrap();
+            let after = c.policy_view(s, 0).unwrap();
+            match *name {
+                "keep_all" | "anchor" => assert_eq!(after.kept_tokens(), 1024, "{name}"),
+                // tiered never deletes: a token budget is not its concern, bytes are.
+                "tiered" if !bytes => assert_eq!(after.kept_tokens(), 1024),
+                _ if bytes => assert!(
+                    after.device_bytes() <= budget.device_bytes.unwrap(),
+                    "{name}: {} > {:?}",
+                    after.device_bytes(),
+                    budget
+                ),
+                _ => assert!(after.kept_tokens() <= budget.tokens.unwrap(), "{name}"),
+            }
+        }
+    }
+    assert!(matches!(
+        policy::by_name("lru"),
+        Err(Error::InvalidConfig { .. })
+    ));
+}
+
+#[test]
+fn h2o_evicts_the_lightest_pages_outside_its_window_and_never_sinks() {
+    let (mut c, s) = observed(1024, 1, 4, 2);
+    let before = c.policy_view(s, 0).unwrap();
+    let mut h2o = policy::H2o { recent: 128 };
+    let moves = c.enforce(&mut h2o, s, 0, &Budget::tokens(512)).unwrap();
+    assert!(!moves.is_empty());
+    let after = c.policy_view(s, 0).unwrap();
+    let evicted: Vec<usize> = after
+        .pages
+        .iter()
+        .filter(|p| p.tier == Tier::Evicted)
+        .map(|p| p.index)
+        .collect();
+    assert_eq!(after.pages[0].tier, Tier::Hot, "the sink page stays");
+    let lightest_kept = before
+        .pages
+        .iter()
+        .filter(|p| !evicted.contains(&p.index) && p.index != 0 && !before.in_window(p.index, 128))
+        .map(|p| p.total_mass())
+        .fold(f32::INFINITY, f32::min);
+    for &i in &evicted {
+        assert!(!before.in_window(i, 128));
+        assert!(before.pages[i].total_mass() <= lightest_kept);
+    }
+}
+
+#[test]
+fn pyramidkv_keeps_more_in_lower_layers() {
+    let (mut c, s) = observed(1024, 4, 2, 3);
+    let mut p = policy::PyramidKv::default();
+    let budget = Budget::tokens(400);
+    let mut kept = Vec::new();
+    for l in 0..4 {
+        c.enforce(&mut p, s, l, &budget).unwrap();
+        kept.push(c.policy_view(s, l).unwrap().kept_tokens());
+    }
+    assert!(kept.windows(2).all(|w| w[0] >= w[1]), "{kept:?}");
+    assert!(kept[0] > kept[3]);
+}
+
+#[test]
+fn tiered_lowers_precision_before_deleting_and_promotes_when_attention_returns() {
+    let (mut c, s) = observed(2048, 1, 2, 4);
+    let f16_bytes = 2048 * ROW * 2 * 2;
+    let mut t = Tiered::default();
+    for frac in [0.25, 0.125] {
+        let budget = Budget::device_bytes((f16_bytes as f64 * frac) as usize);
+        c.enforce(&mut t, s, 0, &budget).unwrap();
+        let v = c.policy_view(s, 0).unwrap();
+        assert!(v.device_bytes() <= budget.device_bytes.unwrap(), "{frac}");
+        assert_eq!(v.kept_tokens(), 2048, "nothing deleted at {frac}");
+        assert!(v.pages.iter().any(|p| p.tier == Tier::Cold) || frac == 0.25);
+    }
+    let r = c.memory_report();
+    assert_eq!(r.evicted_pages, 0);
+    // Attention returns to a cold page: each head's query is a multiple of one of its keys.
+    let v = c.policy_view(s, 0).unwrap();
+    let cold = v
+        .pages
+        .iter()
+        .find(|p| p.tier == Tier::Cold)
+        .expect("a cold page")
+        .index;
+    let (k, _) = c.read_tokens(s, 0).unwrap();
+    let mut q = vec![0f32; QH * D];
+    for h in 0..QH {
+        let kv = h / (QH / KVH);
+        for d in 0..D {
+            q[h * D + d] = 40.0 * k[((cold * 32 + 5) * KVH + kv) * D + d];
+        }
+    }
+    let att = c.attend(0, &[s], &q).unwrap();
+    assert!(att.page_mass[0].iter().all(|m| m.is_finite()));
+    c.observe(0, &[s], &att).unwrap();
+    let lm = c.policy_view(s, 0).unwrap().pages[cold].last_mass;
+    assert!(
+        lm >= t.promote_mass,
+        "last mass {lm}, page mass {}",
+        att.page_mass[0][cold]
+    );
+    // Room for one more hot page: the budget allows the promotion.
+    let room = c.policy_view(s, 0).unwrap().device_bytes() + 2 * 32 * ROW * 2;
+    // The page moved recently (cooldown): wait it out with observed steps.
+    for _ in 0..t.cooldown {
+        let att = c.attend(0, &[s], &q).unwrap();
+        c.observe(0, &[s], &att).unwrap();
+    }
+    let moves = c
+        .enforce(&mut t, s, 0, &Budget::device_bytes(room))
+        .unwrap();
+    assert!(
+        moves.contains(&kvtier::Move::Promote(kvtier::PageRef {
+            seq: s,
+            layer: 0,
+            page: cold
+        })),
+        "{moves:?}"
+    );
+    assert_eq!(
+        c.page(kvtier::PageRef {
+            seq: s,
+            layer: 0,
+            page: cold
+        })
+        .unwrap()
+        .tier,
+        Tier::Hot
+    );
+}
+
+#[test]
+fn user_policies_plug_in() {
+    /// Evicts every other page outside the first and the last two.
+    struct EveryOther;
+    impl RetentionPolicy for EveryOther {
+        fn name(&self) -> &str {
+            "every_other"
+        }
+        fn plan(&mut self, v: &policy::SeqView, _: &Budget) -> Vec<kvtier::Move> {
+            (1..v.pages.len().saturating_sub(2))
+                .step_by(2)
+                .filter(|&i| v.pages[i].movable())
+                .map(|i| kvtier::Move::Evict(v.page_ref(i)))
+                .collect()
+        }
+    }
+    let (mut c, _) = observed(512, 1, 1, 5);
+    let n = c.enforce_all(&mut EveryOther, &Budget::default()).unwrap();
+    assert_eq!(n, 7);
+    assert_eq!(c.memory_report().evicted_pages, 7);
+}
