@@ -202,3 +202,47 @@ fn user_policies_plug_in() {
     assert_eq!(n, 7);
     assert_eq!(c.memory_report().evicted_pages, 7);
 }
+
+/// The simulator on a heavy-hitter stream: keep_all loses nothing; at a quarter of the tokens,
+/// attention-aware H2O keeps more of the reference's attention mass than a recency window, and
+/// tiered (which never deletes) keeps all of it within a quarter of the f16 bytes.
+#[test]
+fn simulator_ranks_policies_on_heavy_hitter_streams() {
+    use policy::sim::{simulate, SimConfig};
+    let cfg = CacheConfig::builder(1, QH, KVH, D)
+        .hot_window(64)
+        .sink_tokens(4)
+        .build()
+        .unwrap();
+    let sim = SimConfig {
+        prompt: 1024,
+        steps: 24,
+        ..SimConfig::default()
+    };
+    let run = |name: &str, b: Budget| {
+        simulate(&cfg, policy::by_name(name).unwrap().as_mut(), &b, &sim).unwrap()
+    };
+    let all = run("keep_all", Budget::default());
+    assert_eq!(all.kept_ratio, 1.0);
+    assert!((all.mass_retained - 1.0).abs() < 1e-4);
+    assert_eq!(all.heavy_hitter_recall, 1.0);
+    let quarter = Budget::tokens(1024 / 4);
+    let (h2o, recent) = (run("h2o", quarter), run("recent", quarter));
+    assert!(h2o.kept_ratio <= 0.26 && recent.kept_ratio <= 0.26);
+    assert!(
+        h2o.mass_retained > recent.mass_retained,
+        "h2o {h2o:?} recent {recent:?}"
+    );
+    assert!(h2o.heavy_hitter_recall > recent.heavy_hitter_recall);
+    let bytes = Budget::device_bytes(1024 * 2 * KVH * D * 2 / 4);
+    let tiered = run("tiered", bytes);
+    assert_eq!(tiered.kept_ratio, 1.0);
+    assert!(
+        tiered.device_bytes <= bytes.device_bytes.unwrap() as f64 + (2 * 32 * KVH * D * 2) as f64
+    );
+    assert!(tiered.mass_retained > 0.9999, "{tiered:?}");
+    assert!(
+        tiered.output_error < h2o.output_error,
+        "tiered {tiered:?} h2o {h2o:?}"
+    );
+}

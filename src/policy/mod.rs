@@ -4,7 +4,8 @@
 //! from (per-page mass per kv head, the latest step's mass, age, position, pins, tier, format,
 //! device bytes), [`Budget`] (tokens and/or device bytes per sequence and layer, scaled per layer
 //! for pyramid-shaped budgets), the registry of built-in policies by name ([`by_name`]), and
-//! [`KvCache::enforce`], which builds the view, asks the policy and executes its moves.
+//! [`KvCache::enforce`], which builds the view, asks the policy and executes its moves; and
+//! [`sim`], a seeded simulator that compares a policy with the full cache.
 //!
 //! Must never: touch page bytes or the backend (a policy sees statistics only and returns
 //! [`Move`]s; the cache validates and executes them), or evict a pinned, sink or still-written page
@@ -16,6 +17,7 @@
 //! scoring each page with the summed mass of its tokens.
 
 mod evict;
+pub mod sim;
 mod tiered;
 
 pub use evict::{
