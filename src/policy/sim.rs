@@ -100,13 +100,9 @@ pub fn simulate(
         for _ in 0..kvh {
             let heavy = (rng.next() + 1.0) / 2.0 < sim.heavy_fraction;
             let t = ((rng.next() + 1.0) / 2.0 * sim.topics as f32) as usize % sim.topics;
-            for c in 0..d {
+            for &dir in &topics[t] {
                 let noise = 0.5 * rng.next();
-                k.push(if heavy {
-                    3.0 * topics[t][c] + noise
-                } else {
-                    noise
-                });
+                k.push(if heavy { 3.0 * dir + noise } else { noise });
             }
         }
         let v = (0..kvh * d).map(|_| rng.next()).collect();
