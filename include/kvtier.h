@@ -322,6 +322,13 @@ typedef struct kvtier_cache kvtier_cache;
 typedef struct kvtier_config kvtier_config;
 
 /*
+ A retention policy. Opaque: make one with `kvtier_policy_new`, free it with
+ `kvtier_policy_free`. One policy may serve many caches and sequences; calls on it are
+ serialised by an internal lock.
+ */
+typedef struct kvtier_policy kvtier_policy;
+
+/*
  The sizes a caller needs to shape its buffers. Arrays of the ABI are row-major:
  keys and values `[n_tokens][num_kv_heads][head_dim]`, queries and outputs
  `[n][num_q_heads][head_dim]`.
@@ -1102,6 +1109,51 @@ kvtier_status kvtier_cache_page_info(const struct kvtier_cache *cache,
                                      size_t layer,
                                      size_t page,
                                      struct kvtier_page_info *info_out);
+
+/*
+ Makes the built-in policy named `name` (NUL-terminated: "keep_all", "recent", "streaming_llm",
+ "h2o", "tova", "scissorhands", "snapkv", "pyramidkv", "heavy_hitter", "hybrid", "anchor",
+ "tiered") with its documented defaults, and writes its handle to `*policy_out`.
+
+ Errors: `NULL_PARAMETER`, `INVALID_ARGUMENT` (not UTF-8), `INVALID_CONFIG` (unknown name).
+
+ # Safety
+
+ `name` must be NULL or a NUL-terminated string; `policy_out` must be valid for a write of one
+ pointer.
+ */
+kvtier_status kvtier_policy_new(const char *name, struct kvtier_policy **policy_out);
+
+/*
+ Frees a policy (NULL is a no-op).
+
+ # Safety
+
+ `policy` must be NULL or a handle from `kvtier_policy_new` not yet freed.
+ */
+void kvtier_policy_free(struct kvtier_policy *policy);
+
+/*
+ Asks `policy` for the moves that bring `seq` in `layer` within the budget (`max_tokens` kept
+ tokens and/or `max_device_bytes` device bytes; `KVTIER_UNLIMITED` for no limit) and executes
+ them; writes the number of moves run to `*moves_out` (may be NULL). Moves are validated by the
+ cache: one the cache refuses stops the call with its status, the moves before it applied.
+
+ Errors: `NULL_PARAMETER`, `UNKNOWN_SEQUENCE`, `LAYER_OUT_OF_RANGE`, `INVALID_MOVE`,
+ `BUDGET_EXCEEDED`, `OUT_OF_MEMORY`, `POISONED`.
+
+ # Safety
+
+ `cache` and `policy` must be NULL or live handles; `moves_out` NULL or valid for a write of one
+ `size_t`.
+ */
+kvtier_status kvtier_cache_enforce(struct kvtier_cache *cache,
+                                   struct kvtier_policy *policy,
+                                   uint64_t seq,
+                                   size_t layer,
+                                   size_t max_tokens,
+                                   size_t max_device_bytes,
+                                   size_t *moves_out);
 
 /*
  Copies the message of this thread's most recent failed kvtier call into `buf` as a

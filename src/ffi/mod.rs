@@ -108,6 +108,8 @@ mod attention;
 
 mod pages;
 
+mod policy;
+
 mod last_error;
 pub mod status;
 mod version;
@@ -137,5 +139,6 @@ pub use pages::{
     kvtier_cache_move, kvtier_cache_page_info, kvtier_dtype, kvtier_move_op, kvtier_page_info,
     KVTIER_NEVER, KVTIER_TIER_COLD, KVTIER_TIER_EVICTED, KVTIER_TIER_HOT, KVTIER_TIER_WARM,
 };
+pub use policy::{kvtier_cache_enforce, kvtier_policy, kvtier_policy_free, kvtier_policy_new};
 pub use status::{kvtier_status, kvtier_status_name};
 pub use version::{kvtier_abi_version, kvtier_version};

@@ -12,6 +12,7 @@
 //! the caller's). `sensitivity` is validated and handed to the engine's session for the monitor.
 
 use crate::error::{Error, Result};
+use crate::policy::{Budget, RetentionPolicy};
 use crate::{CacheConfig, HeadStats, KvCache, MemoryReport, SeqId};
 
 /// Geometry of the attention a cache serves; identical to the model's.
@@ -105,6 +106,8 @@ pub struct KvTierAttention {
     shape: AttentionShape,
     /// Per layer: head statistics of the latest decode step (`[q_heads]`), empty before one.
     last_heads: Vec<Vec<HeadStats>>,
+    /// A retention policy run after every decode step of every layer, with its budget.
+    policy: Option<(Box<dyn RetentionPolicy>, Budget)>,
 }
 
 impl std::fmt::Debug for KvTierAttention {
@@ -132,7 +135,16 @@ impl KvTierAttention {
             seq,
             shape,
             last_heads: vec![Vec::new(); shape.num_layers],
+            policy: None,
         })
+    }
+
+    /// Runs `policy` (e.g. `policy::by_name("tiered")?`) under `budget` after every decode step:
+    /// the step's attention is observed into the page statistics, then the policy's moves are
+    /// executed for that layer.
+    pub fn with_policy(mut self, policy: Box<dyn RetentionPolicy>, budget: Budget) -> Self {
+        self.policy = Some((policy, budget));
+        self
     }
 
     /// The underlying cache.
@@ -179,6 +191,11 @@ impl AttentionCache for KvTierAttention {
         self.cache.append(self.seq, layer, k, v)?;
         let att = self.cache.attend(layer, &[self.seq], q)?;
         self.last_heads[layer] = att.heads_of(0).to_vec();
+        if let Some((policy, budget)) = self.policy.as_mut() {
+            self.cache.observe(layer, &[self.seq], &att)?;
+            self.cache
+                .enforce(policy.as_mut(), self.seq, layer, budget)?;
+        }
         Ok(att.output)
     }
 
@@ -311,5 +328,18 @@ mod tests {
         ));
         let other = CacheConfig::balanced(3, 4, 2, 32).unwrap();
         assert!(protect_with(Echo(shape), 0.5, other).is_err());
+        // A policy chosen by name runs after each decode step and holds its budget.
+        let mut a = KvTierAttention::new(CacheConfig::balanced(1, 4, 2, 32).unwrap())
+            .unwrap()
+            .with_policy(crate::policy::by_name("h2o").unwrap(), Budget::tokens(256));
+        let mut x = 0.0f32;
+        for _ in 0..400 {
+            x += 0.37;
+            let k: Vec<f32> = (0..64).map(|i| ((i as f32) * x).sin()).collect();
+            a.decode(0, &q, &k, &k).unwrap();
+        }
+        let view = a.kv_cache().policy_view(a.seq(), 0).unwrap();
+        assert!(view.kept_tokens() <= 256, "{}", view.kept_tokens());
+        assert!(a.kv_cache().memory_report().evicted_pages > 0);
     }
 }

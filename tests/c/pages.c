@@ -224,6 +224,21 @@ int main(void) {
     EXPECT_OK(kvtier_cache_sequence_len(c, two[1], 0, &l1));
     EXPECT(l0 == 1 && l1 == 1);
 
+    /* Retention policies by name: h2o under a token budget evicts, never a sink or pinned page. */
+    kvtier_policy *pol = NULL;
+    EXPECT_STATUS(KVTIER_STATUS_INVALID_CONFIG, kvtier_policy_new("lru", &pol));
+    EXPECT_STATUS(KVTIER_STATUS_NULL_PARAMETER, kvtier_policy_new(NULL, &pol));
+    EXPECT_OK(kvtier_policy_new("h2o", &pol));
+    size_t n_moves = 0;
+    EXPECT_OK(kvtier_cache_enforce(c, pol, seq, 0, 200, KVTIER_UNLIMITED, &n_moves));
+    EXPECT(n_moves > 0);
+    EXPECT_OK(kvtier_cache_memory_report(c, &r));
+    EXPECT(r.evicted_pages == n_moves);
+    EXPECT_OK(kvtier_cache_page_info(c, seq, 0, 8, &info));
+    EXPECT(info.tier != KVTIER_TIER_EVICTED && info.pinned);
+    kvtier_policy_free(pol);
+    kvtier_policy_free(NULL);
+
     free(q);
     free(tok);
     free(kf);
