@@ -246,3 +246,96 @@ fn simulator_ranks_policies_on_heavy_hitter_streams() {
         "tiered {tiered:?} h2o {h2o:?}"
     );
 }
+
+/// A shared in-memory sink for traces.
+#[derive(Clone, Default)]
+struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+impl std::io::Write for Shared {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Capture through the engine adapter, read back, replay: keep_all keeps all the mass, a policy at a
+/// quarter of the tokens keeps less, corrupt files are typed errors.
+#[test]
+fn traces_capture_read_back_and_replay() {
+    use kvtier::policy::trace::{read_trace, replay};
+    use kvtier::{AttentionCache, KvTierAttention};
+    let sink = Shared::default();
+    let cfg = CacheConfig::builder(2, QH, KVH, D)
+        .full_precision()
+        .build()
+        .unwrap();
+    let mut a = KvTierAttention::new(cfg)
+        .unwrap()
+        .with_trace(Box::new(sink.clone()), true)
+        .unwrap();
+    let mut rng = Rng(9);
+    let (k0, v0) = (rng.vec(512 * ROW, 1.0), rng.vec(512 * ROW, 1.0));
+    for l in 0..2 {
+        a.append(l, &k0, &v0).unwrap();
+    }
+    for _ in 0..20 {
+        for l in 0..2 {
+            let (q, k, v) = (rng.vec(QH * D, 3.0), rng.vec(ROW, 1.0), rng.vec(ROW, 1.0));
+            a.decode(l, &q, &k, &v).unwrap();
+        }
+    }
+    a.finish_trace().unwrap();
+    let bytes = sink.0.lock().unwrap().clone();
+    let (h, steps) = read_trace(&bytes[..]).unwrap();
+    assert_eq!(
+        (h.num_layers, h.num_q_heads, h.page_size),
+        (2, QH as u32, 32)
+    );
+    assert!(h.with_qk);
+    assert_eq!(steps.len(), 40);
+    assert_eq!(steps[0].len, 513);
+    assert_eq!(steps[39].len, 532);
+    assert_eq!(steps[0].mass.len(), 17 * KVH);
+    let all = replay(
+        &h,
+        &steps,
+        policy::by_name("keep_all").unwrap().as_mut(),
+        &Budget::default(),
+    )
+    .unwrap();
+    assert!((all.mass_retained - 1.0).abs() < 1e-4 && all.kept_ratio == 1.0);
+    let h2o = replay(
+        &h,
+        &steps,
+        policy::by_name("h2o").unwrap().as_mut(),
+        &Budget::tokens(128),
+    )
+    .unwrap();
+    assert!(
+        h2o.kept_ratio < 0.4 && h2o.mass_retained < all.mass_retained,
+        "{h2o:?}"
+    );
+    let tiered = replay(
+        &h,
+        &steps,
+        policy::by_name("tiered").unwrap().as_mut(),
+        &Budget::device_bytes(4 * 2 * 32 * ROW * 2),
+    )
+    .unwrap();
+    assert_eq!(tiered.kept_ratio, 1.0);
+    assert!(tiered.demoted_pages > 0.0);
+    // Corrupt files: typed errors, never a panic.
+    assert!(matches!(
+        read_trace(&b"NOTATRACE"[..]),
+        Err(Error::Shape { .. })
+    ));
+    assert!(matches!(
+        read_trace(&bytes[..bytes.len() - 3]),
+        Err(Error::Shape { .. })
+    ));
+    let mut v2 = bytes.clone();
+    v2[8] = 2;
+    assert!(matches!(read_trace(&v2[..]), Err(Error::Shape { .. })));
+}

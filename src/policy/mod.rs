@@ -5,7 +5,8 @@
 //! device bytes), [`Budget`] (tokens and/or device bytes per sequence and layer, scaled per layer
 //! for pyramid-shaped budgets), the registry of built-in policies by name ([`by_name`]), and
 //! [`KvCache::enforce`], which builds the view, asks the policy and executes its moves; and
-//! [`sim`], a seeded simulator that compares a policy with the full cache.
+//! [`sim`], a seeded simulator that compares a policy with the full cache; and [`trace`], captured
+//! attention traces and the replay of any policy over them.
 //!
 //! Must never: touch page bytes or the backend (a policy sees statistics only and returns
 //! [`Move`]s; the cache validates and executes them), or evict a pinned, sink or still-written page
@@ -19,6 +20,7 @@
 mod evict;
 pub mod sim;
 mod tiered;
+pub mod trace;
 
 pub use evict::{
     H2o, HeavyHitter, Hybrid, KeepAll, PyramidKv, Recent, ScissorHands, SnapKv, StreamingLlm, Tova,

@@ -12,7 +12,11 @@
 //! the caller's). `sensitivity` is validated and handed to the engine's session for the monitor.
 
 use crate::error::{Error, Result};
+use crate::policy::trace::{TraceHeader, TraceStep, TraceWriter};
 use crate::policy::{Budget, RetentionPolicy};
+
+/// Where a [`KvTierAttention`] records its trace.
+type TraceSink = TraceWriter<Box<dyn std::io::Write + Send>>;
 use crate::{CacheConfig, HeadStats, KvCache, MemoryReport, SeqId};
 
 /// Geometry of the attention a cache serves; identical to the model's.
@@ -108,6 +112,8 @@ pub struct KvTierAttention {
     last_heads: Vec<Vec<HeadStats>>,
     /// A retention policy run after every decode step of every layer, with its budget.
     policy: Option<(Box<dyn RetentionPolicy>, Budget)>,
+    /// Where decode steps are recorded (see [`crate::policy::trace`]), and steps per layer.
+    trace: Option<(TraceSink, Vec<u32>)>,
 }
 
 impl std::fmt::Debug for KvTierAttention {
@@ -136,7 +142,37 @@ impl KvTierAttention {
             shape,
             last_heads: vec![Vec::new(); shape.num_layers],
             policy: None,
+            trace: None,
         })
+    }
+
+    /// Records every decode step (page masses per kv head, per-head entropy, and with `with_qk` the
+    /// query and new key) to `out` in the trace format of [`crate::policy::trace`], for policy
+    /// replay without the model.
+    pub fn with_trace(
+        mut self,
+        out: Box<dyn std::io::Write + Send>,
+        with_qk: bool,
+    ) -> Result<Self> {
+        let s = self.shape;
+        let header = TraceHeader {
+            num_layers: s.num_layers as u32,
+            num_q_heads: s.num_q_heads as u32,
+            num_kv_heads: s.num_kv_heads as u32,
+            head_dim: s.head_dim as u32,
+            page_size: self.cache.config().page_size as u32,
+            with_qk,
+        };
+        self.trace = Some((TraceWriter::new(out, header)?, vec![0; s.num_layers]));
+        Ok(self)
+    }
+
+    /// Flushes the trace (if any) and stops recording.
+    pub fn finish_trace(&mut self) -> Result<()> {
+        if let Some((w, _)) = self.trace.take() {
+            w.finish()?;
+        }
+        Ok(())
     }
 
     /// Runs `policy` (e.g. `policy::by_name("tiered")?`) under `budget` after every decode step:
@@ -191,6 +227,19 @@ impl AttentionCache for KvTierAttention {
         self.cache.append(self.seq, layer, k, v)?;
         let att = self.cache.attend(layer, &[self.seq], q)?;
         self.last_heads[layer] = att.heads_of(0).to_vec();
+        if let Some((w, steps)) = self.trace.as_mut() {
+            let qk = w.header().with_qk;
+            w.write(&TraceStep {
+                layer: layer as u32,
+                step: steps[layer],
+                len: self.cache.seq_len(self.seq, layer)? as u32,
+                entropy: att.heads_of(0).iter().map(|h| h.entropy).collect(),
+                mass: att.kv_page_mass(0),
+                q: if qk { q.to_vec() } else { Vec::new() },
+                k: if qk { k.to_vec() } else { Vec::new() },
+            })?;
+            steps[layer] += 1;
+        }
         if let Some((policy, budget)) = self.policy.as_mut() {
             self.cache.observe(layer, &[self.seq], &att)?;
             self.cache
