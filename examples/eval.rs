@@ -47,12 +47,29 @@ struct Spec {
     page_size: usize,
     sinks: usize,
     group: usize,
+    /// A retention policy run after every decode step, and its device budget as a fraction of the
+    /// sequence's f16 bytes (`<config>@<policy>:<percent>`).
+    policy: Option<(String, f64)>,
 }
 
 impl Spec {
-    fn parse(s: &str, defaults: &Spec) -> AnyResult<Spec> {
+    fn parse(full: &str, defaults: &Spec) -> AnyResult<Spec> {
+        let (s, policy) = match full.split_once('@') {
+            Some((cfg, pol)) => {
+                let (name, pct) = pol.split_once(':').ok_or_else(|| {
+                    format!("config `{full}`: expected `@<policy>:<percent of f16>`")
+                })?;
+                kvtier::policy::by_name(name)?;
+                let pct: f64 = pct
+                    .parse()
+                    .map_err(|_| format!("config `{full}`: bad percent `{pct}`"))?;
+                (cfg, Some((name.to_string(), pct / 100.0)))
+            }
+            None => (full, None),
+        };
         let mut spec = defaults.clone();
-        spec.name = s.to_string();
+        spec.name = full.to_string();
+        spec.policy = policy;
         if s == "fp" {
             spec.full_precision = true;
             return Ok(spec);
@@ -111,6 +128,7 @@ impl Spec {
             "name": self.name, "full_precision": self.full_precision,
             "k_bits": self.k_bits, "v_bits": self.v_bits, "hot_window": self.hot_window,
             "page_size": self.page_size, "sink_tokens": self.sinks, "value_group": self.group,
+            "policy": self.policy.as_ref().map(|(n, f)| json!({"name": n, "f16_fraction": f})),
         })
     }
 }
@@ -133,7 +151,7 @@ fn cli() -> Command {
     Command::new("eval")
         .about("kvtier real-model evaluation: SOTU perplexity and passkey retrieval")
         .arg(Arg::new("config").long("config").action(ArgAction::Append).help(
-            "cache config spec, repeatable: fp | k<bits>v<bits>[-w<hot>][-p<page>][-s<sinks>][-g<group>]",
+            "cache config spec, repeatable: fp | k<bits>v<bits>[-w<hot>][-p<page>][-s<sinks>][-g<group>], optionally @<policy>:<percent> (a retention policy run after each decode step, its device budget that percent of the f16 bytes)",
         ))
         .arg(num("k-bits", "4", "key bits (8, 4, 2) when no --config is given"))
         .arg(num("v-bits", "4", "value bits (8, 4, 2) when no --config is given"))
@@ -222,6 +240,7 @@ fn main() -> AnyResult<()> {
         page_size: get(&m, "page-size")?,
         sinks: get(&m, "sinks")?,
         group: get(&m, "value-group")?,
+        policy: None,
     };
     let specs: Vec<Spec> = match m.get_many::<String>("config") {
         Some(v) => v
@@ -288,7 +307,18 @@ fn main() -> AnyResult<()> {
     )?;
     let mut sessions: Vec<_> = configs
         .iter()
-        .map(|c| protect_with(model.clone(), 0.0, c.clone()))
+        .zip(&specs)
+        .map(|(c, s)| match &s.policy {
+            None => protect_with(model.clone(), 0.0, c.clone()),
+            Some((name, frac)) => Session::new(
+                model.clone(),
+                kvtier::KvTierAttention::new(c.clone())?.with_policy(
+                    kvtier::policy::by_name(name)?,
+                    kvtier::policy::Budget::f16_fraction(*frac),
+                ),
+                0.0,
+            ),
+        })
         .collect::<Result<_, ModelError>>()?;
 
     // ---------------------------------------------------------------- perplexity

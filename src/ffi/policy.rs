@@ -106,6 +106,7 @@ pub unsafe extern "C" fn kvtier_cache_enforce(
         let budget = Budget {
             tokens: limit(max_tokens),
             device_bytes: limit(max_device_bytes),
+            f16_fraction: None,
         };
         let mut pol = p.inner.lock().unwrap_or_else(|e| e.into_inner());
         let moves = h

@@ -38,6 +38,10 @@ pub struct Budget {
     pub tokens: Option<usize>,
     /// Device bytes (hot + warm payload) per sequence and layer.
     pub device_bytes: Option<usize>,
+    /// Device bytes as a fraction of what the sequence's tokens take as plain f16 K/V (e.g. 0.25):
+    /// a budget that grows with the sequence. Resolved into `device_bytes` (the smaller of the
+    /// two when both are set) before a policy sees it.
+    pub f16_fraction: Option<f64>,
 }
 
 impl Budget {
@@ -45,22 +49,45 @@ impl Budget {
     pub fn tokens(n: usize) -> Self {
         Budget {
             tokens: Some(n),
-            device_bytes: None,
+            ..Budget::default()
         }
     }
     /// A device-byte budget.
     pub fn device_bytes(n: usize) -> Self {
         Budget {
-            tokens: None,
             device_bytes: Some(n),
+            ..Budget::default()
         }
     }
-    /// Both limits scaled by `f` (per-layer budgets).
+    /// Device bytes as a fraction of the f16 size of the sequence (see `f16_fraction`).
+    pub fn f16_fraction(f: f64) -> Self {
+        Budget {
+            f16_fraction: Some(f),
+            ..Budget::default()
+        }
+    }
+    /// Every limit scaled by `f` (per-layer budgets).
     pub fn scaled(self, f: f64) -> Self {
         let s = |x: Option<usize>| x.map(|v| (v as f64 * f).round().max(0.0) as usize);
         Budget {
             tokens: s(self.tokens),
             device_bytes: s(self.device_bytes),
+            f16_fraction: self.f16_fraction.map(|x| x * f),
+        }
+    }
+    /// The absolute budget for `view` (`f16_fraction` turned into device bytes).
+    pub fn resolve(&self, view: &SeqView) -> Budget {
+        let rel = self
+            .f16_fraction
+            .map(|f| (f * (view.len * view.f16_token_bytes) as f64).max(0.0) as usize);
+        let device_bytes = match (self.device_bytes, rel) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Budget {
+            tokens: self.tokens,
+            device_bytes,
+            f16_fraction: None,
         }
     }
 }
@@ -122,6 +149,8 @@ pub struct SeqView {
     pub hot_page_bytes: usize,
     pub warm_page_bytes: Vec<usize>,
     pub warm_enabled: bool,
+    /// Bytes one token takes as plain f16 K and V (all kv heads).
+    pub f16_token_bytes: usize,
 }
 
 impl SeqView {
@@ -260,6 +289,7 @@ impl KvCache {
             ladder,
             hot_page_bytes,
             warm_enabled: cfg.warm_enabled,
+            f16_token_bytes: 2 * cfg.num_kv_heads * cfg.head_dim * 2,
         })
     }
 
@@ -273,7 +303,7 @@ impl KvCache {
         budget: &Budget,
     ) -> Result<Vec<Move>> {
         let view = self.policy_view(seq, layer)?;
-        let moves = policy.plan(&view, budget);
+        let moves = policy.plan(&view, &budget.resolve(&view));
         self.apply(&moves)?;
         Ok(moves)
     }

@@ -324,8 +324,9 @@ pub fn replay(
             hot_page_bytes: hot_bytes,
             warm_page_bytes: vec![warm_bytes(4), warm_bytes(2)],
             warm_enabled: true,
+            f16_token_bytes: 2 * kvh * d * 2,
         };
-        for m in policy.plan(&view, budget) {
+        for m in policy.plan(&view, &budget.resolve(&view)) {
             let Some(p) = pages.get_mut(m.page().page) else {
                 continue;
             };
