@@ -9,7 +9,7 @@
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
-pub use crate::protect::{check_qkv, AttentionCache, AttentionShape};
+pub use crate::protect::{check_decode, check_qkv, AttentionCache, AttentionShape};
 use crate::{Error, MemoryReport, Result};
 
 /// Keys and values as a cache received them, per layer (`[n, kv_heads, head_dim]` each).
@@ -304,14 +304,7 @@ impl AttentionCache for ExactAttention {
     }
 
     fn decode(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>> {
-        let n = check_qkv(&self.shape, layer, q, k, v)?;
-        if n != 1 {
-            return Err(Error::shape(
-                "q",
-                "one token (decode)",
-                format!("{n} tokens"),
-            ));
-        }
+        check_decode(&self.shape, layer, q, k, v)?;
         self.prefill(layer, q, k, v)
     }
 

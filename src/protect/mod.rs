@@ -103,6 +103,25 @@ pub fn check_qkv(
     Ok(n)
 }
 
+/// [`check_qkv`] for one decode step: exactly one token.
+pub fn check_decode(
+    shape: &AttentionShape,
+    layer: usize,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+) -> Result<()> {
+    let n = check_qkv(shape, layer, q, k, v)?;
+    if n != 1 {
+        return Err(Error::shape(
+            "q",
+            "one token (decode)",
+            format!("{n} tokens"),
+        ));
+    }
+    Ok(())
+}
+
 /// One sequence of a [`KvCache`], seen through [`AttentionCache`].
 pub struct KvTierAttention {
     cache: KvCache,
@@ -216,14 +235,7 @@ impl AttentionCache for KvTierAttention {
     }
 
     fn decode(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>> {
-        let n = check_qkv(&self.shape, layer, q, k, v)?;
-        if n != 1 {
-            return Err(Error::shape(
-                "q",
-                "one token (decode)",
-                format!("{n} tokens"),
-            ));
-        }
+        check_decode(&self.shape, layer, q, k, v)?;
         self.cache.append(self.seq, layer, k, v)?;
         let att = self.cache.attend(layer, &[self.seq], q)?;
         self.last_heads[layer] = att.heads_of(0).to_vec();
