@@ -158,9 +158,9 @@ impl KvCache {
 
     /// Checks that `new_pages` more hot pages fit the hot budget.
     pub(crate) fn check_hot_budget(&self, new_pages: usize) -> Result<()> {
-        let needed =
-            self.hot_bytes_allocated() + new_pages * hot_page_bytes(&self.cfg, self.cfg.hot_dtype);
-        super::moves::within(Tier::Hot, needed, self.cfg.budgets.hot_bytes)
+        super::moves::within(Tier::Hot, self.cfg.budgets.hot_bytes, || {
+            self.hot_bytes_allocated() + new_pages * hot_page_bytes(&self.cfg, self.cfg.hot_dtype)
+        })
     }
 
     fn new_pages(&self, len: usize, n: usize) -> usize {

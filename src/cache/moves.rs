@@ -139,14 +139,29 @@ impl KvCache {
 
     /// The cold budget bounds host memory: the cold store and the archive.
     fn check_cold_budget(&self, more: usize) -> Result<()> {
-        let needed = self.cold.bytes() + self.archive.bytes() + more;
-        within(Tier::Cold, needed, self.cfg.budgets.cold_bytes)
+        within(Tier::Cold, self.cfg.budgets.cold_bytes, || {
+            self.cold.bytes() + self.archive.bytes() + more
+        })
     }
 
     fn check_warm_budget(&self, fmt: WarmFormat, freed: usize) -> Result<()> {
-        let page = WarmLayout::of_format(&self.cfg, fmt).head_bytes * self.cfg.num_kv_heads;
-        let needed = (self.warm_bytes_allocated() + page).saturating_sub(freed);
-        within(Tier::Warm, needed, self.cfg.budgets.warm_bytes)
+        within(Tier::Warm, self.cfg.budgets.warm_bytes, || {
+            let page = WarmLayout::of_format(&self.cfg, fmt).head_bytes * self.cfg.num_kv_heads;
+            (self.warm_bytes_allocated() + page).saturating_sub(freed)
+        })
+    }
+
+    /// Makes page `p` (entry `e`) the warm page `slot` of format `fmt`.
+    fn set_warm(&mut self, p: PageRef, e: PageEntry, slot: u32, fmt: WarmFormat) -> Result<()> {
+        self.set_page(
+            p,
+            PageEntry {
+                tier: Tier::Warm,
+                slot,
+                format: fmt,
+                ..e
+            },
+        )
     }
 
     /// Quantises page `p` (hot) to warm format `fmt`, or requantises a warm page to fewer bits.
@@ -179,15 +194,7 @@ impl KvCache {
                 let archived = self.archive_hot(p, &e)?;
                 match self.layers[p.layer].demote(e.slot, e.n_tokens as usize, fmt) {
                     Ok(Some(slot)) => {
-                        self.set_page(
-                            p,
-                            PageEntry {
-                                tier: Tier::Warm,
-                                slot,
-                                format: fmt,
-                                ..e
-                            },
-                        )?;
+                        self.set_warm(p, e, slot, fmt)?;
                         let m = self.meta_mut(p)?;
                         m.bounds = None;
                         m.promoted = false;
@@ -233,15 +240,7 @@ impl KvCache {
                 match storage.demote(hot, e.n_tokens as usize, fmt) {
                     Ok(Some(slot)) => {
                         storage.free(Tier::Warm, e.slot);
-                        self.set_page(
-                            p,
-                            PageEntry {
-                                tier: Tier::Warm,
-                                slot,
-                                format: fmt,
-                                ..e
-                            },
-                        )?;
+                        self.set_warm(p, e, slot, fmt)?;
                         self.counters.demotions += 1;
                         Ok(())
                     }
@@ -589,16 +588,25 @@ impl KvCache {
     }
 }
 
-/// `Ok` when `needed` bytes fit `budget` (`None`: unlimited).
-pub(crate) fn within(tier: Tier, needed: usize, budget: Option<usize>) -> Result<()> {
-    match budget {
-        Some(budget) if needed > budget => Err(Error::BudgetExceeded {
+/// `Ok` when the bytes `needed()` would make fit `budget`. `None` is unlimited, and then nothing is
+/// summed: appends with no budget do not walk the layers' storages.
+pub(crate) fn within(
+    tier: Tier,
+    budget: Option<usize>,
+    needed: impl FnOnce() -> usize,
+) -> Result<()> {
+    let Some(budget) = budget else {
+        return Ok(());
+    };
+    let needed = needed();
+    if needed > budget {
+        return Err(Error::BudgetExceeded {
             tier,
             needed,
             budget,
-        }),
-        _ => Ok(()),
+        });
     }
+    Ok(())
 }
 
 /// Whether page `index` of a sequence of `len` tokens is full and every token in it is older than
