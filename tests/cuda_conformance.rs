@@ -159,7 +159,76 @@ fn configs() -> Vec<(&'static str, CacheConfig)> {
             "12/4/96 f16 k4v4",
             b(12, 4, 96).hot_window(32).build().unwrap(),
         ),
+        // Tensor-core path (decode_mma.cuh): 8-bit codes, 16/48/64-token pages, one and two heads
+        // per kv head, head_dim 64 with one key word per lane.
+        (
+            "32/8/128 f16 k8v8 ps16",
+            b(32, 8, 128)
+                .k_bits(Bits::B8)
+                .v_bits(Bits::B8)
+                .page_size(16)
+                .hot_window(16)
+                .build()
+                .unwrap(),
+        ),
+        (
+            "16/8/64 bf16 k2v8 ps64",
+            b(16, 8, 64)
+                .hot_dtype(HotDtype::BF16)
+                .k_bits(Bits::B2)
+                .v_bits(Bits::B8)
+                .page_size(64)
+                .hot_window(64)
+                .build()
+                .unwrap(),
+        ),
+        (
+            "8/8/128 f16 k8v2 ps48",
+            b(8, 8, 128)
+                .k_bits(Bits::B8)
+                .v_bits(Bits::B2)
+                .page_size(48)
+                .hot_window(48)
+                .build()
+                .unwrap(),
+        ),
     ]
+}
+
+/// Which configs decode warm pages on tensor cores: the bench shapes and the MMA configs above
+/// must, shapes outside the fragment mapping must fall back to the CUDA-core path.
+#[test]
+fn tensor_core_path_covers_the_bench_shapes() {
+    let Some(dev) = device() else { return };
+    for (name, cfg) in configs() {
+        let want = cfg.warm_enabled
+            && cfg.group_size() <= 4
+            && matches!(cfg.head_dim, 64 | 128)
+            && cfg.page_size % 16 == 0
+            && cfg.page_size <= 64
+            && cfg.value_group == 32;
+        let st = dev.storage(&cfg, 0).unwrap();
+        assert_eq!(st.decode_uses_tensor_cores(), want, "{name}");
+    }
+    for (kb, vb) in [
+        (Bits::B4, Bits::B4),
+        (Bits::B2, Bits::B2),
+        (Bits::B8, Bits::B8),
+        (Bits::B4, Bits::B2),
+    ] {
+        for (q, kv, d) in [(32, 8, 128), (9, 3, 64)] {
+            let cfg = CacheConfig::builder(1, q, kv, d)
+                .hot_dtype(HotDtype::BF16)
+                .k_bits(kb)
+                .v_bits(vb)
+                .build()
+                .unwrap();
+            assert!(
+                dev.storage(&cfg, 0).unwrap().decode_uses_tensor_cores(),
+                "{q}/{kv}/{d} {kb:?}{vb:?}"
+            );
+        }
+    }
 }
 
 #[test]
@@ -167,9 +236,22 @@ fn kernels_compile_for_sm90() {
     if !nvrtc_present() {
         return;
     }
+    // KVTIER_PTX_DIR=dir also writes each module's PTX there (scripts/ptxas-report.sh assembles
+    // them with ptxas for the register / spill report, no GPU needed).
+    let dir = std::env::var_os("KVTIER_PTX_DIR");
     for (name, cfg) in configs() {
         match compile_for_arch(&cfg, "sm_90") {
-            Ok(ptx) => assert!(ptx.contains("kvt_decode"), "{name}"),
+            Ok(ptx) => {
+                assert!(ptx.contains("kvt_decode"), "{name}");
+                if let Some(d) = &dir {
+                    let file: String = name
+                        .chars()
+                        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                        .collect();
+                    std::fs::write(std::path::Path::new(d).join(format!("{file}.ptx")), ptx)
+                        .unwrap();
+                }
+            }
             Err(e) => panic!("{name}: {e}"),
         }
     }

@@ -21,7 +21,8 @@ use std::fmt::Write as _;
 
 const USAGE: &str = "\
 usage: kvtier-gpu-bench [--json OUT] [--torch T.json] [--torch-small T.json] [--iters N]
-                        [--quick] [--sweep] [--selection] [--only-mode M] [--only-batch B]
+                        [--quick] [--sweep] [--selection] [--ab] [--batches B,..]
+                        [--only-mode M] [--only-batch B]
                         [--only-seq S] [--only-dim D]
 
   --json OUT          also write the rows as JSON to OUT
@@ -29,12 +30,16 @@ usage: kvtier-gpu-bench [--json OUT] [--torch T.json] [--torch-small T.json] [--
   --torch-small T     torch_decode.py results for 9/3/64
   --iters N           timed launches per row (median reported; default 50)
   --quick             batch 1, 8K tokens only
-  --sweep             also time other launch-shape tunings (int4/int2, d128, B1 S128K and B8 S32K)
+  --sweep             also time other launch shapes (warps, CTAs per SM, stages) for the warm
+                      modes at B1 S128K and B8 S32K
   --selection         instead of the table: decode over all pages vs over a 50% page selection
                       (random half of the pages per kv head), 32/8/128, 32K tokens (--only-seq
                       overrides), batch 1 (--only-batch overrides), int4 warm pages, bf16 and f16
                       hot pages; prints both times and the ratio selected / all
-  --only-mode M       bf16 | int4 | int2 (table only)
+  --only-mode M       bf16 | int8 | int4 | int2 | k4v2, or a comma list (table only)
+  --batches B,..      batch sizes of the table (default 1,8)
+  --seqs S,..         context lengths of the table (default 8192,32768,131072)
+  --ab                also time each warm mode on the CUDA-core path (tensor cores off), same run
   --only-batch B      one batch size
   --only-seq S        one context length
   --only-dim D        128 | 64 (table only)
@@ -53,6 +58,9 @@ struct Args {
     only_batch: Option<usize>,
     only_seq: Option<usize>,
     only_dim: Option<usize>,
+    ab: bool,
+    batches: Vec<usize>,
+    seqs: Vec<usize>,
 }
 
 fn args() -> Args {
@@ -68,6 +76,9 @@ fn args() -> Args {
         only_batch: None,
         only_seq: None,
         only_dim: None,
+        ab: false,
+        batches: vec![1, 8],
+        seqs: vec![8192, 32768, 131072],
     };
     let v: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -82,6 +93,21 @@ fn args() -> Args {
             "--only-seq" => a.only_seq = next(i).and_then(|s| s.parse().ok()),
             "--only-dim" => a.only_dim = next(i).and_then(|s| s.parse().ok()),
             "--iters" => a.iters = next(i).and_then(|s| s.parse().ok()).unwrap_or(50),
+            "--batches" => {
+                a.batches = next(i)
+                    .map(|s| s.split(',').filter_map(|x| x.parse().ok()).collect())
+                    .unwrap_or_default()
+            }
+            "--seqs" => {
+                a.seqs = next(i)
+                    .map(|s| s.split(',').filter_map(|x| x.parse().ok()).collect())
+                    .unwrap_or_default()
+            }
+            "--ab" => {
+                a.ab = true;
+                i += 1;
+                continue;
+            }
             "--quick" => {
                 a.quick = true;
                 i += 1;
@@ -142,16 +168,20 @@ fn torch_rows(path: &Option<String>) -> HashMap<(usize, usize), (f64, f64)> {
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
     Bf16,
+    Int8,
     Int4,
     Int2,
+    K4v2,
 }
 
 impl Mode {
     fn name(self) -> &'static str {
         match self {
             Mode::Bf16 => "bf16",
+            Mode::Int8 => "int8",
             Mode::Int4 => "int4",
             Mode::Int2 => "int2",
+            Mode::K4v2 => "k4v2",
         }
     }
     fn config(self, q: usize, kv: usize, d: usize) -> CacheConfig {
@@ -162,8 +192,10 @@ impl Mode {
             .hot_window(128);
         match self {
             Mode::Bf16 => b.full_precision().build(),
+            Mode::Int8 => b.k_bits(Bits::B8).v_bits(Bits::B8).build(),
             Mode::Int4 => b.k_bits(Bits::B4).v_bits(Bits::B4).build(),
             Mode::Int2 => b.k_bits(Bits::B2).v_bits(Bits::B2).build(),
+            Mode::K4v2 => b.k_bits(Bits::B4).v_bits(Bits::B2).build(),
         }
         .expect("valid bench config")
     }
@@ -296,13 +328,9 @@ fn main() {
     let torch_big = torch_rows(&a.torch);
     let torch_small = torch_rows(&a.torch_small);
     let shapes: &[(usize, usize, usize)] = &[(32, 8, 128), (9, 3, 64)];
-    let batches: &[usize] = if a.quick { &[1] } else { &[1, 8] };
-    let seqs: &[usize] = if a.quick {
-        &[8192]
-    } else {
-        &[8192, 32768, 131072]
-    };
-    let modes = [Mode::Bf16, Mode::Int4, Mode::Int2];
+    let batches: Vec<usize> = if a.quick { vec![1] } else { a.batches.clone() };
+    let seqs: Vec<usize> = if a.quick { vec![8192] } else { a.seqs.clone() };
+    let modes = [Mode::Bf16, Mode::Int8, Mode::Int4, Mode::Int2, Mode::K4v2];
 
     // Read-bandwidth ceiling, through a probe kernel in the same module family.
     let probe_cfg = Mode::Int4.config(32, 8, 128);
@@ -347,10 +375,12 @@ fn main() {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         let pool = page_pool(&mut rng, kv, d);
         let torch = if d == 128 { &torch_big } else { &torch_small };
-        for &b in batches {
-            for &s in seqs {
+        for &b in &batches {
+            for &s in &seqs {
                 for mode in modes {
-                    if a.only_mode.as_deref().is_some_and(|m| m != mode.name())
+                    if a.only_mode
+                        .as_deref()
+                        .is_some_and(|m| !m.split(',').any(|x| x == mode.name()))
                         || a.only_batch.is_some_and(|x| x != b)
                         || a.only_seq.is_some_and(|x| x != s)
                     {
@@ -378,33 +408,26 @@ fn main() {
                         / b as f32;
                     let finite = att.output.iter().all(|x| x.is_finite());
                     let mut tunings = vec![dev.tuning()];
+                    if a.ab && mode != Mode::Bf16 {
+                        tunings.push(CudaTuning {
+                            cuda_cores: true,
+                            ..CudaTuning::default()
+                        });
+                    }
                     if a.sweep
-                        && d == 128
                         && mode != Mode::Bf16
                         && ((b == 1 && s == 131072) || (b == 8 && s == 32768))
                     {
-                        for t in [
-                            CudaTuning {
-                                warps: 4,
+                        for (warps, min_blocks, stages) in
+                            [(8, 1, 2), (8, 2, 2), (8, 1, 3), (16, 1, 3), (4, 4, 2)]
+                        {
+                            let t = CudaTuning {
+                                warps,
                                 channels_per_lane: 8,
-                                min_blocks: 4,
-                            },
-                            CudaTuning {
-                                warps: 8,
-                                channels_per_lane: 16,
-                                min_blocks: 1,
-                            },
-                            CudaTuning {
-                                warps: 8,
-                                channels_per_lane: 8,
-                                min_blocks: 2,
-                            },
-                            CudaTuning {
-                                warps: 2,
-                                channels_per_lane: 16,
-                                min_blocks: 6,
-                            },
-                        ] {
+                                min_blocks,
+                                stages,
+                                cuda_cores: false,
+                            };
                             tunings.push(t);
                         }
                     }
@@ -423,8 +446,10 @@ fn main() {
                             torch.get(&(b, s)).copied().unwrap_or((f64::NAN, f64::NAN));
                         let tag = if ti == 0 {
                             String::new()
+                        } else if t.cuda_cores && t.warps == 0 {
+                            " [cuda cores]".to_string()
                         } else {
-                            format!(" [w{} c{} m{}]", t.warps, t.channels_per_lane, t.min_blocks)
+                            format!(" [w{} m{} s{}]", t.warps, t.min_blocks, t.stages)
                         };
                         let line = format!(
                             "{q:>2}/{kv}/{d:<3} B{b} S{s:<6} {:<4}{tag:<14} {ms:>8.4} ms {gbps:>7.0} GB/s {:>5.1}% | x flash {:>5.2} x int4_deq {:>5.2} | items {} regs {regs} ctas/sm {bps} w{w} cpl{cpl} gs{gs} | mass {mass:.4} {} fill {fill_s:.1}s",
@@ -438,8 +463,16 @@ fn main() {
                         println!("{line}");
                         let _ = write!(
                             json,
-                            "{}{{\"q_heads\":{q},\"kv_heads\":{kv},\"dim\":{d},\"batch\":{b},\"seq\":{s},\"mode\":\"{}\",\"warps\":{},\"cpl\":{},\"min_blocks\":{},\"ms\":{ms:.5},\"GBps\":{gbps:.1},\"bytes_read\":{:.0},\"pct_read_bw\":{:.2},\"x_sdpa_flash\":{:.3},\"x_int4_deq\":{:.3},\"regs\":{regs},\"ctas_per_sm\":{bps},\"items\":{},\"mass_sum\":{mass:.5}}}",
+                            "{}{{\"variant\":\"{}\",\"path\":\"{}\",\"q_heads\":{q},\"kv_heads\":{kv},\"dim\":{d},\"batch\":{b},\"seq\":{s},\"mode\":\"{}\",\"warps\":{},\"cpl\":{},\"min_blocks\":{},\"ms\":{ms:.5},\"GBps\":{gbps:.1},\"bytes_read\":{:.0},\"pct_read_bw\":{:.2},\"x_sdpa_flash\":{:.3},\"x_int4_deq\":{:.3},\"regs\":{regs},\"ctas_per_sm\":{bps},\"items\":{},\"mass_sum\":{mass:.5}}}",
                             if rows.is_empty() { "" } else { "," },
+                            if ti == 0 {
+                                "default".to_string()
+                            } else if t.cuda_cores && t.warps == 0 {
+                                "cuda_cores".to_string()
+                            } else {
+                                format!("w{} m{} s{}", t.warps, t.min_blocks, t.stages)
+                            },
+                            if f.st.decode_uses_tensor_cores() { "tensor" } else { "cuda" },
                             mode.name(),
                             t.warps,
                             t.channels_per_lane,

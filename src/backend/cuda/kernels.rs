@@ -16,6 +16,7 @@ const APPEND: &str = include_str!("kernels/append.cu");
 const QUANT: &str = include_str!("kernels/quant.cu");
 const DECODE: &str = include_str!("kernels/decode.cu");
 const CONVERT: &str = include_str!("kernels/convert.cu");
+const DECODE_MMA: &str = include_str!("kernels/decode_mma.cuh");
 
 /// Most partials one (sequence, kv head, head subgroup) may be split into (`MAXSPLIT` in decode.cu).
 pub(crate) const MAX_SPLIT: usize = 256;
@@ -31,6 +32,12 @@ pub struct CudaTuning {
     pub channels_per_lane: u32,
     /// CTAs per SM the register allocation must allow (`__launch_bounds__` second argument).
     pub min_blocks: u32,
+    /// Keep warm pages on the CUDA-core (f32 FMA) path even where the tensor-core path applies
+    /// (for A/B measurements; the default is the tensor-core path wherever it applies).
+    pub cuda_cores: bool,
+    /// cp.async stages per warp on the tensor-core path (2..=4; 0 picks 2). The CUDA-core path
+    /// always double-buffers.
+    pub stages: u32,
 }
 
 /// Everything a compiled module is specialised on. Two storages with equal specs share a module.
@@ -54,6 +61,13 @@ pub(crate) struct KernelSpec {
     pub nwarps: usize,
     pub cpl: usize,
     pub minb: usize,
+    /// Warm pages on tensor cores (`decode_mma.cuh`).
+    pub mma: bool,
+    /// Shared-memory row strides of staged key and value codes (padded against bank conflicts).
+    pub kstride: usize,
+    pub vstride: usize,
+    /// Warm-page stages per warp (cp.async ring depth).
+    pub nstage: usize,
 }
 
 fn align16(x: usize) -> usize {
@@ -71,7 +85,30 @@ impl KernelSpec {
         let d = cfg.head_dim;
         let gfull = cfg.group_size();
         let vb = cfg.v_bits.bits();
-        let tuning = if tuning.warps == 0 {
+        let l_k_row = d * cfg.k_bits.bits() / 8;
+        let l_v_row = d * vb / 8;
+        // The tensor-core path (decode_mma.cuh) covers the shapes its fragment mapping is written
+        // for: at most 4 q heads per CTA (hi and lo halves of 4 heads fill the 8 MMA columns),
+        // 16-token k-tiles, head_dim 64 or 128 (registers), 32-channel value groups.
+        let mma = cfg.warm_enabled
+            && !tuning.cuda_cores
+            && gfull <= 4
+            && cfg.page_size.is_multiple_of(16)
+            && cfg.page_size <= 64
+            && (d == 64 || d == 128)
+            && cfg.value_group == 32;
+        let tuning = if tuning.warps == 0 && mma {
+            // Tensor-core path, measured on the H200 (32/8/128, B1 S128K and B8 S32K): 16 warps
+            // per SM in one CTA with double buffering beat 8-warp CTAs (1 or 2 per SM, 2..4
+            // stages) by 5-20%; it is issue-bound, so more warps hide more latency.
+            CudaTuning {
+                warps: 16,
+                channels_per_lane: 8,
+                min_blocks: 1,
+                cuda_cores: false,
+                stages: tuning.stages,
+            }
+        } else if tuning.warps == 0 {
             // Measured on the H200 (d128, G4, ps32): 8 warps with 8 value channels per lane and
             // 2 CTAs per SM beat 4 warps x 16 channels, except with 2-bit values (16 channels
             // forced), where 4 warps x 3 CTAs is better. Hot-only modules preload a block's
@@ -81,26 +118,35 @@ impl KernelSpec {
                     warps: 4,
                     channels_per_lane: 16,
                     min_blocks: 2,
+                    cuda_cores: tuning.cuda_cores,
+                    stages: 0,
                 }
             } else if vb == 2 {
                 CudaTuning {
                     warps: 4,
                     channels_per_lane: 16,
                     min_blocks: 3,
+                    cuda_cores: tuning.cuda_cores,
+                    stages: 0,
                 }
             } else {
                 CudaTuning {
                     warps: 8,
                     channels_per_lane: 8,
                     min_blocks: 2,
+                    cuda_cores: tuning.cuda_cores,
+                    stages: 0,
                 }
             }
         } else {
             tuning
         };
-        if !(1..=16).contains(&tuning.warps) || !(1..=8).contains(&tuning.min_blocks) {
+        if !(1..=16).contains(&tuning.warps)
+            || !(1..=8).contains(&tuning.min_blocks)
+            || !(tuning.stages == 0 || (2..=4).contains(&tuning.stages))
+        {
             return Err(CudaError::Driver(format!(
-                "tuning out of range: {tuning:?} (warps 1..=16, min_blocks 1..=8)"
+                "tuning out of range: {tuning:?} (warps 1..=16, min_blocks 1..=8, stages 0 or 2..=4)"
             )));
         }
         // Value channels per lane: at least 8, a whole 32-bit word of value codes, and a whole row
@@ -145,8 +191,19 @@ impl KernelSpec {
             nwarps: tuning.warps as usize,
             cpl,
             minb: tuning.min_blocks as usize,
+            mma,
+            kstride: k_stride(l_k_row, mma),
+            vstride: v_stride(l_v_row, mma),
+            nstage: match (mma, tuning.stages) {
+                (false, _) => 2,
+                (true, 0) => 2,
+                (true, n) => n as usize,
+            },
         };
-        // Fewer warps per CTA until the shared memory fits the device.
+        // Fewer stages (when not set explicitly), then fewer warps, until the shared memory fits.
+        while spec.decode_smem() > smem_limit && spec.nstage > 2 && tuning.stages == 0 {
+            spec.nstage -= 1;
+        }
         while spec.decode_smem() > smem_limit && spec.nwarps > 1 {
             spec.nwarps /= 2;
         }
@@ -172,27 +229,26 @@ impl KernelSpec {
     /// Dynamic shared memory of the decode kernel; mirrors the `*_BYTES` macros of decode.cu.
     pub fn decode_smem(&self) -> usize {
         let gp = self.gs.div_ceil(4) * 4;
-        let krow = self.d * self.kb / 8;
-        let kstride = if krow.is_multiple_of(16) && (krow / 16).is_multiple_of(2) {
-            krow + 16
-        } else {
-            krow
-        };
-        let [_, _, _, _, k_codes, v_codes, head_bytes] = self.layout;
+        let [_, _, _, _, k_codes, _, _] = self.layout;
         let stage = if self.warm {
-            align16(k_codes + self.ps * kstride + (head_bytes - v_codes))
+            align16(k_codes + self.ps * self.kstride + self.ps * self.vstride)
         } else {
             0
         };
-        let qsm = self.d * gp * 4;
-        let warp = self.d * gp * 4 + 32 * gp * 4 + 2 * stage;
+        // Scaled queries [D][GP] floats; with MMA also the lane query table (QE_BYTES).
+        let qsm = self.d * gp * 4 + if self.mma { self.d / 8 * 256 + 128 } else { 0 };
+        // Per warp: [park (statistics + output) | softmax weights | 2 stages]; the CUDA-core
+        // path also keeps q * step there ([D][GP] floats, which the park area overlaps).
+        let park = self.gs * 4 * 4 + self.gs * self.d * 4;
+        let head = if self.mma { park } else { self.d * gp * 4 };
+        let warp = head + 32 * gp * 4 + self.nstage * stage;
         (qsm + self.nwarps * warp).max(MAX_SPLIT * self.gs * 4)
     }
 
     /// The `#define` block in front of the sources.
     pub fn defines(&self) -> String {
         let [k_min, k_step, v_min, v_step, k_codes, v_codes, head_bytes] = self.layout;
-        let vals: [(&str, usize); 24] = [
+        let vals: [(&str, usize); 28] = [
             ("D", self.d),
             ("GS", self.gs),
             ("GFULL", self.gfull),
@@ -215,8 +271,12 @@ impl KernelSpec {
             ("NWARPS", self.nwarps),
             ("CPL", self.cpl),
             ("MINB", self.minb),
+            ("MMA", self.mma as usize),
+            ("KSTRIDE", self.kstride),
+            ("VSTRIDE", self.vstride),
+            ("NSTAGE", self.nstage),
             ("KVT_MAXSPLIT_HOST", MAX_SPLIT),
-            ("KVT_SPEC_VERSION", 2),
+            ("KVT_SPEC_VERSION", 3),
         ];
         let mut s = String::from("// kvtier kernel specialisation\n");
         for (k, v) in vals {
@@ -228,10 +288,42 @@ impl KernelSpec {
     /// Full NVRTC source of the module.
     pub fn source(&self) -> String {
         format!(
-            "{}\n{COMMON}\n{APPEND}\n{QUANT}\n{DECODE}\n{CONVERT}\n",
+            "{}\n{COMMON}\n{APPEND}\n{QUANT}\n{DECODE_MMA}\n{DECODE}\n{CONVERT}\n",
             self.defines()
         )
     }
+}
+
+/// Shared-memory stride of a staged key-code row of `row` bytes. CUDA-core path: rows of an even
+/// number of 16-byte chunks get one chunk of padding (its LDS.128 rows). Tensor-core path: each
+/// quad of lanes reads 64 contiguous bytes of one row with 16-byte loads, so rows of 128 bytes or
+/// more are padded to an odd multiple of 64 to put neighbouring rows in the other bank half.
+fn k_stride(row: usize, mma: bool) -> usize {
+    if mma {
+        if row >= 128 {
+            row + 64
+        } else {
+            row
+        }
+    } else if row.is_multiple_of(16) && (row / 16).is_multiple_of(2) {
+        row + 16
+    } else {
+        row
+    }
+}
+
+/// Shared-memory stride of a staged value-code row. Tensor-core path: lane quads read rows
+/// 2j (j = 0..3) with 32-bit loads, so the stride is padded in 16-byte steps until rows 0, 2, 4
+/// and 6 start in four different 32-byte bank ranges. CUDA-core path: unpadded.
+fn v_stride(row: usize, mma: bool) -> usize {
+    if !mma {
+        return row;
+    }
+    let mut s = row;
+    while !matches!((2 * s) % 128, 32 | 96) {
+        s += 16;
+    }
+    s
 }
 
 /// Compiles `src` with NVRTC for `arch` (e.g. `sm_90`) and returns the PTX. A rejected program

@@ -284,7 +284,34 @@ impl CudaStorage {
         } else {
             plan.entries * self.kvh * nsub
         };
-        let chunk = work.div_ceil(slots).max(spec.nwarps);
+        // Smallest chunk (pages per item) whose items fit one wave: with one CTA per SM, 17 items
+        // per kv head on 8 kv heads (136 > 132 slots) would run a second, nearly empty wave and
+        // take almost twice as long as 16 items. Item counts fall as the chunk grows, so binary
+        // search it; when the groups alone exceed the slots, every group gets one item.
+        let items_for = |chunk: usize| -> usize {
+            (0..plan.n_seqs)
+                .flat_map(|si| (0..self.kvh).map(move |kv| (si, kv)))
+                .map(|(si, kv)| {
+                    plan.list(si, kv, self.kvh)
+                        .1
+                        .div_ceil(chunk)
+                        .clamp(1, MAX_SPLIT)
+                })
+                .sum::<usize>()
+                * nsub
+        };
+        let (mut lo, mut hi) = (work.div_ceil(slots).max(spec.nwarps), work.max(1));
+        if items_for(lo) > slots {
+            while lo < hi {
+                let mid = lo + (hi - lo) / 2;
+                if items_for(mid) <= slots {
+                    hi = mid;
+                } else {
+                    lo = mid + 1;
+                }
+            }
+        }
+        let chunk = lo;
         let mut items = std::mem::take(&mut plan.host_items);
         items.clear();
         let mut group = 0u32;

@@ -31,6 +31,12 @@ impl CudaStorage {
         )
     }
 
+    /// True when warm pages of this storage decode on tensor cores (see `kernels/decode_mma.cuh`).
+    #[doc(hidden)]
+    pub fn decode_uses_tensor_cores(&self) -> bool {
+        self.k.spec.mma
+    }
+
     /// Recompiles the decode kernel with other launch-shape knobs; pools and pages are kept
     /// (the warm layout does not depend on them). Plans built before must be rebuilt (their
     /// work split depends on the kernel's occupancy; launching one fails). For benchmarks.

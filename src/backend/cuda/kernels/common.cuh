@@ -64,6 +64,38 @@ __device__ __forceinline__ hot_t kvt_hot_store(float x) { return kvt_f2bf(x); }
 // Bytes of one warm page: KVH head blocks of HEAD_BYTES.
 #define WARM_PAGE_BYTES ((u64)KVH * HEAD_BYTES)
 
+// q heads of a decode CTA padded to a float4 (decode.cu, decode_mma.cuh).
+#define GP (((GS) + 3) / 4 * 4)
 #define NG (D / VG)
 #define KROW (D * KB / 8)
 #define VROW (D * VB / 8)
+
+// Loads NW 32-bit words from 4-byte aligned memory with the widest aligned vector loads.
+template <int NW>
+__device__ __forceinline__ void kvt_load_words(const u8* p, u32 (&w)[NW]) {
+    if constexpr (NW % 4 == 0) {
+#pragma unroll
+        for (int i = 0; i < NW; i += 4) {
+            const uint4 v = *(const uint4*)(p + 4 * i);
+            w[i] = v.x; w[i + 1] = v.y; w[i + 2] = v.z; w[i + 3] = v.w;
+        }
+    } else if constexpr (NW % 2 == 0) {
+#pragma unroll
+        for (int i = 0; i < NW; i += 2) {
+            const uint2 v = *(const uint2*)(p + 4 * i);
+            w[i] = v.x; w[i + 1] = v.y;
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < NW; ++i) w[i] = *(const u32*)(p + 4 * i);
+    }
+}
+
+// cp.async (16 bytes, L2 only) and its group fences.
+__device__ __forceinline__ void kvt_cp_async16(void* smem, const void* gmem) {
+    const u32 s = (u32)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void kvt_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void kvt_cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }

@@ -28,14 +28,24 @@
 // (lse_stride = GFULL, lse_kvcol = 0). Either way head h0 + j of the item writes column
 // kv * lse_kvcol + sub * GS + j.
 
-#define GP (((GS) + 3) / 4 * 4)
 #define LT (D / CPL)
 #define TQ (32 / LT)
-#define KSTRIDE (((KROW % 16) == 0 && ((KROW / 16) % 2) == 0) ? (KROW + 16) : KROW)
+// KSTRIDE / VSTRIDE (staged code row strides) come from kernels.rs.
 #define V_CODES_S (K_CODES + PS * KSTRIDE)
-#define STAGE_BYTES ((WARM) ? ((V_CODES_S + (HEAD_BYTES - V_CODES) + 15) / 16 * 16) : 0)
+#define STAGE_BYTES ((WARM) ? ((V_CODES_S + PS * VSTRIDE + 15) / 16 * 16) : 0)
 #define QSM_BYTES (D * GP * 4)
-#define WARP_BYTES (D * GP * 4 + 32 * GP * 4 + 2 * STAGE_BYTES)
+// Per warp: [head | softmax weights ew | 2 stages]. The head is the park area (statistics and
+// output of the warp, GS * (4 + D) floats) on the tensor-core path, and q * step ([D][GP] floats,
+// overlapped by the park area once the pages are done) on the CUDA-core path.
+#define PARK_BYTES (GS * 4 * 4 + GS * D * 4)
+#define WHEAD_BYTES ((MMA) ? PARK_BYTES : D * GP * 4)
+#define WARP_BYTES (WHEAD_BYTES + 32 * GP * 4 + NSTAGE * STAGE_BYTES)
+// The warps' areas follow the scaled queries (and, with MMA, the lane query table).
+#if MMA
+#define WARPS_OFF (QSM_BYTES + QE_BYTES)
+#else
+#define WARPS_OFF QSM_BYTES
+#endif
 #define NT (NWARPS * 32)
 #define MAXSPLIT 256
 
@@ -69,14 +79,6 @@ __device__ __forceinline__ float kvt_code_f(u32 w) {
     return __uint_as_float((x & (((1u << BITS) - 1u) << (23 - BITS))) | 0x3f800000u);
 }
 
-__device__ __forceinline__ void kvt_cp_async16(void* smem, const void* gmem) {
-    const u32 s = (u32)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
-}
-__device__ __forceinline__ void kvt_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void kvt_cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
-
 // Issues the copy of one warm head block into a stage, padding K code rows to KSTRIDE.
 __device__ __forceinline__ void kvt_stage_issue(u8* stage, const u8* src, int lane) {
 #if WARM
@@ -87,35 +89,15 @@ __device__ __forceinline__ void kvt_stage_issue(u8* stage, const u8* src, int la
         } else if (o < K_CODES + PS * KROW) {
             const u32 rel = o - K_CODES;
             dst = K_CODES + (rel / KROW) * KSTRIDE + rel % KROW;
-        } else if (o < V_CODES) {
+        } else if (o < V_CODES || o - V_CODES >= PS * VROW) {
             continue;
         } else {
-            dst = V_CODES_S + (o - V_CODES);
+            const u32 rel = o - V_CODES;
+            dst = V_CODES_S + (VSTRIDE == VROW ? rel : (rel / VROW) * VSTRIDE + rel % VROW);
         }
         kvt_cp_async16(stage + dst, src + o);
     }
 #endif
-}
-
-// Loads NW 32-bit words from 4-byte aligned memory with the widest aligned vector loads.
-template <int NW>
-__device__ __forceinline__ void kvt_load_words(const u8* p, u32 (&w)[NW]) {
-    if constexpr (NW % 4 == 0) {
-#pragma unroll
-        for (int i = 0; i < NW; i += 4) {
-            const uint4 v = *(const uint4*)(p + 4 * i);
-            w[i] = v.x; w[i + 1] = v.y; w[i + 2] = v.z; w[i + 3] = v.w;
-        }
-    } else if constexpr (NW % 2 == 0) {
-#pragma unroll
-        for (int i = 0; i < NW; i += 2) {
-            const uint2 v = *(const uint2*)(p + 4 * i);
-            w[i] = v.x; w[i + 1] = v.y;
-        }
-    } else {
-#pragma unroll
-        for (int i = 0; i < NW; ++i) w[i] = *(const u32*)(p + 4 * i);
-    }
 }
 
 // Fields of 32-bit words to floats in [1, 2): CW codes of BITS bits per word.
@@ -255,9 +237,9 @@ kvt_decode(const Item* __restrict__ items, const uint2* __restrict__ pages,
     const float* qg = queries + ((u64)it.seq * QH + h0) * D;
 
     float* qsm = (float*)smem;  // [D][GP] scaled queries (hot pages)
-    u8* wb = smem + QSM_BYTES + warp * WARP_BYTES;
+    u8* wb = smem + WARPS_OFF + warp * WARP_BYTES;
     float* qsf = (float*)wb;          // [D][GP] 2^KB * q * kstep of the current warm page
-    float* ew = qsf + D * GP;         // [32][GP] softmax weights of the current block
+    float* ew = (float*)(wb + WHEAD_BYTES);  // [32][GP] softmax weights of the current block
     u8* stages = (u8*)(ew + 32 * GP); // 2 x STAGE_BYTES
 
     for (int i = tid; i < D * GP; i += NT) {
@@ -270,6 +252,11 @@ kvt_decode(const Item* __restrict__ items, const uint2* __restrict__ pages,
 #pragma unroll
         for (int h = 0; h < GS; ++h) qr[k][h] = qg[h * D + lane + 32 * k] * scale;
     __syncthreads();
+#if MMA
+    float4* qes = (float4*)(smem + QSM_BYTES);
+    if (warp == 0) kvt_fill_qes(qes, qsm, lane);
+    __syncthreads();
+#endif
 
     WarpState st;
 #pragma unroll
@@ -289,16 +276,25 @@ kvt_decode(const Item* __restrict__ items, const uint2* __restrict__ pages,
 
     const u32 pb = it.page_begin + warp, pe = it.page_end;
     int sidx = 0;
-    if (WARM && pb < pe) {
+    // With MMA this loop takes the hot pages only; warm pages follow on tensor cores.
+    if (WARM && !MMA && pb < pe) {
         const uint2 e = pages[it.page_off + pb];
         if (e.y >> 31)
             kvt_stage_issue(stages, warm_pool + (u64)e.x * WARM_PAGE_BYTES + (u64)it.kv * HEAD_BYTES, lane);
     }
     kvt_cp_commit();
+#if MMA
+    PageWalk hw;
+    kvt_walk_init(hw, pages + it.page_off, pb, pe, false, lane);
+    u32 p;
+    uint2 e;
+    while (kvt_walk_next(hw, pages + it.page_off, pb, pe, false, lane, p, e)) {
+#else
     for (u32 p = pb; p < pe; p += NWARPS) {
         const uint2 e = pages[it.page_off + p];
+#endif
         const u32 pn = p + NWARPS;
-        if (WARM && pn < pe) {
+        if (WARM && !MMA && pn < pe) {
             const uint2 en = pages[it.page_off + pn];
             if (en.y >> 31)
                 kvt_stage_issue(stages + (sidx ^ 1) * STAGE_BYTES,
@@ -309,12 +305,13 @@ kvt_decode(const Item* __restrict__ items, const uint2* __restrict__ pages,
         __syncwarp();
         const bool warm = (e.y >> 31) != 0;
         const int n = (int)(e.y & 0xffffu);
+        if (MMA && warm) continue;
         float lse[GS];
 #pragma unroll
         for (int h = 0; h < GS; ++h) lse[h] = -KVT_INF;
 
-        if (WARM && warm) {
-#if WARM
+        if (WARM && !MMA && warm) {
+#if WARM && !MMA
             const u8* sg = stages + sidx * STAGE_BYTES;
             // Per page: qsF and qm'.
             const u16* kmin = (const u16*)(sg + K_MIN);
@@ -385,7 +382,7 @@ kvt_decode(const Item* __restrict__ items, const uint2* __restrict__ pages,
                         const float u = vmn - vsf;
                         constexpr int VW = CPL * VB / 32;  // words per lane row chunk
                         u32 w[VW];
-                        kvt_load_words<VW>(sg + V_CODES_S + tt * VROW + c0 * VB / 8, w);
+                        kvt_load_words<VW>(sg + V_CODES_S + tt * VSTRIDE + c0 * VB / 8, w);
                         float f[VW * (32 / VB)];
                         kvt_unpack_f<VB, VW>(w, f);
 #pragma unroll
@@ -533,6 +530,70 @@ kvt_decode(const Item* __restrict__ items, const uint2* __restrict__ pages,
 #pragma unroll
             for (int c = 0; c < CPL; ++c) wacc[h * D + c0 + c] = st.acc[h][c];
     }
+#if MMA
+    {
+        // Warm pages on tensor cores, merged into the parked hot partial. NSTAGE-deep cp.async
+        // ring: pages k + 1 .. k + NSTAGE - 1 are in flight while page k is computed; the ring's
+        // (list position, tokens) live in the warp's ew area (free after the hot pages).
+        const float qinv = ((const float*)(qes + NREG / 2 * 32))[lane];
+        MmaState ms;
+#pragma unroll
+        for (int h = 0; h < GS; ++h) ms.m[h] = -KVT_INF;
+        ms.l = 0.0f;
+        ms.s1 = 0.0f;
+        ms.s2 = 0.0f;
+#pragma unroll
+        for (int mt = 0; mt < MTV; ++mt)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) ms.acc[mt][k] = 0.0f;
+#pragma unroll
+        for (int g = 0; g < NGV; ++g) ms.accb[g] = 0.0f;
+        u32* ring = (u32*)ew;  // [NSTAGE][2]: list position (or ~0 when empty), tokens
+        const uint2* list = pages + it.page_off;
+        const u8* wsrc = warm_pool + (u64)it.kv * HEAD_BYTES;
+        PageWalk ww;
+        kvt_walk_init(ww, list, pb, pe, true, lane);
+        __syncwarp();
+#pragma unroll
+        for (int s = 0; s < NSTAGE - 1; ++s) {
+            u32 pp;
+            uint2 ee;
+            const bool got = kvt_walk_next(ww, list, pb, pe, true, lane, pp, ee);
+            if (got) kvt_stage_issue_mma(stages + s * STAGE_BYTES, wsrc + (u64)ee.x * WARM_PAGE_BYTES, lane);
+            if (lane == 0) {
+                ring[2 * s] = got ? pp : ~0u;
+                ring[2 * s + 1] = ee.y & 0xffffu;
+            }
+            kvt_cp_commit();
+        }
+        __syncwarp();
+        int head = 0;
+        while (ring[2 * head] != ~0u) {
+            const u32 pcur = ring[2 * head];
+            const int ncur = (int)ring[2 * head + 1];
+            const int ns = head == 0 ? NSTAGE - 1 : head - 1;  // (head + NSTAGE - 1) % NSTAGE
+            u32 pp;
+            uint2 ee;
+            const bool got = kvt_walk_next(ww, list, pb, pe, true, lane, pp, ee);
+            if (got) kvt_stage_issue_mma(stages + ns * STAGE_BYTES, wsrc + (u64)ee.x * WARM_PAGE_BYTES, lane);
+            kvt_cp_commit();
+            kvt_cp_wait<NSTAGE - 1>();
+            __syncwarp();
+            const float lse = kvt_mma_page(ms, stages + head * STAGE_BYTES, ncur, qes, qinv, lane);
+            if (lane < GS)
+                page_lse[((u64)it.page_off + pcur) * lse_stride + it.kv * lse_kvcol + it.sub * GS + lane] = lse;
+            __syncwarp();
+            if (lane == 0) {
+                ring[2 * ns] = got ? pp : ~0u;
+                ring[2 * ns + 1] = ee.y & 0xffffu;
+            }
+            __syncwarp();
+            head = head + 1 == NSTAGE ? 0 : head + 1;
+        }
+        kvt_cp_wait<0>();
+        kvt_mma_merge(ms, wst, wacc, lane);
+    }
+#endif
     __syncthreads();
 
     // CTA merge of the warps -> this item's partial.
@@ -540,10 +601,10 @@ kvt_decode(const Item* __restrict__ items, const uint2* __restrict__ pages,
         const int h = i / D, c = i % D;
         float M = -KVT_INF;
         for (int w = 0; w < NWARPS; ++w)
-            M = fmaxf(M, ((const float*)(smem + QSM_BYTES + w * WARP_BYTES))[h * 4]);
+            M = fmaxf(M, ((const float*)(smem + WARPS_OFF + w * WARP_BYTES))[h * 4]);
         float sum = 0.0f;
         for (int w = 0; w < NWARPS; ++w) {
-            const float* ws = (const float*)(smem + QSM_BYTES + w * WARP_BYTES);
+            const float* ws = (const float*)(smem + WARPS_OFF + w * WARP_BYTES);
             if (ws[h * 4 + 1] > 0.0f) sum += __expf(ws[h * 4] - M) * ws[GS * 4 + h * D + c];
         }
         part_acc[((u64)blockIdx.x * GS + h) * D + c] = sum;
@@ -552,10 +613,10 @@ kvt_decode(const Item* __restrict__ items, const uint2* __restrict__ pages,
         const int h = tid;
         float M = -KVT_INF;
         for (int w = 0; w < NWARPS; ++w)
-            M = fmaxf(M, ((const float*)(smem + QSM_BYTES + w * WARP_BYTES))[h * 4]);
+            M = fmaxf(M, ((const float*)(smem + WARPS_OFF + w * WARP_BYTES))[h * 4]);
         float L = 0.0f, S1 = 0.0f, S2 = 0.0f;
         for (int w = 0; w < NWARPS; ++w) {
-            const float* ws = (const float*)(smem + QSM_BYTES + w * WARP_BYTES) + h * 4;
+            const float* ws = (const float*)(smem + WARPS_OFF + w * WARP_BYTES) + h * 4;
             if (ws[1] > 0.0f) {
                 const float d = ws[0] - M, a = __expf(d);
                 L += a * ws[1];
