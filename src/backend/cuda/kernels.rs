@@ -236,7 +236,7 @@ impl KernelSpec {
             0
         };
         // Scaled queries [D][GP] floats; with MMA also the lane query table (QE_BYTES).
-        let qsm = self.d * gp * 4 + if self.mma { self.d / 8 * 256 + 128 } else { 0 };
+        let qsm = self.d * gp * 4 + if self.mma { self.d / 8 * 256 + 256 } else { 0 };
         // Per warp: [park (statistics + output) | softmax weights | 2 stages]; the CUDA-core
         // path also keeps q * step there ([D][GP] floats, which the park area overlaps).
         let park = self.gs * 4 * 4 + self.gs * self.d * 4;

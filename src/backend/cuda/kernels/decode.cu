@@ -536,6 +536,7 @@ kvt_decode(const Item* __restrict__ items, const uint2* __restrict__ pages,
         // ring: pages k + 1 .. k + NSTAGE - 1 are in flight while page k is computed; the ring's
         // (list position, tokens) live in the warp's ew area (free after the hot pages).
         const float qinv = ((const float*)(qes + NREG / 2 * 32))[lane];
+        const float qabs = ((const float*)(qes + NREG / 2 * 32))[32 + lane];
         MmaState ms;
 #pragma unroll
         for (int h = 0; h < GS; ++h) ms.m[h] = -KVT_INF;
@@ -579,7 +580,9 @@ kvt_decode(const Item* __restrict__ items, const uint2* __restrict__ pages,
             kvt_cp_commit();
             kvt_cp_wait<NSTAGE - 1>();
             __syncwarp();
-            const float lse = kvt_mma_page(ms, stages + head * STAGE_BYTES, ncur, qes, qinv, lane);
+            const float lse = ncur == PS
+                                  ? kvt_mma_page<true>(ms, stages + head * STAGE_BYTES, ncur, qes, qinv, qabs, lane)
+                                  : kvt_mma_page<false>(ms, stages + head * STAGE_BYTES, ncur, qes, qinv, qabs, lane);
             if (lane < GS)
                 page_lse[((u64)it.page_off + pcur) * lse_stride + it.kv * lse_kvcol + it.sub * GS + lane] = lse;
             __syncwarp();

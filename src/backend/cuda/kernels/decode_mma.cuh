@@ -3,17 +3,19 @@
 // Included before decode.cu; everything here is compiled only when MMA == 1 (kernels.rs decides:
 // GS <= 4, head_dim 64 or 128, pages of 16..64 tokens in 16-token steps, 32-channel value groups).
 // One warp handles one (page, kv head) for all GS heads, as on the CUDA-core path, and nothing
-// dequantised is written to memory: codes become exact small integers in f16 registers (the 0x6400
-// magic: (code | 0x6400) is the f16 1024 + code, minus 1024 exactly, one LOP3 and one HSUB2/HFMA2
-// per two codes), which feed the MMA directly.
+// dequantised is written to memory: a code field masked in place inside a 16-bit half *is* an f16
+// subnormal, (code << s) * 2^-24, exactly, so one LOP3 turns two codes into an MMA operand. The
+// field's power of two (16^k for int4, 4^k for int2) is folded into the other operand or into the
+// final scale, and the 2^-24 into the final scale; tensor cores multiply f16 subnormals exactly.
 //
 // Exactness. Both products take f16 operands, so the f32 side of each product is split into a
 // high part (f32 truncated to 11 significant bits, exact in f16) and the low remainder, which go to
 // different MMA rows / columns and are added in f32: ~22 significant bits, close to the f32 path.
 //   scores: s = q.min + sum_c (q_c step_c) code_c. A = q*step per page (rows 0..7: high parts of
 //           heads 0..GS-1, rows 8..15: low parts), B = key codes (k = channels, n = 8 tokens).
-//           q is pre-scaled by a power of two per head (QLIM / max|q|, rounded down) so that
-//           q*step stays inside f16 for every step a page can hold (range <= 2 * 65504).
+//           Each page's A is scaled by a power of two S (from max|q| and the page's largest
+//           step) so that it fills f16's range and its low halves stay normal; C * 2^24 / S undoes
+//           it exactly. No bound on the steps a page may hold is assumed.
 //   values: o = sum_t p_t vmin_t + sum_t (p_t vstep_t) code_t. A = value codes (m = 16 channels of
 //           one value group, k = 16 tokens), B = p*vstep*VSCALE (columns 0..3: high parts of heads
 //           0..3, columns 4..7: low parts), VSCALE a power of two that keeps p*vstep in f16.
@@ -34,13 +36,11 @@
 #define CWK (32 / KB)         // key codes per word
 #define NREG (D / 8)          // key code registers per lane per token (= WPT * RWK)
 #define NGV (D / 32)          // value groups per token
-#define QLIM ((float)((1 << KB) - 1) * 0.5f)
 #define VSCALE (VB == 2 ? 1.0f : (VB == 4 ? 4.0f : 64.0f))
 #define V_CODES_M (K_CODES + PS * KSTRIDE)
-#define F16_MAGIC 0x64006400u
 // Per-lane scaled query channels, shared by the CTA's warps: [NREG / 2][32 lanes] float4
 // (lane-contiguous, so the per-page LDS.128 are conflict-free), then 32 floats 1 / scale.
-#define QE_BYTES (NREG * 2 * 32 * 4 + 32 * 4)
+#define QE_BYTES (NREG * 2 * 32 * 4 + 2 * 32 * 4)
 
 // Lane-parallel walk over a warp's pages p = pb + k * NWARPS (k = 0, 1, ...): 32 list entries are
 // loaded at once, one per lane, and those of the wanted tier are visited in order. Everything but
@@ -86,25 +86,9 @@ __device__ __forceinline__ void kvt_mma16816(float (&c)[4], u32 a0, u32 a1, u32 
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
-// (a & mask) | magic
-__device__ __forceinline__ u32 kvt_lop_or(u32 a, u32 mask, u32 magic) {
-    u32 d;
-    asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(d) : "r"(a), "r"(mask), "r"(magic));
-    return d;
-}
 __device__ __forceinline__ u32 kvt_prmt(u32 a, u32 b, u32 sel) {
     u32 d;
     asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
-    return d;
-}
-__device__ __forceinline__ u32 kvt_hsub2(u32 a, u32 b) {
-    u32 d;
-    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-    return d;
-}
-__device__ __forceinline__ u32 kvt_hfma2(u32 a, u32 b, u32 c) {
-    u32 d;
-    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
     return d;
 }
 // Two floats that are f16 values to f16x2 (lo in the low half; exact).
@@ -120,6 +104,11 @@ template <int N>
 __device__ __forceinline__ float kvt_half(const u32 (&w)[N], int f) {
     return kvt_h2f((u16)((f & 1) ? (w[f >> 1] >> 16) : (w[f >> 1] & 0xffffu)));
 }
+__device__ __forceinline__ u32 kvt_hmax2(u32 a, u32 b) {
+    u32 d;
+    asm("max.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+}
 __device__ __forceinline__ float kvt_quad_sum(float v) {
     v += __shfl_xor_sync(KVT_FULL, v, 1);
     return v + __shfl_xor_sync(KVT_FULL, v, 2);
@@ -129,32 +118,59 @@ __device__ __forceinline__ float kvt_quad_max(float v) {
     return fmaxf(v, __shfl_xor_sync(KVT_FULL, v, 2));
 }
 
-// One code word to f16x2 registers holding the exact codes: r[i] = (field i, field i + 16/BITS).
+// Field-position factor of register i of a code word (see kvt_codes_h2): the register holds
+// (code * KF) * 2^-24 per half.
+template <int BITS>
+__host__ __device__ constexpr float kvt_field_factor(int i) {
+    return BITS == 4 ? ((i & 1) ? 16.0f : 1.0f) : (BITS == 2 ? (float)(1 << (2 * (i & 3))) : 1.0f);
+}
+
+// One code word to f16x2 subnormals: r[i] = (field i, field i + 16/BITS) * factor(i) * 2^-24.
 template <int BITS>
 __device__ __forceinline__ void kvt_codes_h2(u32 w, u32 (&r)[16 / BITS]) {
     if constexpr (BITS == 4) {
-        r[0] = kvt_hsub2(kvt_lop_or(w, 0x000f000fu, F16_MAGIC), F16_MAGIC);
-        r[1] = kvt_hfma2(kvt_lop_or(w, 0x00f000f0u, F16_MAGIC), 0x2c002c00u, 0xd400d400u);
+        r[0] = w & 0x000f000fu;
+        r[1] = w & 0x00f000f0u;
         const u32 w8 = w >> 8;
-        r[2] = kvt_hsub2(kvt_lop_or(w8, 0x000f000fu, F16_MAGIC), F16_MAGIC);
-        r[3] = kvt_hfma2(kvt_lop_or(w8, 0x00f000f0u, F16_MAGIC), 0x2c002c00u, 0xd400d400u);
+        r[2] = w8 & 0x000f000fu;
+        r[3] = w8 & 0x00f000f0u;
     } else if constexpr (BITS == 2) {
 #pragma unroll
         for (int s = 0; s < 2; ++s) {
             const u32 x = w >> (8 * s);
-            r[4 * s + 0] = kvt_hsub2(kvt_lop_or(x, 0x00030003u, F16_MAGIC), F16_MAGIC);
-            r[4 * s + 1] = kvt_hfma2(kvt_lop_or(x, 0x000c000cu, F16_MAGIC), 0x34003400u, 0xdc00dc00u);
-            r[4 * s + 2] = kvt_hfma2(kvt_lop_or(x, 0x00300030u, F16_MAGIC), 0x2c002c00u, 0xd400d400u);
-            r[4 * s + 3] = kvt_hfma2(kvt_lop_or(x, 0x00c000c0u, F16_MAGIC), 0x24002400u, 0xcc00cc00u);
+            r[4 * s + 0] = x & 0x00030003u;
+            r[4 * s + 1] = x & 0x000c000cu;
+            r[4 * s + 2] = x & 0x00300030u;
+            r[4 * s + 3] = x & 0x00c000c0u;
         }
     } else {
-        r[0] = kvt_hsub2(kvt_prmt(w, 0x64646464u, 0x4240u), F16_MAGIC);
-        r[1] = kvt_hsub2(kvt_prmt(w, 0x64646464u, 0x4341u), F16_MAGIC);
+        r[0] = kvt_prmt(w, 0u, 0x4240u);
+        r[1] = kvt_prmt(w, 0u, 0x4341u);
     }
 }
 
+// (a & mask) | magic
+__device__ __forceinline__ u32 kvt_lop_or(u32 a, u32 mask, u32 magic) {
+    u32 d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(d) : "r"(a), "r"(mask), "r"(magic));
+    return d;
+}
+__device__ __forceinline__ u32 kvt_hsub2(u32 a, u32 b) {
+    u32 d;
+    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+}
+__device__ __forceinline__ u32 kvt_hfma2(u32 a, u32 b, u32 c) {
+    u32 d;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+#define F16_MAGIC 0x64006400u
+
 // Value codes of chunk `rr` (channels 4 rr .. 4 rr + 3 of a 32-channel group) for two tokens whose
-// code words are w0 and w1: r[k] = (channel k of token 0, channel k of token 1), exact.
+// code words are w0 and w1: r[k] = (channel k of token 0, channel k of token 1) as normal f16
+// integers (1024 + code, minus 1024 exactly). Unlike the keys, values stay out of the subnormal
+// range: with 2-bit values the subnormal form missed the output tolerance (2.05e-5 > 2e-5).
 template <int BITS>
 __device__ __forceinline__ void kvt_vpair(u32 w0, u32 w1, int rr, u32 (&r)[4]) {
     if constexpr (BITS == 4) {
@@ -179,6 +195,7 @@ __device__ __forceinline__ void kvt_vpair(u32 w0, u32 w1, int rr, u32 (&r)[4]) {
         r[3] = kvt_hsub2(kvt_prmt(v, 0x64646464u, 0x4342u), F16_MAGIC);
     }
 }
+#define TWO24 16777216.0f
 
 // Issues the copy of one warm head block into a stage: parameters as they are, key rows at
 // KSTRIDE, value rows at VSTRIDE. Trip counts are compile-time, so the loops unroll into
@@ -226,19 +243,41 @@ __device__ __forceinline__ float kvt_pick(const float (&a)[GS], int h) {
 
 // One warm (page, kv head) staged at `sg`, holding `n` tokens: folds it into `st` and returns, in
 // lanes h < GS, the page's log-sum-exp for head h (other lanes: unspecified).
-// qes: the CTA's scaled query table (QE_BYTES layout).
+// qes: the CTA's scaled query table (QE_BYTES layout); qabs: max |q| of this lane's head (scaled). FULL: the page holds PS tokens (the usual
+// case for warm pages), so no token needs masking and no parameter past n needs guarding.
+template <bool FULL>
 __device__ __forceinline__ float kvt_mma_page(MmaState& st, const u8* sg, int n, const float4* qes,
-                                              float qinv, int lane) {
+                                              float qinv, float qabs, int lane) {
     const int r = lane >> 2, j = lane & 3;
     // ---- A operands of the score MMA: q * step split in high / low halves; q . min.
-    // Lanes r and r + 4 hold the same head (kvt_fill_qes); with two or more key words per lane
-    // each computes half of the words and the halves are swapped across lane ^ 16 (rows 4..7 and
-    // 12..15 then carry copies of rows 0..3 / 8..11: their scores are masked below).
+    // Lanes r and r + 4 hold the same head (kvt_fill_qes). With two or more key words per lane,
+    // the lower half-warp supplies the first half of the channels (rows 0..3 high, 8..11 low) and
+    // zeros for the second, the upper half-warp the reverse (rows 4..7, 12..15): each lane's C is
+    // half of the score, and one shuffle adds the halves.
     u32 ahi[NREG], alo[NREG];
-    float qmin = 0.0f;
     constexpr int WH = WPT >= 2 ? WPT / 2 : WPT;  // words computed per lane
     const int half = WPT >= 2 ? (lane >> 4) : 0;
     u32 hx[WH * RWK], lx[WH * RWK];
+    float qm[RWK];  // q . min per field position (the table holds q / factor)
+#pragma unroll
+    for (int i = 0; i < RWK; ++i) qm[i] = 0.0f;
+    // Per-page power of two S: max|q| * max step * S <= 2^15, so q * step / factor * S uses f16's
+    // range whatever the page's steps are, and its low half stays clear of f16 subnormals.
+    // (The steps are loaded again below rather than held: registers are the scarcer resource.)
+    u32 smax = 0u;
+#pragma unroll
+    for (int wk = 0; wk < WH; ++wk) {
+        const int cb = kvt_kword_off(j, half * WH + wk) * 8 / KB;
+        u32 sw[CWK / 2];
+        kvt_load_words<CWK / 2>(sg + K_STEP + 2 * cb, sw);
+#pragma unroll
+        for (int k = 0; k < CWK / 2; ++k) smax = kvt_hmax2(smax, sw[k]);
+    }
+    float mstep = fmaxf(kvt_h2f((u16)(smax & 0xffffu)), kvt_h2f((u16)(smax >> 16)));
+    mstep = kvt_quad_max(mstep);
+    if constexpr (WPT >= 2) mstep = fmaxf(mstep, __shfl_xor_sync(KVT_FULL, mstep, 16));
+    const float pscale = __uint_as_float(
+        __float_as_uint(32768.0f / fmaxf(qabs * mstep, 1e-30f)) & 0x7f800000u);
 #pragma unroll
     for (int wk = 0; wk < WH; ++wk) {
         const int wi = half * WH + wk;
@@ -255,22 +294,25 @@ __device__ __forceinline__ float kvt_mma_page(MmaState& st, const u8* sg, int n,
 #pragma unroll
         for (int i = 0; i < RWK; ++i) {
             const float q0 = qw[2 * i], q1 = qw[2 * i + 1];
-            const float x0 = q0 * kvt_half(sw, i), x1 = q1 * kvt_half(sw, i + RWK);
+            const float x0 = (q0 * pscale) * kvt_half(sw, i), x1 = (q1 * pscale) * kvt_half(sw, i + RWK);
             const float h0 = kvt_hi11(x0), h1 = kvt_hi11(x1);
             hx[wk * RWK + i] = kvt_pack2(h0, h1);
             lx[wk * RWK + i] = kvt_pack2(x0 - h0, x1 - h1);
-            qmin = fmaf(q0, kvt_half(mw, i), qmin);
-            qmin = fmaf(q1, kvt_half(mw, i + RWK), qmin);
+            qm[i] = fmaf(q0, kvt_half(mw, i), qm[i]);
+            qm[i] = fmaf(q1, kvt_half(mw, i + RWK), qm[i]);
         }
     }
+    float qmin = 0.0f;
+#pragma unroll
+    for (int i = 0; i < RWK; ++i) qmin = fmaf(qm[i], kvt_field_factor<KB>(i), qmin);
     if constexpr (WPT >= 2) {
+        const u32 own0 = half ? 0u : ~0u;
 #pragma unroll
         for (int k = 0; k < WH * RWK; ++k) {
-            const u32 oh = __shfl_xor_sync(KVT_FULL, hx[k], 16), ol = __shfl_xor_sync(KVT_FULL, lx[k], 16);
-            ahi[k] = half ? oh : hx[k];
-            alo[k] = half ? ol : lx[k];
-            ahi[WH * RWK + k] = half ? hx[k] : oh;
-            alo[WH * RWK + k] = half ? lx[k] : ol;
+            ahi[k] = hx[k] & own0;
+            alo[k] = lx[k] & own0;
+            ahi[WH * RWK + k] = hx[k] & ~own0;
+            alo[WH * RWK + k] = lx[k] & ~own0;
         }
         qmin += __shfl_xor_sync(KVT_FULL, qmin, 16);
     } else {
@@ -311,15 +353,24 @@ __device__ __forceinline__ float kvt_mma_page(MmaState& st, const u8* sg, int n,
         sc[nt][0] = c[0] + c[2];
         sc[nt][1] = c[1] + c[3];
     }
-    // ---- Online softmax (head r in lanes r < GS).
-    const bool hl = r < GS;
+    if constexpr (WPT >= 2) {
+#pragma unroll
+        for (int nt = 0; nt < NTS; ++nt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) sc[nt][e] += __shfl_xor_sync(KVT_FULL, sc[nt][e], 16);
+    }
+    // ---- Online softmax. Every lane holds the full scores of head r & 3; the statistics are
+    // counted once, by lanes r < GS.
+    const int hh = r & 3;
+    const bool hv = hh < GS, hl = r < GS;
+    const float cscale = TWO24 / pscale;  // exact: both powers of two
     float mloc = -KVT_INF;
 #pragma unroll
     for (int nt = 0; nt < NTS; ++nt)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-            const bool valid = hl && nt * 8 + 2 * j + e < n;
-            sc[nt][e] = valid ? (sc[nt][e] + qmin) * qinv : -KVT_INF;
+            const bool valid = hv && (FULL || nt * 8 + 2 * j + e < n);
+            sc[nt][e] = valid ? fmaf(sc[nt][e], cscale, qmin) * qinv : -KVT_INF;
             mloc = fmaxf(mloc, sc[nt][e]);
         }
     mloc = kvt_quad_max(mloc);
@@ -338,8 +389,8 @@ __device__ __forceinline__ float kvt_mma_page(MmaState& st, const u8* sg, int n,
             moved = true;
         }
     }
+    const int hs = hv ? hh : 0;
     if (moved) {  // warp-uniform
-        const int hs = (r & 3) < GS ? (r & 3) : 0;
         const float ar = kvt_pick(alpha, hs), dr = kvt_pick(dl, hs);
         if (hl) {
             st.s2 = ar * (st.s2 + 2.0f * dr * st.s1 + dr * dr * st.l);
@@ -359,31 +410,30 @@ __device__ __forceinline__ float kvt_mma_page(MmaState& st, const u8* sg, int n,
             st.acc[mt][3] *= ab;
         }
     }
-    const float mr = kvt_pick(st.m, hl ? r : 0);
-    float pv[NTS][2];
-    float lsum = 0.0f;
+    const float mr = kvt_pick(st.m, hs);
+    float ps[NTS][2];
+    float lsum = 0.0f, s1 = 0.0f, s2 = 0.0f;
 #pragma unroll
     for (int nt = 0; nt < NTS; ++nt)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-            const bool valid = sc[nt][e] != -KVT_INF;
+            const bool valid = FULL ? hv : sc[nt][e] != -KVT_INF;
             const float x = valid ? sc[nt][e] - mr : 0.0f;
             const float p = valid ? __expf(x) : 0.0f;
-            pv[nt][e] = p;
+            ps[nt][e] = p;
             lsum += p;
-            st.s1 = fmaf(p, x, st.s1);
-            st.s2 = fmaf(p * x, x, st.s2);
+            s1 = fmaf(p, x, s1);
+            s2 = fmaf(p * x, x, s2);
         }
-    st.l += lsum;
+    if (hl) {
+        st.l += lsum;
+        st.s1 += s1;
+        st.s2 += s2;
+    }
     lsum = kvt_quad_sum(lsum);
     const float lse_r = lsum > 0.0f ? mr + __logf(lsum) : -KVT_INF;
-    // ---- B operands of the value MMA: p * vstep for column (part, head) = (r >> 2, r & 3).
     const int part = r >> 2;
-    float ps[NTS][2];
-#pragma unroll
-    for (int nt = 0; nt < NTS; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) ps[nt][e] = __shfl_sync(KVT_FULL, pv[nt][e], lane & 15);
+    // ---- B operands of the value MMA: p * vstep for column (part, head) = (r >> 2, r & 3).
     // Lanes of part 0 compute tokens 16 kt + 2j + {0,1} (b0), lanes of part 1 tokens
     // 16 kt + 8 + 2j + {0,1} (b1), both halves of each product; one swap across lane ^ 16 gives
     // part 0 its high b1 and part 1 its low b0. The same tokens feed this lane's p * vmin sums.
@@ -401,15 +451,21 @@ __device__ __forceinline__ float kvt_mma_page(MmaState& st, const u8* sg, int n,
         const float p0 = pa * VSCALE, p1 = pb * VSCALE;
 #pragma unroll
         for (int g = 0; g < NGV; ++g) {
-            const float x0 = p0 > 0.0f ? p0 * kvt_half(vs0, g) : 0.0f;
-            const float x1 = p1 > 0.0f ? p1 * kvt_half(vs1, g) : 0.0f;
+            // Past n the staged parameters are whatever the slot held: p = 0 must not meet NaN.
+            const float x0 = FULL ? p0 * kvt_half(vs0, g) : (p0 > 0.0f ? p0 * kvt_half(vs0, g) : 0.0f);
+            const float x1 = FULL ? p1 * kvt_half(vs1, g) : (p1 > 0.0f ? p1 * kvt_half(vs1, g) : 0.0f);
             const float h0 = kvt_hi11(x0), h1 = kvt_hi11(x1);
             const u32 hi = kvt_pack2(h0, h1), lo = kvt_pack2(x0 - h0, x1 - h1);
             const u32 got = __shfl_xor_sync(KVT_FULL, part ? hi : lo, 16);
             bv[kt][g][0] = part ? got : hi;  // tokens of part 0: high parts in part 0 lanes
             bv[kt][g][1] = part ? lo : got;
-            st.accb[g] = pa > 0.0f ? fmaf(pa, kvt_half(vm0, g), st.accb[g]) : st.accb[g];
-            st.accb[g] = pb > 0.0f ? fmaf(pb, kvt_half(vm1, g), st.accb[g]) : st.accb[g];
+            if (FULL) {
+                st.accb[g] = fmaf(pa, kvt_half(vm0, g), st.accb[g]);
+                st.accb[g] = fmaf(pb, kvt_half(vm1, g), st.accb[g]);
+            } else {
+                st.accb[g] = pa > 0.0f ? fmaf(pa, kvt_half(vm0, g), st.accb[g]) : st.accb[g];
+                st.accb[g] = pb > 0.0f ? fmaf(pb, kvt_half(vm1, g), st.accb[g]) : st.accb[g];
+            }
         }
     }
     // ---- Values: chunk r of every group, tokens (t, t + 1) paired into f16x2.
@@ -513,9 +569,9 @@ __device__ __forceinline__ void kvt_mma_merge(MmaState& st, float* wst, float* w
 }
 
 // Fills the CTA's scaled query table from qsm ([D][GP] scaled queries): lane (r, j) gets, for
-// head r (zeros for r >= GS), the channels of its key words in register order, times a power of
-// two per head (QLIM / max|q|, rounded down) so that q * step fits f16 for any step a page holds.
-// Called by one warp.
+// head r & 3 (zeros past GS), the channels of its key words in register order divided by their
+// field factor, times a power of two per head that brings max|q| near 1 (kept in the table with
+// its inverse and max|q| itself, for the per-page scale). Called by one warp.
 __device__ __forceinline__ void kvt_fill_qes(float4* qes, const float* qsm, int lane) {
     const int r = (lane >> 2) & 3, j = lane & 3;  // lanes 16..31 repeat heads 0..3 (GS <= 4)
     float qe[NREG * 2];
@@ -529,13 +585,17 @@ __device__ __forceinline__ void kvt_fill_qes(float4* qes, const float* qsm, int 
             qe[2 * gi] = r < GS ? qsm[(cbw + i) * GP + r] : 0.0f;
             qe[2 * gi + 1] = r < GS ? qsm[(cbw + i + RWK) * GP + r] : 0.0f;
             qmax = fmaxf(qmax, fmaxf(fabsf(qe[2 * gi]), fabsf(qe[2 * gi + 1])));
+            // Register i's codes arrive times its field factor (kvt_codes_h2).
+            qe[2 * gi] *= 1.0f / kvt_field_factor<KB>(i);
+            qe[2 * gi + 1] *= 1.0f / kvt_field_factor<KB>(i);
         }
     }
     qmax = kvt_quad_max(qmax);
-    const float qs = __uint_as_float(__float_as_uint(QLIM / fmaxf(qmax, 1e-30f)) & 0x7f800000u);
+    const float qs = __uint_as_float(__float_as_uint(1.0f / fmaxf(qmax, 1e-30f)) & 0x7f800000u);
 #pragma unroll
     for (int k = 0; k < NREG / 2; ++k)
         qes[k * 32 + lane] = make_float4(qe[4 * k] * qs, qe[4 * k + 1] * qs, qe[4 * k + 2] * qs, qe[4 * k + 3] * qs);
     ((float*)(qes + NREG / 2 * 32))[lane] = 1.0f / qs;
+    ((float*)(qes + NREG / 2 * 32))[32 + lane] = qmax * qs;
 }
 #endif
