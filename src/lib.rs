@@ -31,6 +31,7 @@ pub mod backend;
 pub mod cache;
 pub mod cold;
 pub mod config;
+pub mod eliminate;
 pub mod error;
 pub mod ffi;
 pub mod memory;

@@ -171,6 +171,13 @@ pub trait BackendStorage: Send + Sync {
     /// Reads a page back as f32 `(keys, values)`, each `[num_kv_heads, n_tokens, head_dim]`
     /// (dequantised for warm pages). For tests, the archive and debugging, not the hot path.
     fn read_page(&self, entry: &PageEntry) -> Result<(Vec<f32>, Vec<f32>)>;
+    /// Per-channel bounds of the keys of warm page `entry` as attention dequantises them, written
+    /// to `lo` / `hi` (`[num_kv_heads][head_dim]` each): every stored key satisfies
+    /// `lo <= k <= hi`. Read from the page's own quantisation parameters (no payload is decoded);
+    /// for query-time elimination (`crate::eliminate`).
+    fn warm_key_bounds(&self, _entry: &PageEntry, _lo: &mut [f32], _hi: &mut [f32]) -> Result<()> {
+        unsupported("warm_key_bounds on this backend")
+    }
     /// The page's bytes (see [`PageBytes`]); the page stays where it is.
     fn export_page(&self, _entry: &PageEntry) -> Result<PageBytes> {
         unsupported("export_page on this backend")
@@ -290,6 +297,9 @@ impl BackendStorage for Storage {
     }
     fn read_page(&self, entry: &PageEntry) -> Result<(Vec<f32>, Vec<f32>)> {
         dispatch!(self, s => s.read_page(entry))
+    }
+    fn warm_key_bounds(&self, entry: &PageEntry, lo: &mut [f32], hi: &mut [f32]) -> Result<()> {
+        dispatch!(self, s => s.warm_key_bounds(entry, lo, hi))
     }
     fn export_page(&self, entry: &PageEntry) -> Result<PageBytes> {
         dispatch!(self, s => s.export_page(entry))

@@ -14,6 +14,7 @@
 
 mod append;
 mod attend;
+mod bounds;
 mod meta;
 mod moves;
 mod report;

@@ -244,6 +244,28 @@ impl BackendStorage for CpuStorage {
         }
     }
 
+    fn warm_key_bounds(&self, entry: &PageEntry, lo: &mut [f32], hi: &mut [f32]) -> Result<()> {
+        if entry.tier != Tier::Warm {
+            return Err(internal(format!(
+                "warm_key_bounds of a {:?} page",
+                entry.tier
+            )));
+        }
+        let l = self.layout(entry.format);
+        let (kvh, d) = (self.geo.kv_heads, self.geo.head_dim);
+        if lo.len() != kvh * d || hi.len() != kvh * d {
+            return Err(Error::shape("key bounds", kvh * d, lo.len().min(hi.len())));
+        }
+        let block = self.warm_page(entry.slot)?;
+        for h in 0..kvh {
+            let (l_h, h_h) =
+                quant::keys::key_bounds(&block[h * l.head_bytes..(h + 1) * l.head_bytes], l);
+            lo[h * d..(h + 1) * d].copy_from_slice(&l_h);
+            hi[h * d..(h + 1) * d].copy_from_slice(&h_h);
+        }
+        Ok(())
+    }
+
     fn export_page(&self, entry: &PageEntry) -> Result<PageBytes> {
         let data = match entry.tier {
             Tier::Hot => {

@@ -1,0 +1,83 @@
+//! Per-page key bounds, for query-time elimination.
+//!
+//! Owns: [`KvCache::page_key_bounds`], the one place that says where a page's key bounds come
+//! from in each tier. Must never: decode a page's payload, move a page, or report bounds that a
+//! stored key can fall outside of (callers build a guarantee on them).
+
+use super::{KvCache, PageRef, SeqId, Tier};
+use crate::backend::{BackendStorage, PageBytes};
+use crate::error::{Error, Result};
+use crate::quant::{keys::key_bounds, WarmLayout};
+
+impl KvCache {
+    /// Writes per-channel bounds `[num_kv_heads][head_dim]` of the keys of page `page` of `seq`
+    /// in `layer` into `lo` / `hi` and returns true: every key of the page, as attention reads
+    /// it, lies in `[lo, hi]`. Returns false when the page has no bounds (evicted pages; cold
+    /// copies of exact pages without a summary): callers must then attend it, not skip it.
+    ///
+    /// Hot pages: the outward-rounded f16 summary kept since append. Warm pages: their own
+    /// quantisation parameters (`min`, `min + step * max_code`). Cold pages: the summary when they
+    /// left the hot tier with one, else the parameters in their cold or archive bytes.
+    pub fn page_key_bounds(
+        &self,
+        seq: SeqId,
+        layer: usize,
+        page: usize,
+        lo: &mut [f32],
+        hi: &mut [f32],
+    ) -> Result<bool> {
+        let n = self.cfg.num_kv_heads * self.cfg.head_dim;
+        if lo.len() != n || hi.len() != n {
+            return Err(Error::shape(
+                "key bounds",
+                format!("{n} values each"),
+                format!("{} and {}", lo.len(), hi.len()),
+            ));
+        }
+        let p = PageRef { seq, layer, page };
+        let e = self.page(p)?;
+        let summary = |lo: &mut [f32], hi: &mut [f32]| -> Result<bool> {
+            match self.page_meta(seq, layer)?[page].bounds.as_ref() {
+                Some(b) => {
+                    for (d, s) in lo.iter_mut().zip(b.lo.iter()) {
+                        *d = s.to_f32();
+                    }
+                    for (d, s) in hi.iter_mut().zip(b.hi.iter()) {
+                        *d = s.to_f32();
+                    }
+                    Ok(true)
+                }
+                None => Ok(false),
+            }
+        };
+        match e.tier {
+            Tier::Hot => summary(lo, hi),
+            Tier::Warm => {
+                self.layer_storage(layer)?.warm_key_bounds(&e, lo, hi)?;
+                Ok(true)
+            }
+            Tier::Cold => {
+                if summary(lo, hi)? {
+                    return Ok(true);
+                }
+                let bytes: &PageBytes = self.cold_bytes(p, &e)?;
+                if bytes.tier != Tier::Warm {
+                    return Ok(false);
+                }
+                let l = WarmLayout::of_format(&self.cfg, bytes.format);
+                let d = self.cfg.head_dim;
+                for h in 0..self.cfg.num_kv_heads {
+                    let block = bytes
+                        .data
+                        .get(h * l.head_bytes..(h + 1) * l.head_bytes)
+                        .ok_or_else(|| Error::internal("cold warm page shorter than its layout"))?;
+                    let (bl, bh) = key_bounds(block, &l);
+                    lo[h * d..(h + 1) * d].copy_from_slice(&bl);
+                    hi[h * d..(h + 1) * d].copy_from_slice(&bh);
+                }
+                Ok(true)
+            }
+            Tier::Evicted => Ok(false),
+        }
+    }
+}
