@@ -50,6 +50,8 @@ struct Spec {
     /// A retention policy run after every decode step, and its device budget as a fraction of the
     /// sequence's f16 bytes (`<config>@<policy>:<percent>`).
     policy: Option<(String, f64)>,
+    /// Query-time page choice (`<config>~eps:<ε>` or `<config>~quest:<pages>`).
+    choice: kvtier::PageChoice,
 }
 
 impl Spec {
@@ -67,9 +69,31 @@ impl Spec {
             }
             None => (full, None),
         };
+        let (s, choice) = match s.split_once('~') {
+            Some((cfg, ch)) => {
+                let (kind, val) = ch.split_once(':').ok_or_else(|| {
+                    format!("config `{full}`: expected `~eps:<epsilon>` or `~quest:<pages>`")
+                })?;
+                let choice = match kind {
+                    "eps" => kvtier::PageChoice::Eliminate(kvtier::eliminate::Eliminator::new(
+                        val.parse()
+                            .map_err(|_| format!("config `{full}`: bad epsilon `{val}`"))?,
+                    )?),
+                    "quest" => kvtier::PageChoice::Quest(kvtier::eliminate::QuestSelector {
+                        pages: val
+                            .parse()
+                            .map_err(|_| format!("config `{full}`: bad page count `{val}`"))?,
+                    }),
+                    other => return Err(format!("config `{full}`: unknown `~{other}`").into()),
+                };
+                (cfg, choice)
+            }
+            None => (s, kvtier::PageChoice::All),
+        };
         let mut spec = defaults.clone();
         spec.name = full.to_string();
         spec.policy = policy;
+        spec.choice = choice;
         if s == "fp" {
             spec.full_precision = true;
             return Ok(spec);
@@ -151,7 +175,7 @@ fn cli() -> Command {
     Command::new("eval")
         .about("kvtier real-model evaluation: SOTU perplexity and passkey retrieval")
         .arg(Arg::new("config").long("config").action(ArgAction::Append).help(
-            "cache config spec, repeatable: fp | k<bits>v<bits>[-w<hot>][-p<page>][-s<sinks>][-g<group>], optionally @<policy>:<percent> (a retention policy run after each decode step, its device budget that percent of the f16 bytes)",
+            "cache config spec, repeatable: fp | k<bits>v<bits>[-w<hot>][-p<page>][-s<sinks>][-g<group>], optionally ~eps:<epsilon> (query-time elimination with skipped mass <= epsilon) or ~quest:<pages> (Quest-style top pages by bound), and @<policy>:<percent> (a retention policy run after each decode step, its device budget that percent of the f16 bytes)",
         ))
         .arg(num("k-bits", "4", "key bits (8, 4, 2) when no --config is given"))
         .arg(num("v-bits", "4", "value bits (8, 4, 2) when no --config is given"))
@@ -241,6 +265,7 @@ fn main() -> AnyResult<()> {
         sinks: get(&m, "sinks")?,
         group: get(&m, "value-group")?,
         policy: None,
+        choice: kvtier::PageChoice::All,
     };
     let specs: Vec<Spec> = match m.get_many::<String>("config") {
         Some(v) => v
@@ -308,16 +333,18 @@ fn main() -> AnyResult<()> {
     let mut sessions: Vec<_> = configs
         .iter()
         .zip(&specs)
-        .map(|(c, s)| match &s.policy {
-            None => protect_with(model.clone(), 0.0, c.clone()),
-            Some((name, frac)) => Session::new(
-                model.clone(),
-                kvtier::KvTierAttention::new(c.clone())?.with_policy(
-                    kvtier::policy::by_name(name)?,
-                    kvtier::policy::Budget::f16_fraction(*frac),
-                ),
-                0.0,
-            ),
+        .map(|(c, s)| match (&s.policy, s.choice) {
+            (None, kvtier::PageChoice::All) => protect_with(model.clone(), 0.0, c.clone()),
+            (policy, choice) => {
+                let mut a = kvtier::KvTierAttention::new(c.clone())?.with_page_choice(choice);
+                if let Some((name, frac)) = policy {
+                    a = a.with_policy(
+                        kvtier::policy::by_name(name)?,
+                        kvtier::policy::Budget::f16_fraction(*frac),
+                    );
+                }
+                Session::new(model.clone(), a, 0.0)
+            }
         })
         .collect::<Result<_, ModelError>>()?;
 
@@ -460,8 +487,11 @@ fn main() -> AnyResult<()> {
             .collect();
         let total_trials = trials * depths.len();
         let hits: usize = pk_hits[ci].iter().sum();
+        let (cand, skipped) = sessions[ci].cache().elimination_totals();
         results.push(json!({
             "config": spec.to_json(),
+            "page_choice": format!("{:?}", spec.choice),
+            "pages_skipped_fraction": if cand > 0 { skipped as f64 / cand as f64 } else { 0.0 },
             "perplexity": per_len,
             "passkey": {
                 "context_tokens": pk_context, "trials_per_depth": trials,
@@ -517,14 +547,14 @@ fn write_markdown(f: &mut impl Write, report: &Value) -> AnyResult<()> {
     }
     writeln!(
         f,
-        " passkey (correct of {pk_trials} at depth {} %) |",
+        " passkey (correct of {pk_trials} at depth {} %) | pages skipped |",
         depths.join("/")
     )?;
     write!(f, "|---|---|---|---|")?;
     for _ in &lengths {
         write!(f, "---:|---:|---:|")?;
     }
-    writeln!(f, "---|")?;
+    writeln!(f, "---|---:|")?;
     for r in results {
         let c = &r["config"];
         let name = c["name"].as_str().unwrap_or("?");
@@ -553,9 +583,17 @@ fn write_markdown(f: &mut impl Write, report: &Value) -> AnyResult<()> {
                     .flatten()
                     .map(|d| format!("{}", d["correct"].as_u64().unwrap_or(0)))
                     .collect();
-                writeln!(f, " {:.0}% ({}) |", a * 100.0, per.join("/"))?
+                write!(f, " {:.0}% ({}) |", a * 100.0, per.join("/"))?
             }
-            None => writeln!(f, " - |")?,
+            None => write!(f, " - |")?,
+        }
+        // Share of the candidate pages (per kv head, over every decode step) a page choice
+        // (`~eps`, `~quest`) left out.
+        match r["pages_skipped_fraction"].as_f64() {
+            Some(x) if r["page_choice"].as_str() != Some("All") => {
+                writeln!(f, " {:.1}% |", x * 100.0)?
+            }
+            _ => writeln!(f, " - |")?,
         }
     }
     Ok(())

@@ -54,5 +54,7 @@ pub use error::{Error, Result};
 pub use memory::MemoryReport;
 #[cfg(feature = "model")]
 pub use model::ProtectedSession;
-pub use protect::{protect, protect_with, AttentionCache, AttentionShape, Engine, KvTierAttention};
+pub use protect::{
+    protect, protect_with, AttentionCache, AttentionShape, Engine, KvTierAttention, PageChoice,
+};
 pub use quant::WarmFormat;

@@ -11,13 +11,14 @@
 //! projection), depend on a particular engine, or change what the cache stores (configuration is
 //! the caller's). `sensitivity` is validated and handed to the engine's session for the monitor.
 
+use crate::eliminate::{EliminationInput, EliminationScratch, Eliminator, QuestSelector};
 use crate::error::{Error, Result};
 use crate::policy::trace::{TraceHeader, TraceStep, TraceWriter};
 use crate::policy::{Budget, RetentionPolicy};
 
 /// Where a [`KvTierAttention`] records its trace.
 type TraceSink = TraceWriter<Box<dyn std::io::Write + Send>>;
-use crate::{CacheConfig, HeadStats, KvCache, MemoryReport, SeqId};
+use crate::{CacheConfig, HeadStats, KvCache, MemoryReport, SeqId, Tier};
 
 /// Geometry of the attention a cache serves; identical to the model's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,6 +134,23 @@ pub struct KvTierAttention {
     policy: Option<(Box<dyn RetentionPolicy>, Budget)>,
     /// Where decode steps are recorded (see [`crate::policy::trace`]), and steps per layer.
     trace: Option<(TraceSink, Vec<u32>)>,
+    /// How decode steps choose the pages they attend (default: all), and its buffers.
+    choice: PageChoice,
+    elim_scratch: EliminationScratch,
+    /// Over every decode step so far: candidate pages (per kv head) and pages skipped.
+    elim_totals: (u64, u64),
+}
+
+/// How a [`KvTierAttention`] decode step chooses the pages it attends.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum PageChoice {
+    /// Every page (exact attention over what the cache holds).
+    #[default]
+    All,
+    /// Skip pages within a proven ε of softmax mass ([`Eliminator`]).
+    Eliminate(Eliminator),
+    /// Quest-style top pages by score bound ([`QuestSelector`], no guarantee).
+    Quest(QuestSelector),
 }
 
 impl std::fmt::Debug for KvTierAttention {
@@ -162,7 +180,22 @@ impl KvTierAttention {
             last_heads: vec![Vec::new(); shape.num_layers],
             policy: None,
             trace: None,
+            choice: PageChoice::All,
+            elim_scratch: EliminationScratch::default(),
+            elim_totals: (0, 0),
         })
+    }
+
+    /// Chooses the pages of every decode step with `choice` (see [`PageChoice`]).
+    pub fn with_page_choice(mut self, choice: PageChoice) -> Self {
+        self.choice = choice;
+        self
+    }
+
+    /// Over every decode step so far: `(candidate pages, skipped pages)`, counted per kv head
+    /// (candidates: pages a selection could leave out; 0 with [`PageChoice::All`]).
+    pub fn elimination_totals(&self) -> (u64, u64) {
+        self.elim_totals
     }
 
     /// Records every decode step (page masses per kv head, per-head entropy, and with `with_qk` the
@@ -237,7 +270,42 @@ impl AttentionCache for KvTierAttention {
     fn decode(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>> {
         check_decode(&self.shape, layer, q, k, v)?;
         self.cache.append(self.seq, layer, k, v)?;
-        let att = self.cache.attend(layer, &[self.seq], q)?;
+        let seqs = [self.seq];
+        let input = EliminationInput {
+            layer,
+            seqs: &seqs,
+            queries: q,
+        };
+        let att = match self.choice {
+            PageChoice::All => self.cache.attend(layer, &seqs, q)?,
+            PageChoice::Eliminate(e) => {
+                let (att, rep) = e.attend(&self.cache, &mut self.elim_scratch, &input)?;
+                self.elim_totals.0 += rep.candidates as u64;
+                self.elim_totals.1 += rep.skipped_pages as u64;
+                att
+            }
+            PageChoice::Quest(qs) => {
+                let sel = qs.select(&self.cache, &mut self.elim_scratch, &input)?;
+                let b = &self.elim_scratch.bounds;
+                let kvh = self.shape.num_kv_heads;
+                let candidates = b
+                    .pages(0)
+                    .iter()
+                    .filter(|p| p.bounded && !matches!(p.tier, Tier::Hot | Tier::Evicted))
+                    .count()
+                    * kvh;
+                let kept: usize = (0..kvh).map(|kv| sel.pages(0, kv).len()).sum();
+                let hot = b
+                    .pages(0)
+                    .iter()
+                    .filter(|p| p.tier == Tier::Hot || !p.bounded)
+                    .count()
+                    * kvh;
+                self.elim_totals.0 += candidates as u64;
+                self.elim_totals.1 += candidates.saturating_sub(kept.saturating_sub(hot)) as u64;
+                self.cache.attend_select(layer, &seqs, q, &sel)?
+            }
+        };
         self.last_heads[layer] = att.heads_of(0).to_vec();
         if let Some((w, steps)) = self.trace.as_mut() {
             let qk = w.header().with_qk;
