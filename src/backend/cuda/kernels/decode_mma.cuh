@@ -91,6 +91,23 @@ __device__ __forceinline__ u32 kvt_prmt(u32 a, u32 b, u32 sel) {
     asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
     return d;
 }
+// (a & mask) | magic
+__device__ __forceinline__ u32 kvt_lop_or(u32 a, u32 mask, u32 magic) {
+    u32 d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(d) : "r"(a), "r"(mask), "r"(magic));
+    return d;
+}
+__device__ __forceinline__ u32 kvt_hsub2(u32 a, u32 b) {
+    u32 d;
+    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+}
+__device__ __forceinline__ u32 kvt_hfma2(u32 a, u32 b, u32 c) {
+    u32 d;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+#define F16_MAGIC 0x64006400u
 // Two floats that are f16 values to f16x2 (lo in the low half; exact).
 __device__ __forceinline__ u32 kvt_pack2(float lo, float hi) {
     u32 d;
@@ -149,23 +166,6 @@ __device__ __forceinline__ void kvt_codes_h2(u32 w, u32 (&r)[16 / BITS]) {
     }
 }
 
-// (a & mask) | magic
-__device__ __forceinline__ u32 kvt_lop_or(u32 a, u32 mask, u32 magic) {
-    u32 d;
-    asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(d) : "r"(a), "r"(mask), "r"(magic));
-    return d;
-}
-__device__ __forceinline__ u32 kvt_hsub2(u32 a, u32 b) {
-    u32 d;
-    asm("sub.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-    return d;
-}
-__device__ __forceinline__ u32 kvt_hfma2(u32 a, u32 b, u32 c) {
-    u32 d;
-    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
-    return d;
-}
-#define F16_MAGIC 0x64006400u
 
 // Value codes of chunk `rr` (channels 4 rr .. 4 rr + 3 of a 32-channel group) for two tokens whose
 // code words are w0 and w1: r[k] = (channel k of token 0, channel k of token 1) as normal f16
