@@ -285,3 +285,121 @@ fn bad_input_is_a_typed_error() {
     let mut hi = vec![0f32; kvd];
     assert!(c.page_key_bounds(s, 0, 10_000, &mut lo, &mut hi).is_err());
 }
+
+mod random_shapes {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A cache of random shape and tier mix (hot, warm of any width, cold, evicted pages),
+    /// keys with page-level structure of random strength, and a query along it.
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        g: usize,
+        kvh: usize,
+        d: usize,
+        ps: usize,
+        kb: Bits,
+        vb: Bits,
+        len: usize,
+        noise: f32,
+        seed: u64,
+    ) -> (KvCache, SeqId, Vec<f32>) {
+        let qh = g * kvh;
+        let cfg = CacheConfig::builder(1, qh, kvh, d)
+            .k_bits(kb)
+            .v_bits(vb)
+            .page_size(ps)
+            .hot_window(ps)
+            .sink_tokens(0)
+            .build()
+            .unwrap();
+        let mut rng = Rng(seed);
+        let u = rng.vec(d, 1.0);
+        let mut k = Vec::with_capacity(len * kvh * d);
+        for t in 0..len {
+            let a = (((t / ps) as u64 * 2654435761 + seed) % 17) as f32 / 4.0 - 2.0;
+            for _ in 0..kvh {
+                for &uc in &u {
+                    k.push(a * uc + noise * rng.f32());
+                }
+            }
+        }
+        let v = rng.vec(len * kvh * d, 1.0);
+        let mut c = KvCache::new(cfg).unwrap();
+        let s = c.add_sequence();
+        c.append(s, 0, &k, &v).unwrap();
+        let table = c.page_table(s, 0).unwrap().clone();
+        for (i, e) in table.pages().iter().enumerate() {
+            if e.tier != Tier::Warm {
+                continue;
+            }
+            match rng.next_u64() % 6 {
+                0 => c.to_cold(pr(s, i)).unwrap(),
+                1 => c.evict(pr(s, i)).unwrap(),
+                _ => {}
+            }
+        }
+        let q: Vec<f32> = (0..qh)
+            .flat_map(|h| u.iter().map(move |x| x * (1.0 + 0.3 * h as f32)))
+            .collect();
+        (c, s, q)
+    }
+
+    fn bits() -> impl Strategy<Value = Bits> {
+        prop_oneof![Just(Bits::B2), Just(Bits::B4), Just(Bits::B8)]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(64),
+            ..ProptestConfig::default()
+        })]
+        #[test]
+        fn epsilon_guarantee_holds_on_random_caches(
+            g in prop_oneof![Just(1usize), Just(2), Just(4)],
+            kvh in 1usize..3,
+            d in prop_oneof![Just(32usize), Just(64)],
+            ps in prop_oneof![Just(16usize), Just(32)],
+            kb in bits(),
+            vb in bits(),
+            len in 40usize..700,
+            noise in prop_oneof![Just(0.02f32), Just(0.2), Just(1.0)],
+            eps in prop_oneof![Just(0.0f32), Just(1e-3), Just(0.05), Just(0.3)],
+            seed in any::<u64>(),
+        ) {
+            let (c, s, q) = build(g, kvh, d, ps, kb, vb, len, noise, seed);
+            let full = c.attend(0, &[s], &q).unwrap();
+            let (_, vals) = c.read_tokens(s, 0).unwrap();
+            let vmax = vals.chunks(d).map(|v| v.iter().map(|x| x * x).sum::<f32>().sqrt()).fold(0f32, f32::max);
+            let (att, rep) = Eliminator::new(eps)
+                .unwrap()
+                .attend(&c, &mut EliminationScratch::default(), &EliminationInput { layer: 0, seqs: &[s], queries: &q })
+                .unwrap();
+            let qh = g * kvh;
+            let n_pages = full.page_mass[0].len();
+            let table = c.page_table(s, 0).unwrap();
+            for h in 0..qh {
+                prop_assert!(rep.mass_bound[h] <= eps);
+                let mut skipped = 0f64;
+                for p in 0..n_pages {
+                    let (fl, el) = (full.page_lse[0][p * qh + h], att.page_lse[0][p * qh + h]);
+                    // Evicted pages are attended by neither.
+                    if table.pages()[p].tier == Tier::Evicted {
+                        prop_assert!(fl == f32::NEG_INFINITY && el == f32::NEG_INFINITY);
+                    }
+                    if fl > f32::NEG_INFINITY && el == f32::NEG_INFINITY {
+                        skipped += ((fl - full.heads[h].log_z) as f64).exp();
+                    }
+                }
+                prop_assert!(skipped <= rep.mass_bound[h] as f64 + 1e-6, "skipped {} > bound {}", skipped, rep.mass_bound[h]);
+                let err = full.output[h * d..(h + 1) * d]
+                    .iter()
+                    .zip(&att.output[h * d..(h + 1) * d])
+                    .map(|(a, b)| (a - b) * (a - b))
+                    .sum::<f32>()
+                    .sqrt();
+                prop_assert!(err <= 2.0 * eps * vmax + 2e-5, "output error {} > {}", err, 2.0 * eps * vmax);
+            }
+        }
+    }
+}
