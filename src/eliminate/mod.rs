@@ -1,8 +1,8 @@
 //! Query-time elimination: which pages a decode step may skip, with a proven bound on the cost.
 //!
 //! Owns: per-page score upper bounds ([`bounds`]), the ε-bounded selection and the two-phase
-//! decode that applies it ([`Eliminator`]), and a Quest-style top-k selection ([`QuestSelector`],
-//! a baseline without a guarantee). Must never: move, modify or read the payload of pages (the
+//! decode that applies it ([`Eliminator`]), a Quest-style top-k selection ([`QuestSelector`],
+//! a baseline without a guarantee), and the check mode against exact attention ([`check`]). Must never: move, modify or read the payload of pages (the
 //! cache executes attention; this module only chooses pages), or skip a page whose bound it could
 //! not compute.
 //!
@@ -253,4 +253,79 @@ impl QuestSelector {
         }
         Ok(sel)
     }
+}
+
+/// What an eliminated step really cost, measured against exact attention of the same step
+/// (check mode: the caller also runs [`KvCache::attend`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EliminationCheck {
+    /// Per batch entry and q head: softmax mass, under exact attention, of the pages the
+    /// eliminated step did not attend (at most the reported bound).
+    pub realised_mass: Vec<f32>,
+    /// Per batch entry and q head: L2 distance between the two outputs (at most `2 ε max |v|`).
+    pub output_error: Vec<f32>,
+    /// (page, q head) pairs left out by the eliminated step.
+    pub skipped: usize,
+    /// Of those, pairs whose exact mass exceeded `false_mass`: false eliminations. The GhostKV
+    /// seed counted a skipped page as falsely eliminated when its true attention weight was above
+    /// a threshold; here the weight is the page's mass for that q head.
+    pub false_eliminations: usize,
+}
+
+/// Compares `eliminated` (attention over a subset of pages) with `exact` (attention over every
+/// page) for the same batch and queries.
+pub fn check(
+    exact: &Attention,
+    eliminated: &Attention,
+    false_mass: f32,
+) -> Result<EliminationCheck> {
+    let (qh, d) = (exact.num_q_heads, exact.head_dim);
+    if eliminated.num_q_heads != qh
+        || eliminated.head_dim != d
+        || eliminated.page_lse.len() != exact.page_lse.len()
+        || eliminated.output.len() != exact.output.len()
+        || eliminated
+            .page_lse
+            .iter()
+            .zip(&exact.page_lse)
+            .any(|(a, b)| a.len() != b.len())
+    {
+        return Err(Error::shape(
+            "eliminated attention",
+            "the exact attention's batch, heads and pages",
+            "a different shape",
+        ));
+    }
+    let mut c = EliminationCheck {
+        realised_mass: vec![0.0; exact.heads.len()],
+        output_error: vec![0.0; exact.heads.len()],
+        ..Default::default()
+    };
+    for (i, (full, kept)) in exact.page_lse.iter().zip(&eliminated.page_lse).enumerate() {
+        for (fl, el) in full.chunks(qh).zip(kept.chunks(qh)) {
+            for h in 0..qh {
+                if fl[h] > f32::NEG_INFINITY && el[h] == f32::NEG_INFINITY {
+                    let m = (fl[h] - exact.heads[i * qh + h].log_z).exp();
+                    c.realised_mass[i * qh + h] += m;
+                    c.skipped += 1;
+                    if m > false_mass {
+                        c.false_eliminations += 1;
+                    }
+                }
+            }
+        }
+    }
+    for (k, e) in c.output_error.iter_mut().enumerate() {
+        let (a, b) = (
+            &exact.output[k * d..(k + 1) * d],
+            &eliminated.output[k * d..(k + 1) * d],
+        );
+        *e = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y) * (x - y))
+            .sum::<f32>()
+            .sqrt();
+    }
+    Ok(c)
 }
