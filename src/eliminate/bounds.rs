@@ -31,7 +31,8 @@ pub struct PageInfo {
     pub page: u32,
     pub tier: Tier,
     pub n_tokens: u32,
-    /// False when the page has no key bounds: it must be attended.
+    /// False when the page has no key bounds (it must be attended), and for hot pages, which
+    /// every selection attends: their bounds are not computed.
     pub bounded: bool,
 }
 
@@ -79,7 +80,7 @@ impl PageBounds {
         for (i, &seq) in seqs.iter().enumerate() {
             let table = cache.page_table(seq, layer)?;
             for (p, e) in table.pages().iter().enumerate() {
-                let bounded = e.tier != Tier::Evicted
+                let bounded = !matches!(e.tier, Tier::Evicted | Tier::Hot)
                     && cache.page_key_bounds(seq, layer, p, &mut self.lo, &mut self.hi)?;
                 self.pages.push(PageInfo {
                     page: p as u32,

@@ -37,6 +37,7 @@ pub struct EliminationScratch {
     pub bounds: PageBounds,
     order: Vec<(f32, usize)>,
     acc: Vec<f32>,
+    lz: Vec<f32>,
 }
 
 /// What one eliminated step skipped.
@@ -163,10 +164,13 @@ impl Eliminator {
                 order.sort_by(|a, b| a.0.total_cmp(&b.0));
                 report.candidates += order.len();
                 // log Z1 per head, lowered by a relative margin for the f32 rounding of lse.
-                let lz: Vec<f32> = att.heads[i * qh + kv * g..i * qh + (kv + 1) * g]
-                    .iter()
-                    .map(|hs| hs.log_z - 1e-5 * hs.log_z.abs().max(1.0))
-                    .collect();
+                let lz = &mut scratch.lz;
+                lz.clear();
+                lz.extend(
+                    att.heads[i * qh + kv * g..i * qh + (kv + 1) * g]
+                        .iter()
+                        .map(|hs| hs.log_z - 1e-5 * hs.log_z.abs().max(1.0)),
+                );
                 let acc = &mut scratch.acc;
                 acc.clear();
                 acc.resize(g, 0.0);
@@ -181,7 +185,7 @@ impl Eliminator {
                     if !fits {
                         break;
                     }
-                    for ((a, &z), &u) in acc.iter_mut().zip(&lz).zip(ub) {
+                    for ((a, &z), &u) in acc.iter_mut().zip(lz.iter()).zip(ub) {
                         *a += nt * (u - z).exp();
                     }
                     report.skipped_pages += 1;
