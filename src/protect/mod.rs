@@ -298,7 +298,7 @@ impl AttentionCache for KvTierAttention {
                 let hot = b
                     .pages(0)
                     .iter()
-                    .filter(|p| p.tier == Tier::Hot || !p.bounded)
+                    .filter(|p| p.tier != Tier::Evicted && (p.tier == Tier::Hot || !p.bounded))
                     .count()
                     * kvh;
                 self.elim_totals.0 += candidates as u64;
