@@ -401,7 +401,7 @@ fn main() -> AnyResult<()> {
                     "ppl": score.perplexity(), "mean_nll": score.mean_nll(),
                     "decode_tok_per_s": score.decode_tokens_per_sec(),
                     "memory": {
-                        "hot_bytes": mem.hot_bytes, "warm_bytes": mem.warm_bytes, "cold_bytes": mem.cold_bytes,
+                        "hot_bytes": mem.hot_bytes, "warm_bytes": mem.warm_bytes, "cold_bytes": mem.cold_bytes, "archive_bytes": mem.archive_bytes, "evicted_tokens": mem.evicted_tokens / mc.num_layers,
                         "metadata_bytes": mem.metadata_bytes, "f16_equivalent_bytes": mem.f16_equivalent_bytes,
                         "device_bytes": mem.device_bytes(), "tokens_per_layer": mem.tokens / mc.num_layers,
                         "device_bytes_per_token": per_token,

@@ -54,7 +54,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for frac in [0.25, 0.125] {
         for name in NAMES {
             let budget = match *name {
-                "tiered" | "anchor" => {
+                "tiered" | "tiered_int2" | "anchor" => {
                     Budget::device_bytes(((n.div_ceil(32) * f16_page) as f64 * frac) as usize)
                 }
                 _ => Budget::tokens((n as f64 * frac) as usize),

@@ -1113,7 +1113,7 @@ kvtier_status kvtier_cache_page_info(const struct kvtier_cache *cache,
 /*
  Makes the built-in policy named `name` (NUL-terminated: "keep_all", "recent", "streaming_llm",
  "h2o", "tova", "scissorhands", "snapkv", "pyramidkv", "heavy_hitter", "hybrid", "anchor",
- "tiered") with its documented defaults, and writes its handle to `*policy_out`.
+ "tiered", "tiered_int2") with its documented defaults, and writes its handle to `*policy_out`.
 
  Errors: `NULL_PARAMETER`, `INVALID_ARGUMENT` (not UTF-8), `INVALID_CONFIG` (unknown name).
 

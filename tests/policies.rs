@@ -53,7 +53,7 @@ fn every_policy_meets_a_budget_its_protected_pages_allow() {
             match *name {
                 "keep_all" | "anchor" => assert_eq!(after.kept_tokens(), 1024, "{name}"),
                 // tiered never deletes: a token budget is not its concern, bytes are.
-                "tiered" if !bytes => assert_eq!(after.kept_tokens(), 1024),
+                "tiered" | "tiered_int2" if !bytes => assert_eq!(after.kept_tokens(), 1024),
                 _ if bytes => assert!(
                     after.device_bytes() <= budget.device_bytes.unwrap(),
                     "{name}: {} > {:?}",
@@ -179,6 +179,31 @@ fn tiered_lowers_precision_before_deleting_and_promotes_when_attention_returns()
         .tier,
         Tier::Hot
     );
+}
+
+#[test]
+fn tiered_keeps_the_config_width_as_its_device_floor_unless_told_narrow() {
+    let f16_bytes = 2048 * ROW * 2 * 2;
+    let budget = Budget::device_bytes(f16_bytes / 8);
+    let narrowest = |t: &mut Tiered| {
+        let (mut c, s) = observed(2048, 1, 2, 4);
+        c.enforce(t, s, 0, &budget).unwrap();
+        let v = c.policy_view(s, 0).unwrap();
+        assert!(v.device_bytes() <= budget.device_bytes.unwrap());
+        assert_eq!(v.kept_tokens(), 2048);
+        let warm: Vec<_> = v.pages.iter().filter(|p| p.tier == Tier::Warm).collect();
+        assert!(!warm.is_empty());
+        let cold = v.pages.iter().filter(|p| p.tier == Tier::Cold).count();
+        (warm.iter().map(|p| p.format.k_bits.bits()).min().unwrap(), cold)
+    };
+    let (bits, cold) = narrowest(&mut Tiered::default());
+    assert_eq!(bits, 4, "the default never goes below the config's int4 on the device");
+    assert!(cold > 0);
+    let mut narrow = Tiered::narrow();
+    assert_eq!(narrow.name(), "tiered_int2");
+    let (bits, cold_narrow) = narrowest(&mut narrow);
+    assert_eq!(bits, 2, "tiered_int2 uses int2 before cold");
+    assert!(cold_narrow < cold, "{cold_narrow} vs {cold}");
 }
 
 #[test]

@@ -204,6 +204,7 @@ pub const NAMES: &[&str] = &[
     "hybrid",
     "anchor",
     "tiered",
+    "tiered_int2",
 ];
 
 /// A built-in policy with its documented defaults.
@@ -221,6 +222,7 @@ pub fn by_name(name: &str) -> Result<Box<dyn RetentionPolicy>> {
         "hybrid" => Box::new(Hybrid::default()),
         "anchor" => Box::new(AnchorPages::default()),
         "tiered" => Box::new(Tiered::default()),
+        "tiered_int2" => Box::new(Tiered::narrow()),
         other => {
             return Err(Error::config(
                 "policy",

@@ -59,9 +59,11 @@ impl RetentionPolicy for AnchorPages {
 }
 
 /// kvtier's default policy, **tiered**: within a device-byte budget, pages descend by importance
-/// (accumulated mass) hot → the config's warm width → narrower widths → cold (host RAM, still
-/// attended), least important deepest, before anything is evicted (only with `allow_evict`, and
-/// only what no tier can hold). A non-hot page whose latest-step mass reaches `promote_mass` comes
+/// (accumulated mass) hot → the config's warm width → cold (host RAM, still attended), least
+/// important deepest, before anything is evicted (only with `allow_evict`, and only what no tier
+/// can hold). The config's warm width is the floor on the device: narrower widths (int2) come
+/// before cold only with `narrow` (`tiered_int2`), because on SmolLM2 int2 pages cost +6-10% PPL
+/// (docs/results.md) while a cold page keeps its int4 precision and only costs transfer. A non-hot page whose latest-step mass reaches `promote_mass` comes
 /// back hot (exactly, from the archive) when the budget allows. Hysteresis, so pages do not thrash
 /// between tiers: a page demoted is not promoted again for `cooldown` observe steps, and a page
 /// promoted is the last to be demoted again for `cooldown` steps (only when the budget cannot be
@@ -76,6 +78,8 @@ pub struct Tiered {
     pub cooldown: u64,
     /// Evict when even the cold tier cannot make the budget (off: the budget is then missed).
     pub allow_evict: bool,
+    /// Use the narrower warm widths (int4 → int2) before the cold tier (`tiered_int2`).
+    pub narrow: bool,
     /// Step of each page's latest demotion / promotion.
     demoted: HashMap<(u64, usize, usize), u64>,
     promoted: HashMap<(u64, usize, usize), u64>,
@@ -88,6 +92,7 @@ impl Default for Tiered {
             promote_mass: 0.5,
             cooldown: 16,
             allow_evict: false,
+            narrow: false,
             demoted: HashMap::new(),
             promoted: HashMap::new(),
         }
@@ -95,6 +100,14 @@ impl Default for Tiered {
 }
 
 impl Tiered {
+    /// The ladder with the narrower widths in use before cold (the old default).
+    pub fn narrow() -> Self {
+        Tiered {
+            narrow: true,
+            ..Tiered::default()
+        }
+    }
+
     /// Depth of a tier: 0 hot, 1..=ladder.len() warm widths, ladder.len() + 1 cold.
     fn level(v: &SeqView, p: &PageView) -> usize {
         match p.tier {
@@ -126,12 +139,16 @@ impl Tiered {
 
 impl RetentionPolicy for Tiered {
     fn name(&self) -> &str {
-        "tiered"
+        if self.narrow {
+            "tiered_int2"
+        } else {
+            "tiered"
+        }
     }
     fn plan(&mut self, v: &SeqView, b: &Budget) -> Vec<Move> {
         let cold = v.ladder.len() + 1;
-        let usable =
-            |lvl: usize| lvl == 0 || lvl == cold || (v.warm_enabled && lvl <= v.ladder.len());
+        let floor = if self.narrow { v.ladder.len() } else { 1 };
+        let usable = |lvl: usize| lvl == 0 || lvl == cold || (v.warm_enabled && lvl <= floor);
         let mut target: Vec<usize> = v.pages.iter().map(|p| Self::level(v, p)).collect();
         let mut bytes = v.device_bytes();
         let budget = b.device_bytes.unwrap_or(usize::MAX);

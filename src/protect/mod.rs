@@ -132,6 +132,8 @@ pub struct KvTierAttention {
     last_heads: Vec<Vec<HeadStats>>,
     /// A retention policy run after every decode step of every layer, with its budget.
     policy: Option<(Box<dyn RetentionPolicy>, Budget)>,
+    /// Prefill rows whose attention is observed before the policy runs at the end of a prefill.
+    observe_window: usize,
     /// Where decode steps are recorded (see [`crate::policy::trace`]), and steps per layer.
     trace: Option<(TraceSink, Vec<u32>)>,
     /// How decode steps choose the pages they attend (default: all), and its buffers.
@@ -179,6 +181,7 @@ impl KvTierAttention {
             shape,
             last_heads: vec![Vec::new(); shape.num_layers],
             policy: None,
+            observe_window: 16,
             trace: None,
             choice: PageChoice::All,
             elim_scratch: EliminationScratch::default(),
@@ -229,9 +232,21 @@ impl KvTierAttention {
 
     /// Runs `policy` (e.g. `policy::by_name("tiered")?`) under `budget` after every decode step:
     /// the step's attention is observed into the page statistics, then the policy's moves are
-    /// executed for that layer.
+    /// executed for that layer. It also runs at the end of every prefill, after the attention of
+    /// the prompt's last rows (an observation window, as SnapKV's; see
+    /// [`Self::with_observation_window`]) is observed, so a long prompt is compressed before the
+    /// first decode step reads it.
     pub fn with_policy(mut self, policy: Box<dyn RetentionPolicy>, budget: Budget) -> Self {
         self.policy = Some((policy, budget));
+        self
+    }
+
+    /// Prefill rows observed before the policy runs at the end of a prefill (default 16; 0: the
+    /// policy does not run after prefills). Each row's query attends the whole stored sequence,
+    /// including the few window tokens after it: these are statistics, not outputs, and the
+    /// window's own pages are the newest, which every policy keeps.
+    pub fn with_observation_window(mut self, rows: usize) -> Self {
+        self.observe_window = rows;
         self
     }
 
@@ -264,7 +279,22 @@ impl AttentionCache for KvTierAttention {
 
     fn prefill(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>> {
         check_qkv(&self.shape, layer, q, k, v)?;
-        self.cache.prefill(self.seq, layer, q, k, v)
+        let out = self.cache.prefill(self.seq, layer, q, k, v)?;
+        if let Some((policy, budget)) = self.policy.as_mut() {
+            let row = self.shape.num_q_heads * self.shape.head_dim;
+            let rows = q.len() / row;
+            if self.observe_window > 0 && rows > 0 {
+                for r in rows.saturating_sub(self.observe_window)..rows {
+                    let att = self
+                        .cache
+                        .attend(layer, &[self.seq], &q[r * row..(r + 1) * row])?;
+                    self.cache.observe(layer, &[self.seq], &att)?;
+                }
+                self.cache
+                    .enforce(policy.as_mut(), self.seq, layer, budget)?;
+            }
+        }
+        Ok(out)
     }
 
     fn decode(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>> {
@@ -470,5 +500,29 @@ mod tests {
         let view = a.kv_cache().policy_view(a.seq(), 0).unwrap();
         assert!(view.kept_tokens() <= 256, "{}", view.kept_tokens());
         assert!(a.kv_cache().memory_report().evicted_pages > 0);
+    }
+
+    #[test]
+    fn a_policy_compresses_a_prompt_at_the_end_of_its_prefill() {
+        let cfg = CacheConfig::balanced(1, 4, 2, 32).unwrap();
+        let rows = 1024;
+        let q: Vec<f32> = (0..rows * 128).map(|i| (i as f32 * 0.37).sin()).collect();
+        let k: Vec<f32> = (0..rows * 64).map(|i| (i as f32 * 0.11).cos()).collect();
+        let kept = |window: usize| {
+            let mut a = KvTierAttention::new(cfg.clone())
+                .unwrap()
+                .with_policy(crate::policy::by_name("h2o").unwrap(), Budget::tokens(256))
+                .with_observation_window(window);
+            let out = a.prefill(0, &q, &k, &k).unwrap();
+            assert_eq!(out.len(), q.len());
+            let v = a.kv_cache().policy_view(a.seq(), 0).unwrap();
+            (v.kept_tokens(), v.step)
+        };
+        // The last 16 rows are observed, then the budget is enforced before any decode step.
+        let (n, steps) = kept(16);
+        assert!(n <= 256, "{n}");
+        assert_eq!(steps, 16);
+        // Window 0: the policy waits for the first decode step.
+        assert_eq!(kept(0), (rows, 0));
     }
 }
