@@ -194,6 +194,7 @@ fn cli() -> Command {
         .arg(num("lengths", "4096", "perplexity context lengths, comma-separated (0 or empty: skip)"))
         .arg(num("tail", "1024", "tokens decoded and scored at the end of each length"))
         .arg(num("speeches", "2", "speeches per length (the most recent ones long enough)"))
+        .arg(num("speech-offset", "0", "skip this many of those speeches (to split a run)"))
         .arg(num("passkey-trials", "20", "passkey trials per depth (0: skip)"))
         .arg(num("passkey-depths", "0,0.25,0.5,0.75,1", "needle depths in [0, 1]"))
         .arg(num("passkey-context", "1024", "passkey prompt tokens"))
@@ -287,6 +288,7 @@ fn main() -> AnyResult<()> {
     let lengths: Vec<usize> = list(&get::<String>(&m, "lengths")?, "lengths")?;
     let tail: usize = get(&m, "tail")?;
     let n_speeches: usize = get(&m, "speeches")?;
+    let speech_offset: usize = get(&m, "speech-offset")?;
     let trials: usize = get(&m, "passkey-trials")?;
     let depths: Vec<f64> = list(&get::<String>(&m, "passkey-depths")?, "passkey-depths")?;
     let pk_context: usize = get(&m, "passkey-context")?;
@@ -364,6 +366,7 @@ fn main() -> AnyResult<()> {
         let chosen: Vec<_> = encoded
             .iter()
             .filter(|(_, ids)| ids.len() >= len)
+            .skip(speech_offset)
             .take(n_speeches)
             .collect();
         if chosen.len() < n_speeches {
@@ -505,7 +508,7 @@ fn main() -> AnyResult<()> {
         "model": assets.model().file_name().map(|s| s.to_string_lossy().to_string()),
         "hot_dtype": format!("{hot:?}"),
         "decode_weights": if dense_decode { "dense f32 (dequantised)" } else { "quantised (QMatMul)" },
-        "ppl_setup": {"lengths": lengths, "tail": tail, "speeches": n_speeches},
+        "ppl_setup": {"lengths": lengths, "tail": tail, "speeches": n_speeches, "speech_offset": speech_offset},
         "elapsed_s": started.elapsed().as_secs_f64(),
         "results": results,
     });
