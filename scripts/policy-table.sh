@@ -16,8 +16,9 @@
 #   QUICK=1 ...                            the same pipeline at toy sizes (a smoke test of the script)
 #
 # Each task writes one JSON report into OUT_DIR; `python3 scripts/policy_table.py OUT_DIR` merges them
-# into the Markdown table (it runs at the end here). The passkey trials of task i use seed 1000 + i,
-# so splitting the work over processes changes nothing in what each config sees.
+# into the Markdown table (it runs at the end here). Every config of a passkey task sees the same
+# trial, so splitting the work over processes changes nothing in what each config sees. A task whose
+# report is already in OUT_DIR is kept, so an interrupted run resumes.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -67,17 +68,23 @@ for s in 0 1; do
         echo "ppl-s$s-c$i ${ppl_size[*]} --speeches 1 --speech-offset $s --passkey-trials 0 ${args[*]}"
     done >>"$tasks"
 done
-task=0
+# Passkey seeds: 1021 + (depth index x trials + trial) at 1K, 1001 + ... at 4K (at most 20 4K trials
+# keep the two sets apart), the same whatever other tasks run.
+seed_base=(1021 1001)
+# SEED_OFFSET=k: another set of trials (seeds moved by k, reports named -o<k>), to add to a run.
+offset="${SEED_OFFSET:-0}"
+suffix=""
+if [ "$offset" != 0 ]; then suffix="-o$offset"; fi
 # The long (4K) trials first, so the short ones fill the slots they leave.
 for ci in 1 0; do
     ctx=${contexts[ci]}
     trials=$pk1k
     if [ "$ci" = 1 ]; then trials=$pk4k; fi
-    for depth in "${depths[@]}"; do
+    for di in "${!depths[@]}"; do
+        depth=${depths[di]}
         for ((t = 0; t < trials; t++)); do
-            task=$((task + 1))
             [ "$part" = all ] || [ "$part" = "pk$ci" ] || continue
-            echo "pk$ctx-d$depth-t$t --lengths 0 --passkey-trials 1 --passkey-depths $depth --passkey-context $ctx --seed $((1000 + task)) ${all_configs[*]}"
+            echo "pk$ctx-d$depth-t$t$suffix --lengths 0 --passkey-trials 1 --passkey-depths $depth --passkey-context $ctx --seed $((offset + seed_base[ci] + di * trials + t)) ${all_configs[*]}"
         done
     done >>"$tasks"
 done
@@ -92,6 +99,7 @@ export RAYON_NUM_THREADS="$threads"
 # shellcheck disable=SC2016
 xargs -P "$jobs" -L 1 sh -c '
     name=$0
+    if [ -s "$out_dir/$name.json" ]; then echo "kept $name" >&2; exit 0; fi
     "$EVAL" $COMMON "$@" --out "$out_dir/$name.json" >"$out_dir/$name.log" 2>&1 \
         && echo "done $name" >&2 || { echo "FAILED $name (see $out_dir/$name.log)" >&2; exit 255; }
 ' <"$tasks"
