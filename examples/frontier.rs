@@ -130,7 +130,13 @@ impl Probe {
         for &eps in &EPS {
             let (att, _) = Eliminator::new(eps)?.attend(cache, &mut self.scratch, &input)?;
             let c = check(&exact, &att, fm)?;
-            record(&mut self.points[k], layer, &c.realised_mass, c.skipped, c.false_eliminations);
+            record(
+                &mut self.points[k],
+                layer,
+                &c.realised_mass,
+                c.skipped,
+                c.false_eliminations,
+            );
             k += 1;
         }
         // Candidates: bounded, not hot, not evicted pages, per q head (as the ε-eliminator sees them).
@@ -211,10 +217,22 @@ impl AttentionCache for Probe {
     fn shape(&self) -> AttentionShape {
         self.inner.shape()
     }
-    fn prefill(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32]) -> kvtier::Result<Vec<f32>> {
+    fn prefill(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+    ) -> kvtier::Result<Vec<f32>> {
         self.inner.prefill(layer, q, k, v)
     }
-    fn decode(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32]) -> kvtier::Result<Vec<f32>> {
+    fn decode(
+        &mut self,
+        layer: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+    ) -> kvtier::Result<Vec<f32>> {
         kvtier::protect::check_decode(&self.inner.shape(), layer, q, k, v)?;
         self.inner.append(layer, k, v)?;
         self.measure(layer, q)
@@ -232,10 +250,25 @@ impl AttentionCache for Probe {
 
 fn main() -> AnyResult<()> {
     let m = Command::new("frontier")
-        .about("eliminators on SmolLM2 decode steps: skip rate vs realised mass vs false elimination")
-        .arg(Arg::new("lengths").long("lengths").default_value("2048,4096,8192"))
-        .arg(Arg::new("steps").long("steps").default_value("32").help("decode steps per length"))
-        .arg(Arg::new("false-mass").long("false-mass").default_value("0.01"))
+        .about(
+            "eliminators on SmolLM2 decode steps: skip rate vs realised mass vs false elimination",
+        )
+        .arg(
+            Arg::new("lengths")
+                .long("lengths")
+                .default_value("2048,4096,8192"),
+        )
+        .arg(
+            Arg::new("steps")
+                .long("steps")
+                .default_value("32")
+                .help("decode steps per length"),
+        )
+        .arg(
+            Arg::new("false-mass")
+                .long("false-mass")
+                .default_value("0.01"),
+        )
         .arg(Arg::new("json").long("json"))
         .arg(Arg::new("svg").long("svg"))
         .get_matches();
@@ -264,7 +297,11 @@ fn main() -> AnyResult<()> {
     let mut all: Vec<(usize, Vec<Point>)> = Vec::new();
     for &len in &lengths {
         if steps == 0 || steps >= len || len > c.context_length {
-            return Err(format!("length {len}: need 0 < steps < length <= {}", c.context_length).into());
+            return Err(format!(
+                "length {len}: need 0 < steps < length <= {}",
+                c.context_length
+            )
+            .into());
         }
         // The most recent speech with enough tokens.
         let (name, ids) = speeches
@@ -281,13 +318,21 @@ fn main() -> AnyResult<()> {
             .build()?;
         let mut points = Vec::new();
         for &e in &EPS {
-            points.push(Point::new("epsilon", format!("{e:e}").parse::<f64>()?, c.num_layers));
+            points.push(Point::new(
+                "epsilon",
+                format!("{e:e}").parse::<f64>()?,
+                c.num_layers,
+            ));
         }
         for &n in &QUEST {
             points.push(Point::new("quest", n as f64, c.num_layers));
         }
         for &e in &EPS {
-            points.push(Point::new("oracle", format!("{e:e}").parse::<f64>()?, c.num_layers));
+            points.push(Point::new(
+                "oracle",
+                format!("{e:e}").parse::<f64>()?,
+                c.num_layers,
+            ));
         }
         let probe = Probe {
             inner: KvTierAttention::new(cfg)?,
@@ -307,7 +352,12 @@ fn main() -> AnyResult<()> {
         let points = std::mem::take(&mut session.cache_mut().points);
         let mut slack = std::mem::take(&mut session.cache_mut().slack);
         slack.sort_by(f32::total_cmp);
-        let q = |f: f64| slack.get(((slack.len() as f64 - 1.0) * f) as usize).copied().unwrap_or(f32::NAN);
+        let q = |f: f64| {
+            slack
+                .get(((slack.len() as f64 - 1.0) * f) as usize)
+                .copied()
+                .unwrap_or(f32::NAN)
+        };
         let (s10, s50, s90) = (q(0.1), q(0.5), q(0.9));
         println!("\nL = {len} ({name}, {steps} decode steps x {} layers; false elimination: skipped pair with exact mass > {false_mass})\n", c.num_layers);
         println!("Key-bound slack over {} candidate (page, head) pairs, ub + ln n - page lse (nats): p10 {s10:.1}, median {s50:.1}, p90 {s90:.1}\n", slack.len());

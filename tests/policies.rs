@@ -194,10 +194,16 @@ fn tiered_keeps_the_config_width_as_its_device_floor_unless_told_narrow() {
         let warm: Vec<_> = v.pages.iter().filter(|p| p.tier == Tier::Warm).collect();
         assert!(!warm.is_empty());
         let cold = v.pages.iter().filter(|p| p.tier == Tier::Cold).count();
-        (warm.iter().map(|p| p.format.k_bits.bits()).min().unwrap(), cold)
+        (
+            warm.iter().map(|p| p.format.k_bits.bits()).min().unwrap(),
+            cold,
+        )
     };
     let (bits, cold) = narrowest(&mut Tiered::default());
-    assert_eq!(bits, 4, "the default never goes below the config's int4 on the device");
+    assert_eq!(
+        bits, 4,
+        "the default never goes below the config's int4 on the device"
+    );
     assert!(cold > 0);
     let mut narrow = Tiered::narrow();
     assert_eq!(narrow.name(), "tiered_int2");
