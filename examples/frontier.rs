@@ -148,10 +148,10 @@ impl Probe {
         let cand = is_cand.iter().filter(|&&c| c).count() as u64 * qh as u64;
         for (i, p) in pages.iter().enumerate().filter(|(i, _)| is_cand[*i]) {
             let ub = self.scratch.bounds.ub(0, i);
-            for h in 0..qh {
-                let lse = exact.page_lse[0][i * qh + h];
-                if lse.is_finite() {
-                    self.slack.push(ub[h] + (p.n_tokens as f32).ln() - lse);
+            let lse = &exact.page_lse[0][i * qh..(i + 1) * qh];
+            for (&u, &l) in ub.iter().zip(lse) {
+                if l.is_finite() {
+                    self.slack.push(u + (p.n_tokens as f32).ln() - l);
                 }
             }
         }

@@ -35,6 +35,7 @@ pub mod eliminate;
 pub mod error;
 pub mod ffi;
 pub mod memory;
+pub mod monitor;
 #[cfg(feature = "model")]
 pub mod model;
 pub mod policy;

@@ -1,0 +1,367 @@
+//! The uncertainty monitor: per decode step, how unsure the model is, and whether to act.
+//!
+//! Owns: entropy and varentropy of next-token logits ([`logit_uncertainty`], entropix's two
+//! signals), the summary of attention's fused per-head statistics ([`attention_uncertainty`]), the
+//! entropix regimes ([`Regime`]), a health score per token, and the firing rule ([`Monitor`]: an
+//! immutable engine; [`MonitorState`]: the caller-owned running calibration; [`StepSignals`]: one
+//! step's input). Must never: touch the cache or the model (it reads numbers and returns a
+//! [`Verdict`]; whoever embeds it decides what healing means), or allocate per step beyond its
+//! fixed window.
+//!
+//! **Calibration** (what `sensitivity` means): the monitor keeps the last `window` steps' logit
+//! varentropy and fires on a step whose varentropy is above the running quantile at level
+//! `1 - sensitivity / 10` of that window, once `warmup` steps have been seen. So on a stationary
+//! stream it fires on about `sensitivity / 10` of the steps: 8.5% at the default 0.85, never at 0,
+//! 10% at 1. The rule is relative to the model's own recent behaviour, so it needs no per-model
+//! constant; the test `firing_rate_follows_sensitivity` checks the rate.
+//!
+//! **Health** is `1 - H / ln(V)`: one minus the next-token entropy normalised by its maximum for a
+//! vocabulary of `V`, in `[0, 1]`, 1 for a certain prediction.
+
+use crate::attention::HeadStats;
+use crate::error::{Error, Result};
+
+/// Entropy and varentropy of one distribution (nats, nats²).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Uncertainty {
+    /// `H = -Σ p log p`.
+    pub entropy: f32,
+    /// `Σ p (log p + H)²`: the variance of the surprisal.
+    pub varentropy: f32,
+}
+
+/// [`Uncertainty`] of `softmax(logits)`, computed in f64 from the log-softmax (stable for any
+/// finite logits). Errors on an empty slice or a non-finite logit.
+pub fn logit_uncertainty(logits: &[f32]) -> Result<Uncertainty> {
+    if logits.is_empty() {
+        return Err(Error::shape("logits", "at least one value", 0));
+    }
+    if let Some(i) = logits.iter().position(|x| !x.is_finite()) {
+        return Err(Error::config(
+            "logits",
+            format!("logit {i} is {} (must be finite)", logits[i]),
+        ));
+    }
+    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let z: f64 = logits.iter().map(|&x| (x as f64 - m).exp()).sum();
+    let lz = m + z.ln();
+    let (mut h, mut s2) = (0f64, 0f64);
+    for &x in logits {
+        let lp = x as f64 - lz;
+        let p = lp.exp();
+        h -= p * lp;
+        s2 += p * lp * lp;
+    }
+    // Σ p (lp + H)² = Σ p lp² - H² (since Σ p lp = -H); clamp the rounding below 0.
+    Ok(Uncertainty {
+        entropy: h.max(0.0) as f32,
+        varentropy: (s2 - h * h).max(0.0) as f32,
+    })
+}
+
+/// Mean entropy and varentropy over attention heads (the decode kernel's fused statistics).
+/// `None` when `heads` is empty.
+pub fn attention_uncertainty(heads: &[HeadStats]) -> Option<Uncertainty> {
+    if heads.is_empty() {
+        return None;
+    }
+    let n = heads.len() as f32;
+    Some(Uncertainty {
+        entropy: heads.iter().map(|h| h.entropy).sum::<f32>() / n,
+        varentropy: heads.iter().map(|h| h.varentropy).sum::<f32>() / n,
+    })
+}
+
+/// entropix's four regimes of (entropy, varentropy), each against its running median.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Regime {
+    /// Low entropy, low varentropy: the model is sure (entropix: take the argmax).
+    Confident,
+    /// High entropy, low varentropy: uniformly unsure (entropix: ask or think before answering).
+    Uncertain,
+    /// Low entropy, high varentropy: a few strong, competing options (entropix: branch).
+    Branching,
+    /// High entropy, high varentropy: lost (entropix: resample hotter); the regime healing targets.
+    Lost,
+}
+
+/// Why a step fired.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Reason {
+    /// Logit varentropy above the calibrated quantile (`threshold`).
+    Varentropy { value: f32, threshold: f32 },
+}
+
+/// The monitor's judgement of one step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Verdict {
+    /// `1 - H / ln(V)` in `[0, 1]`.
+    pub health: f32,
+    pub logits: Uncertainty,
+    /// Mean over attention heads, when the step reported them.
+    pub attention: Option<Uncertainty>,
+    /// Against the window's medians; `None` during warm-up.
+    pub regime: Option<Regime>,
+    /// `Some` when the monitor fires (act on this step).
+    pub fire: Option<Reason>,
+}
+
+/// One step's signals.
+#[derive(Debug, Clone, Copy)]
+pub struct StepSignals<'a> {
+    /// Next-token logits, `[vocab]`.
+    pub logits: &'a [f32],
+    /// The decode step's attention statistics (any layers, any heads; may be empty).
+    pub heads: &'a [HeadStats],
+}
+
+/// The monitor's settings (immutable engine; state lives in [`MonitorState`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Monitor {
+    sensitivity: f32,
+    window: usize,
+    warmup: usize,
+}
+
+impl Monitor {
+    /// A monitor at `sensitivity` in `[0, 1]` (the default 0.85 fires on about 8.5% of steps),
+    /// over a 256-step window with a 32-step warm-up.
+    pub fn new(sensitivity: f32) -> Result<Self> {
+        if !(0.0..=1.0).contains(&sensitivity) {
+            return Err(Error::config(
+                "sensitivity",
+                format!("must be in [0, 1], got {sensitivity}"),
+            ));
+        }
+        Ok(Monitor {
+            sensitivity,
+            window: 256,
+            warmup: 32,
+        })
+    }
+
+    /// The calibration window and warm-up, in steps (`1 <= warmup <= window`).
+    pub fn with_window(mut self, window: usize, warmup: usize) -> Result<Self> {
+        if warmup == 0 || warmup > window || window > 1 << 20 {
+            return Err(Error::config(
+                "window",
+                format!("need 1 <= warmup ({warmup}) <= window ({window}) <= 2^20"),
+            ));
+        }
+        self.window = window;
+        self.warmup = warmup;
+        Ok(self)
+    }
+
+    pub fn sensitivity(&self) -> f32 {
+        self.sensitivity
+    }
+
+    /// The quantile level above which a step fires.
+    pub fn fire_quantile(&self) -> f32 {
+        1.0 - self.sensitivity / 10.0
+    }
+
+    /// Judges one step and records it into `state`'s window.
+    pub fn observe(&self, state: &mut MonitorState, step: &StepSignals) -> Result<Verdict> {
+        let logits = logit_uncertainty(step.logits)?;
+        let attention = attention_uncertainty(step.heads);
+        let max_h = (step.logits.len() as f32).ln();
+        let health = if max_h > 0.0 {
+            (1.0 - logits.entropy / max_h).clamp(0.0, 1.0)
+        } else {
+            1.0
+        };
+        let (mut regime, mut fire) = (None, None);
+        if state.len() >= self.warmup {
+            let med_h = state.quantile(&state.entropy, 0.5);
+            let med_v = state.quantile(&state.varentropy, 0.5);
+            regime = Some(match (logits.entropy > med_h, logits.varentropy > med_v) {
+                (false, false) => Regime::Confident,
+                (true, false) => Regime::Uncertain,
+                (false, true) => Regime::Branching,
+                (true, true) => Regime::Lost,
+            });
+            if self.sensitivity > 0.0 {
+                let threshold = state.quantile(&state.varentropy, self.fire_quantile());
+                if logits.varentropy > threshold {
+                    fire = Some(Reason::Varentropy {
+                        value: logits.varentropy,
+                        threshold,
+                    });
+                }
+            }
+        }
+        state.push(self.window, logits);
+        state.steps += 1;
+        state.fired += fire.is_some() as u64;
+        Ok(Verdict {
+            health,
+            logits,
+            attention,
+            regime,
+            fire,
+        })
+    }
+}
+
+/// A monitor's running calibration (caller-owned; one per sequence).
+#[derive(Debug, Clone, Default)]
+pub struct MonitorState {
+    entropy: Vec<f32>,
+    varentropy: Vec<f32>,
+    /// Next slot of the ring once full.
+    next: usize,
+    sorted: std::cell::RefCell<Vec<f32>>,
+    /// Steps observed and steps fired.
+    pub steps: u64,
+    pub fired: u64,
+}
+
+impl MonitorState {
+    /// Steps in the window.
+    pub fn len(&self) -> usize {
+        self.entropy.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.entropy.is_empty()
+    }
+    fn push(&mut self, window: usize, u: Uncertainty) {
+        if self.entropy.len() < window {
+            self.entropy.push(u.entropy);
+            self.varentropy.push(u.varentropy);
+        } else {
+            let i = self.next % window.min(self.entropy.len());
+            self.entropy[i] = u.entropy;
+            self.varentropy[i] = u.varentropy;
+            self.next = i + 1;
+        }
+    }
+    /// The `q` quantile (nearest rank) of `xs`, through a reused buffer.
+    fn quantile(&self, xs: &[f32], q: f32) -> f32 {
+        let mut s = self.sorted.borrow_mut();
+        s.clear();
+        s.extend_from_slice(xs);
+        let k = ((s.len() - 1) as f32 * q).round() as usize;
+        *s.select_nth_unstable_by(k, f32::total_cmp).1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    #[test]
+    fn uncertainty_matches_the_direct_formulas() {
+        let mut seed = 7;
+        for n in [1usize, 2, 5, 100, 4096] {
+            for scale in [0.1f32, 3.0, 40.0] {
+                let x: Vec<f32> = (0..n).map(|_| lcg(&mut seed) * scale).collect();
+                let u = logit_uncertainty(&x).unwrap();
+                // Direct: normalise p, then H and Var[-log p] by definition.
+                let m = x.iter().copied().fold(f32::MIN, f32::max) as f64;
+                let w: Vec<f64> = x.iter().map(|&v| (v as f64 - m).exp()).collect();
+                let z: f64 = w.iter().sum();
+                let p: Vec<f64> = w.iter().map(|v| v / z).collect();
+                let h: f64 = p.iter().filter(|&&q| q > 0.0).map(|q| -q * q.ln()).sum();
+                let v: f64 = p
+                    .iter()
+                    .filter(|&&q| q > 0.0)
+                    .map(|q| q * (-q.ln() - h).powi(2))
+                    .sum();
+                assert!((u.entropy as f64 - h).abs() <= 1e-5 * h.max(1.0), "{n} {scale}");
+                assert!((u.varentropy as f64 - v).abs() <= 1e-4 * v.max(1.0), "{n} {scale}");
+            }
+        }
+        // Uniform: H = ln n, no variance.
+        let u = logit_uncertainty(&[0.5; 64]).unwrap();
+        assert!((u.entropy - 64f32.ln()).abs() < 1e-6 && u.varentropy < 1e-9);
+        assert!(logit_uncertainty(&[]).is_err());
+        assert!(logit_uncertainty(&[1.0, f32::NAN]).is_err());
+        assert!(logit_uncertainty(&[1.0, f32::INFINITY]).is_err());
+    }
+
+    #[test]
+    fn firing_rate_follows_sensitivity() {
+        for s in [0.0f32, 0.5, 0.85, 1.0] {
+            let mon = Monitor::new(s).unwrap();
+            let mut st = MonitorState::default();
+            let mut seed = 11;
+            let n = 6000;
+            for _ in 0..n {
+                let sharp = 1.0 + 8.0 * (lcg(&mut seed) + 1.0);
+                let x: Vec<f32> = (0..50).map(|_| lcg(&mut seed) * sharp).collect();
+                let v = mon
+                    .observe(&mut st, &StepSignals { logits: &x, heads: &[] })
+                    .unwrap();
+                assert!((0.0..=1.0).contains(&v.health));
+            }
+            let rate = st.fired as f32 / n as f32;
+            assert!((rate - s / 10.0).abs() < 0.015, "sensitivity {s}: rate {rate}");
+        }
+        assert!(Monitor::new(1.5).is_err());
+        assert!(Monitor::new(0.5).unwrap().with_window(8, 16).is_err());
+    }
+
+    #[test]
+    fn regimes_and_health_follow_the_distribution() {
+        let mon = Monitor::new(0.85).unwrap().with_window(64, 8).unwrap();
+        let mut st = MonitorState::default();
+        let mut seed = 3;
+        // A calm stream: near-uniform predictions, almost no varentropy.
+        for _ in 0..64 {
+            let x: Vec<f32> = (0..32).map(|_| lcg(&mut seed) * 0.1).collect();
+            mon.observe(&mut st, &StepSignals { logits: &x, heads: &[] })
+                .unwrap();
+        }
+        let mut sure = vec![0f32; 32];
+        sure[3] = 40.0;
+        let v = mon
+            .observe(&mut st, &StepSignals { logits: &sure, heads: &[] })
+            .unwrap();
+        assert_eq!(v.regime, Some(Regime::Confident));
+        assert!(v.health > 0.99 && v.fire.is_none());
+        let flat = vec![0f32; 32];
+        let v = mon
+            .observe(&mut st, &StepSignals { logits: &flat, heads: &[] })
+            .unwrap();
+        assert_eq!(v.regime, Some(Regime::Uncertain));
+        assert!(v.health < 1e-6);
+        // Two strong options among weak ones: high varentropy.
+        let mut two = vec![-10f32; 32];
+        two[0] = 5.0;
+        two[1] = 5.0;
+        for t in two.iter_mut().skip(2).take(8) {
+            *t = 2.0;
+        }
+        let v = mon
+            .observe(&mut st, &StepSignals { logits: &two, heads: &[] })
+            .unwrap();
+        assert_eq!(v.regime, Some(Regime::Branching));
+        assert!(v.fire.is_some(), "{v:?}");
+        let heads = [
+            HeadStats {
+                entropy: 1.0,
+                varentropy: 2.0,
+                max_score: 0.0,
+                log_z: 0.0,
+            },
+            HeadStats {
+                entropy: 3.0,
+                varentropy: 4.0,
+                max_score: 0.0,
+                log_z: 0.0,
+            },
+        ];
+        let a = attention_uncertainty(&heads).unwrap();
+        assert_eq!((a.entropy, a.varentropy), (2.0, 3.0));
+        assert!(attention_uncertainty(&[]).is_none());
+    }
+}
