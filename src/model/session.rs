@@ -200,6 +200,8 @@ pub struct Session<C: AttentionCache> {
     cache: C,
     history: Vec<u32>,
     sensitivity: f32,
+    /// The monitor-and-heal loop run after every decode step, if any.
+    healing: Option<crate::protect::Healing>,
 }
 
 impl<C: AttentionCache> Session<C> {
@@ -222,6 +224,7 @@ impl<C: AttentionCache> Session<C> {
             cache,
             history: Vec::new(),
             sensitivity,
+            healing: None,
         })
     }
 
@@ -308,7 +311,28 @@ impl<C: AttentionCache> Session<C> {
             Err(e) => return Err(self.recover(before, e)),
         };
         self.history.push(token);
-        Ok(self.model.logits(&h)?.remove(0))
+        let logits = self.model.logits(&h)?.remove(0);
+        if let Some(heal) = self.healing.as_mut() {
+            heal.after_step(&mut self.cache, &logits)?;
+        }
+        Ok(logits)
+    }
+
+    /// Runs `healing` after every decode step (see [`crate::protect::Healing`]): the monitor
+    /// judges each step's logits and attention, and when it fires the cache heals.
+    pub fn with_healing(mut self, healing: crate::protect::Healing) -> Self {
+        self.healing = Some(healing);
+        self
+    }
+
+    /// The monitor-and-heal loop, if one runs.
+    pub fn healing(&self) -> Option<&crate::protect::Healing> {
+        self.healing.as_ref()
+    }
+
+    /// The loop, mutably (drain its events).
+    pub fn healing_mut(&mut self) -> Option<&mut crate::protect::Healing> {
+        self.healing.as_mut()
     }
 
     /// Greedy generation from `prompt` ids on a fresh sequence. `on_token` sees each new token.

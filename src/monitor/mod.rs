@@ -18,6 +18,9 @@
 //! **Health** is `1 - H / ln(V)`: one minus the next-token entropy normalised by its maximum for a
 //! vocabulary of `V`, in `[0, 1]`, 1 for a certain prediction.
 
+mod heal;
+pub use heal::Healer;
+
 use crate::attention::HeadStats;
 use crate::error::{Error, Result};
 

@@ -11,9 +11,13 @@
 //! projection), depend on a particular engine, or change what the cache stores (configuration is
 //! the caller's). `sensitivity` is validated and handed to the engine's session for the monitor.
 
+mod heal;
+pub use heal::{HealEvent, Healing};
+
 use crate::eliminate::{EliminationInput, EliminationScratch, Eliminator, QuestSelector};
 use crate::error::{Error, Result};
 use crate::policy::trace::{TraceHeader, TraceStep, TraceWriter};
+use crate::monitor::Healer;
 use crate::policy::{Budget, RetentionPolicy};
 
 /// Where a [`KvTierAttention`] records its trace.
@@ -70,6 +74,22 @@ pub trait AttentionCache {
 
     /// Bytes held, by tier.
     fn memory(&self) -> MemoryReport;
+
+    /// Appends the latest decode step's attention statistics (every layer, every q head) to `out`
+    /// (for the monitor). Default: none.
+    fn step_heads(&self, _out: &mut Vec<HeadStats>) {}
+
+    /// Healing after the monitor fired: bring back `healer`'s pages exactly and attend every page
+    /// on the next step. Returns `(pages promoted, bytes they added on the device)`. Default: a
+    /// cache that cannot heal does nothing.
+    fn heal(&mut self, _healer: &Healer) -> Result<(usize, usize)> {
+        Ok((0, 0))
+    }
+
+    /// Lets go of the healed pages (back to the warm format). Returns the pages released.
+    fn release_healed(&mut self, _healer: &Healer) -> Result<usize> {
+        Ok(0)
+    }
 }
 
 /// Checks `q`, `k`, `v` lengths against the shape; returns the token count.
@@ -141,6 +161,10 @@ pub struct KvTierAttention {
     elim_scratch: EliminationScratch,
     /// Over every decode step so far: candidate pages (per kv head) and pages skipped.
     elim_totals: (u64, u64),
+    /// Per layer: pages promoted by healing and not yet released.
+    healed: Vec<Vec<usize>>,
+    /// Decode calls (layers) left that attend every page regardless of `choice` (after healing).
+    exact_calls: usize,
 }
 
 /// How a [`KvTierAttention`] decode step chooses the pages it attends.
@@ -186,6 +210,8 @@ impl KvTierAttention {
             choice: PageChoice::All,
             elim_scratch: EliminationScratch::default(),
             elim_totals: (0, 0),
+            healed: vec![Vec::new(); shape.num_layers],
+            exact_calls: 0,
         })
     }
 
@@ -306,7 +332,13 @@ impl AttentionCache for KvTierAttention {
             seqs: &seqs,
             queries: q,
         };
-        let att = match self.choice {
+        let choice = if self.exact_calls > 0 {
+            self.exact_calls -= 1;
+            PageChoice::All
+        } else {
+            self.choice
+        };
+        let att = match choice {
             PageChoice::All => self.cache.attend(layer, &seqs, q)?,
             PageChoice::Eliminate(e) => {
                 let (att, rep) = e.attend(&self.cache, &mut self.elim_scratch, &input)?;
@@ -350,8 +382,9 @@ impl AttentionCache for KvTierAttention {
             })?;
             steps[layer] += 1;
         }
+        // Page statistics feed the policy and healing (which pages attention is on now).
+        self.cache.observe(layer, &[self.seq], &att)?;
         if let Some((policy, budget)) = self.policy.as_mut() {
-            self.cache.observe(layer, &[self.seq], &att)?;
             self.cache
                 .enforce(policy.as_mut(), self.seq, layer, budget)?;
         }
@@ -365,11 +398,25 @@ impl AttentionCache for KvTierAttention {
     fn reset(&mut self) -> Result<()> {
         self.cache.reset_sequence(self.seq)?;
         self.last_heads.iter_mut().for_each(Vec::clear);
+        self.healed.iter_mut().for_each(Vec::clear);
+        self.exact_calls = 0;
         Ok(())
     }
 
     fn memory(&self) -> MemoryReport {
         self.cache.memory_report()
+    }
+
+    fn step_heads(&self, out: &mut Vec<HeadStats>) {
+        self.last_heads.iter().for_each(|h| out.extend_from_slice(h));
+    }
+
+    fn heal(&mut self, healer: &Healer) -> Result<(usize, usize)> {
+        self.heal_pages(healer)
+    }
+
+    fn release_healed(&mut self, healer: &Healer) -> Result<usize> {
+        self.release_pages(healer)
     }
 }
 
