@@ -38,6 +38,7 @@ pub use gguf::GgufFile;
 pub use llama::{Llama, LlamaConfig, LoadOptions, Rope};
 pub use protect::{default_config, protect, protect_with, KvTierAttention, ProtectedSession};
 pub use session::{
-    CapturedPrefill, GenerateOptions, Generation, Score, ScoreOptions, Session, StopReason,
+    argmax, token_nll, CapturedPrefill, GenerateOptions, Generation, Score, ScoreOptions, Session,
+    StopReason,
 };
 pub use tokenizer::{ChatMessage, ChatTemplate, GgufTokenizer};
