@@ -19,9 +19,7 @@ use std::sync::Arc;
 
 use clap::{Arg, Command};
 use kvtier::model::corpus::{load_speeches, Assets};
-use kvtier::model::{
-    argmax, token_nll, ExactAttention, Llama, LoadOptions, Session,
-};
+use kvtier::model::{argmax, token_nll, ExactAttention, Llama, LoadOptions, Session};
 use kvtier::monitor::{Healer, Monitor};
 use kvtier::protect::Healing;
 use kvtier::{Bits, CacheConfig, HotDtype, KvTierAttention};
@@ -58,10 +56,29 @@ fn main() -> AnyResult<()> {
         .arg(Arg::new("tail").long("tail").default_value("512"))
         .arg(Arg::new("bits").long("bits").default_value("2"))
         .arg(Arg::new("window").long("window").default_value("128"))
-        .arg(Arg::new("sensitivity").long("sensitivity").default_value("0.85"))
-        .arg(Arg::new("pages").long("pages").default_value("4").help("pages healed per layer"))
+        .arg(
+            Arg::new("sensitivity")
+                .long("sensitivity")
+                .default_value("0.85"),
+        )
+        .arg(
+            Arg::new("pages")
+                .long("pages")
+                .default_value("4")
+                .help("pages healed per layer"),
+        )
         .arg(Arg::new("hold").long("hold").default_value("32"))
-        .arg(Arg::new("stream").long("stream").help("generate an answer to this prompt instead"))
+        .arg(
+            Arg::new("budget")
+                .long("budget")
+                .default_value("4")
+                .help("most healed pages per layer"),
+        )
+        .arg(
+            Arg::new("stream")
+                .long("stream")
+                .help("generate an answer to this prompt instead"),
+        )
         .get_matches();
     let num = |k: &str| -> AnyResult<usize> { Ok(m.get_one::<String>(k).unwrap().parse()?) };
     let (len, tail, bits, window) = (num("length")?, num("tail")?, num("bits")?, num("window")?);
@@ -69,6 +86,7 @@ fn main() -> AnyResult<()> {
     let healer = Healer {
         pages_per_layer: num("pages")?,
         hold: num("hold")? as u64,
+        max_pages_per_layer: num("budget")?,
     };
     let assets = Assets::locate();
     if !assets.available() {
@@ -91,8 +109,8 @@ fn main() -> AnyResult<()> {
                 e.step, e.reason, e.health, e.promoted_pages, e.promoted_bytes
             )
         });
-        let mut s =
-            Session::new(model.clone(), KvTierAttention::new(cfg)?, sensitivity)?.with_healing(healing);
+        let mut s = Session::new(model.clone(), KvTierAttention::new(cfg)?, sensitivity)?
+            .with_healing(healing);
         let tok = model.tokenizer().clone();
         let ids = tok.encode_user_prompt(prompt)?;
         let mut logits = s.prefill(&ids)?;
@@ -147,7 +165,10 @@ fn main() -> AnyResult<()> {
             bytes += mem.device_bytes() as f64 / (mem.tokens / mc.num_layers) as f64;
         }
         let (steps, fired) = s.healing().map(|h| h.counts()).unwrap_or((0, 0));
-        let loop_ns = s.healing().map(|h| h.timings_ns().to_vec()).unwrap_or_default();
+        let loop_ns = s
+            .healing()
+            .map(|h| h.timings_ns().to_vec())
+            .unwrap_or_default();
         let r = Run {
             name: label,
             ppl: (nll / tail as f64).exp(),
@@ -156,11 +177,18 @@ fn main() -> AnyResult<()> {
             steps,
             loop_ns,
         };
-        eprintln!("[heal] {}: PPL {:.4}, {:.0} B/token", r.name, r.ppl, r.bytes_per_token);
+        eprintln!(
+            "[heal] {}: PPL {:.4}, {:.0} B/token",
+            r.name, r.ppl, r.bytes_per_token
+        );
         Ok(r)
     };
     let fp = score(config(&model, None, window)?, false, "fp".into())?;
-    let base = score(config(&model, Some(bits as u32), window)?, false, format!("k{bits}v{bits}-w{window}"))?;
+    let base = score(
+        config(&model, Some(bits as u32), window)?,
+        false,
+        format!("k{bits}v{bits}-w{window}"),
+    )?;
     let healed = score(
         config(&model, Some(bits as u32), window)?,
         true,
@@ -172,13 +200,18 @@ fn main() -> AnyResult<()> {
     let f16_token = (2 * mc.num_kv_heads * mc.head_dim * 2 * mc.num_layers) as f64;
     let more = (extra / (f16_token - base.bytes_per_token).max(1.0)).round() as usize;
     let w2 = (window + more).div_ceil(32) * 32;
-    let matched = score(config(&model, Some(bits as u32), w2)?, false, format!("k{bits}v{bits}-w{w2} (matched memory)"))?;
+    let matched = score(
+        config(&model, Some(bits as u32), w2)?,
+        false,
+        format!("k{bits}v{bits}-w{w2} (matched memory)"),
+    )?;
 
     println!(
         "SmolLM2-135M, {name}: exact prefill {} tokens, {tail} decoded and scored; sensitivity {sensitivity}, \
-         {} pages per layer, hold {}\n",
+         {} pages per layer per firing, at most {} healed per layer, hold {}\n",
         len - tail,
         healer.pages_per_layer,
+        healer.max_pages_per_layer,
         healer.hold
     );
     println!("| cache | PPL | PPL ratio vs fp | loss recovered | device B/token (mean over steps) | vs no healing | firings / 1K tokens | loop time / step (median, p99) |");

@@ -24,7 +24,9 @@
 //! Module map (see docs/architecture.md): [`config`] → [`cache`] (sequences, page tables, tiering)
 //! → [`backend`] (page bytes and kernels; [`backend::cpu`] is the oracle) using [`quant`] (formats)
 //! and [`attention`] (online softmax algebra), with [`tiers`] (vocabulary, demotion rule) and
-//! [`memory`] (accounting). [`ffi`] is the C ABI (`include/kvtier.h`).
+//! [`memory`] (accounting). Decisions on top read statistics and return moves or selections:
+//! [`policy`] (retention), [`eliminate`] (query-time page choice), [`monitor`] (uncertainty and
+//! healing). [`ffi`] is the C ABI (`include/kvtier.h`).
 
 pub mod attention;
 pub mod backend;
@@ -35,9 +37,9 @@ pub mod eliminate;
 pub mod error;
 pub mod ffi;
 pub mod memory;
-pub mod monitor;
 #[cfg(feature = "model")]
 pub mod model;
+pub mod monitor;
 pub mod policy;
 pub mod protect;
 pub mod quant;

@@ -1,9 +1,9 @@
 //! Healing decisions: which pages come back exactly when the monitor fires, and when they go.
 //!
-//! Owns: [`Healer`] (pages per layer, hold time) and its two plans over a policy view:
+//! Owns: [`Healer`] (pages per layer, hold time, budget) and its two plans over a policy view:
 //! promotions (the non-hot pages with the largest latest-step mass that have an exact archive
-//! copy) and releases (healed pages still hot once the hold has passed go back to the config's
-//! warm format). Must never: execute moves (the cache does) or promote a page it cannot restore
+//! copy) and releases (healed pages still hot once the hold has passed, or the oldest ones when
+//! the budget is full, go back to the config's warm format). Must never: execute moves (the cache does) or promote a page it cannot restore
 //! bit for bit.
 
 use crate::cache::{Move, Tier};
@@ -16,6 +16,9 @@ pub struct Healer {
     pub pages_per_layer: usize,
     /// Steps without a firing after which healed pages are released.
     pub hold: u64,
+    /// Most healed pages per layer at once (the healing budget): a firing that would exceed it
+    /// first releases the oldest healed pages.
+    pub max_pages_per_layer: usize,
 }
 
 impl Default for Healer {
@@ -23,6 +26,7 @@ impl Default for Healer {
         Healer {
             pages_per_layer: 4,
             hold: 32,
+            max_pages_per_layer: 4,
         }
     }
 }

@@ -279,8 +279,14 @@ mod tests {
                     .filter(|&&q| q > 0.0)
                     .map(|q| q * (-q.ln() - h).powi(2))
                     .sum();
-                assert!((u.entropy as f64 - h).abs() <= 1e-5 * h.max(1.0), "{n} {scale}");
-                assert!((u.varentropy as f64 - v).abs() <= 1e-4 * v.max(1.0), "{n} {scale}");
+                assert!(
+                    (u.entropy as f64 - h).abs() <= 1e-5 * h.max(1.0),
+                    "{n} {scale}"
+                );
+                assert!(
+                    (u.varentropy as f64 - v).abs() <= 1e-4 * v.max(1.0),
+                    "{n} {scale}"
+                );
             }
         }
         // Uniform: H = ln n, no variance.
@@ -302,12 +308,21 @@ mod tests {
                 let sharp = 1.0 + 8.0 * (lcg(&mut seed) + 1.0);
                 let x: Vec<f32> = (0..50).map(|_| lcg(&mut seed) * sharp).collect();
                 let v = mon
-                    .observe(&mut st, &StepSignals { logits: &x, heads: &[] })
+                    .observe(
+                        &mut st,
+                        &StepSignals {
+                            logits: &x,
+                            heads: &[],
+                        },
+                    )
                     .unwrap();
                 assert!((0.0..=1.0).contains(&v.health));
             }
             let rate = st.fired as f32 / n as f32;
-            assert!((rate - s / 10.0).abs() < 0.015, "sensitivity {s}: rate {rate}");
+            assert!(
+                (rate - s / 10.0).abs() < 0.015,
+                "sensitivity {s}: rate {rate}"
+            );
         }
         assert!(Monitor::new(1.5).is_err());
         assert!(Monitor::new(0.5).unwrap().with_window(8, 16).is_err());
@@ -321,19 +336,37 @@ mod tests {
         // A calm stream: near-uniform predictions, almost no varentropy.
         for _ in 0..64 {
             let x: Vec<f32> = (0..32).map(|_| lcg(&mut seed) * 0.1).collect();
-            mon.observe(&mut st, &StepSignals { logits: &x, heads: &[] })
-                .unwrap();
+            mon.observe(
+                &mut st,
+                &StepSignals {
+                    logits: &x,
+                    heads: &[],
+                },
+            )
+            .unwrap();
         }
         let mut sure = vec![0f32; 32];
         sure[3] = 40.0;
         let v = mon
-            .observe(&mut st, &StepSignals { logits: &sure, heads: &[] })
+            .observe(
+                &mut st,
+                &StepSignals {
+                    logits: &sure,
+                    heads: &[],
+                },
+            )
             .unwrap();
         assert_eq!(v.regime, Some(Regime::Confident));
         assert!(v.health > 0.99 && v.fire.is_none());
         let flat = vec![0f32; 32];
         let v = mon
-            .observe(&mut st, &StepSignals { logits: &flat, heads: &[] })
+            .observe(
+                &mut st,
+                &StepSignals {
+                    logits: &flat,
+                    heads: &[],
+                },
+            )
             .unwrap();
         assert_eq!(v.regime, Some(Regime::Uncertain));
         assert!(v.health < 1e-6);
@@ -345,7 +378,13 @@ mod tests {
             *t = 2.0;
         }
         let v = mon
-            .observe(&mut st, &StepSignals { logits: &two, heads: &[] })
+            .observe(
+                &mut st,
+                &StepSignals {
+                    logits: &two,
+                    heads: &[],
+                },
+            )
             .unwrap();
         assert_eq!(v.regime, Some(Regime::Branching));
         assert!(v.fire.is_some(), "{v:?}");

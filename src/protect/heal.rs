@@ -167,8 +167,16 @@ impl KvTierAttention {
         for layer in 0..self.shape.num_layers {
             let view = self.cache.policy_view(self.seq, layer)?;
             let moves = healer.promotions(&view);
-            self.cache.apply(&moves)?;
-            for m in &moves {
+            // Within the budget: the oldest healed pages make room first.
+            let room = healer.max_pages_per_layer.saturating_sub(moves.len());
+            if self.healed[layer].len() > room {
+                let over = self.healed[layer].len() - room;
+                let old: Vec<usize> = self.healed[layer].drain(..over).collect();
+                self.cache.apply(&healer.releases(&view, &old))?;
+            }
+            let moves = &moves[..moves.len().min(healer.max_pages_per_layer)];
+            self.cache.apply(moves)?;
+            for m in moves {
                 if let crate::Move::Promote(r) = m {
                     if !self.healed[layer].contains(&r.page) {
                         self.healed[layer].push(r.page);
@@ -221,6 +229,7 @@ mod tests {
         let healer = Healer {
             pages_per_layer: 2,
             hold: 3,
+            max_pages_per_layer: 2,
         };
         let mut h = Healing::new(monitor, healer);
         let calm = vec![0.25f32; 16];
@@ -236,7 +245,11 @@ mod tests {
                 q[hd * 32 + d] = 30.0 * kv[((3 * 32 + 7) * 2 + kvh) * 32 + d];
             }
         }
-        let tok = |i: usize| -> Vec<f32> { (0..64).map(|d| ((i * 64 + d) as f32 * 0.37).cos()).collect() };
+        let tok = |i: usize| -> Vec<f32> {
+            (0..64)
+                .map(|d| ((i * 64 + d) as f32 * 0.37).cos())
+                .collect()
+        };
         let mut step = |a: &mut KvTierAttention, h: &mut Healing, i: usize, logits: &[f32]| {
             let t = tok(i);
             for l in 0..2 {
@@ -256,16 +269,30 @@ mod tests {
         // Page 3 carries the attention: it is hot again, holding exactly what was appended.
         let page = |a: &KvTierAttention, l: usize, p: usize| {
             a.kv_cache()
-                .page(crate::PageRef { seq, layer: l, page: p })
+                .page(crate::PageRef {
+                    seq,
+                    layer: l,
+                    page: p,
+                })
                 .unwrap()
                 .tier
         };
         assert_eq!(page(&a, 0, 3), Tier::Hot);
         assert_eq!(page(&a, 1, 3), Tier::Hot);
         let (k_now, _) = a.kv_cache().read_tokens(seq, 0).unwrap();
-        assert_eq!(&k_now[3 * 32 * 64..4 * 32 * 64], &kv[3 * 32 * 64..4 * 32 * 64]);
+        assert_eq!(
+            &k_now[3 * 32 * 64..4 * 32 * 64],
+            &kv[3 * 32 * 64..4 * 32 * 64]
+        );
+        // A second firing at once: the budget (2 per layer) holds; the oldest healed pages go back.
+        let hot_before = a.kv_cache().memory_report().hot_pages;
+        let v = step(&mut a, &mut h, 7, &spike);
+        assert!(v.fire.is_some(), "{v:?}");
+        assert_eq!(h.drain_events()[0].promoted_pages, 4);
+        assert_eq!(a.kv_cache().memory_report().hot_pages, hot_before);
+        assert!(a.healed.iter().all(|l| l.len() == 2));
         // Calm steps: released after the hold, back to the same warm codes as before.
-        for i in 7..7 + 3 {
+        for i in 8..8 + 3 {
             assert!(step(&mut a, &mut h, i, &calm).fire.is_none());
         }
         assert_eq!(h.released_pages, 4);
@@ -276,7 +303,7 @@ mod tests {
             &warm_before.0[..n * 64],
             "released pages re-quantise to the same codes"
         );
-        assert_eq!(h.counts(), (10, 1));
-        assert_eq!(h.timings_ns().len(), 10);
+        assert_eq!(h.counts(), (11, 2));
+        assert_eq!(h.timings_ns().len(), 11);
     }
 }

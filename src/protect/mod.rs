@@ -16,8 +16,8 @@ pub use heal::{HealEvent, Healing};
 
 use crate::eliminate::{EliminationInput, EliminationScratch, Eliminator, QuestSelector};
 use crate::error::{Error, Result};
-use crate::policy::trace::{TraceHeader, TraceStep, TraceWriter};
 use crate::monitor::Healer;
+use crate::policy::trace::{TraceHeader, TraceStep, TraceWriter};
 use crate::policy::{Budget, RetentionPolicy};
 
 /// Where a [`KvTierAttention`] records its trace.
@@ -408,7 +408,9 @@ impl AttentionCache for KvTierAttention {
     }
 
     fn step_heads(&self, out: &mut Vec<HeadStats>) {
-        self.last_heads.iter().for_each(|h| out.extend_from_slice(h));
+        self.last_heads
+            .iter()
+            .for_each(|h| out.extend_from_slice(h));
     }
 
     fn heal(&mut self, healer: &Healer) -> Result<(usize, usize)> {
