@@ -27,6 +27,9 @@ pub struct HealEvent {
     pub promoted_bytes: usize,
 }
 
+/// Called with every healing event.
+type EventCallback = Box<dyn FnMut(&HealEvent) + Send>;
+
 /// Events kept for [`Healing::drain_events`] before the oldest are dropped.
 const EVENT_QUEUE: usize = 1024;
 /// Per-step overhead timings kept.
@@ -41,7 +44,7 @@ pub struct Healing {
     since_fire: Option<u64>,
     heads: Vec<HeadStats>,
     events: VecDeque<HealEvent>,
-    on_event: Option<Box<dyn FnMut(&HealEvent) + Send>>,
+    on_event: Option<EventCallback>,
     timings_ns: Vec<u32>,
     last: Option<Verdict>,
     /// Totals over the loop's life: pages promoted and released.
@@ -250,7 +253,7 @@ mod tests {
                 .map(|d| ((i * 64 + d) as f32 * 0.37).cos())
                 .collect()
         };
-        let mut step = |a: &mut KvTierAttention, h: &mut Healing, i: usize, logits: &[f32]| {
+        let step = |a: &mut KvTierAttention, h: &mut Healing, i: usize, logits: &[f32]| {
             let t = tok(i);
             for l in 0..2 {
                 a.decode(l, &q, &t, &t).unwrap();
