@@ -329,6 +329,13 @@ typedef struct kvtier_config kvtier_config;
 typedef struct kvtier_policy kvtier_policy;
 
 /*
+ A protect session for one sequence. Opaque: `kvtier_protect_new`, `kvtier_protect_free`.
+ Calls on one session are serialised by an internal lock; the cache is locked for writing only
+ while the session heals or releases.
+ */
+typedef struct kvtier_protect kvtier_protect;
+
+/*
  The sizes a caller needs to shape its buffers. Arrays of the ABI are row-major:
  keys and values `[n_tokens][num_kv_heads][head_dim]`, queries and outputs
  `[n][num_q_heads][head_dim]`.
@@ -523,6 +530,77 @@ typedef struct kvtier_page_info {
      */
     uint64_t last_attended;
 } kvtier_page_info;
+
+/*
+ Settings of a protect session. Pass NULL to `kvtier_protect_new` for the defaults
+ (`kvtier_protect_options_default`).
+ */
+typedef struct kvtier_protect_options {
+    /*
+     In `[0, 1]`: the monitor fires on about `sensitivity / 10` of the steps (default 0.85).
+     */
+    float sensitivity;
+    /*
+     Pages promoted per layer on one firing (default 4).
+     */
+    size_t pages_per_layer;
+    /*
+     Most healed pages per layer at once (default 4).
+     */
+    size_t max_pages_per_layer;
+    /*
+     Calm steps after which healed pages are released (default 32).
+     */
+    uint64_t hold;
+} kvtier_protect_options;
+
+/*
+ The monitor's judgement of one step.
+ */
+typedef struct kvtier_verdict {
+    /*
+     `1 - H / ln(vocab)` of the logits, in `[0, 1]`.
+     */
+    float health;
+    float logit_entropy;
+    float logit_varentropy;
+    /*
+     Means over the head statistics passed in (NaN when none were).
+     */
+    float attention_entropy;
+    float attention_varentropy;
+    /*
+     -1 during warm-up; else 0 confident, 1 uncertain, 2 branching, 3 lost (entropix).
+     */
+    int32_t regime;
+    /*
+     The monitor fired on this step and the session healed.
+     */
+    bool fired;
+    /*
+     The varentropy threshold the step was judged against (NaN during warm-up).
+     */
+    float threshold;
+    /*
+     Pages promoted by this step's healing (all layers).
+     */
+    size_t promoted_pages;
+} kvtier_verdict;
+
+/*
+ One healing event, as `kvtier_protect_next_event` returns it.
+ */
+typedef struct kvtier_heal_event {
+    /*
+     Step of the session (0-based) after which healing ran.
+     */
+    uint64_t step;
+    float health;
+    float varentropy;
+    float threshold;
+    size_t promoted_pages;
+    size_t promoted_bytes;
+} kvtier_heal_event;
 
 #ifdef __cplusplus
 extern "C" {
@@ -1154,6 +1232,73 @@ kvtier_status kvtier_cache_enforce(struct kvtier_cache *cache,
                                    size_t max_tokens,
                                    size_t max_device_bytes,
                                    size_t *moves_out);
+
+/*
+ The default options (sensitivity 0.85, 4 pages per layer, at most 4 healed per layer, hold 32).
+ */
+struct kvtier_protect_options kvtier_protect_options_default(void);
+
+/*
+ Makes a protect session for sequence `seq` (of whichever cache later steps pass) and writes
+ its handle to `*session_out`. `options` may be NULL (the defaults).
+
+ Errors: `NULL_PARAMETER`, `INVALID_CONFIG` (sensitivity outside `[0, 1]` or NaN,
+ `pages_per_layer` above `max_pages_per_layer`).
+
+ # Safety
+
+ `options` must be NULL or valid for a read of one `kvtier_protect_options`; `session_out` valid
+ for a write of one pointer.
+ */
+kvtier_status kvtier_protect_new(const struct kvtier_protect_options *options,
+                                 uint64_t seq,
+                                 struct kvtier_protect **session_out);
+
+/*
+ Frees a session (NULL is a no-op). Healed pages stay as they are (hot) in the cache; a policy
+ or `kvtier_cache_move` may demote them.
+
+ # Safety
+
+ `session` must be NULL or a handle from `kvtier_protect_new` not yet freed.
+ */
+void kvtier_protect_free(struct kvtier_protect *session);
+
+/*
+ Judges one decode step from its next-token `logits[vocab]` and, optionally, the step's
+ attention statistics `heads[n_heads]` (NULL with 0), heals `cache` when the monitor fires and
+ releases healed pages after the hold; writes the verdict to `*verdict_out` (may be NULL).
+
+ Errors: `NULL_PARAMETER`, `SHAPE` (`vocab` 0), `NON_FINITE` (a NaN or infinite logit),
+ `INVALID_ARGUMENT` (counts whose byte size overflows), `UNKNOWN_SEQUENCE`, `POISONED`; moves
+ the cache refuses stop healing with their status (the pages before them stay promoted).
+
+ # Safety
+
+ `session` and `cache` must be NULL or live handles; `logits` valid for `vocab` reads; `heads`
+ NULL or valid for `n_heads` reads; `verdict_out` NULL or valid for one write.
+ */
+kvtier_status kvtier_protect_step(struct kvtier_protect *session,
+                                  struct kvtier_cache *cache,
+                                  const float *logits,
+                                  size_t vocab,
+                                  const struct kvtier_head_stats *heads,
+                                  size_t n_heads,
+                                  struct kvtier_verdict *verdict_out);
+
+/*
+ Takes the oldest queued healing event: writes it to `*event_out` and `true` to `*has_event`,
+ or `false` when the queue is empty (the session keeps the last 1024).
+
+ Errors: `NULL_PARAMETER`.
+
+ # Safety
+
+ `session` must be NULL or a live handle; `event_out` and `has_event` valid for one write each.
+ */
+kvtier_status kvtier_protect_next_event(struct kvtier_protect *session,
+                                        struct kvtier_heal_event *event_out,
+                                        bool *has_event);
 
 /*
  Copies the message of this thread's most recent failed kvtier call into `buf` as a

@@ -230,6 +230,14 @@ fn c11_pages_moves_selection() {
     assert!(stdout(&run(&exe, &[])).contains("pages: ok"));
 }
 
+/// The protect session: monitor, healing, events and bad input, through the C ABI.
+#[test]
+fn c11_protect_session() {
+    let Some(t) = toolchain() else { return };
+    let exe = t.build("tests/c/protect.c", "protect", &[], Link::Dynamic);
+    assert!(stdout(&run(&exe, &[])).contains("protect: ok"));
+}
+
 /// Batch invariance and the documented preset ratios, through the C ABI (natively and under the
 /// sanitizers; not under valgrind, which would take minutes over 32K-token caches).
 #[test]
@@ -278,7 +286,14 @@ fn c_tests_under_sanitizers() {
         );
         return;
     }
-    for name in ["lifecycle", "errors", "attention", "pages", "invariance"] {
+    for name in [
+        "lifecycle",
+        "errors",
+        "attention",
+        "pages",
+        "invariance",
+        "protect",
+    ] {
         let exe = t.build(
             &format!("tests/c/{name}.c"),
             &format!("{name}-asan"),
@@ -321,7 +336,7 @@ fn c_tests_under_valgrind() {
         "--show-possibly-lost=no",
         "--errors-for-leak-kinds=definite",
     ];
-    for name in ["lifecycle", "errors", "attention", "pages"] {
+    for name in ["lifecycle", "errors", "attention", "pages", "protect"] {
         let exe = t.build(
             &format!("tests/c/{name}.c"),
             &format!("{name}-vg"),

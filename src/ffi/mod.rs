@@ -109,6 +109,7 @@ mod attention;
 mod pages;
 
 mod policy;
+mod protect;
 
 mod last_error;
 pub mod status;
@@ -140,5 +141,10 @@ pub use pages::{
     KVTIER_NEVER, KVTIER_TIER_COLD, KVTIER_TIER_EVICTED, KVTIER_TIER_HOT, KVTIER_TIER_WARM,
 };
 pub use policy::{kvtier_cache_enforce, kvtier_policy, kvtier_policy_free, kvtier_policy_new};
+pub use protect::{
+    kvtier_heal_event, kvtier_protect, kvtier_protect_free, kvtier_protect_new,
+    kvtier_protect_next_event, kvtier_protect_options, kvtier_protect_options_default,
+    kvtier_protect_step, kvtier_verdict,
+};
 pub use status::{kvtier_status, kvtier_status_name};
 pub use version::{kvtier_abi_version, kvtier_version};

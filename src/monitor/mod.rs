@@ -39,11 +39,11 @@ pub fn logit_uncertainty(logits: &[f32]) -> Result<Uncertainty> {
     if logits.is_empty() {
         return Err(Error::shape("logits", "at least one value", 0));
     }
-    if let Some(i) = logits.iter().position(|x| !x.is_finite()) {
-        return Err(Error::config(
-            "logits",
-            format!("logit {i} is {} (must be finite)", logits[i]),
-        ));
+    if let Some(index) = logits.iter().position(|x| !x.is_finite()) {
+        return Err(Error::NonFinite {
+            what: "logits",
+            index,
+        });
     }
     let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let z: f64 = logits.iter().map(|&x| (x as f64 - m).exp()).sum();

@@ -11,9 +11,57 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use super::{AttentionCache, KvTierAttention};
+use crate::cache::{KvCache, SeqId};
 use crate::error::Result;
 use crate::monitor::{Healer, Monitor, MonitorState, Reason, StepSignals, Verdict};
 use crate::HeadStats;
+
+/// What the [`Healing`] loop acts on: every [`AttentionCache`] (through its default or own
+/// `step_heads` / `heal` / `release_healed`), or a sequence of a bare [`KvCache`] that an engine
+/// attends itself ([`CacheSequence`], the C session's target).
+pub trait Healable {
+    /// Appends the latest decode step's attention statistics to `out`.
+    fn step_heads(&self, out: &mut Vec<HeadStats>);
+    /// Promotes the healer's pages; returns `(pages, device bytes added)`.
+    fn heal(&mut self, healer: &Healer) -> Result<(usize, usize)>;
+    /// Releases the healed pages; returns how many went back.
+    fn release_healed(&mut self, healer: &Healer) -> Result<usize>;
+}
+
+impl<T: AttentionCache> Healable for T {
+    fn step_heads(&self, out: &mut Vec<HeadStats>) {
+        AttentionCache::step_heads(self, out)
+    }
+    fn heal(&mut self, healer: &Healer) -> Result<(usize, usize)> {
+        AttentionCache::heal(self, healer)
+    }
+    fn release_healed(&mut self, healer: &Healer) -> Result<usize> {
+        AttentionCache::release_healed(self, healer)
+    }
+}
+
+/// One sequence of a [`KvCache`] as a healing target, for engines that call `attend` themselves
+/// and pass the step's head statistics in.
+pub struct CacheSequence<'a> {
+    pub cache: &'a mut KvCache,
+    pub seq: SeqId,
+    /// Per layer: pages healed and not yet released (kept by the caller between steps).
+    pub healed: &'a mut Vec<Vec<usize>>,
+    /// This step's attention statistics (any layers, any heads; may be empty).
+    pub heads: &'a [HeadStats],
+}
+
+impl Healable for CacheSequence<'_> {
+    fn step_heads(&self, out: &mut Vec<HeadStats>) {
+        out.extend_from_slice(self.heads);
+    }
+    fn heal(&mut self, healer: &Healer) -> Result<(usize, usize)> {
+        heal_sequence(self.cache, self.seq, healer, self.healed)
+    }
+    fn release_healed(&mut self, healer: &Healer) -> Result<usize> {
+        release_sequence(self.cache, self.seq, healer, self.healed)
+    }
+}
 
 /// What happened when the monitor fired.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -89,11 +137,7 @@ impl Healing {
 
     /// Judges the step whose prediction is `logits` (read the attention statistics from `cache`),
     /// heals when the monitor fires and releases healed pages once `hold` calm steps have passed.
-    pub fn after_step(
-        &mut self,
-        cache: &mut impl AttentionCache,
-        logits: &[f32],
-    ) -> Result<Verdict> {
+    pub fn after_step(&mut self, cache: &mut impl Healable, logits: &[f32]) -> Result<Verdict> {
         let t0 = Instant::now();
         self.heads.clear();
         cache.step_heads(&mut self.heads);
@@ -150,6 +194,11 @@ impl Healing {
         (self.steps, self.state.fired)
     }
 
+    /// Takes the oldest queued event.
+    pub fn pop_event(&mut self) -> Option<HealEvent> {
+        self.events.pop_front()
+    }
+
     /// Takes the queued events (oldest first).
     pub fn drain_events(&mut self) -> Vec<HealEvent> {
         self.events.drain(..).collect()
@@ -162,49 +211,71 @@ impl Healing {
 }
 
 impl KvTierAttention {
-    /// Executes the healer's promotions in every layer and makes the next decode step attend every
-    /// page. Returns `(pages promoted, device bytes added)`.
+    /// Heals this adapter's sequence and makes the next decode step attend every page.
     pub(super) fn heal_pages(&mut self, healer: &Healer) -> Result<(usize, usize)> {
-        let before = self.cache.memory_report().device_bytes();
-        let mut n = 0;
-        for layer in 0..self.shape.num_layers {
-            let view = self.cache.policy_view(self.seq, layer)?;
-            let moves = healer.promotions(&view);
-            // Within the budget: the oldest healed pages make room first.
-            let room = healer.max_pages_per_layer.saturating_sub(moves.len());
-            if self.healed[layer].len() > room {
-                let over = self.healed[layer].len() - room;
-                let old: Vec<usize> = self.healed[layer].drain(..over).collect();
-                self.cache.apply(&healer.releases(&view, &old))?;
-            }
-            let moves = &moves[..moves.len().min(healer.max_pages_per_layer)];
-            self.cache.apply(moves)?;
-            for m in moves {
-                if let crate::Move::Promote(r) = m {
-                    if !self.healed[layer].contains(&r.page) {
-                        self.healed[layer].push(r.page);
-                    }
-                }
-            }
-            n += moves.len();
-        }
+        let r = heal_sequence(&mut self.cache, self.seq, healer, &mut self.healed)?;
         self.exact_calls = self.shape.num_layers;
-        let after = self.cache.memory_report().device_bytes();
-        Ok((n, after.saturating_sub(before)))
+        Ok(r)
     }
 
-    /// Demotes the healed pages still hot back to the warm format.
     pub(super) fn release_pages(&mut self, healer: &Healer) -> Result<usize> {
-        let mut n = 0;
-        for layer in 0..self.shape.num_layers {
-            let view = self.cache.policy_view(self.seq, layer)?;
-            let moves = healer.releases(&view, &self.healed[layer]);
-            self.cache.apply(&moves)?;
-            n += moves.len();
-            self.healed[layer].clear();
-        }
-        Ok(n)
+        release_sequence(&mut self.cache, self.seq, healer, &mut self.healed)
     }
+}
+
+/// Executes the healer's promotions for `seq` in every layer, within its budget (the oldest
+/// healed pages make room). `healed` (one list per layer) is updated. Returns `(pages promoted,
+/// device bytes added)`.
+pub fn heal_sequence(
+    cache: &mut KvCache,
+    seq: SeqId,
+    healer: &Healer,
+    healed: &mut Vec<Vec<usize>>,
+) -> Result<(usize, usize)> {
+    let layers = cache.config().num_layers;
+    healed.resize(layers, Vec::new());
+    let before = cache.memory_report().device_bytes();
+    let mut n = 0;
+    for (layer, list) in healed.iter_mut().enumerate() {
+        let view = cache.policy_view(seq, layer)?;
+        let moves = healer.promotions(&view);
+        let room = healer.max_pages_per_layer.saturating_sub(moves.len());
+        if list.len() > room {
+            let over = list.len() - room;
+            let old: Vec<usize> = list.drain(..over).collect();
+            cache.apply(&healer.releases(&view, &old))?;
+        }
+        let moves = &moves[..moves.len().min(healer.max_pages_per_layer)];
+        cache.apply(moves)?;
+        for m in moves {
+            if let crate::Move::Promote(r) = m {
+                if !list.contains(&r.page) {
+                    list.push(r.page);
+                }
+            }
+        }
+        n += moves.len();
+    }
+    let after = cache.memory_report().device_bytes();
+    Ok((n, after.saturating_sub(before)))
+}
+
+/// Demotes the healed pages of `seq` still hot back to the warm format; clears `healed`.
+pub fn release_sequence(
+    cache: &mut KvCache,
+    seq: SeqId,
+    healer: &Healer,
+    healed: &mut [Vec<usize>],
+) -> Result<usize> {
+    let mut n = 0;
+    for (layer, list) in healed.iter_mut().enumerate() {
+        let view = cache.policy_view(seq, layer)?;
+        let moves = healer.releases(&view, list);
+        cache.apply(&moves)?;
+        n += moves.len();
+        list.clear();
+    }
+    Ok(n)
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@
 //! the caller's). `sensitivity` is validated and handed to the engine's session for the monitor.
 
 mod heal;
-pub use heal::{HealEvent, Healing};
+pub use heal::{heal_sequence, release_sequence, CacheSequence, HealEvent, Healable, Healing};
 
 use crate::eliminate::{EliminationInput, EliminationScratch, Eliminator, QuestSelector};
 use crate::error::{Error, Result};
