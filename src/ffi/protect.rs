@@ -227,6 +227,7 @@ pub unsafe extern "C" fn kvtier_protect_step(
         if let Some(o) = out {
             let (threshold, fired) = match v.fire {
                 Some(Reason::Varentropy { threshold, .. }) => (threshold, true),
+                Some(Reason::Critic) => (f32::NAN, true),
                 None => (f32::NAN, false),
             };
             let verdict = kvtier_verdict {
@@ -275,7 +276,10 @@ pub unsafe extern "C" fn kvtier_protect_next_event(
         let mut st = s.inner.lock().unwrap_or_else(|e| e.into_inner());
         let ev = st.healing.pop_event();
         if let Some(e) = ev {
-            let Reason::Varentropy { value, threshold } = e.reason;
+            let (value, threshold) = match e.reason {
+                Reason::Varentropy { value, threshold } => (value, threshold),
+                Reason::Critic => (f32::NAN, f32::NAN),
+            };
             // SAFETY: checked; writable (this function's contract).
             unsafe {
                 ev_out.write(kvtier_heal_event {

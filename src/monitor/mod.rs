@@ -93,6 +93,8 @@ pub enum Regime {
 pub enum Reason {
     /// Logit varentropy above the calibrated quantile (`threshold`).
     Varentropy { value: f32, threshold: f32 },
+    /// The caller's critic asked for healing (`Healing::with_critic`).
+    Critic,
 }
 
 /// The monitor's judgement of one step.

@@ -77,6 +77,8 @@ pub struct HealEvent {
 
 /// Called with every healing event.
 type EventCallback = Box<dyn FnMut(&HealEvent) + Send>;
+/// The critic: sees each verdict and the logits; `Some(fire)` overrides the monitor's decision.
+type Critic = Box<dyn FnMut(&Verdict, &[f32]) -> Option<bool> + Send>;
 
 /// Events kept for [`Healing::drain_events`] before the oldest are dropped.
 const EVENT_QUEUE: usize = 1024;
@@ -93,6 +95,7 @@ pub struct Healing {
     heads: Vec<HeadStats>,
     events: VecDeque<HealEvent>,
     on_event: Option<EventCallback>,
+    critic: Option<Critic>,
     timings_ns: Vec<u32>,
     last: Option<Verdict>,
     /// Totals over the loop's life: pages promoted and released.
@@ -122,6 +125,7 @@ impl Healing {
             heads: Vec::new(),
             events: VecDeque::new(),
             on_event: None,
+            critic: None,
             timings_ns: Vec::new(),
             last: None,
             promoted_pages: 0,
@@ -132,6 +136,17 @@ impl Healing {
     /// Calls `f` with every healing event, as it happens (events also go to the queue).
     pub fn with_callback(mut self, f: impl FnMut(&HealEvent) + Send + 'static) -> Self {
         self.on_event = Some(Box::new(f));
+        self
+    }
+
+    /// A critic (in place of the seed's `critic_model_path`): called with every verdict and the
+    /// step's logits; `Some(true)` heals even when the monitor did not fire (the reason is then
+    /// `Reason::Critic`), `Some(false)` vetoes a firing, `None` keeps the monitor's decision.
+    pub fn with_critic(
+        mut self,
+        f: impl FnMut(&Verdict, &[f32]) -> Option<bool> + Send + 'static,
+    ) -> Self {
+        self.critic = Some(Box::new(f));
         self
     }
 
@@ -148,6 +163,14 @@ impl Healing {
                 heads: &self.heads,
             },
         )?;
+        let mut v = v;
+        if let Some(c) = self.critic.as_mut() {
+            match (c(&v, logits), v.fire) {
+                (Some(true), None) => v.fire = Some(Reason::Critic),
+                (Some(false), Some(_)) => v.fire = None,
+                _ => {}
+            }
+        }
         if let Some(reason) = v.fire {
             let (pages, bytes) = cache.heal(&self.healer)?;
             self.promoted_pages += pages as u64;
@@ -379,5 +402,37 @@ mod tests {
         );
         assert_eq!(h.counts(), (11, 2));
         assert_eq!(h.timings_ns().len(), 11);
+    }
+
+    #[test]
+    fn a_critic_can_veto_or_force_healing() {
+        let cfg = CacheConfig::builder(1, 2, 1, 32)
+            .hot_window(32)
+            .page_size(16)
+            .build()
+            .unwrap();
+        let mut a = KvTierAttention::new(cfg).unwrap();
+        let kv: Vec<f32> = (0..256 * 32).map(|i| ((i as f32) * 0.3).sin()).collect();
+        a.append(0, &kv, &kv).unwrap();
+        let monitor = Monitor::new(1.0).unwrap().with_window(16, 2).unwrap();
+        let mut n = 0;
+        let mut h = Healing::new(monitor, Healer::default()).with_critic(move |_, _| {
+            n += 1;
+            Some(n == 5)
+        });
+        let calm = vec![0.0f32; 8];
+        let mut spike = vec![-9f32; 8];
+        spike[0] = 3.0;
+        spike[1] = 3.0;
+        for logits in [&calm, &calm, &calm, &spike] {
+            assert!(
+                h.after_step(&mut a, logits).unwrap().fire.is_none(),
+                "vetoed"
+            );
+        }
+        let v = h.after_step(&mut a, &calm).unwrap();
+        assert_eq!(v.fire, Some(Reason::Critic));
+        assert_eq!(h.drain_events()[0].reason, Reason::Critic);
+        assert!(h.promoted_pages > 0);
     }
 }
