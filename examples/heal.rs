@@ -20,7 +20,7 @@ use std::sync::Arc;
 use clap::{Arg, Command};
 use kvtier::model::corpus::{load_speeches, Assets};
 use kvtier::model::{argmax, token_nll, ExactAttention, Llama, LoadOptions, Session};
-use kvtier::monitor::{Healer, Monitor};
+use kvtier::monitor::{Certifier, Healer, Monitor};
 use kvtier::protect::Healing;
 use kvtier::{Bits, CacheConfig, HotDtype, KvTierAttention};
 
@@ -149,8 +149,13 @@ fn main() -> AnyResult<()> {
         0.0,
     )?;
     let cap = oracle.capture_prefill(&ids[..len - tail])?;
-    let score = |cfg: CacheConfig, heal: bool, label: String| -> AnyResult<Run> {
-        let mut s = Session::new(model.clone(), KvTierAttention::new(cfg)?, sensitivity)?;
+    let certifier = Certifier::from_sensitivity(sensitivity)?;
+    let score = |cfg: CacheConfig, heal: bool, certify: bool, label: String| -> AnyResult<Run> {
+        let mut cache = KvTierAttention::new(cfg)?;
+        if certify {
+            cache = cache.with_certified(certifier);
+        }
+        let mut s = Session::new(model.clone(), cache, sensitivity)?;
         if heal {
             s = s.with_healing(Healing::new(monitor, healer));
         }
@@ -163,6 +168,16 @@ fn main() -> AnyResult<()> {
             nll += token_nll(&logits, ids[i + 1]);
             let mem = s.cache().kv_cache().memory_report();
             bytes += mem.device_bytes() as f64 / (mem.tokens / mc.num_layers) as f64;
+        }
+        let cs = s.cache().certified_stats();
+        if cs.calls > 0 {
+            eprintln!(
+                "[heal] {label}: certified attention read {} of {} warm pages exactly ({:.1}%), {:.1} ms per step",
+                cs.pages_exact,
+                cs.pages_checked,
+                100.0 * cs.pages_exact as f64 / cs.pages_checked.max(1) as f64,
+                cs.nanos as f64 / 1e6 / (tail - 1) as f64
+            );
         }
         let (steps, fired) = s.healing().map(|h| h.counts()).unwrap_or((0, 0));
         let loop_ns = s
@@ -183,15 +198,30 @@ fn main() -> AnyResult<()> {
         );
         Ok(r)
     };
-    let fp = score(config(&model, None, window)?, false, "fp".into())?;
+    let fp = score(config(&model, None, window)?, false, false, "fp".into())?;
     let base = score(
         config(&model, Some(bits as u32), window)?,
         false,
+        false,
         format!("k{bits}v{bits}-w{window}"),
     )?;
+    if m.get_flag("certify") {
+        let c = score(
+            config(&model, Some(bits as u32), window)?,
+            false,
+            true,
+            format!("k{bits}v{bits}-w{window} + certified (tol {:.3} nats)", certifier.tol),
+        )?;
+        println!("| cache | PPL | PPL ratio vs fp |\n|---|---:|---:|");
+        for r in [&fp, &base, &c] {
+            println!("| {} | {:.3} | {:.4} |", r.name, r.ppl, r.ppl / fp.ppl);
+        }
+        return Ok(());
+    }
     let healed = score(
         config(&model, Some(bits as u32), window)?,
         true,
+        false,
         format!("k{bits}v{bits}-w{window} + healing"),
     )?;
     // Matched memory: the hot window that spends healing's average extra device bytes.
@@ -202,6 +232,7 @@ fn main() -> AnyResult<()> {
     let w2 = (window + more).div_ceil(32) * 32;
     let matched = score(
         config(&model, Some(bits as u32), w2)?,
+        false,
         false,
         format!("k{bits}v{bits}-w{w2} (matched memory)"),
     )?;

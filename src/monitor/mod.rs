@@ -18,7 +18,9 @@
 //! **Health** is `1 - H / ln(V)`: one minus the next-token entropy normalised by its maximum for a
 //! vocabulary of `V`, in `[0, 1]`, 1 for a certain prediction.
 
+mod certify;
 mod heal;
+pub use certify::{score_error_bound, Certifier};
 pub use heal::Healer;
 
 use crate::attention::HeadStats;

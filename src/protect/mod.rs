@@ -11,7 +11,9 @@
 //! projection), depend on a particular engine, or change what the cache stores (configuration is
 //! the caller's). `sensitivity` is validated and handed to the engine's session for the monitor.
 
+mod certify;
 mod heal;
+pub use certify::CertStats;
 pub use heal::{heal_sequence, release_sequence, CacheSequence, HealEvent, Healable, Healing};
 
 use crate::eliminate::{EliminationInput, EliminationScratch, Eliminator, QuestSelector};
@@ -165,6 +167,10 @@ pub struct KvTierAttention {
     healed: Vec<Vec<usize>>,
     /// Decode calls (layers) left that attend every page regardless of `choice` (after healing).
     exact_calls: usize,
+    /// Certified attention: warm pages whose score error bound exceeds the tolerance are read
+    /// exactly (from the archive) for the step; and its counters.
+    certify: Option<crate::monitor::Certifier>,
+    cert: certify::CertStats,
 }
 
 /// How a [`KvTierAttention`] decode step chooses the pages it attends.
@@ -212,6 +218,8 @@ impl KvTierAttention {
             elim_totals: (0, 0),
             healed: vec![Vec::new(); shape.num_layers],
             exact_calls: 0,
+            certify: None,
+            cert: certify::CertStats::default(),
         })
     }
 
@@ -326,6 +334,7 @@ impl AttentionCache for KvTierAttention {
     fn decode(&mut self, layer: usize, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>> {
         check_decode(&self.shape, layer, q, k, v)?;
         self.cache.append(self.seq, layer, k, v)?;
+        let exact_now = self.certify_before(layer, q)?;
         let seqs = [self.seq];
         let input = EliminationInput {
             layer,
@@ -384,6 +393,7 @@ impl AttentionCache for KvTierAttention {
         }
         // Page statistics feed the policy and healing (which pages attention is on now).
         self.cache.observe(layer, &[self.seq], &att)?;
+        self.certify_after(layer, exact_now)?;
         if let Some((policy, budget)) = self.policy.as_mut() {
             self.cache
                 .enforce(policy.as_mut(), self.seq, layer, budget)?;
