@@ -79,6 +79,14 @@ fn main() -> AnyResult<()> {
                 .long("stream")
                 .help("generate an answer to this prompt instead"),
         )
+        .arg(
+            Arg::new("certify")
+                .long("certify")
+                .action(clap::ArgAction::SetTrue)
+                .help(
+                    "measure certified attention (tolerance from sensitivity) instead of healing",
+                ),
+        )
         .get_matches();
     let num = |k: &str| -> AnyResult<usize> { Ok(m.get_one::<String>(k).unwrap().parse()?) };
     let (len, tail, bits, window) = (num("length")?, num("tail")?, num("bits")?, num("window")?);
@@ -210,7 +218,10 @@ fn main() -> AnyResult<()> {
             config(&model, Some(bits as u32), window)?,
             false,
             true,
-            format!("k{bits}v{bits}-w{window} + certified (tol {:.3} nats)", certifier.tol),
+            format!(
+                "k{bits}v{bits}-w{window} + certified (tol {:.3} nats)",
+                certifier.tol
+            ),
         )?;
         println!("| cache | PPL | PPL ratio vs fp |\n|---|---:|---:|");
         for r in [&fp, &base, &c] {
