@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use clap::{Arg, Command};
 use kvtier::eliminate::{check, EliminationInput, EliminationScratch, Eliminator, QuestSelector};
-use kvtier::model::corpus::{load_speeches, Assets};
+use kvtier::model::corpus::{latest_with_tokens, load_speeches, Assets};
 use kvtier::model::{Llama, LoadOptions, ScoreOptions, Session};
 use kvtier::{
     AttentionCache, AttentionShape, CacheConfig, HotDtype, KvTierAttention, MemoryReport, Tier,
@@ -304,14 +304,7 @@ fn main() -> AnyResult<()> {
             .into());
         }
         // The most recent speech with enough tokens.
-        let (name, ids) = speeches
-            .iter()
-            .rev()
-            .map(|s| Ok((s.name.clone(), model.tokenizer().encode(&s.text)?)))
-            .collect::<AnyResult<Vec<_>>>()?
-            .into_iter()
-            .find(|(_, ids)| ids.len() >= len)
-            .ok_or(format!("no speech has {len} tokens"))?;
+        let (name, ids) = latest_with_tokens(&speeches, model.tokenizer(), len)?;
         // int4 K and V, 128-token hot window, 32-token pages: the `balanced` preset, f16 hot pages.
         let cfg = CacheConfig::builder(c.num_layers, c.num_q_heads, c.num_kv_heads, c.head_dim)
             .hot_dtype(HotDtype::F16)

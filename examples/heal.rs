@@ -18,7 +18,7 @@
 use std::sync::Arc;
 
 use clap::{Arg, Command};
-use kvtier::model::corpus::{load_speeches, Assets};
+use kvtier::model::corpus::{latest_with_tokens, load_speeches, Assets};
 use kvtier::model::{argmax, token_nll, ExactAttention, Llama, LoadOptions, Session};
 use kvtier::monitor::{Certifier, Healer, Monitor};
 use kvtier::protect::Healing;
@@ -141,14 +141,7 @@ fn main() -> AnyResult<()> {
     }
 
     let speeches = load_speeches(&assets.sotu())?;
-    let (name, ids) = speeches
-        .iter()
-        .rev()
-        .map(|s| Ok((s.name.clone(), model.tokenizer().encode(&s.text)?)))
-        .collect::<AnyResult<Vec<_>>>()?
-        .into_iter()
-        .find(|(_, ids)| ids.len() >= len)
-        .ok_or(format!("no speech has {len} tokens"))?;
+    let (name, ids) = latest_with_tokens(&speeches, model.tokenizer(), len)?;
     let ids = &ids[..len];
     let mc = model.config().clone();
     let mut oracle = Session::new(

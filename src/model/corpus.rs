@@ -107,6 +107,25 @@ pub fn find_speech(dir: &Path, year: u32, who: &str) -> Result<Speech> {
         })
 }
 
+/// The most recent of `speeches` (as [`load_speeches`] orders them) with at least `len` tokens,
+/// as its name and token ids; speeches are encoded lazily, newest first, until one is long enough.
+pub fn latest_with_tokens(
+    speeches: &[Speech],
+    tokenizer: &GgufTokenizer,
+    len: usize,
+) -> Result<(String, Vec<u32>)> {
+    for s in speeches.iter().rev() {
+        let ids = tokenizer.encode(&s.text)?;
+        if ids.len() >= len {
+            return Ok((s.name.clone(), ids));
+        }
+    }
+    Err(ModelError::InvalidArgument {
+        what: "speech",
+        reason: format!("no speech has {len} tokens"),
+    })
+}
+
 /// A tiny deterministic generator (SplitMix64), so trials depend only on their seed.
 #[derive(Debug, Clone)]
 pub struct SplitMix64(u64);
