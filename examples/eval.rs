@@ -19,7 +19,8 @@
 //! cargo run --release --example eval -- --k-bits 4 --v-bits 2 --hot-window 64 --page-size 32
 //! ```
 //! Config spec: `fp` (everything hot and exact) or `k<bits>v<bits>[-w<hot window>][-p<page size>]
-//! [-s<sink tokens>][-g<value group>]`, bits in {8, 4, 2}.
+//! [-s<sink tokens>][-g<value group>][-e<n>][-rk|-rkv]`, bits in {8, 4, 3, 2}; `-e<n>` keeps the first
+//! and last `n` layers at int4 keys and values, `-rk` rotates keys (and queries), `-rkv` keys and values.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -47,6 +48,10 @@ struct Spec {
     page_size: usize,
     sinks: usize,
     group: usize,
+    /// Rotation before storage (`-rk` keys, `-rkv` keys and values).
+    rotation: kvtier::Rotation,
+    /// First and last `edges` layers at int4 keys and values (`-e<n>`).
+    edges: usize,
     /// A retention policy run after every decode step, and its device budget as a fraction of the
     /// sequence's f16 bytes (`<config>@<policy>:<percent>`).
     policy: Option<(String, f64)>,
@@ -114,6 +119,17 @@ impl Spec {
             .parse()
             .map_err(|_| format!("config `{s}`: bad value bits `{v}`"))?;
         for p in parts {
+            match p {
+                "rk" => {
+                    spec.rotation = kvtier::Rotation::Keys;
+                    continue;
+                }
+                "rkv" => {
+                    spec.rotation = kvtier::Rotation::KeysValues;
+                    continue;
+                }
+                _ => {}
+            }
             let (key, num) = p.split_at(1.min(p.len()));
             let num: usize = num
                 .parse()
@@ -123,7 +139,13 @@ impl Spec {
                 "p" => spec.page_size = num,
                 "s" => spec.sinks = num,
                 "g" => spec.group = num,
-                _ => return Err(format!("config `{s}`: unknown field `{p}` (w, p, s, g)").into()),
+                "e" => spec.edges = num,
+                _ => {
+                    return Err(format!(
+                        "config `{s}`: unknown field `{p}` (w, p, s, g, e, rk, rkv)"
+                    )
+                    .into())
+                }
             }
         }
         Ok(spec)
@@ -137,8 +159,10 @@ impl Spec {
             .sink_tokens(self.sinks)
             .hot_window(self.hot_window)
             .value_group(self.group)
+            .rotation(self.rotation)
             .k_bits(Bits::from_bits(self.k_bits)?)
-            .v_bits(Bits::from_bits(self.v_bits)?);
+            .v_bits(Bits::from_bits(self.v_bits)?)
+            .edge_layers(self.edges, Bits::B4, Bits::B4);
         let b = if self.full_precision {
             b.full_precision()
         } else {
@@ -152,6 +176,7 @@ impl Spec {
             "name": self.name, "full_precision": self.full_precision,
             "k_bits": self.k_bits, "v_bits": self.v_bits, "hot_window": self.hot_window,
             "page_size": self.page_size, "sink_tokens": self.sinks, "value_group": self.group,
+            "rotation": format!("{:?}", self.rotation), "edge_layers_int4": self.edges,
             "policy": self.policy.as_ref().map(|(n, f)| json!({"name": n, "f16_fraction": f})),
         })
     }
@@ -175,10 +200,10 @@ fn cli() -> Command {
     Command::new("eval")
         .about("kvtier real-model evaluation: SOTU perplexity and passkey retrieval")
         .arg(Arg::new("config").long("config").action(ArgAction::Append).help(
-            "cache config spec, repeatable: fp | k<bits>v<bits>[-w<hot>][-p<page>][-s<sinks>][-g<group>], optionally ~eps:<epsilon> (query-time elimination with skipped mass <= epsilon) or ~quest:<pages> (Quest-style top pages by bound), and @<policy>:<percent> (a retention policy run after each decode step, its device budget that percent of the f16 bytes)",
+            "cache config spec, repeatable: fp | k<bits>v<bits>[-w<hot>][-p<page>][-s<sinks>][-g<group>][-rk|-rkv (rotate keys, or keys and values)][-e<n> (first and last n layers at int4)], bits in {8, 4, 3, 2}, optionally ~eps:<epsilon> (query-time elimination with skipped mass <= epsilon) or ~quest:<pages> (Quest-style top pages by bound), and @<policy>:<percent> (a retention policy run after each decode step, its device budget that percent of the f16 bytes)",
         ))
-        .arg(num("k-bits", "4", "key bits (8, 4, 2) when no --config is given"))
-        .arg(num("v-bits", "4", "value bits (8, 4, 2) when no --config is given"))
+        .arg(num("k-bits", "4", "key bits (8, 4, 3, 2) when no --config is given"))
+        .arg(num("v-bits", "4", "value bits (8, 4, 3, 2) when no --config is given"))
         .arg(num("hot-window", "128", "recent tokens kept exact (default for specs)"))
         .arg(num("page-size", "32", "tokens per page (default for specs)"))
         .arg(num("sinks", "4", "attention-sink tokens kept exact (default for specs)"))
@@ -265,6 +290,8 @@ fn main() -> AnyResult<()> {
         page_size: get(&m, "page-size")?,
         sinks: get(&m, "sinks")?,
         group: get(&m, "value-group")?,
+        rotation: kvtier::Rotation::None,
+        edges: 0,
         policy: None,
         choice: kvtier::PageChoice::All,
     };

@@ -5,6 +5,7 @@
 //! cache memory or know about a particular backend.
 
 use crate::error::{Error, Result};
+pub use crate::quant::rotate::Rotation;
 
 /// Bit width of warm-tier codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -14,6 +15,9 @@ pub enum Bits {
     B8 = 8,
     /// 4-bit codes, 2 per byte.
     B4 = 4,
+    /// 3-bit codes, 8 in 3 bytes: a row is a 2-bit plane (the low bits, packed as `B2`) followed
+    /// by a 1-bit plane (the high bits, 8 per byte). See [`crate::quant::pack`].
+    B3 = 3,
     /// 2-bit codes, 4 per byte.
     B2 = 2,
 }
@@ -35,19 +39,24 @@ impl Bits {
     pub const fn max_code(self) -> u32 {
         (1u32 << self as u32) - 1
     }
-    /// Codes packed into one byte.
+    /// Codes packed into one byte of the (low) code plane: 1, 2 or 4; 3-bit codes keep their
+    /// low two bits 4 per byte.
     pub const fn per_byte(self) -> usize {
-        8 / self as usize
+        match self {
+            Bits::B3 => 4,
+            b => 8 / b as usize,
+        }
     }
-    /// Parses 8, 4 or 2.
+    /// Parses 8, 4, 3 or 2.
     pub fn from_bits(bits: u32) -> Result<Self> {
         match bits {
             8 => Ok(Bits::B8),
             4 => Ok(Bits::B4),
+            3 => Ok(Bits::B3),
             2 => Ok(Bits::B2),
             other => Err(Error::config(
                 "bits",
-                format!("{other} is not one of 8, 4, 2"),
+                format!("{other} is not one of 8, 4, 3, 2"),
             )),
         }
     }
@@ -69,6 +78,14 @@ impl HotDtype {
             HotDtype::F16 | HotDtype::BF16 => 2,
         }
     }
+}
+
+/// Warm code widths of one layer, overriding the config's `k_bits` / `v_bits` there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LayerBits {
+    pub layer: usize,
+    pub k_bits: Bits,
+    pub v_bits: Bits,
 }
 
 /// Byte budgets per tier. `None` means unlimited. Budgets count bytes actually allocated,
@@ -130,6 +147,14 @@ pub struct CacheConfig {
     /// Decay of the accumulated attention mass per page at each `observe` step:
     /// `mass = decay * mass + step_mass`. 1.0 (default) is H2O's plain accumulation.
     pub mass_decay: f32,
+    /// Orthogonal rotation of keys/queries (and optionally values) before they are stored
+    /// ([`crate::quant::rotate`]); off by default.
+    pub rotation: Rotation,
+    /// Seed of the rotation's per-layer sign vectors.
+    pub rotation_seed: u64,
+    /// Per-layer warm widths (at most one entry per layer); layers not listed use `k_bits` /
+    /// `v_bits`. E.g. the first and last layers at higher precision ([`CacheConfigBuilder::edge_layers`]).
+    pub layer_bits: Vec<LayerBits>,
 }
 
 impl CacheConfig {
@@ -160,6 +185,9 @@ impl CacheConfig {
                 softmax_scale: None,
                 archive: true,
                 mass_decay: 1.0,
+                rotation: Rotation::None,
+                rotation_seed: 0x6b76_7469_6572,
+                layer_bits: Vec::new(),
             },
         }
     }
@@ -219,6 +247,30 @@ impl CacheConfig {
     pub fn scale(&self) -> f32 {
         self.softmax_scale
             .unwrap_or(1.0 / (self.head_dim as f32).sqrt())
+    }
+
+    /// The warm format pages of `layer` are demoted to by default.
+    pub fn warm_format(&self, layer: usize) -> crate::quant::WarmFormat {
+        match self.layer_bits.iter().find(|b| b.layer == layer) {
+            Some(b) => crate::quant::WarmFormat {
+                k_bits: b.k_bits,
+                v_bits: b.v_bits,
+            },
+            None => crate::quant::WarmFormat {
+                k_bits: self.k_bits,
+                v_bits: self.v_bits,
+            },
+        }
+    }
+
+    /// This config as seen by one layer's storage: `k_bits` / `v_bits` are that layer's widths.
+    pub fn for_layer(&self, layer: usize) -> CacheConfig {
+        let f = self.warm_format(layer);
+        CacheConfig {
+            k_bits: f.k_bits,
+            v_bits: f.v_bits,
+            ..self.clone()
+        }
     }
 
     /// Whether `layer` is kept entirely exact.
@@ -301,6 +353,20 @@ impl CacheConfig {
                 format!("layer {l} >= num_layers {}", self.num_layers),
             ));
         }
+        for (i, b) in self.layer_bits.iter().enumerate() {
+            if b.layer >= self.num_layers {
+                return Err(Error::config(
+                    "layer_bits",
+                    format!("layer {} >= num_layers {}", b.layer, self.num_layers),
+                ));
+            }
+            if self.layer_bits[..i].iter().any(|o| o.layer == b.layer) {
+                return Err(Error::config(
+                    "layer_bits",
+                    format!("layer {} is listed twice", b.layer),
+                ));
+            }
+        }
         if self.max_seq_len == 0 || self.max_seq_len > (u32::MAX as usize) {
             return Err(Error::config("max_seq_len", "must be in 1..=u32::MAX"));
         }
@@ -365,6 +431,31 @@ impl CacheConfigBuilder {
         archive: bool);
     setter!(/// Per-step decay of accumulated page attention mass, in (0, 1] (default 1).
         mass_decay: f32);
+    setter!(/// Rotation of keys/queries (and values) before storage (default none).
+        rotation: Rotation);
+    setter!(/// Seed of the rotation's sign vectors.
+        rotation_seed: u64);
+
+    /// Warm widths of one layer (replacing an earlier entry for it).
+    pub fn layer_bits(mut self, layer: usize, k_bits: Bits, v_bits: Bits) -> Self {
+        self.cfg.layer_bits.retain(|b| b.layer != layer);
+        self.cfg.layer_bits.push(LayerBits {
+            layer,
+            k_bits,
+            v_bits,
+        });
+        self
+    }
+
+    /// The first `n` and last `n` layers at `k_bits` / `v_bits` (the layers most sensitive to
+    /// quantisation in most models), the others at the config's widths.
+    pub fn edge_layers(mut self, n: usize, k_bits: Bits, v_bits: Bits) -> Self {
+        let layers = self.cfg.num_layers;
+        for l in (0..n.min(layers)).chain(layers.saturating_sub(n)..layers) {
+            self = self.layer_bits(l, k_bits, v_bits);
+        }
+        self
+    }
 
     /// Keeps every page hot and exact (no warm tier): the full-precision reference.
     pub fn full_precision(mut self) -> Self {
@@ -442,6 +533,35 @@ mod tests {
             ),
             "softmax_scale"
         );
-        assert!(Bits::from_bits(3).is_err());
+        assert_eq!(
+            field(
+                CacheConfig::builder(2, 8, 8, 64)
+                    .layer_bits(2, Bits::B8, Bits::B8)
+                    .build()
+            ),
+            "layer_bits"
+        );
+        let mut dup = CacheConfig::builder(2, 8, 8, 64).build().unwrap();
+        dup.layer_bits = vec![
+            LayerBits {
+                layer: 1,
+                k_bits: Bits::B8,
+                v_bits: Bits::B8,
+            };
+            2
+        ];
+        assert_eq!(field(dup.validate().map(|_| dup.clone())), "layer_bits");
+        let e = CacheConfig::builder(6, 8, 8, 64)
+            .k_bits(Bits::B2)
+            .v_bits(Bits::B2)
+            .edge_layers(1, Bits::B4, Bits::B4)
+            .build()
+            .unwrap();
+        assert_eq!(e.warm_format(0).k_bits, Bits::B4);
+        assert_eq!(e.warm_format(5).v_bits, Bits::B4);
+        assert_eq!(e.warm_format(3).k_bits, Bits::B2);
+        assert_eq!(e.for_layer(5).k_bits, Bits::B4);
+        assert!(Bits::from_bits(5).is_err());
+        assert_eq!(Bits::from_bits(3).unwrap().max_code(), 7);
     }
 }

@@ -52,7 +52,9 @@ pub use cache::{
     CacheCounters, KvCache, Move, PageEntry, PageMeta, PageRef, PageTable, Pins, Restored, Rows,
     SeqId, Tier,
 };
-pub use config::{Bits, CacheConfig, CacheConfigBuilder, HotDtype, TierBudgets};
+pub use config::{
+    Bits, CacheConfig, CacheConfigBuilder, HotDtype, LayerBits, Rotation, TierBudgets,
+};
 pub use error::{Error, Result};
 pub use memory::MemoryReport;
 #[cfg(feature = "model")]

@@ -2,7 +2,7 @@
 
 mod common;
 use common::{naive, Rng};
-use kvtier::{Bits, CacheConfig, HotDtype, KvCache};
+use kvtier::{Bits, CacheConfig, HotDtype, KvCache, Rotation};
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
@@ -116,15 +116,22 @@ fn f16_and_bf16_hot_pages_match_reference_on_rounded_data() {
 /// quantisation error (|Δs_t| <= scale Σ|q||Δk| ⇒ softmax weights move by at most a factor e^{±2ε}).
 #[test]
 fn warm_pages_within_quantisation_bound() {
-    for (kb, vb) in [
-        (Bits::B8, Bits::B8),
-        (Bits::B4, Bits::B4),
-        (Bits::B4, Bits::B2),
-        (Bits::B2, Bits::B2),
+    for (kb, vb, rot) in [
+        (Bits::B8, Bits::B8, Rotation::None),
+        (Bits::B4, Bits::B4, Rotation::None),
+        (Bits::B4, Bits::B2, Rotation::None),
+        (Bits::B2, Bits::B2, Rotation::None),
+        (Bits::B3, Bits::B3, Rotation::None),
+        (Bits::B4, Bits::B3, Rotation::None),
+        (Bits::B3, Bits::B8, Rotation::None),
+        (Bits::B2, Bits::B2, Rotation::KeysValues),
+        (Bits::B3, Bits::B3, Rotation::Keys),
+        (Bits::B4, Bits::B2, Rotation::KeysValues),
     ] {
         let (qh, kvh, d, len) = (8, 2, 128, 1000);
         let cfg = CacheConfig::builder(1, qh, kvh, d)
             .hot_dtype(HotDtype::F32)
+            .rotation(rot)
             .k_bits(kb)
             .v_bits(vb)
             .hot_window(64)
@@ -152,7 +159,7 @@ fn warm_pages_within_quantisation_bound() {
         let fused_err = max_abs_diff(&att.output, &on_dequant);
         assert!(
             fused_err < 2e-5,
-            "{kb:?}/{vb:?}: fused kernel vs dequantised reference {fused_err}"
+            "{kb:?}/{vb:?}/{rot:?}: fused kernel vs dequantised reference {fused_err}"
         );
 
         let (exact, _, _) = naive(&q, &k, &v, len, qh, kvh, d);
@@ -175,9 +182,65 @@ fn warm_pages_within_quantisation_bound() {
         let dv = max_abs_diff(&v, &vq);
         let bound = ((2.0 * eps).exp() - 1.0) * vmax + dv + 1e-5;
         let err = max_abs_diff(&att.output, &exact);
-        assert!(err <= bound, "{kb:?}/{vb:?}: error {err} > bound {bound}");
-        eprintln!("{kb:?}/{vb:?}: error vs exact {err:.2e}, bound {bound:.2e}");
+        assert!(
+            err <= bound,
+            "{kb:?}/{vb:?}/{rot:?}: error {err} > bound {bound}"
+        );
+        eprintln!("{kb:?}/{vb:?}/{rot:?}: error vs exact {err:.2e}, bound {bound:.2e}");
     }
+}
+
+/// A rotated cache is invisible to its user: exact pages attend to the same output as an unrotated
+/// cache (up to f32 rounding of the rotation), `read_tokens` gives the input back, prefill agrees,
+/// and a rotation that would push a value past the hot dtype's range is refused with nothing stored.
+#[test]
+fn rotation_is_transparent() {
+    let (qh, kvh, d, len) = (6, 2, 96, 300);
+    for rot in [Rotation::Keys, Rotation::KeysValues] {
+        let mk = |rot| {
+            let cfg = CacheConfig::builder(1, qh, kvh, d)
+                .hot_dtype(HotDtype::F32)
+                .rotation(rot)
+                .full_precision()
+                .build()
+                .unwrap();
+            KvCache::new(cfg).unwrap()
+        };
+        let (mut a, mut b) = (mk(Rotation::None), mk(rot));
+        let mut rng = Rng(5);
+        let (k, v) = (rng.vec(len * kvh * d, 1.5), rng.vec(len * kvh * d, 1.0));
+        let q = rng.vec(qh * d, 1.0);
+        let (sa, sb) = (a.add_sequence(), b.add_sequence());
+        a.append(sa, 0, &k, &v).unwrap();
+        b.append(sb, 0, &k, &v).unwrap();
+        let (oa, ob) = (
+            a.attend(0, &[sa], &q).unwrap(),
+            b.attend(0, &[sb], &q).unwrap(),
+        );
+        assert!(max_abs_diff(&oa.output, &ob.output) < 1e-5, "{rot:?}");
+        assert!((oa.heads[0].entropy - ob.heads[0].entropy).abs() < 1e-4);
+        let (kb, vb) = b.read_tokens(sb, 0).unwrap();
+        assert!(max_abs_diff(&kb, &k) < 1e-5 && max_abs_diff(&vb, &v) < 1e-5);
+        let (pq, pk, pv) = (
+            rng.vec(qh * d, 1.0),
+            rng.vec(kvh * d, 1.0),
+            rng.vec(kvh * d, 1.0),
+        );
+        let pa = a.prefill(sa, 0, &pq, &pk, &pv).unwrap();
+        let pb = b.prefill(sb, 0, &pq, &pk, &pv).unwrap();
+        assert!(max_abs_diff(&pa, &pb) < 1e-5, "{rot:?} prefill");
+    }
+    // f16 hot pages: a vector whose rotation exceeds 65504 is refused, the cache unchanged.
+    let cfg = CacheConfig::builder(1, 2, 1, 64)
+        .rotation(Rotation::Keys)
+        .build()
+        .unwrap();
+    let mut c = KvCache::new(cfg).unwrap();
+    let s = c.add_sequence();
+    let big = vec![60000.0f32; 64];
+    let err = c.append(s, 0, &big, &[0.0; 64]).unwrap_err();
+    assert!(matches!(err, kvtier::Error::OutOfRange { .. }), "{err}");
+    assert_eq!(c.seq_len(s, 0).unwrap(), 0);
 }
 
 #[test]

@@ -7,7 +7,12 @@ use kvtier::Bits;
 use proptest::prelude::*;
 
 fn bits() -> impl Strategy<Value = Bits> {
-    prop_oneof![Just(Bits::B8), Just(Bits::B4), Just(Bits::B2)]
+    prop_oneof![
+        Just(Bits::B8),
+        Just(Bits::B4),
+        Just(Bits::B3),
+        Just(Bits::B2)
+    ]
 }
 
 /// f16 rounding of `x` (half an ulp at its magnitude), the slack the stored minimum may carry.

@@ -94,7 +94,12 @@ enum Op {
 }
 
 fn bits() -> impl Strategy<Value = Bits> {
-    prop_oneof![Just(Bits::B8), Just(Bits::B4), Just(Bits::B2)]
+    prop_oneof![
+        Just(Bits::B8),
+        Just(Bits::B4),
+        Just(Bits::B3),
+        Just(Bits::B2)
+    ]
 }
 
 fn op(seqs: usize) -> impl Strategy<Value = Op> {

@@ -11,7 +11,6 @@ use super::{KvCache, PageEntry, SeqId, Tier};
 use crate::backend::{hot_page_bytes, BackendStorage};
 use crate::config::HotDtype;
 use crate::error::{Error, Result};
-use crate::quant::WarmFormat;
 use half::{bf16, f16};
 use std::borrow::Cow;
 
@@ -146,6 +145,28 @@ impl KvCache {
         Ok(n)
     }
 
+    /// Keys and values as they are stored: f32, rotated when the config rotates them. A rotated
+    /// vector is range-checked again (rotation can raise one channel's magnitude up to
+    /// `sqrt(block)` times), so an error still leaves the cache unchanged.
+    fn stored_rows<'a>(
+        &self,
+        layer: usize,
+        keys: Rows<'a>,
+        values: Rows<'a>,
+    ) -> Result<(Cow<'a, [f32]>, Cow<'a, [f32]>)> {
+        let (mut k, mut v) = (keys.to_f32(), values.to_f32());
+        let rot = self.cfg.rotation;
+        if rot.keys() {
+            self.rotator.forward(layer, k.to_mut());
+            self.check_values("rotated keys", Rows::F32(&k), true)?;
+        }
+        if rot.values() {
+            self.rotator.forward(layer, v.to_mut());
+            self.check_values("rotated values", Rows::F32(&v), true)?;
+        }
+        Ok((k, v))
+    }
+
     /// Hot payload bytes allocated over all layers (from the storages' own counters).
     pub(crate) fn hot_bytes_allocated(&self) -> usize {
         self.layers.iter().map(|s| s.bytes().hot).sum()
@@ -186,7 +207,7 @@ impl KvCache {
         let n = self.check_append(seq, layer, keys, values)?;
         let len = self.seq_layer(seq, layer)?.table.len();
         self.check_hot_budget(self.new_pages(len, n))?;
-        let (k, v) = (keys.to_f32(), values.to_f32());
+        let (k, v) = self.stored_rows(layer, keys, values)?;
         self.append_checked(seq, layer, &k, &v, n)?;
         self.tier_pages(seq, layer);
         Ok(())
@@ -232,7 +253,7 @@ impl KvCache {
         self.check_values("keys", keys, true)?;
         self.check_values("values", values, true)?;
         self.check_hot_budget(new_pages)?;
-        let (k, v) = (keys.to_f32(), values.to_f32());
+        let (k, v) = self.stored_rows(layer, keys, values)?;
         let row = kvh * self.cfg.head_dim;
         for (i, &s) in seqs.iter().enumerate() {
             let r = i * row..(i + 1) * row;
@@ -275,7 +296,7 @@ impl KvCache {
         }
         let protected = self.cfg.protected_layers.contains(&layer);
         let sinks = self.cfg.sink_tokens;
-        let fmt = WarmFormat::of(&self.cfg);
+        let fmt = self.cfg.warm_format(layer);
         let sl = &mut self
             .seqs
             .get_mut(&seq)
@@ -361,13 +382,18 @@ impl KvCache {
         }
         let len = table.len();
         self.check_hot_budget(self.new_pages(len, n))?;
-        let out = self.layers[layer].prefill(table, queries, keys, values, nq)?;
+        let (k, v) = self.stored_rows(layer, Rows::F32(keys), Rows::F32(values))?;
+        let q = self.queries_in_key_basis(layer, queries);
+        let mut out = self.layers[layer].prefill(table, &q, &k, &v, nq)?;
         if out.iter().any(|x| !x.is_finite()) {
             return Err(Error::Overflow(
                 "prefill scores overflow f32 for these queries and keys".into(),
             ));
         }
-        self.append_checked(seq, layer, keys, values, n)?;
+        if self.cfg.rotation.values() {
+            self.rotator.inverse(layer, &mut out);
+        }
+        self.append_checked(seq, layer, &k, &v, n)?;
         self.tier_pages(seq, layer);
         Ok(out)
     }

@@ -78,8 +78,14 @@ impl KvCache {
             ));
         }
         self.check_values("queries", queries, false)?;
-        let q = queries.to_f32();
-        let att = self.attend_tables(scratch, layer, seqs, &tables, &q, selection, None)?;
+        let mut q = queries.to_f32();
+        if self.cfg.rotation.keys() {
+            self.rotator.forward(layer, q.to_mut());
+        }
+        let mut att = self.attend_tables(scratch, layer, seqs, &tables, &q, selection, None)?;
+        if self.cfg.rotation.values() {
+            self.rotator.inverse(layer, &mut att.output);
+        }
         if !att.is_finite() {
             return Err(Error::Overflow(
                 "scores overflow f32 for these queries and keys".into(),
@@ -111,6 +117,12 @@ impl KvCache {
         selection: Option<&PageSelection>,
     ) -> Result<Attention> {
         let tables = self.batch_tables(layer, seqs)?;
+        if self.cfg.rotation.keys() {
+            return Err(Error::Unsupported(
+                "attend_device with a rotated cache: queries and output would need rotating on \
+                 the device; use attend_with (host queries)",
+            ));
+        }
         self.attend_tables(scratch, layer, seqs, &tables, &[], selection, Some(bufs))
     }
 

@@ -29,6 +29,8 @@ use crate::backend::{Device, Storage};
 use crate::cold::HostPages;
 use crate::config::CacheConfig;
 use crate::error::{Error, Result};
+use crate::quant::Rotator;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// Identifies one sequence (request) in a cache. Ids are never reused within a cache.
@@ -84,6 +86,8 @@ pub struct KvCache {
     pub(crate) archive: HostPages,
     /// Bytes of pages in the cold tier (those not already exact in the archive).
     pub(crate) cold: HostPages,
+    /// The key/value rotation applied before storage (identity when off).
+    pub(crate) rotator: Rotator,
 }
 
 impl KvCache {
@@ -98,7 +102,14 @@ impl KvCache {
         let layers = (0..cfg.num_layers)
             .map(|l| device.storage(&cfg, l))
             .collect::<Result<_>>()?;
+        let rotator = Rotator::new(
+            cfg.rotation,
+            cfg.num_layers,
+            cfg.head_dim,
+            cfg.rotation_seed,
+        );
         Ok(KvCache {
+            rotator,
             cfg,
             device,
             layers,
@@ -108,6 +119,23 @@ impl KvCache {
             archive: HostPages::default(),
             cold: HostPages::default(),
         })
+    }
+
+    /// The rotation this cache applies to keys, queries and values before storage.
+    pub fn rotator(&self) -> &Rotator {
+        &self.rotator
+    }
+
+    /// Queries (`[rows][num_q_heads][head_dim]`) in the basis the cache stores keys in: rotated
+    /// when the config rotates keys, borrowed unchanged otherwise. Page key bounds
+    /// ([`KvCache::page_key_bounds`]) are in that basis, so bound computations take these.
+    pub fn queries_in_key_basis<'a>(&self, layer: usize, queries: &'a [f32]) -> Cow<'a, [f32]> {
+        if !self.cfg.rotation.keys() {
+            return Cow::Borrowed(queries);
+        }
+        let mut q = queries.to_vec();
+        self.rotator.forward(layer, &mut q);
+        Cow::Owned(q)
     }
 
     /// The configuration.

@@ -555,7 +555,7 @@ impl KvCache {
         if !self.cfg.warm_enabled || self.cfg.is_protected(layer) {
             return;
         }
-        let fmt = WarmFormat::of(&self.cfg);
+        let fmt = self.cfg.warm_format(layer);
         let (ps, window) = (self.cfg.page_size, self.cfg.hot_window);
         let Ok(sl) = self.seq_layer(seq, layer) else {
             return;

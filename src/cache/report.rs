@@ -12,7 +12,8 @@ use crate::memory::MemoryReport;
 impl KvCache {
     /// Every stored token of `seq` in `layer` as f32 `(keys, values)`, each `[len, num_kv_heads,
     /// head_dim]` in position order: hot and cold-exact pages exactly, warm pages dequantised,
-    /// evicted positions as zeros. For tests and debugging.
+    /// evicted positions as zeros, in model space (a rotated cache rotates them back, so hot tokens
+    /// equal the input up to f32 rounding of the rotation). For tests and debugging.
     pub fn read_tokens(&self, seq: SeqId, layer: usize) -> Result<(Vec<f32>, Vec<f32>)> {
         let table = self.page_table(seq, layer)?;
         let (kvh, d) = (self.cfg.num_kv_heads, self.cfg.head_dim);
@@ -50,6 +51,12 @@ impl KvCache {
                     vs[dst..dst + d].copy_from_slice(&v[src..src + d]);
                 }
             }
+        }
+        if self.cfg.rotation.keys() {
+            self.rotator.inverse(layer, &mut ks);
+        }
+        if self.cfg.rotation.values() {
+            self.rotator.inverse(layer, &mut vs);
         }
         Ok((ks, vs))
     }

@@ -70,6 +70,8 @@ impl PageBounds {
             return Err(Error::shape("queries", want, queries.len()));
         }
         let scale = cfg.scale();
+        // Page key bounds are in the cache's key basis (rotated keys when the config rotates).
+        let queries = &*cache.queries_in_key_basis(layer, queries);
         self.q_heads = qh;
         self.offsets.clear();
         self.pages.clear();

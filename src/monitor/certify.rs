@@ -76,6 +76,7 @@ impl Certifier {
             return Err(Error::shape("queries", qh * d, queries.len()));
         }
         let g = cfg.group_size();
+        let queries = &*cache.queries_in_key_basis(layer, queries);
         let (mut lo, mut hi) = (vec![0f32; kvh * d], vec![0f32; kvh * d]);
         out.clear();
         let mut worst = 0f32;

@@ -241,7 +241,7 @@ impl KvCache {
         let meta = self.page_meta(seq, layer)?;
         let n_pages = table.pages().len();
         let storage = self.layer_storage(layer)?;
-        let def = WarmFormat::of(cfg);
+        let def = cfg.warm_format(layer);
         let mut ladder = vec![def];
         for b in [crate::Bits::B4, crate::Bits::B2] {
             let f = WarmFormat {

@@ -15,10 +15,12 @@
 pub mod keys;
 pub mod layout;
 pub mod pack;
+pub mod rotate;
 pub mod values;
 
 pub use keys::{dequantize_keys, quantize_keys};
 pub use layout::{WarmFormat, WarmLayout};
+pub use rotate::{Rotation, Rotator};
 pub use values::{dequantize_values, quantize_values};
 
 use half::f16;

@@ -17,7 +17,7 @@
 //! width, each in its own lane order, folded into channel order at the end.
 
 use super::simd::{axpy, dot, f16_to_f32, prefetch, scale, sum, unpack_lanes};
-use super::{bits_index, internal, CpuStorage, Geometry};
+use super::{bits_index, internal, CpuStorage, Geometry, ALL_BITS};
 use crate::attention::exp::exp_nonpos;
 use crate::attention::{Attention, OnlineSoftmax, PageSelection};
 use crate::backend::AttendInput;
@@ -38,8 +38,6 @@ pub struct CpuScratch {
     items: Vec<Item>,
 }
 
-const WIDTHS: [Bits; 3] = [Bits::B8, Bits::B4, Bits::B2];
-
 /// Running state of one work item: a GQA group of q heads.
 struct Acc {
     st: Vec<OnlineSoftmax>,
@@ -47,7 +45,7 @@ struct Acc {
     acc: Vec<f32>,
     /// Warm-page value accumulators of `step·code`, one per value width (empty until a page of
     /// that width is met), each in that width's lane order, `[group][head_dim]`.
-    acc_w: [Vec<f32>; 3],
+    acc_w: [Vec<f32>; 4],
     /// Warm-page value accumulator of `min` terms, `[group][value groups]`.
     acc_b: Vec<f32>,
     /// `(m_p, l_p)` per page per head, when page masses are wanted.
@@ -71,7 +69,7 @@ struct Scratch {
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     w: Vec<f32>,
     /// The item's queries in each key width's lane order, `[group][head_dim]` (empty until met).
-    q_lanes: [Vec<f32>; 3],
+    q_lanes: [Vec<f32>; 4],
     /// The item's page entries.
     entries: Vec<PageEntry>,
 }
@@ -98,7 +96,7 @@ impl<'a> Kernel<'a> {
         Acc {
             st: vec![OnlineSoftmax::default(); self.g],
             acc: vec![0.0; self.g * d],
-            acc_w: [Vec::new(), Vec::new(), Vec::new()],
+            acc_w: [Vec::new(), Vec::new(), Vec::new(), Vec::new()],
             acc_b: vec![0.0; self.g * self.groups],
             page_stats: record_pages.then(Vec::new),
         }
@@ -119,7 +117,7 @@ impl<'a> Kernel<'a> {
             hot_k: Vec::new(),
             hot_v: Vec::new(),
             w: Vec::new(),
-            q_lanes: [Vec::new(), Vec::new(), Vec::new()],
+            q_lanes: [Vec::new(), Vec::new(), Vec::new(), Vec::new()],
             entries: Vec::new(),
         }
     }
@@ -245,7 +243,9 @@ impl<'a> Kernel<'a> {
         }
         let (kr, vr) = (l.k_row_bytes(), l.v_row_bytes());
         #[cfg(target_arch = "x86_64")]
-        if FMA {
+        if FMA && fmt.k_bits != Bits::B3 && fmt.v_bits != Bits::B3 {
+            // 3-bit pages take the portable loop below (still compiled with AVX2 here): its
+            // unpack adds the high plane to the 2-bit lanes.
             // SAFETY: FMA instantiations run only after detection of avx2, fma and f16c; the
             // pointers cover the scratch and page ranges the layout defines (checked by slicing).
             unsafe { self.warm_block_avx2(blk, fmt, n, a, sc) };
@@ -449,7 +449,7 @@ impl<'a> Kernel<'a> {
         let d = self.geo.head_dim;
         let vg = self.s.layouts[0][0].value_group;
         for h in 0..self.g {
-            for (w, &bits) in a.acc_w.iter().zip(&WIDTHS) {
+            for (w, &bits) in a.acc_w.iter().zip(&ALL_BITS) {
                 if w.is_empty() {
                     continue;
                 }

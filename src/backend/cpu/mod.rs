@@ -64,22 +64,24 @@ pub(crate) const fn bits_index(b: Bits) -> usize {
         Bits::B8 => 0,
         Bits::B4 => 1,
         Bits::B2 => 2,
+        Bits::B3 => 3,
     }
 }
 
-const ALL_BITS: [Bits; 3] = [Bits::B8, Bits::B4, Bits::B2];
+/// Every code width, in [`bits_index`] order.
+pub(crate) const ALL_BITS: [Bits; 4] = [Bits::B8, Bits::B4, Bits::B2, Bits::B3];
 
 /// One layer's pages in host memory.
 pub struct CpuStorage {
     geo: Geometry,
     /// Warm layouts by `[k bits][v bits]` index: pages of one layer may have different widths.
-    layouts: [[WarmLayout; 3]; 3],
+    layouts: [[WarmLayout; 4]; 4],
     hot: Pool<HotPage>,
     warm: Pool<Box<[u8]>>,
     hot_bytes: usize,
     warm_bytes: usize,
     /// Lane orders of each bit width (see `quant::pack`), by width index.
-    orders: [Vec<usize>; 3],
+    orders: [Vec<usize>; 4],
 }
 
 impl CpuStorage {

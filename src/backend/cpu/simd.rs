@@ -76,6 +76,12 @@ pub fn sum(x: &[f32]) -> f32 {
 /// when `AVX2` is set.
 #[inline(always)]
 pub fn unpack_lanes<const AVX2: bool>(packed: &[u8], bits: crate::config::Bits, out: &mut [f32]) {
+    if bits == crate::config::Bits::B3 {
+        let (lo, hi) = packed.split_at(out.len() / 4);
+        unpack_lanes::<AVX2>(lo, crate::config::Bits::B2, out);
+        crate::quant::pack::add_high_plane_lanes(hi, out);
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if AVX2 {
         debug_assert_eq!(out.len(), packed.len() * 8 / bits.bits());

@@ -240,8 +240,9 @@ impl BackendDevice for CudaDevice {
             ordinal: self.inner.ordinal,
         }
     }
-    fn storage(&self, cfg: &CacheConfig, _layer: usize) -> Result<CudaStorage> {
-        CudaStorage::new(self.clone(), cfg)
+    fn storage(&self, cfg: &CacheConfig, layer: usize) -> Result<CudaStorage> {
+        // One storage holds one warm format: the layer's own widths.
+        CudaStorage::new(self.clone(), &cfg.for_layer(layer))
     }
 }
 

@@ -8,7 +8,7 @@
 //! warm-page offset comes from [`WarmLayout`], the one definition shared with the CPU backend.
 
 use super::CudaError;
-use crate::config::{CacheConfig, HotDtype};
+use crate::config::{Bits, CacheConfig, HotDtype};
 use crate::quant::WarmLayout;
 
 const COMMON: &str = include_str!("kernels/common.cuh");
@@ -81,6 +81,11 @@ impl KernelSpec {
         tuning: CudaTuning,
         smem_limit: usize,
     ) -> Result<Self, CudaError> {
+        if cfg.warm_enabled && (cfg.k_bits == Bits::B3 || cfg.v_bits == Bits::B3) {
+            return Err(CudaError::Unsupported(
+                "3-bit codes (the CUDA decode kernels read 8-, 4- and 2-bit pages)",
+            ));
+        }
         let l = WarmLayout::of(cfg);
         let d = cfg.head_dim;
         let gfull = cfg.group_size();
