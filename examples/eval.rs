@@ -19,8 +19,9 @@
 //! cargo run --release --example eval -- --k-bits 4 --v-bits 2 --hot-window 64 --page-size 32
 //! ```
 //! Config spec: `fp` (everything hot and exact) or `k<bits>v<bits>[-w<hot window>][-p<page size>]
-//! [-s<sink tokens>][-g<value group>][-e<n>][-rk|-rkv]`, bits in {8, 4, 3, 2}; `-e<n>` keeps the first
-//! and last `n` layers at int4 keys and values, `-rk` rotates keys (and queries), `-rkv` keys and values.
+//! [-s<sink tokens>][-g<value group>][-e<n>][-o<n>][-rk|-rkv]`, bits in {8, 4, 3, 2}; `-e<n>` keeps the first
+//! and last `n` layers at int4 keys and values, `-o<n>` keeps `n` key outlier channels per page
+//! exact (f16), `-rk` rotates keys (and queries), `-rkv` keys and values.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -52,6 +53,8 @@ struct Spec {
     rotation: kvtier::Rotation,
     /// First and last `edges` layers at int4 keys and values (`-e<n>`).
     edges: usize,
+    /// Key outlier channels kept exact per page and kv head (`-o<n>`).
+    outliers: usize,
     /// A retention policy run after every decode step, and its device budget as a fraction of the
     /// sequence's f16 bytes (`<config>@<policy>:<percent>`).
     policy: Option<(String, f64)>,
@@ -140,9 +143,10 @@ impl Spec {
                 "s" => spec.sinks = num,
                 "g" => spec.group = num,
                 "e" => spec.edges = num,
+                "o" => spec.outliers = num,
                 _ => {
                     return Err(format!(
-                        "config `{s}`: unknown field `{p}` (w, p, s, g, e, rk, rkv)"
+                        "config `{s}`: unknown field `{p}` (w, p, s, g, e, o, rk, rkv)"
                     )
                     .into())
                 }
@@ -160,6 +164,7 @@ impl Spec {
             .hot_window(self.hot_window)
             .value_group(self.group)
             .rotation(self.rotation)
+            .key_outliers(self.outliers)
             .k_bits(Bits::from_bits(self.k_bits)?)
             .v_bits(Bits::from_bits(self.v_bits)?)
             .edge_layers(self.edges, Bits::B4, Bits::B4);
@@ -177,6 +182,7 @@ impl Spec {
             "k_bits": self.k_bits, "v_bits": self.v_bits, "hot_window": self.hot_window,
             "page_size": self.page_size, "sink_tokens": self.sinks, "value_group": self.group,
             "rotation": format!("{:?}", self.rotation), "edge_layers_int4": self.edges,
+            "key_outliers": self.outliers,
             "policy": self.policy.as_ref().map(|(n, f)| json!({"name": n, "f16_fraction": f})),
         })
     }
@@ -200,7 +206,7 @@ fn cli() -> Command {
     Command::new("eval")
         .about("kvtier real-model evaluation: SOTU perplexity and passkey retrieval")
         .arg(Arg::new("config").long("config").action(ArgAction::Append).help(
-            "cache config spec, repeatable: fp | k<bits>v<bits>[-w<hot>][-p<page>][-s<sinks>][-g<group>][-rk|-rkv (rotate keys, or keys and values)][-e<n> (first and last n layers at int4)], bits in {8, 4, 3, 2}, optionally ~eps:<epsilon> (query-time elimination with skipped mass <= epsilon) or ~quest:<pages> (Quest-style top pages by bound), and @<policy>:<percent> (a retention policy run after each decode step, its device budget that percent of the f16 bytes)",
+            "cache config spec, repeatable: fp | k<bits>v<bits>[-w<hot>][-p<page>][-s<sinks>][-g<group>][-rk|-rkv (rotate keys, or keys and values)][-e<n> (first and last n layers at int4)][-o<n> (n key outlier channels per page kept exact)], bits in {8, 4, 3, 2}, optionally ~eps:<epsilon> (query-time elimination with skipped mass <= epsilon) or ~quest:<pages> (Quest-style top pages by bound), and @<policy>:<percent> (a retention policy run after each decode step, its device budget that percent of the f16 bytes)",
         ))
         .arg(num("k-bits", "4", "key bits (8, 4, 3, 2) when no --config is given"))
         .arg(num("v-bits", "4", "value bits (8, 4, 3, 2) when no --config is given"))
@@ -292,6 +298,7 @@ fn main() -> AnyResult<()> {
         group: get(&m, "value-group")?,
         rotation: kvtier::Rotation::None,
         edges: 0,
+        outliers: 0,
         policy: None,
         choice: kvtier::PageChoice::All,
     };

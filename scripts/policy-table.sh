@@ -14,6 +14,8 @@
 #   EVAL=path ASSETS=dir ...               a prebuilt eval binary and the assets (else built / fetched)
 #   PK1K_TRIALS=8 PK4K_TRIALS=4            passkey trials per depth (5 depths: 0, 25, 50, 75, 100 %)
 #   QUICK=1 ...                            the same pipeline at toy sizes (a smoke test of the script)
+#   CONFIGS="fp k4v4 ..." TABLE_ARGS=...   another set of eval configs and policy_table.py options
+#                                          (scripts/quant-table.sh uses this)
 #
 # Each task writes one JSON report into OUT_DIR; `python3 scripts/policy_table.py OUT_DIR` merges them
 # into the Markdown table (it runs at the end here). Every config of a passkey task sees the same
@@ -47,12 +49,16 @@ fi
 asset_args=()
 if [ -n "${ASSETS:-}" ]; then asset_args=(--assets "$ASSETS"); fi
 
-configs=(fp k4v4 k2v2 k4v4@anchor:25 "k4v4~quest:32" "k4v4~quest:16")
-for pct in 25 12.5; do
-    for p in recent streaming_llm h2o tova scissorhands snapkv pyramidkv heavy_hitter hybrid tiered tiered_int2; do
-        configs+=("k4v4@$p:$pct")
+if [ -n "${CONFIGS:-}" ]; then
+    read -r -a configs <<<"$CONFIGS"
+else
+    configs=(fp k4v4 k2v2 k4v4@anchor:25 "k4v4~quest:32" "k4v4~quest:16")
+    for pct in 25 12.5; do
+        for p in recent streaming_llm h2o tova scissorhands snapkv pyramidkv heavy_hitter hybrid tiered tiered_int2; do
+            configs+=("k4v4@$p:$pct")
+        done
     done
-done
+fi
 all_configs=()
 for c in "${configs[@]}"; do all_configs+=(--config "$c"); done
 common=(--hot-dtype f16 --dense-decode "${asset_args[@]}")
@@ -103,4 +109,5 @@ xargs -P "$jobs" -L 1 sh -c '
     "$EVAL" $COMMON "$@" --out "$out_dir/$name.json" >"$out_dir/$name.log" 2>&1 \
         && echo "done $name" >&2 || { echo "FAILED $name (see $out_dir/$name.log)" >&2; exit 255; }
 ' <"$tasks"
-python3 scripts/policy_table.py "$out_dir"
+# shellcheck disable=SC2086
+python3 scripts/policy_table.py "$out_dir" ${TABLE_ARGS:-}

@@ -155,6 +155,9 @@ pub struct CacheConfig {
     /// Per-layer warm widths (at most one entry per layer); layers not listed use `k_bits` /
     /// `v_bits`. E.g. the first and last layers at higher precision ([`CacheConfigBuilder::edge_layers`]).
     pub layer_bits: Vec<LayerBits>,
+    /// Key outlier channels per warm page and kv head kept exact (f16) beside the codes: the
+    /// page's widest-range channels (0, the default: none). At most `head_dim / 4`.
+    pub key_outliers: usize,
 }
 
 impl CacheConfig {
@@ -188,6 +191,7 @@ impl CacheConfig {
                 rotation: Rotation::None,
                 rotation_seed: 0x6b76_7469_6572,
                 layer_bits: Vec::new(),
+                key_outliers: 0,
             },
         }
     }
@@ -353,6 +357,16 @@ impl CacheConfig {
                 format!("layer {l} >= num_layers {}", self.num_layers),
             ));
         }
+        if self.key_outliers > self.head_dim / 4 {
+            return Err(Error::config(
+                "key_outliers",
+                format!(
+                    "{} must be <= head_dim / 4 = {}",
+                    self.key_outliers,
+                    self.head_dim / 4
+                ),
+            ));
+        }
         for (i, b) in self.layer_bits.iter().enumerate() {
             if b.layer >= self.num_layers {
                 return Err(Error::config(
@@ -435,6 +449,8 @@ impl CacheConfigBuilder {
         rotation: Rotation);
     setter!(/// Seed of the rotation's sign vectors.
         rotation_seed: u64);
+    setter!(/// Key outlier channels kept exact per warm page and kv head (default 0).
+        key_outliers: usize);
 
     /// Warm widths of one layer (replacing an earlier entry for it).
     pub fn layer_bits(mut self, layer: usize, k_bits: Bits, v_bits: Bits) -> Self {

@@ -116,22 +116,27 @@ fn f16_and_bf16_hot_pages_match_reference_on_rounded_data() {
 /// quantisation error (|Δs_t| <= scale Σ|q||Δk| ⇒ softmax weights move by at most a factor e^{±2ε}).
 #[test]
 fn warm_pages_within_quantisation_bound() {
-    for (kb, vb, rot) in [
-        (Bits::B8, Bits::B8, Rotation::None),
-        (Bits::B4, Bits::B4, Rotation::None),
-        (Bits::B4, Bits::B2, Rotation::None),
-        (Bits::B2, Bits::B2, Rotation::None),
-        (Bits::B3, Bits::B3, Rotation::None),
-        (Bits::B4, Bits::B3, Rotation::None),
-        (Bits::B3, Bits::B8, Rotation::None),
-        (Bits::B2, Bits::B2, Rotation::KeysValues),
-        (Bits::B3, Bits::B3, Rotation::Keys),
-        (Bits::B4, Bits::B2, Rotation::KeysValues),
+    use Rotation::{Keys as Rk, KeysValues as Rkv, None as R0};
+    for (kb, vb, rot, outliers) in [
+        (Bits::B8, Bits::B8, R0, 0),
+        (Bits::B4, Bits::B4, R0, 0),
+        (Bits::B4, Bits::B2, R0, 0),
+        (Bits::B2, Bits::B2, R0, 0),
+        (Bits::B3, Bits::B3, R0, 0),
+        (Bits::B4, Bits::B3, R0, 0),
+        (Bits::B3, Bits::B8, R0, 0),
+        (Bits::B2, Bits::B2, Rkv, 0),
+        (Bits::B3, Bits::B3, Rk, 0),
+        (Bits::B4, Bits::B2, Rkv, 0),
+        (Bits::B2, Bits::B2, R0, 4),
+        (Bits::B4, Bits::B4, R0, 8),
+        (Bits::B3, Bits::B2, Rkv, 2),
     ] {
         let (qh, kvh, d, len) = (8, 2, 128, 1000);
         let cfg = CacheConfig::builder(1, qh, kvh, d)
             .hot_dtype(HotDtype::F32)
             .rotation(rot)
+            .key_outliers(outliers)
             .k_bits(kb)
             .v_bits(vb)
             .hot_window(64)
@@ -141,7 +146,13 @@ fn warm_pages_within_quantisation_bound() {
         let mut cache = KvCache::new(cfg).unwrap();
         let mut rng = Rng(kb as u64 * 10 + vb as u64);
         let s = cache.add_sequence();
-        let k = rng.vec(len * kvh * d, 1.0);
+        let mut k = rng.vec(len * kvh * d, 1.0);
+        // Two wide channels, as real keys have: what outlier channels are for.
+        for (i, x) in k.iter_mut().enumerate() {
+            if matches!(i % d, 3 | 77) {
+                *x *= 6.0;
+            }
+        }
         let v = rng.vec(len * kvh * d, 1.0);
         for t in 0..len {
             let r = kvh * d;
@@ -152,6 +163,17 @@ fn warm_pages_within_quantisation_bound() {
         let rep = cache.memory_report();
         assert!(rep.warm_pages > 25, "{rep}");
         let (kq, vq) = cache.read_tokens(s, 0).unwrap();
+        if outliers >= 2 && rot == R0 {
+            // The wide channels are the page's outliers: kept to f16 precision.
+            for (i, (a, b)) in k.iter().zip(&kq).enumerate() {
+                if matches!(i % d, 3 | 77) {
+                    assert!(
+                        (a - b).abs() <= 6.0 * 1e-3,
+                        "outlier channel {i}: {a} vs {b}"
+                    );
+                }
+            }
+        }
         let q = rng.vec(qh * d, 1.0);
         let att = cache.attend(0, &[s], &q).unwrap();
 
@@ -159,7 +181,7 @@ fn warm_pages_within_quantisation_bound() {
         let fused_err = max_abs_diff(&att.output, &on_dequant);
         assert!(
             fused_err < 2e-5,
-            "{kb:?}/{vb:?}/{rot:?}: fused kernel vs dequantised reference {fused_err}"
+            "{kb:?}/{vb:?}/{rot:?}/o{outliers}: fused kernel vs dequantised reference {fused_err}"
         );
 
         let (exact, _, _) = naive(&q, &k, &v, len, qh, kvh, d);
@@ -184,9 +206,9 @@ fn warm_pages_within_quantisation_bound() {
         let err = max_abs_diff(&att.output, &exact);
         assert!(
             err <= bound,
-            "{kb:?}/{vb:?}/{rot:?}: error {err} > bound {bound}"
+            "{kb:?}/{vb:?}/{rot:?}/o{outliers}: error {err} > bound {bound}"
         );
-        eprintln!("{kb:?}/{vb:?}/{rot:?}: error vs exact {err:.2e}, bound {bound:.2e}");
+        eprintln!("{kb:?}/{vb:?}/{rot:?}/o{outliers}: error vs exact {err:.2e}, bound {bound:.2e}");
     }
 }
 

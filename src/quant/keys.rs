@@ -13,16 +13,31 @@ pub fn quantize_keys(keys: &[f32], n_tokens: usize, layout: &WarmLayout, block: 
     let bits = layout.k_bits;
     let max_code = bits.max_code();
     debug_assert_eq!(keys.len(), n_tokens * d);
+    let mut range = vec![(f32::INFINITY, f32::NEG_INFINITY); d];
+    for t in 0..n_tokens {
+        for (c, r) in range.iter_mut().enumerate() {
+            let x = keys[t * d + c];
+            *r = (r.0.min(x), r.1.max(x));
+        }
+    }
+    // The widest channels (ties to the lower index) are kept exact instead of coded.
+    let outliers = {
+        let mut by_width: Vec<usize> = (0..d).collect();
+        by_width.sort_by(|&a, &b| {
+            let w = |c: usize| range[c].1 - range[c].0;
+            w(b).total_cmp(&w(a)).then(a.cmp(&b))
+        });
+        let mut o = by_width[..layout.outliers].to_vec();
+        o.sort_unstable();
+        o
+    };
     let mut mins = vec![f16::ZERO; d];
     let mut steps = vec![f16::ZERO; d];
     for c in 0..d {
-        let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
-        for t in 0..n_tokens {
-            let x = keys[t * d + c];
-            lo = lo.min(x);
-            hi = hi.max(x);
+        if outliers.binary_search(&c).is_ok() {
+            continue;
         }
-        match min_and_step(lo, hi, max_code) {
+        match min_and_step(range[c].0, range[c].1, max_code) {
             Some((m, s)) => {
                 mins[c] = m;
                 steps[c] = s;
@@ -38,6 +53,9 @@ pub fn quantize_keys(keys: &[f32], n_tokens: usize, layout: &WarmLayout, block: 
                 let (m, s) = (mins[c].to_f32(), steps[c].to_f32());
                 codes[c] = code_of(keys[t * d + c], m, inv(s), max_code);
             }
+            for &c in &outliers {
+                codes[c] = 0;
+            }
         } else {
             codes.fill(0);
         }
@@ -46,7 +64,41 @@ pub fn quantize_keys(keys: &[f32], n_tokens: usize, layout: &WarmLayout, block: 
     }
     write_f16(&mut block[layout.k_min..layout.k_min + 2 * d], &mins);
     write_f16(&mut block[layout.k_step..layout.k_step + 2 * d], &steps);
+    if layout.outliers > 0 {
+        let n = layout.outliers;
+        for (i, &c) in outliers.iter().enumerate() {
+            let at = layout.out_idx + 2 * i;
+            block[at..at + 2].copy_from_slice(&(c as u16).to_le_bytes());
+        }
+        let mut vals = vec![f16::ZERO; layout.page_size * n];
+        for t in 0..layout.page_size {
+            // Rows past n_tokens repeat token 0, so the page bounds stay exact.
+            let src = if t < n_tokens { t } else { 0 };
+            for (i, &c) in outliers.iter().enumerate() {
+                let x = f16::from_f32(keys[src * d + c]);
+                if !x.is_finite() {
+                    return false;
+                }
+                vals[t * n + i] = x;
+            }
+        }
+        write_f16(
+            &mut block[layout.out_val..layout.out_val + 2 * layout.page_size * n],
+            &vals,
+        );
+    }
     true
+}
+
+/// The key outlier channels of a head block (ascending) and their f16 keys `[page_size][outliers]`.
+pub fn outliers(block: &[u8], layout: &WarmLayout) -> (Vec<usize>, Vec<f32>) {
+    let n = layout.outliers;
+    let idx = block[layout.out_idx..layout.out_idx + 2 * n]
+        .chunks_exact(2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
+        .collect();
+    let vals = read_f16(&block[layout.out_val..layout.out_val + 2 * layout.page_size * n]);
+    (idx, vals)
 }
 
 /// Dequantises the keys of one head block into `[n_tokens][head_dim]` f32.
@@ -62,6 +114,14 @@ pub fn dequantize_keys(block: &[u8], n_tokens: usize, layout: &WarmLayout) -> Ve
         unpack_row(&block[off..off + row], layout.k_bits, &mut codes);
         out.extend((0..d).map(|c| mins[c] + steps[c] * codes[c] as f32));
     }
+    if layout.outliers > 0 {
+        let (idx, vals) = outliers(block, layout);
+        for t in 0..n_tokens {
+            for (i, &c) in idx.iter().enumerate() {
+                out[t * d + c] = vals[t * layout.outliers + i];
+            }
+        }
+    }
     out
 }
 
@@ -69,10 +129,18 @@ pub fn dequantize_keys(block: &[u8], n_tokens: usize, layout: &WarmLayout) -> Ve
 /// `lo[c] <= k[c] <= hi[c]` after dequantisation.
 pub fn key_bounds(block: &[u8], layout: &WarmLayout) -> (Vec<f32>, Vec<f32>) {
     let d = layout.head_dim;
-    let lo = read_f16(&block[layout.k_min..layout.k_min + 2 * d]);
+    let mut lo = read_f16(&block[layout.k_min..layout.k_min + 2 * d]);
     let steps = read_f16(&block[layout.k_step..layout.k_step + 2 * d]);
     let top = layout.k_bits.max_code() as f32;
-    let hi = lo.iter().zip(&steps).map(|(m, s)| m + top * s).collect();
+    let mut hi: Vec<f32> = lo.iter().zip(&steps).map(|(m, s)| m + top * s).collect();
+    if layout.outliers > 0 {
+        let (idx, vals) = outliers(block, layout);
+        for (i, &c) in idx.iter().enumerate() {
+            let col = vals.iter().skip(i).step_by(layout.outliers).copied();
+            lo[c] = col.clone().fold(f32::INFINITY, f32::min);
+            hi[c] = col.fold(f32::NEG_INFINITY, f32::max);
+        }
+    }
     (lo, hi)
 }
 

@@ -11,9 +11,14 @@
 //! | `v_step`   | f16  | page_size * groups            | per-token, per-group step                 |
 //! | `k_codes`  | u8   | page_size * head_dim*k_bits/8 | token-major packed key codes              |
 //! | `v_codes`  | u8   | page_size * head_dim*v_bits/8 | token-major packed value codes            |
+//! | `out_idx`  | u16  | outliers                      | key outlier channels, ascending           |
+//! | `out_val`  | f16  | page_size * outliers          | their exact keys, token-major             |
 //!
-//! `k_min` and `k_min + max_code * k_step` are the page's exact per-channel key bounds: the
-//! Quest-style page bound used by elimination costs nothing extra.
+//! The last two parts exist only when the config keeps key outlier channels (`key_outliers > 0`):
+//! the page's widest-range channels are stored as f16 beside the codes, and their min, step and
+//! codes are zero, so the code path contributes nothing for them (KVQuant's dense-and-sparse split,
+//! per page). `k_min` and `k_min + max_code * k_step` are the page's exact per-channel key bounds
+//! for the other channels: the Quest-style page bound used by elimination costs nothing extra.
 
 use crate::config::{Bits, CacheConfig};
 
@@ -66,6 +71,10 @@ pub struct WarmLayout {
     pub v_step: usize,
     pub k_codes: usize,
     pub v_codes: usize,
+    /// Key outlier channels per head block (0: none).
+    pub outliers: usize,
+    pub out_idx: usize,
+    pub out_val: usize,
     /// Bytes of one head block (aligned).
     pub head_bytes: usize,
 }
@@ -88,6 +97,9 @@ impl WarmLayout {
         let v_codes = align(k_codes + page_size * head_dim * k_bits.bits() / 8);
         let head_bytes = align(v_codes + page_size * head_dim * v_bits.bits() / 8);
         WarmLayout {
+            outliers: 0,
+            out_idx: head_bytes,
+            out_val: head_bytes,
             page_size,
             head_dim,
             k_bits,
@@ -101,6 +113,21 @@ impl WarmLayout {
             v_codes,
             head_bytes,
         }
+    }
+
+    /// This layout with `n` key outlier channels per head block appended.
+    pub fn with_outliers(mut self, n: usize) -> Self {
+        let end = self.v_codes + self.page_size * self.v_row_bytes();
+        self.outliers = n;
+        self.out_idx = align(end);
+        self.out_val = align(self.out_idx + 2 * n);
+        self.head_bytes = align(self.out_val + 2 * self.page_size * n);
+        if n == 0 {
+            self.head_bytes = align(end);
+            self.out_idx = self.head_bytes;
+            self.out_val = self.head_bytes;
+        }
+        self
     }
 
     /// Layout for a config (its default warm format).
@@ -117,6 +144,7 @@ impl WarmLayout {
             fmt.v_bits,
             cfg.value_group,
         )
+        .with_outliers(cfg.key_outliers)
     }
 
     /// The code widths of this layout.
@@ -167,6 +195,14 @@ mod tests {
             }
             assert!(parts[5].0 + parts[5].1 <= l.head_bytes);
         }
+        let o = WarmLayout::new(32, 128, Bits::B2, Bits::B2, 32).with_outliers(4);
+        assert!(o.out_idx >= o.v_codes + 32 * o.v_row_bytes() && o.out_idx % ALIGN == 0);
+        assert!(o.out_val >= o.out_idx + 8 && o.out_val % ALIGN == 0);
+        assert_eq!(o.head_bytes, o.out_val + 2 * 32 * 4);
+        assert_eq!(
+            o.with_outliers(0),
+            WarmLayout::new(32, 128, Bits::B2, Bits::B2, 32)
+        );
         // int4 K and V, d128, 32 tokens: 4096 code bytes + 512 value min/step bytes + 512 key min/step bytes.
         assert_eq!(
             WarmLayout::new(32, 128, Bits::B4, Bits::B4, 32).head_bytes,

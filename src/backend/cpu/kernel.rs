@@ -24,7 +24,7 @@ use crate::backend::AttendInput;
 use crate::cache::{PageEntry, PageTable, Tier};
 use crate::config::Bits;
 use crate::error::{Error, Result};
-use crate::quant::WarmFormat;
+use crate::quant::{WarmFormat, WarmLayout};
 use rayon::prelude::*;
 
 /// Pages per decode work item. Fixed (not derived from the batch or the thread count) so results
@@ -248,7 +248,7 @@ impl<'a> Kernel<'a> {
             // unpack adds the high plane to the 2-bit lanes.
             // SAFETY: FMA instantiations run only after detection of avx2, fma and f16c; the
             // pointers cover the scratch and page ranges the layout defines (checked by slicing).
-            unsafe { self.warm_block_avx2(blk, fmt, n, a, sc) };
+            unsafe { self.warm_block_avx2(q, blk, fmt, n, a, sc) };
             return;
         }
         for t in 0..n {
@@ -258,6 +258,7 @@ impl<'a> Kernel<'a> {
                 sc.scores[h * ps + t] = sc.qm[h] + dot::<FMA>(&sc.qs[h * d..(h + 1) * d], &sc.row);
             }
         }
+        self.outlier_scores(q, blk, l, n, sc);
         self.softmax_update(n, a, sc);
         for t in 0..n {
             let off = l.v_codes + t * vr;
@@ -276,6 +277,32 @@ impl<'a> Kernel<'a> {
             }
         }
         self.value_mins(n, a, sc);
+    }
+
+    /// Adds the exact key outlier channels' part of each score (their codes contribute 0).
+    /// A stored channel index beyond `head_dim` (a corrupt page) is skipped: `import_page` refuses
+    /// such pages, so it cannot occur for pages this cache holds.
+    #[inline(always)]
+    fn outlier_scores(&self, q: &[f32], blk: &[u8], l: &WarmLayout, n: usize, sc: &mut Scratch) {
+        let no = l.outliers;
+        if no == 0 {
+            return;
+        }
+        let (d, ps) = (self.geo.head_dim, self.geo.page_size);
+        for i in 0..no {
+            let at = l.out_idx + 2 * i;
+            let c = u16::from_le_bytes([blk[at], blk[at + 1]]) as usize;
+            if c >= d {
+                continue;
+            }
+            for t in 0..n {
+                let at = l.out_val + 2 * (t * no + i);
+                let k = half::f16::from_bits(u16::from_le_bytes([blk[at], blk[at + 1]])).to_f32();
+                for h in 0..self.g {
+                    sc.scores[h * ps + t] += q[h * d + c] * k;
+                }
+            }
+        }
     }
 
     /// `acc_b[h][g] += Σ_t e[h][t] · min[t][g]`.
@@ -300,6 +327,7 @@ impl<'a> Kernel<'a> {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn warm_block_avx2(
         &self,
+        q: &[f32],
         blk: &[u8],
         fmt: WarmFormat,
         n: usize,
@@ -342,6 +370,7 @@ impl<'a> Kernel<'a> {
             }
             hb += h;
         }
+        self.outlier_scores(q, blk, l, n, sc);
         self.softmax_update(n, a, sc);
         // w[h][t][g] = e · step, the per-token, per-group weight of the codes.
         sc.w.resize(self.g * ps * groups, 0.0);

@@ -87,6 +87,7 @@ pub struct CpuStorage {
 impl CpuStorage {
     /// Empty pools for a validated config.
     pub fn new(cfg: &CacheConfig) -> Self {
+        // of_format carries the config's key outlier count into every width.
         let layouts = ALL_BITS.map(|k_bits| {
             ALL_BITS.map(|v_bits| WarmLayout::of_format(cfg, WarmFormat { k_bits, v_bits }))
         });
@@ -335,6 +336,18 @@ impl BackendStorage for CpuStorage {
                 let want = self.layout(page.format).head_bytes * self.geo.kv_heads;
                 if page.data.len() != want {
                     return Err(Error::shape("warm page bytes", want, page.data.len()));
+                }
+                let l = self.layout(page.format);
+                for h in 0..self.geo.kv_heads {
+                    let blk = &page.data[h * l.head_bytes..(h + 1) * l.head_bytes];
+                    let (idx, _) = quant::keys::outliers(blk, l);
+                    if idx.iter().any(|&c| c >= self.geo.head_dim) {
+                        return Err(Error::shape(
+                            "warm page outlier channels",
+                            format!("channels < {}", self.geo.head_dim),
+                            format!("{idx:?}"),
+                        ));
+                    }
                 }
                 let mut b = try_zeroed_bytes(want)?;
                 b.copy_from_slice(&page.data);

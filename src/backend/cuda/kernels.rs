@@ -86,6 +86,11 @@ impl KernelSpec {
                 "3-bit codes (the CUDA decode kernels read 8-, 4- and 2-bit pages)",
             ));
         }
+        if cfg.warm_enabled && cfg.key_outliers > 0 {
+            return Err(CudaError::Unsupported(
+                "key outlier channels (the CUDA decode kernels read code-only pages)",
+            ));
+        }
         let l = WarmLayout::of(cfg);
         let d = cfg.head_dim;
         let gfull = cfg.group_size();
