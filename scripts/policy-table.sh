@@ -14,6 +14,7 @@
 #   EVAL=path ASSETS=dir ...               a prebuilt eval binary and the assets (else built / fetched)
 #   PK1K_TRIALS=8 PK4K_TRIALS=4            passkey trials per depth (5 depths: 0, 25, 50, 75, 100 %)
 #   QUICK=1 ...                            the same pipeline at toy sizes (a smoke test of the script)
+#   CHUNK=2                                configs per PPL task
 #   CONFIGS="fp k4v4 ..." TABLE_ARGS=...   another set of eval configs and policy_table.py options
 #                                          (scripts/quant-table.sh uses this)
 #
@@ -65,7 +66,7 @@ common=(--hot-dtype f16 --dense-decode "${asset_args[@]}")
 
 tasks="$(mktemp)"
 trap 'rm -f "$tasks"' EXIT
-chunk=2
+chunk="${CHUNK:-2}"
 for s in 0 1; do
     [ "$part" = all ] || [ "$part" = "ppl$s" ] || continue
     for ((i = 0; i < ${#configs[@]}; i += chunk)); do
