@@ -242,6 +242,35 @@ typedef uint32_t kvtier_hot_dtype;
 #endif // __cplusplus
 
 /*
+ Which vectors a cache rotates before storing them (pass as `uint32_t`): see `Rotation`.
+ */
+enum kvtier_rotation
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+    /*
+     Nothing is rotated (the default).
+     */
+    KVTIER_ROTATION_NONE = 0,
+    /*
+     Keys (and so queries) are rotated.
+     */
+    KVTIER_ROTATION_KEYS = 1,
+    /*
+     Keys, queries and values; the attention output is rotated back.
+     */
+    KVTIER_ROTATION_KEYS_VALUES = 2,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum kvtier_rotation kvtier_rotation;
+#else
+typedef uint32_t kvtier_rotation;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/*
  Element type of keys, values and queries handed to the `_typed` calls (pass as `uint32_t`).
  F16 and BF16 elements are 16-bit patterns (`uint16_t`, `_Float16`, `__bf16`).
  */
@@ -696,10 +725,11 @@ kvtier_status kvtier_config_set_sink_tokens(struct kvtier_config *config, size_t
 kvtier_status kvtier_config_set_hot_window(struct kvtier_config *config, size_t hot_window);
 
 /*
- Sets the warm-tier code widths of keys and values (each 8, 4 or 2).
+ Sets the warm-tier code widths of keys and values (each 8, 4, 3 or 2; 3-bit codes are CPU
+ only: a CUDA cache with them fails to create with `UNSUPPORTED`).
 
- Errors: `NULL_PARAMETER` (`config`), `INVALID_CONFIG` (a width is not 8, 4 or 2; the config is
- left unchanged).
+ Errors: `NULL_PARAMETER` (`config`), `INVALID_CONFIG` (a width is not 8, 4, 3 or 2; the config
+ is left unchanged).
 
  # Safety
 
@@ -823,6 +853,62 @@ kvtier_status kvtier_config_set_softmax_scale(struct kvtier_config *config, floa
  */
 kvtier_status kvtier_config_shape(const struct kvtier_config *config,
                                   struct kvtier_shape *shape_out);
+
+/*
+ Sets the seeded Walsh-Hadamard rotation applied before storage (`mode` is a `kvtier_rotation`
+ value) and the seed of its per-layer sign vectors. Scores are unchanged in exact arithmetic;
+ outputs and read-backs stay in model space. With rotation on, `kvtier_cache_attend_device` is
+ `UNSUPPORTED` (queries would need rotating on the device); attend with host buffers.
+
+ Errors: `NULL_PARAMETER` (`config`), `INVALID_ARGUMENT` (unknown mode).
+
+ # Safety
+
+ `config` must be NULL or a live handle from `kvtier_config_new*`.
+ */
+kvtier_status kvtier_config_set_rotation(struct kvtier_config *config,
+                                         uint32_t mode,
+                                         uint64_t seed);
+
+/*
+ Sets how many key channels per warm page and kv head are kept exact (f16) beside the codes:
+ the page's widest-range channels (0, the default: none; at most head_dim / 4). CPU only: a
+ CUDA cache with outliers fails to create with `UNSUPPORTED`.
+
+ Errors: `NULL_PARAMETER` (`config`), `INVALID_CONFIG` (too many; the config is left unchanged).
+
+ # Safety
+
+ `config` must be NULL or a live handle from `kvtier_config_new*`.
+ */
+kvtier_status kvtier_config_set_key_outliers(struct kvtier_config *config, size_t channels);
+
+/*
+ Sets the warm code widths of one layer (each 8, 4, 3 or 2), overriding `kvtier_config_set_bits`
+ there; a second call for the same layer replaces the first. 3-bit codes are CPU only.
+
+ Errors: `NULL_PARAMETER` (`config`), `INVALID_CONFIG` (a width is not 8, 4, 3 or 2, or `layer`
+ is not below num_layers; the config is left unchanged).
+
+ # Safety
+
+ `config` must be NULL or a live handle from `kvtier_config_new*`.
+ */
+kvtier_status kvtier_config_set_layer_bits(struct kvtier_config *config,
+                                           size_t layer,
+                                           uint32_t k_bits,
+                                           uint32_t v_bits);
+
+/*
+ Removes every per-layer width: all layers use the config's widths again.
+
+ Errors: `NULL_PARAMETER` (`config`).
+
+ # Safety
+
+ `config` must be NULL or a live handle from `kvtier_config_new*`.
+ */
+kvtier_status kvtier_config_clear_layer_bits(struct kvtier_config *config);
 
 /*
  A cache on the CPU backend, configured by a copy of `config`. On success `*cache_out` holds a
@@ -1150,7 +1236,7 @@ kvtier_status kvtier_cache_attend_selected(const struct kvtier_cache *cache,
 
 /*
  Executes one page move on page `page` of `seq` in `layer` (`op` is a `kvtier_move_op`;
- `k_bits` and `v_bits` are read by `DEMOTE` only: 8, 4 or 2). Validated completely first: an
+ `k_bits` and `v_bits` are read by `DEMOTE` only: 8, 4, 3 or 2). Validated completely first: an
  error changes nothing. For `PROMOTE`, `*exact_out` (may be NULL) is set to true when the page
  was restored bit for bit (from the archive) and false when it was dequantised (no archive).
 

@@ -7,7 +7,7 @@ use common::Rng;
 use kvtier::eliminate::{
     check, score_upper_bound, EliminationInput, EliminationScratch, Eliminator, QuestSelector,
 };
-use kvtier::{Bits, CacheConfig, Error, HotDtype, KvCache, PageRef, SeqId, Tier};
+use kvtier::{Bits, CacheConfig, Error, HotDtype, KvCache, PageRef, Rotation, SeqId, Tier};
 
 fn pr(seq: SeqId, page: usize) -> PageRef {
     PageRef {
@@ -28,8 +28,23 @@ fn structured(
     seed: u64,
     archive: bool,
 ) -> (KvCache, SeqId, Vec<f32>) {
+    structured_with(kb, vb, len, seed, archive, Rotation::None, 0)
+}
+
+/// [`structured`] with a rotation and key outlier channels.
+fn structured_with(
+    kb: Bits,
+    vb: Bits,
+    len: usize,
+    seed: u64,
+    archive: bool,
+    rotation: Rotation,
+    outliers: usize,
+) -> (KvCache, SeqId, Vec<f32>) {
     let (qh, kvh, d) = (8, 2, 64);
     let cfg = CacheConfig::builder(1, qh, kvh, d)
+        .rotation(rotation)
+        .key_outliers(outliers)
         .k_bits(kb)
         .v_bits(vb)
         .hot_dtype(HotDtype::F16)
@@ -129,8 +144,14 @@ fn bounds_hold_for_every_stored_key_and_score() {
 fn skipped_mass_and_output_error_stay_within_epsilon() {
     let mut skipped_any = false;
     for seed in 0..6u64 {
-        for (kb, vb) in [(Bits::B4, Bits::B4), (Bits::B2, Bits::B2)] {
-            let (c, s, q) = structured(kb, vb, 1500, seed, seed % 2 == 0);
+        for (kb, vb, rot, outliers) in [
+            (Bits::B4, Bits::B4, Rotation::None, 0),
+            (Bits::B2, Bits::B2, Rotation::None, 0),
+            (Bits::B3, Bits::B3, Rotation::KeysValues, 0),
+            (Bits::B2, Bits::B4, Rotation::None, 4),
+            (Bits::B3, Bits::B2, Rotation::Keys, 2),
+        ] {
+            let (c, s, q) = structured_with(kb, vb, 1500, seed, seed % 2 == 0, rot, outliers);
             let full = c.attend(0, &[s], &q).unwrap();
             let (_, vals) = c.read_tokens(s, 0).unwrap();
             let d = c.config().head_dim;

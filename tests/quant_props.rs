@@ -30,9 +30,10 @@ proptest! {
         amp in prop_oneof![Just(0.0f32), 1e-3f32..1.0, 1.0f32..300.0],
         seed in any::<u64>(),
         offset in -50.0f32..50.0,
+        outliers in 0usize..=4,
     ) {
         let d = 64;
-        let layout = WarmLayout::new(32, d, kb, vb, 32);
+        let layout = WarmLayout::new(32, d, kb, vb, 32).with_outliers(outliers);
         let mut s = seed;
         let mut next = || { s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407); ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 };
         let keys: Vec<f32> = (0..n * d).map(|_| offset + amp * next()).collect();
@@ -43,7 +44,19 @@ proptest! {
 
         let kq = quant::dequantize_keys(&block, n, &layout);
         let (lo, hi) = quant::keys::key_bounds(&block, &layout);
+        let (out_idx, _) = quant::keys::outliers(&block, &layout);
+        prop_assert_eq!(out_idx.len(), outliers);
+        prop_assert!(out_idx.windows(2).all(|w| w[0] < w[1]) && out_idx.iter().all(|&c| c < d));
         for c in 0..d {
+            if out_idx.contains(&c) {
+                // An outlier channel is its keys rounded to f16, and the bound is their range.
+                for t in 0..n {
+                    let x = keys[t * d + c];
+                    prop_assert!((x - kq[t * d + c]).abs() <= f16_round(x) + 1e-9, "outlier c{c}");
+                    prop_assert!(kq[t * d + c] >= lo[c] && kq[t * d + c] <= hi[c]);
+                }
+                continue;
+            }
             let step = (hi[c] - lo[c]) / kb.max_code() as f32;
             let cmin = (0..n).map(|t| keys[t * d + c]).fold(f32::INFINITY, f32::min);
             let slack = f16_round(cmin) + 1e-6 * (1.0 + cmin.abs() + amp);

@@ -179,7 +179,7 @@ pub unsafe extern "C" fn kvtier_config_free(config: *mut kvtier_config) {
 /// # Safety
 ///
 /// As for every setter: `config` is NULL or a live handle.
-unsafe fn update(
+pub(super) unsafe fn update(
     config: *mut kvtier_config,
     change: impl FnOnce(&mut CacheConfig),
 ) -> Result<(), FfiError> {
@@ -277,10 +277,11 @@ pub unsafe extern "C" fn kvtier_config_set_hot_window(
     })
 }
 
-/// Sets the warm-tier code widths of keys and values (each 8, 4 or 2).
+/// Sets the warm-tier code widths of keys and values (each 8, 4, 3 or 2; 3-bit codes are CPU
+/// only: a CUDA cache with them fails to create with `UNSUPPORTED`).
 ///
-/// Errors: `NULL_PARAMETER` (`config`), `INVALID_CONFIG` (a width is not 8, 4 or 2; the config is
-/// left unchanged).
+/// Errors: `NULL_PARAMETER` (`config`), `INVALID_CONFIG` (a width is not 8, 4, 3 or 2; the config
+/// is left unchanged).
 ///
 /// # Safety
 ///

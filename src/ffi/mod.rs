@@ -101,6 +101,7 @@ mod boundary;
 // The header lists functions in the order cbindgen meets them: config, cache, attention, then the
 // rest. rustfmt sorts `mod` lines only within a group, hence one group each.
 mod config;
+mod quant;
 
 mod cache;
 
@@ -145,6 +146,10 @@ pub use protect::{
     kvtier_heal_event, kvtier_protect, kvtier_protect_free, kvtier_protect_new,
     kvtier_protect_next_event, kvtier_protect_options, kvtier_protect_options_default,
     kvtier_protect_step, kvtier_verdict,
+};
+pub use quant::{
+    kvtier_config_clear_layer_bits, kvtier_config_set_key_outliers, kvtier_config_set_layer_bits,
+    kvtier_config_set_rotation, kvtier_rotation,
 };
 pub use status::{kvtier_status, kvtier_status_name};
 pub use version::{kvtier_abi_version, kvtier_version};

@@ -325,7 +325,7 @@ pub unsafe extern "C" fn kvtier_cache_attend_selected(
 }
 
 /// Executes one page move on page `page` of `seq` in `layer` (`op` is a `kvtier_move_op`;
-/// `k_bits` and `v_bits` are read by `DEMOTE` only: 8, 4 or 2). Validated completely first: an
+/// `k_bits` and `v_bits` are read by `DEMOTE` only: 8, 4, 3 or 2). Validated completely first: an
 /// error changes nothing. For `PROMOTE`, `*exact_out` (may be NULL) is set to true when the page
 /// was restored bit for bit (from the archive) and false when it was dequantised (no archive).
 ///

@@ -174,6 +174,59 @@ int main(void) {
     EXPECT(c != a && c != b);
 
     kvtier_cache_free(cache);
+
+    /* Quantisation options: a rotated cache attends like an unrotated one on exact pages, and a
+     * rotated int3 / int2 cache with outlier channels stores, demotes and attends. */
+    float rq[QH * D], rout[2][QH * D];
+    float *rk = malloc(sizeof(float) * 200 * KVH * D), *rv = malloc(sizeof(float) * 200 * KVH * D);
+    EXPECT(rk && rv);
+    for (size_t i = 0; i < 200 * KVH * D; i++) {
+        rk[i] = sinf(0.37f * (float)i) * ((i % D) == 5 ? 6.0f : 1.0f);
+        rv[i] = cosf(0.11f * (float)i);
+    }
+    for (size_t i = 0; i < QH * D; i++) rq[i] = cosf(0.7f * (float)i);
+    for (int r = 0; r < 2; r++) {
+        kvtier_config *qc = NULL;
+        EXPECT_OK(kvtier_config_new(LAYERS, QH, KVH, D, &qc));
+        EXPECT_OK(kvtier_config_set_hot_dtype(qc, KVTIER_HOT_DTYPE_F32));
+        EXPECT_OK(kvtier_config_set_warm_enabled(qc, false));
+        if (r) EXPECT_OK(kvtier_config_set_rotation(qc, KVTIER_ROTATION_KEYS_VALUES, 42));
+        kvtier_cache *qcache = NULL;
+        EXPECT_OK(kvtier_cache_new(qc, &qcache));
+        uint64_t s;
+        EXPECT_OK(kvtier_cache_sequence_add(qcache, &s));
+        EXPECT_OK(kvtier_cache_append(qcache, s, 0, rk, 200 * KVH * D, rv, 200 * KVH * D));
+        EXPECT_OK(kvtier_cache_attend(qcache, 0, &s, 1, rq, QH * D, rout[r], QH * D, NULL));
+        kvtier_cache_free(qcache);
+        kvtier_config_free(qc);
+    }
+    for (size_t i = 0; i < QH * D; i++) EXPECT(fabsf(rout[0][i] - rout[1][i]) < 1e-4f);
+    kvtier_config *qc = NULL;
+    EXPECT_OK(kvtier_config_new(LAYERS, QH, KVH, D, &qc));
+    EXPECT_OK(kvtier_config_set_hot_window(qc, 32));
+    EXPECT_OK(kvtier_config_set_bits(qc, 3, 2));
+    EXPECT_OK(kvtier_config_set_layer_bits(qc, 1, 4, 3));
+    EXPECT_OK(kvtier_config_set_layer_bits(qc, 1, 8, 3));
+    EXPECT_OK(kvtier_config_set_key_outliers(qc, 2));
+    EXPECT_OK(kvtier_config_set_rotation(qc, KVTIER_ROTATION_KEYS, 7));
+    kvtier_cache *qcache = NULL;
+    EXPECT_OK(kvtier_cache_new(qc, &qcache));
+    uint64_t s;
+    EXPECT_OK(kvtier_cache_sequence_add(qcache, &s));
+    for (size_t layer = 0; layer < LAYERS; layer++) {
+        EXPECT_OK(kvtier_cache_append(qcache, s, layer, rk, 200 * KVH * D, rv, 200 * KVH * D));
+        EXPECT_OK(kvtier_cache_attend(qcache, layer, &s, 1, rq, QH * D, rout[0], QH * D, NULL));
+        for (size_t i = 0; i < QH * D; i++) EXPECT(isfinite(rout[0][i]));
+    }
+    kvtier_memory_report qr;
+    EXPECT_OK(kvtier_cache_memory_report(qcache, &qr));
+    EXPECT(qr.warm_pages > 0);
+    EXPECT_OK(kvtier_config_clear_layer_bits(qc));
+    kvtier_cache_free(qcache);
+    kvtier_config_free(qc);
+    free(rk);
+    free(rv);
+
     kvtier_cache_free(NULL);
     kvtier_config_free(NULL);
     printf("lifecycle: ok\n");

@@ -137,7 +137,7 @@ int main(void) {
     EXPECT_STATUS(KVTIER_STATUS_INVALID_MOVE,
                   kvtier_cache_move(c, seq, 0, 0, KVTIER_MOVE_OP_DEMOTE, 8, 8, NULL));
     EXPECT_STATUS(KVTIER_STATUS_INVALID_ARGUMENT,
-                  kvtier_cache_move(c, seq, 0, 0, KVTIER_MOVE_OP_DEMOTE, 3, 3, NULL));
+                  kvtier_cache_move(c, seq, 0, 0, KVTIER_MOVE_OP_DEMOTE, 5, 5, NULL));
     EXPECT_STATUS(KVTIER_STATUS_INVALID_ARGUMENT, kvtier_cache_move(c, seq, 0, 0, 99, 0, 0, NULL));
     EXPECT_OK(kvtier_cache_move(c, seq, 0, 1, KVTIER_MOVE_OP_DEMOTE, 2, 2, NULL));
     EXPECT_OK(kvtier_cache_page_info(c, seq, 0, 1, &info));

@@ -1,0 +1,127 @@
+//! C setters of the quantisation-quality options: rotation, key outlier channels, per-layer bits.
+//!
+//! Owns: [`kvtier_rotation`] and the `kvtier_config_set_*` functions for those fields of
+//! [`crate::CacheConfig`]. Like every setter they validate a copy and keep it only when valid
+//! (`config::update`). Must never: leave a config half-changed.
+
+use super::config::{kvtier_config, update};
+use super::status::{kvtier_status, FfiError};
+use crate::config::{Bits, LayerBits, Rotation};
+
+/// Which vectors a cache rotates before storing them (pass as `uint32_t`): see `Rotation`.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum kvtier_rotation {
+    /// Nothing is rotated (the default).
+    None = 0,
+    /// Keys (and so queries) are rotated.
+    Keys = 1,
+    /// Keys, queries and values; the attention output is rotated back.
+    KeysValues = 2,
+}
+
+/// Sets the seeded Walsh-Hadamard rotation applied before storage (`mode` is a `kvtier_rotation`
+/// value) and the seed of its per-layer sign vectors. Scores are unchanged in exact arithmetic;
+/// outputs and read-backs stay in model space. With rotation on, `kvtier_cache_attend_device` is
+/// `UNSUPPORTED` (queries would need rotating on the device); attend with host buffers.
+///
+/// Errors: `NULL_PARAMETER` (`config`), `INVALID_ARGUMENT` (unknown mode).
+///
+/// # Safety
+///
+/// `config` must be NULL or a live handle from `kvtier_config_new*`.
+#[no_mangle]
+pub unsafe extern "C" fn kvtier_config_set_rotation(
+    config: *mut kvtier_config,
+    mode: u32,
+    seed: u64,
+) -> kvtier_status {
+    ffi_panic_boundary!("kvtier_config_set_rotation", {
+        let rot = match mode {
+            m if m == kvtier_rotation::None as u32 => Rotation::None,
+            m if m == kvtier_rotation::Keys as u32 => Rotation::Keys,
+            m if m == kvtier_rotation::KeysValues as u32 => Rotation::KeysValues,
+            other => {
+                return Err(FfiError::invalid(format!(
+                    "mode {other} is not a kvtier_rotation (0..=2)"
+                )))
+            }
+        };
+        // SAFETY: `config` is NULL or live (this function's contract).
+        unsafe {
+            update(config, |c| {
+                c.rotation = rot;
+                c.rotation_seed = seed;
+            })
+        }
+    })
+}
+
+/// Sets how many key channels per warm page and kv head are kept exact (f16) beside the codes:
+/// the page's widest-range channels (0, the default: none; at most head_dim / 4). CPU only: a
+/// CUDA cache with outliers fails to create with `UNSUPPORTED`.
+///
+/// Errors: `NULL_PARAMETER` (`config`), `INVALID_CONFIG` (too many; the config is left unchanged).
+///
+/// # Safety
+///
+/// `config` must be NULL or a live handle from `kvtier_config_new*`.
+#[no_mangle]
+pub unsafe extern "C" fn kvtier_config_set_key_outliers(
+    config: *mut kvtier_config,
+    channels: usize,
+) -> kvtier_status {
+    ffi_panic_boundary!("kvtier_config_set_key_outliers", {
+        // SAFETY: `config` is NULL or live (this function's contract).
+        unsafe { update(config, |c| c.key_outliers = channels) }
+    })
+}
+
+/// Sets the warm code widths of one layer (each 8, 4, 3 or 2), overriding `kvtier_config_set_bits`
+/// there; a second call for the same layer replaces the first. 3-bit codes are CPU only.
+///
+/// Errors: `NULL_PARAMETER` (`config`), `INVALID_CONFIG` (a width is not 8, 4, 3 or 2, or `layer`
+/// is not below num_layers; the config is left unchanged).
+///
+/// # Safety
+///
+/// `config` must be NULL or a live handle from `kvtier_config_new*`.
+#[no_mangle]
+pub unsafe extern "C" fn kvtier_config_set_layer_bits(
+    config: *mut kvtier_config,
+    layer: usize,
+    k_bits: u32,
+    v_bits: u32,
+) -> kvtier_status {
+    ffi_panic_boundary!("kvtier_config_set_layer_bits", {
+        let (k_bits, v_bits) = (Bits::from_bits(k_bits)?, Bits::from_bits(v_bits)?);
+        // SAFETY: `config` is NULL or live (this function's contract).
+        unsafe {
+            update(config, |c| {
+                c.layer_bits.retain(|b| b.layer != layer);
+                c.layer_bits.push(LayerBits {
+                    layer,
+                    k_bits,
+                    v_bits,
+                });
+            })
+        }
+    })
+}
+
+/// Removes every per-layer width: all layers use the config's widths again.
+///
+/// Errors: `NULL_PARAMETER` (`config`).
+///
+/// # Safety
+///
+/// `config` must be NULL or a live handle from `kvtier_config_new*`.
+#[no_mangle]
+pub unsafe extern "C" fn kvtier_config_clear_layer_bits(
+    config: *mut kvtier_config,
+) -> kvtier_status {
+    ffi_panic_boundary!("kvtier_config_clear_layer_bits", {
+        // SAFETY: `config` is NULL or live (this function's contract).
+        unsafe { update(config, |c| c.layer_bits.clear()) }
+    })
+}
