@@ -68,6 +68,9 @@ fn dtype_max(dtype: HotDtype) -> (f32, &'static str) {
     }
 }
 
+/// Keys and values as stored (f32, rotated when the config says so).
+type KeysValues<'a> = (Cow<'a, [f32]>, Cow<'a, [f32]>);
+
 impl KvCache {
     /// Rows of `heads * head_dim` elements in `data`, checking only the count (no element read).
     pub(crate) fn count_rows(&self, what: &'static str, len: usize, heads: usize) -> Result<usize> {
@@ -153,7 +156,7 @@ impl KvCache {
         layer: usize,
         keys: Rows<'a>,
         values: Rows<'a>,
-    ) -> Result<(Cow<'a, [f32]>, Cow<'a, [f32]>)> {
+    ) -> Result<KeysValues<'a>> {
         let (mut k, mut v) = (keys.to_f32(), values.to_f32());
         let rot = self.cfg.rotation;
         if rot.keys() {

@@ -196,8 +196,8 @@ mod tests {
             assert!(parts[5].0 + parts[5].1 <= l.head_bytes);
         }
         let o = WarmLayout::new(32, 128, Bits::B2, Bits::B2, 32).with_outliers(4);
-        assert!(o.out_idx >= o.v_codes + 32 * o.v_row_bytes() && o.out_idx % ALIGN == 0);
-        assert!(o.out_val >= o.out_idx + 8 && o.out_val % ALIGN == 0);
+        assert!(o.out_idx >= o.v_codes + 32 * o.v_row_bytes() && o.out_idx.is_multiple_of(ALIGN));
+        assert!(o.out_val >= o.out_idx + 8 && o.out_val.is_multiple_of(ALIGN));
         assert_eq!(o.head_bytes, o.out_val + 2 * 32 * 4);
         assert_eq!(
             o.with_outliers(0),
