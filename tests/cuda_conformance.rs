@@ -12,7 +12,9 @@
 //!   1e-4 * (1 + |lse|), `-inf` exactly where a page was not attended;
 //! - exported page bytes: identical between backends, in both directions;
 //! - attend_device with f16 / bf16 queries: max |Δ| <= 1e-6 against f32 queries holding the same
-//!   (rounded) values, statistics and masses identical.
+//!   (rounded) values, statistics and masses identical; with a rotated cache (queries and output
+//!   rotated on the device) max |Δ| <= 1e-6 against host queries rotated on the CPU.
+//! - 3-bit codes and key outlier channels: warm bytes identical, attention within the bounds above.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -26,7 +28,7 @@ use kvtier::backend::{AttendInput, BackendDevice, BackendStorage, Device, Device
 use kvtier::quant::{quantize_keys, quantize_values, WarmLayout};
 use kvtier::{
     Attention, Bits, CacheConfig, Error, HotDtype, InputDtype, KvCache, PageBytes, PageEntry,
-    PageSelection, PageTable, Rows, Scratch, SeqId, Tier, WarmFormat,
+    PageSelection, PageTable, Rotation, Rows, Scratch, SeqId, Tier, WarmFormat,
 };
 
 fn device() -> Option<CudaDevice> {
@@ -192,6 +194,49 @@ fn configs() -> Vec<(&'static str, CacheConfig)> {
                 .build()
                 .unwrap(),
         ),
+        // 3-bit codes, key outlier channels and the rotation (CUDA-core path).
+        (
+            "9/3/64 f16 k3v3 rkv",
+            b(9, 3, 64)
+                .k_bits(Bits::B3)
+                .v_bits(Bits::B3)
+                .rotation(Rotation::KeysValues)
+                .hot_window(32)
+                .build()
+                .unwrap(),
+        ),
+        (
+            "32/8/128 bf16 k3v2 o4",
+            b(32, 8, 128)
+                .hot_dtype(HotDtype::BF16)
+                .k_bits(Bits::B3)
+                .v_bits(Bits::B2)
+                .key_outliers(4)
+                .hot_window(64)
+                .build()
+                .unwrap(),
+        ),
+        (
+            "8/2/128 f16 k4v3 o2 rk",
+            b(8, 2, 128)
+                .v_bits(Bits::B3)
+                .key_outliers(2)
+                .rotation(Rotation::Keys)
+                .hot_window(32)
+                .build()
+                .unwrap(),
+        ),
+        (
+            "16/8/64 f32 k2v4 o8 ps16",
+            b(16, 8, 64)
+                .hot_dtype(HotDtype::F32)
+                .k_bits(Bits::B2)
+                .key_outliers(8)
+                .page_size(16)
+                .hot_window(16)
+                .build()
+                .unwrap(),
+        ),
     ]
 }
 
@@ -202,6 +247,9 @@ fn tensor_core_path_covers_the_bench_shapes() {
     let Some(dev) = device() else { return };
     for (name, cfg) in configs() {
         let want = cfg.warm_enabled
+            && cfg.k_bits != Bits::B3
+            && cfg.v_bits != Bits::B3
+            && cfg.key_outliers == 0
             && cfg.group_size() <= 4
             && matches!(cfg.head_dim, 64 | 128)
             && cfg.page_size % 16 == 0
@@ -488,14 +536,23 @@ fn long_context_int4_and_int2_match_cpu() {
 
 #[test]
 fn attend_device_matches_attend() {
-    use cudarc::driver::{CudaContext, DevicePtr};
     let Some(dev) = device() else { return };
-    let cfg = CacheConfig::builder(1, 32, 8, 128)
-        .hot_dtype(HotDtype::BF16)
-        .build()
-        .unwrap();
+    // Plain, and rotated (queries rotated on the device into the plan's buffer, the output back in
+    // place): the same bits as the host path, which rotates on the CPU.
+    for rot in [Rotation::None, Rotation::KeysValues, Rotation::Keys] {
+        let cfg = CacheConfig::builder(1, 32, 8, 128)
+            .hot_dtype(HotDtype::BF16)
+            .rotation(rot)
+            .build()
+            .unwrap();
+        attend_device_case(&dev, &cfg);
+    }
+}
+
+fn attend_device_case(dev: &CudaDevice, cfg: &CacheConfig) {
+    use cudarc::driver::{CudaContext, DevicePtr};
     let lens = [700usize, 1300];
-    let g = fill(&cfg, Device::Cuda(dev.clone()), &lens, 21);
+    let g = fill(cfg, Device::Cuda(dev.clone()), &lens, 21);
     let mut rng = Rng(8);
     let q = rng.vec(lens.len() * 32 * 128, 2.0);
     let want = g.cache.attend(0, &g.seqs, &q).unwrap();
@@ -523,8 +580,11 @@ fn attend_device_matches_attend() {
         let out = user.clone_dtoh(&od).unwrap();
         assert!(
             max_abs(&out, &want.output) <= 1e-6,
-            "stream {stream}: device output differs"
+            "{:?} stream {stream}: device output differs",
+            cfg.rotation
         );
+        // The caller's queries are left as they were.
+        assert_eq!(user.clone_dtoh(&qd).unwrap(), q);
         assert_eq!(got.heads, want.heads);
         assert_eq!(got.page_mass, want.page_mass);
         assert_eq!(got.page_lse, want.page_lse);
@@ -617,6 +677,7 @@ fn attend_device_f16_and_bf16_queries_match_f32() {
         tables: &tables,
         queries: &[],
         selection: None,
+        rotation: None,
     };
     let null = DeviceBuffers::Cuda(CudaBuffers {
         queries: 0,
@@ -800,16 +861,22 @@ fn selection_matches_cpu_and_subtables() {
                 .collect();
             let refs: Vec<&PageTable> = subs.iter().collect();
             let st = f.cache.layer_storage(0).unwrap();
-            let only = st
+            // A storage attends in the cache's key basis (rotated queries, rotated output).
+            let qk = f.cache.queries_in_key_basis(0, &q).into_owned();
+            let mut only = st
                 .attend(
                     &mut Scratch::default(),
                     &AttendInput {
                         tables: &refs,
-                        queries: &q,
+                        queries: &qk,
                         selection: None,
+                        rotation: None,
                     },
                 )
                 .unwrap();
+            if cfg.rotation.values() {
+                f.cache.rotator().inverse(0, &mut only.output);
+            }
             let only = expand(&only, &keep, &n_pages);
             compare(&format!("{name} subtables ({label})"), &only, &b);
             compare_lse(&format!("{name} subtables ({label})"), &only, &b);
@@ -838,16 +905,21 @@ fn selection_matches_cpu_and_subtables() {
             .collect();
         let refs: Vec<&PageTable> = tabs.iter().collect();
         let st = g.cache.layer_storage(0).unwrap();
-        let with_extra = st
+        let q = g.cache.queries_in_key_basis(0, &q).into_owned();
+        let mut with_extra = st
             .attend(
                 &mut sg,
                 &AttendInput {
                     tables: &refs,
                     queries: &q,
                     selection: Some(&sel),
+                    rotation: None,
                 },
             )
             .unwrap();
+        if cfg.rotation.values() {
+            g.cache.rotator().inverse(0, &mut with_extra.output);
+        }
         assert_eq!(
             with_extra.output, b.output,
             "{name}: unselected extra pages changed the result"
@@ -861,6 +933,7 @@ fn selection_matches_cpu_and_subtables() {
                 tables: &refs,
                 queries: &q,
                 selection: Some(&bad),
+                rotation: None,
             },
         ) {
             Err(Error::Internal(_)) => {}
@@ -873,6 +946,7 @@ fn selection_matches_cpu_and_subtables() {
                 tables: &refs[..2],
                 queries: &q[..2 * qh * d],
                 selection: Some(&sel),
+                rotation: None,
             },
         ) {
             Err(Error::Shape { .. }) => {}
@@ -962,6 +1036,7 @@ fn export_import_is_byte_identical() {
             tables: std::slice::from_ref(t),
             queries: &q,
             selection: None,
+            rotation: None,
         };
         let (a, b) = (
             cpu.attend(&mut Scratch::default(), &input(&&tc)).unwrap(),

@@ -101,6 +101,21 @@ pub struct AttendInput<'a> {
     pub queries: &'a [f32],
     /// The pages to attend per sequence and kv head; `None` attends every page.
     pub selection: Option<&'a PageSelection>,
+    /// For [`BackendStorage::attend_device`] of a rotated cache: the rotation the backend applies
+    /// to the queries (into its own buffer, never the caller's) and, with `values`, back to the
+    /// output on the device. Host attention receives queries already rotated (`None`).
+    pub rotation: Option<DeviceRotation<'a>>,
+}
+
+/// The rotation of one layer, as an accelerator applies it (see [`crate::quant::rotate`]).
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceRotation<'a> {
+    /// `head_dim` signs (±1).
+    pub signs: &'a [f32],
+    /// `1 / sqrt(block)`, the normalisation the host uses (so both give the same bits).
+    pub norm: f32,
+    /// Values are rotated too: the output is rotated back.
+    pub values: bool,
 }
 
 /// Caller-owned, reusable working memory for [`BackendStorage::attend`]. Each backend keeps its own

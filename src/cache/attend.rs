@@ -10,7 +10,7 @@
 
 use super::{KvCache, PageRef, PageTable, SeqId, Tier};
 use crate::attention::{Attention, PageSelection};
-use crate::backend::{AttendInput, BackendStorage, DeviceBuffers, Scratch};
+use crate::backend::{AttendInput, BackendStorage, DeviceBuffers, DeviceRotation, Scratch};
 use crate::error::{Error, Result};
 
 use super::append::Rows;
@@ -117,13 +117,13 @@ impl KvCache {
         selection: Option<&PageSelection>,
     ) -> Result<Attention> {
         let tables = self.batch_tables(layer, seqs)?;
-        if self.cfg.rotation.keys() {
-            return Err(Error::Unsupported(
-                "attend_device with a rotated cache: queries and output would need rotating on \
-                 the device; use attend_with (host queries)",
-            ));
-        }
-        self.attend_tables(scratch, layer, seqs, &tables, &[], selection, Some(bufs))
+        let rotation = self.cfg.rotation.keys().then(|| DeviceRotation {
+            signs: self.rotator.signs(layer),
+            norm: self.rotator.norm(),
+            values: self.cfg.rotation.values(),
+        });
+        let device = Some((bufs, rotation));
+        self.attend_tables(scratch, layer, seqs, &tables, &[], selection, device)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -135,8 +135,10 @@ impl KvCache {
         tables: &[&PageTable],
         queries: &[f32],
         selection: Option<&PageSelection>,
-        device: Option<&DeviceBuffers>,
+        device: Option<(&DeviceBuffers, Option<DeviceRotation>)>,
     ) -> Result<Attention> {
+        let rotation = device.and_then(|(_, r)| r);
+        let device = device.map(|(b, _)| b);
         let kvh = self.cfg.num_kv_heads;
         let n_pages: Vec<usize> = tables.iter().map(|t| t.pages().len()).collect();
         if let Some(sel) = selection {
@@ -153,6 +155,7 @@ impl KvCache {
                 tables,
                 queries,
                 selection,
+                rotation,
             };
             return match device {
                 Some(b) => storage.attend_device(scratch, &input, b),
@@ -195,6 +198,7 @@ impl KvCache {
             tables,
             queries,
             selection: Some(&on_dev),
+            rotation,
         };
         let mut att = match device {
             Some(b) => storage.attend_device(scratch, &input, b)?,
@@ -249,6 +253,7 @@ impl KvCache {
             tables: &refs,
             queries,
             selection: Some(sel),
+            rotation: None,
         };
         tmp.attend(&mut Scratch::default(), &input)
     }

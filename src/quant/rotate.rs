@@ -142,13 +142,18 @@ impl Rotator {
         self.signs.get(layer * d..(layer + 1) * d).unwrap_or(&[])
     }
 
+    /// `1 / sqrt(block)`, the transform's normalisation.
+    pub fn norm(&self) -> f32 {
+        1.0 / (self.block as f32).sqrt()
+    }
+
     /// `x ← R x` for every head vector in `x` (a multiple of `head_dim` long).
     pub fn forward(&self, layer: usize, x: &mut [f32]) {
         let s = self.signs(layer);
         if s.is_empty() {
             return;
         }
-        let norm = 1.0 / (self.block as f32).sqrt();
+        let norm = self.norm();
         for row in x.chunks_exact_mut(self.head_dim) {
             for (v, &sg) in row.iter_mut().zip(s) {
                 *v *= sg;
@@ -168,7 +173,7 @@ impl Rotator {
         if s.is_empty() {
             return;
         }
-        let norm = 1.0 / (self.block as f32).sqrt();
+        let norm = self.norm();
         for row in x.chunks_exact_mut(self.head_dim) {
             for blk in row.chunks_exact_mut(self.block) {
                 fwht(blk);

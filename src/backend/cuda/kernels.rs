@@ -58,6 +58,9 @@ pub(crate) struct KernelSpec {
     pub hot: u8,
     pub warm: bool,
     pub layout: [usize; 7],
+    /// Key outlier channels per head block and their offsets (`[out_idx, out_val]`).
+    pub nout: usize,
+    pub out_layout: [usize; 2],
     pub nwarps: usize,
     pub cpl: usize,
     pub minb: usize,
@@ -81,16 +84,6 @@ impl KernelSpec {
         tuning: CudaTuning,
         smem_limit: usize,
     ) -> Result<Self, CudaError> {
-        if cfg.warm_enabled && (cfg.k_bits == Bits::B3 || cfg.v_bits == Bits::B3) {
-            return Err(CudaError::Unsupported(
-                "3-bit codes (the CUDA decode kernels read 8-, 4- and 2-bit pages)",
-            ));
-        }
-        if cfg.warm_enabled && cfg.key_outliers > 0 {
-            return Err(CudaError::Unsupported(
-                "key outlier channels (the CUDA decode kernels read code-only pages)",
-            ));
-        }
         let l = WarmLayout::of(cfg);
         let d = cfg.head_dim;
         let gfull = cfg.group_size();
@@ -100,7 +93,10 @@ impl KernelSpec {
         // The tensor-core path (decode_mma.cuh) covers the shapes its fragment mapping is written
         // for: at most 4 q heads per CTA (hi and lo halves of 4 heads fill the 8 MMA columns),
         // 16-token k-tiles, head_dim 64 or 128 (registers), 32-channel value groups.
+        // 3-bit codes and key outlier channels run on the CUDA-core path only.
+        let plain = cfg.k_bits != Bits::B3 && cfg.v_bits != Bits::B3 && cfg.key_outliers == 0;
         let mma = cfg.warm_enabled
+            && plain
             && !tuning.cuda_cores
             && gfull <= 4
             && cfg.page_size.is_multiple_of(16)
@@ -131,7 +127,7 @@ impl KernelSpec {
                     cuda_cores: tuning.cuda_cores,
                     stages: 0,
                 }
-            } else if vb == 2 {
+            } else if vb == 2 || vb == 3 {
                 CudaTuning {
                     warps: 4,
                     channels_per_lane: 16,
@@ -162,7 +158,12 @@ impl KernelSpec {
         // Value channels per lane: at least 8, a whole 32-bit word of value codes, and a whole row
         // across a warp. Heads per CTA: the largest divisor of the group whose accumulators fit in
         // 64 registers per lane; the rest of the group goes to sibling CTAs.
-        let cpl_min = 8.max(d / 32).max(32 / vb);
+        // 3-bit values: 16 channels, one word of the 2-bit plane and 16 bits of the high plane.
+        let cpl_min = if vb == 3 {
+            16.max(d / 32)
+        } else {
+            8.max(d / 32).max(32 / vb)
+        };
         let gs = (1..=gfull.min(8))
             .rev()
             .find(|g| gfull.is_multiple_of(*g) && g * cpl_min <= 64)
@@ -198,6 +199,8 @@ impl KernelSpec {
                 l.v_codes,
                 l.head_bytes,
             ],
+            nout: l.outliers,
+            out_layout: [l.out_idx, l.out_val],
             nwarps: tuning.warps as usize,
             cpl,
             minb: tuning.min_blocks as usize,
@@ -241,7 +244,7 @@ impl KernelSpec {
         let gp = self.gs.div_ceil(4) * 4;
         let [_, _, _, _, k_codes, _, _] = self.layout;
         let stage = if self.warm {
-            align16(k_codes + self.ps * self.kstride + self.ps * self.vstride)
+            align16(k_codes + self.ps * self.kstride + self.ps * self.vstride) + self.out_bytes()
         } else {
             0
         };
@@ -255,10 +258,20 @@ impl KernelSpec {
         (qsm + self.nwarps * warp).max(MAX_SPLIT * self.gs * 4)
     }
 
+    /// Bytes of a head block's outlier part (indices and values), staged after the value codes.
+    pub fn out_bytes(&self) -> usize {
+        let [_, _, _, _, _, _, head_bytes] = self.layout;
+        if self.nout == 0 {
+            0
+        } else {
+            head_bytes - self.out_layout[0]
+        }
+    }
+
     /// The `#define` block in front of the sources.
     pub fn defines(&self) -> String {
         let [k_min, k_step, v_min, v_step, k_codes, v_codes, head_bytes] = self.layout;
-        let vals: [(&str, usize); 28] = [
+        let vals: [(&str, usize); 32] = [
             ("D", self.d),
             ("GS", self.gs),
             ("GFULL", self.gfull),
@@ -286,7 +299,11 @@ impl KernelSpec {
             ("VSTRIDE", self.vstride),
             ("NSTAGE", self.nstage),
             ("KVT_MAXSPLIT_HOST", MAX_SPLIT),
-            ("KVT_SPEC_VERSION", 3),
+            ("NOUT", self.nout),
+            ("OUT_IDX", self.out_layout[0]),
+            ("OUT_VAL", self.out_layout[1]),
+            ("RB", crate::quant::rotate::block_size(self.d)),
+            ("KVT_SPEC_VERSION", 4),
         ];
         let mut s = String::from("// kvtier kernel specialisation\n");
         for (k, v) in vals {
@@ -383,6 +400,21 @@ mod tests {
     use crate::config::Bits;
 
     #[test]
+    fn int3_and_outliers_take_the_cuda_core_path() {
+        let cfg = CacheConfig::builder(1, 9, 3, 64)
+            .k_bits(Bits::B3)
+            .v_bits(Bits::B3)
+            .key_outliers(4)
+            .build()
+            .unwrap();
+        let s = KernelSpec::new(&cfg, CudaTuning::default(), 227 * 1024).unwrap();
+        assert!(!s.mma && s.cpl == 16 && s.nout == 4);
+        // 4 u16 indices (padded to 16) and 32 x 4 f16 values.
+        assert_eq!(s.out_bytes(), 16 + 256);
+        assert!(s.source().contains("#define NOUT 4"));
+    }
+
+    #[test]
     fn smem_and_defines_cover_presets() {
         for cfg in [
             CacheConfig::builder(1, 32, 8, 128)
@@ -402,6 +434,7 @@ mod tests {
             assert_eq!(s.gfull % s.gs, 0);
             assert!(s.gs * s.cpl <= 64);
             assert!(s.cpl * s.vb >= 32);
+            assert_eq!(s.out_bytes(), 0);
             assert!(s.decode_smem() >= MAX_SPLIT * s.gs * 4);
             assert!(s.source().contains("#define HEAD_BYTES"));
         }

@@ -139,6 +139,66 @@ impl CudaStorage {
         Ok(dst)
     }
 
+    /// Uploads the rotation's sign vector into the plan, on this storage's stream (before the
+    /// caller's stream is ordered after it).
+    pub(super) fn upload_signs(&self, plan: &mut DecodePlan, signs: &[f32]) -> Result<()> {
+        if signs.len() != self.d {
+            return Err(Error::internal(format!(
+                "rotation signs: {} for head_dim {}",
+                signs.len(),
+                self.d
+            )));
+        }
+        let st = self.stream();
+        let dst = plan.rot_signs.ensure(st, 4 * self.d, false)?;
+        // SAFETY: `dst` holds at least `4 * d` bytes (ensured above) and `signs` is `d` f32; the
+        // copy is ordered on this storage's stream.
+        unsafe { cu::memcpy_htod_async(dst, signs, st.cu_stream()) }.map_err(drv)?;
+        Ok(())
+    }
+
+    /// Rotates the `n_seqs * q_heads` head vectors at `src` into `dst` (which may be `src`) on
+    /// `stream` with the plan's sign vector (`upload_signs`): forward, or back with `inverse`.
+    ///
+    /// # Safety
+    /// `src` and `dst` must be device pointers of this context to at least
+    /// `n_seqs * q_heads * head_dim` f32, valid until the launch completes, and `stream` a live
+    /// stream of this context (or 0) ordered after this device's stream.
+    pub(super) unsafe fn rotate_device(
+        &self,
+        plan: &DecodePlan,
+        src: u64,
+        dst: u64,
+        norm: f32,
+        inverse: bool,
+        stream: u64,
+    ) -> Result<()> {
+        let n = (plan.n_seqs * self.qh) as u32;
+        if n == 0 {
+            return Ok(());
+        }
+        // SAFETY: a borrowed wrapper of the caller's live stream of this context (contract above).
+        let s = unsafe {
+            self.stream()
+                .context()
+                .wrap_borrowed_stream(stream as sys::CUstream)
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (n, 1, 1),
+            block_dim: (self.d as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let signs = plan.rot_signs.ptr();
+        let inv = inverse as u32;
+        let mut b = s.launch_builder(&self.k.rotate);
+        b.arg(&src).arg(&dst).arg(&signs).arg(&norm).arg(&inv);
+        // SAFETY: matches `kvt_rotate`: one CTA of head_dim threads per vector reads and writes
+        // `head_dim` f32 of vector `blockIdx.x` (n vectors, the caller's contract) and `head_dim`
+        // signs (uploaded by `upload_signs`).
+        unsafe { b.launch(cfg) }.map_err(drv)?;
+        Ok(())
+    }
+
     /// Reads statistics, (with `want_output`) the plan's own output buffer and (with `lse`, reusable
     /// host scratch) the per-page lse and masses after the last launch of `plan`, ordered on
     /// `stream`, which is synchronised. Without `lse` the result's `page_lse` and `page_mass` are

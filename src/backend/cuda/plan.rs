@@ -76,6 +76,8 @@ pub struct DecodePlan {
     pub(super) stats: GrowBuf,
     pub(super) queries: GrowBuf,
     pub(super) out: GrowBuf,
+    /// The rotation's sign vector (`attend_device` of a rotated cache).
+    pub(super) rot_signs: GrowBuf,
 }
 
 impl DecodePlan {
@@ -116,6 +118,7 @@ impl DecodePlan {
             &self.stats,
             &self.queries,
             &self.out,
+            &self.rot_signs,
         ]
         .iter()
         .map(|b| b.bytes())

@@ -367,6 +367,9 @@ impl BackendStorage for CudaStorage {
         }
         let s = scratch.cuda();
         self.plan_into(&mut s.plan, input.tables, input.selection)?;
+        if let Some(r) = input.rotation {
+            self.upload_signs(&mut s.plan, r.signs)?;
+        }
         let st = self.stream();
         // 0 is the legacy default stream, which a non-blocking stream does not order against.
         let user = b.stream as sys::CUstream;
@@ -386,9 +389,19 @@ impl BackendStorage for CudaStorage {
         // SAFETY: the caller guarantees `queries` / `output` are device buffers of this context
         // holding `n_seqs * q_heads * head_dim` elements of `query_dtype` / f32, usable on
         // `user`, which is ordered after our stream above.
+        // A rotated cache rotates the queries into the plan's own buffer (the caller's stays as
+        // it is) and, with rotated values, the output back in place.
         unsafe {
-            let q = self.convert_queries(&s.plan, b.queries, b.query_dtype, b.stream)?;
+            let mut q = self.convert_queries(&s.plan, b.queries, b.query_dtype, b.stream)?;
+            if let Some(r) = input.rotation {
+                let own = s.plan.queries.ptr();
+                self.rotate_device(&s.plan, q, own, r.norm, false, b.stream)?;
+                q = own;
+            }
             self.launch(&s.plan, q, b.output, Some(b.stream))?;
+            if let Some(r) = input.rotation.filter(|r| r.values) {
+                self.rotate_device(&s.plan, b.output, b.output, r.norm, true, b.stream)?;
+            }
         }
         // Collecting synchronises `user`, so our later work cannot overtake this launch.
         self.collect(&s.plan, user, false, Some(&mut s.lse))
@@ -425,6 +438,7 @@ impl BackendStorage for CudaStorage {
                 tables: &tabs,
                 queries,
                 selection: sel.as_ref(),
+                rotation: None,
             };
             let mut scratch = CudaScratch::default();
             self.plan_into(&mut scratch.plan, input.tables, input.selection)?;

@@ -32,7 +32,10 @@
 #define TQ (32 / LT)
 // KSTRIDE / VSTRIDE (staged code row strides) come from kernels.rs.
 #define V_CODES_S (K_CODES + PS * KSTRIDE)
-#define STAGE_BYTES ((WARM) ? ((V_CODES_S + PS * VSTRIDE + 15) / 16 * 16) : 0)
+// Key outlier channels (NOUT > 0): the head block's [indices | values] part, staged after the codes.
+#define OUT_S ((V_CODES_S + PS * VSTRIDE + 15) / 16 * 16)
+#define OUT_BYTES ((NOUT) > 0 ? HEAD_BYTES - OUT_IDX : 0)
+#define STAGE_BYTES ((WARM) ? (OUT_S + OUT_BYTES) : 0)
 #define QSM_BYTES (D * GP * 4)
 // Per warp: [head | softmax weights ew | 2 stages]. The head is the park area (statistics and
 // output of the warp, GS * (4 + D) floats) on the tensor-core path, and q * step ([D][GP] floats,
@@ -84,7 +87,9 @@ __device__ __forceinline__ void kvt_stage_issue(u8* stage, const u8* src, int la
 #if WARM
     for (u32 o = lane * 16; o < HEAD_BYTES; o += 32 * 16) {
         u32 dst;
-        if (o < K_CODES) {
+        if (NOUT > 0 && o >= OUT_IDX) {
+            dst = OUT_S + (o - OUT_IDX);
+        } else if (o < K_CODES) {
             dst = o;
         } else if (o < K_CODES + PS * KROW) {
             const u32 rel = o - K_CODES;
@@ -344,6 +349,29 @@ kvt_decode(const Item* __restrict__ items, const uint2* __restrict__ pages,
                 for (int h = 0; h < GS; ++h) s[h] = qm[h];
                 if (valid) {
                     const u8* kr = sg + K_CODES + t * KSTRIDE;
+#if KB == 3
+                    // Two planes (quant::pack): word wi of the 2-bit plane holds the low bits of
+                    // channels 16 wi .. 16 wi + 15, 16 bits of the 1-bit plane their high bits.
+#pragma unroll
+                    for (int wi = 0; wi < D / 16; ++wi) {
+                        const u32 lo = *(const u32*)(kr + 4 * wi);
+                        const u32 hb = *(const u16*)(kr + D / 4 + 2 * wi);
+#pragma unroll
+                        for (int j = 0; j < 16; ++j) {
+                            const u32 code = ((lo >> (2 * j)) & 3u) | (((hb >> j) & 1u) << 2);
+                            const float fj = __uint_as_float(0x3f800000u | (code << 20));
+                            const float* qp = qsf + (wi * 16 + j) * GP;
+#pragma unroll
+                            for (int hq = 0; hq < GP; hq += 4) {
+                                const float4 qv = *(const float4*)(qp + hq);
+                                if (hq + 0 < GS) s[hq + 0] = fmaf(qv.x, fj, s[hq + 0]);
+                                if (hq + 1 < GS) s[hq + 1] = fmaf(qv.y, fj, s[hq + 1]);
+                                if (hq + 2 < GS) s[hq + 2] = fmaf(qv.z, fj, s[hq + 2]);
+                                if (hq + 3 < GS) s[hq + 3] = fmaf(qv.w, fj, s[hq + 3]);
+                            }
+                        }
+                    }
+#else
                     constexpr int CHW = (KROW / 4) % 4 == 0 ? 4 : ((KROW / 4) % 2 == 0 ? 2 : 1);
 #pragma unroll
                     for (int wi = 0; wi < KROW / 4; wi += CHW) {
@@ -364,6 +392,20 @@ kvt_decode(const Item* __restrict__ items, const uint2* __restrict__ pages,
                             }
                         }
                     }
+#endif
+#if NOUT > 0
+                    // Outlier channels: their codes are 0 with step 0; add q . k exactly.
+                    const u16* oidx = (const u16*)(sg + OUT_S);
+                    const u16* oval = (const u16*)(sg + OUT_S + (OUT_VAL - OUT_IDX));
+#pragma unroll
+                    for (int o = 0; o < NOUT; ++o) {
+                        const u32 c = oidx[o];
+                        if (c >= D) continue;  // import refuses such pages; never read past qsm
+                        const float kx = kvt_h2f(oval[t * NOUT + o]);
+#pragma unroll
+                        for (int h = 0; h < GS; ++h) s[h] = fmaf(qsm[c * GP + h], kx, s[h]);
+                    }
+#endif
                 } else {
 #pragma unroll
                     for (int h = 0; h < GS; ++h) s[h] = -KVT_INF;
@@ -380,11 +422,24 @@ kvt_decode(const Item* __restrict__ items, const uint2* __restrict__ pages,
                         const float vmn = kvt_h2f(vminp[tt * NG + grp]);
                         const float vsf = kvt_h2f(vstepp[tt * NG + grp]) * (float)(1u << VB);
                         const float u = vmn - vsf;
+#if VB == 3
+                        // CPL == 16: one word of the 2-bit plane, 16 bits of the 1-bit plane.
+                        const u8* vr = sg + V_CODES_S + tt * VSTRIDE;
+                        const u32 vlo = *(const u32*)(vr + c0 / 4);
+                        const u32 vhb = *(const u16*)(vr + D / 4 + c0 / 8);
+                        float f[16];
+#pragma unroll
+                        for (int c = 0; c < 16; ++c) {
+                            const u32 code = ((vlo >> (2 * c)) & 3u) | (((vhb >> c) & 1u) << 2);
+                            f[c] = __uint_as_float(0x3f800000u | (code << 20));
+                        }
+#else
                         constexpr int VW = CPL * VB / 32;  // words per lane row chunk
                         u32 w[VW];
                         kvt_load_words<VW>(sg + V_CODES_S + tt * VSTRIDE + c0 * VB / 8, w);
                         float f[VW * (32 / VB)];
                         kvt_unpack_f<VB, VW>(w, f);
+#endif
 #pragma unroll
                         for (int h = 0; h < GS; ++h) {
                             const float wgt = ev[h] * vsf;

@@ -1,5 +1,5 @@
 // Quantise one hot page into one warm page (demotion), byte-identical to `quant::quantize_keys`
-// and `quant::quantize_values` on the host. One CTA per kv head writes that head's whole block,
+// and `quant::quantize_values` on the host (3-bit rows and key outlier channels included). One CTA per kv head writes that head's whole block,
 // padding included (zeros), so a reused warm slot never leaks old bytes.
 //
 // Every float operation below uses an explicit `__f*_rn` intrinsic: the host code is plain f32
@@ -42,10 +42,33 @@ __device__ __forceinline__ u8 kvt_u16_byte(const u16* a, u32 rel) {
     return (rel & 1) ? (u8)(v >> 8) : (u8)(v & 0xff);
 }
 
+// Packed byte `j` of a code row of BITS-bit codes, `code(c)` giving channel c's code. 3-bit rows
+// are two planes (quant::pack): D / 4 bytes of low 2-bit fields, then D / 8 bytes of high bits.
+template <int BITS, typename F>
+__device__ __forceinline__ u8 kvt_pack_byte(u32 j, F code) {
+    u32 v = 0;
+    if constexpr (BITS == 3) {
+        if (j < D / 4) {
+#pragma unroll
+            for (u32 f = 0; f < 4; ++f) v |= (code(j * 4 + f) & 3u) << (2 * f);
+        } else {
+#pragma unroll
+            for (u32 f = 0; f < 8; ++f) v |= ((code((j - D / 4) * 8 + f) >> 2) & 1u) << f;
+        }
+    } else {
+#pragma unroll
+        for (u32 f = 0; f < 8 / BITS; ++f) v |= code(j * (8 / BITS) + f) << (f * BITS);
+    }
+    return (u8)v;
+}
+
 extern "C" __global__ void __launch_bounds__(256)
 kvt_quantize(const u8* __restrict__ hot_pool, u8* __restrict__ warm_pool,
              u32 hot_slot, u32 warm_slot, u32 n, u32* __restrict__ fail) {
     __shared__ u16 kmin[D], kstep[D], vmin[PS * NG], vstep[PS * NG];
+    __shared__ float klo[D], khi[D];
+    // Outlier channels, ascending (quant::keys::quantize_keys: the widest, ties to the lower index).
+    __shared__ u32 oidx[NOUT > 0 ? NOUT : 1];
     __shared__ int bad;
     const u32 h = blockIdx.x;
     const u32 tid = threadIdx.x;
@@ -61,7 +84,47 @@ kvt_quantize(const u8* __restrict__ hot_pool, u8* __restrict__ warm_pool,
             lo = fminf(lo, x);
             hi = fmaxf(hi, x);
         }
-        if (!kvt_min_and_step(lo, hi, KMAX, &kmin[c], &kstep[c])) bad = 1;
+        klo[c] = lo;
+        khi[c] = hi;
+    }
+    __syncthreads();
+    if (NOUT > 0 && tid == 0) {
+        u32 picked = 0;
+        for (u32 i = 0; i < NOUT; ++i) {
+            // The widest channel not taken yet; strict > keeps the lowest index among ties.
+            u32 best = D;
+            float bw = 0.0f;
+            for (u32 c = 0; c < D; ++c) {
+                bool taken = false;
+                for (u32 k = 0; k < picked; ++k) taken |= oidx[k] == c;
+                if (taken) continue;
+                const float w = __fsub_rn(khi[c], klo[c]);
+                if (best == D || w > bw) {
+                    best = c;
+                    bw = w;
+                }
+            }
+            oidx[picked++] = best;
+        }
+        for (u32 i = 1; i < NOUT; ++i)  // insertion sort, ascending
+            for (u32 k = i; k > 0 && oidx[k - 1] > oidx[k]; --k) {
+                const u32 x = oidx[k];
+                oidx[k] = oidx[k - 1];
+                oidx[k - 1] = x;
+            }
+    }
+    __syncthreads();
+    for (u32 c = tid; c < D; c += blockDim.x) {
+        bool out = false;
+        for (u32 k = 0; k < NOUT; ++k) out |= oidx[k] == c;
+        if (out) {
+            kmin[c] = 0;
+            kstep[c] = 0;
+            for (u32 t = 0; t < n; ++t)
+                if (!kvt_isfinite(kvt_h2f(kvt_f2h(kvt_hot_load(K[t * D + c]))))) bad = 1;
+        } else if (!kvt_min_and_step(klo[c], khi[c], KMAX, &kmin[c], &kstep[c])) {
+            bad = 1;
+        }
     }
     for (u32 i = tid; i < PS * NG; i += blockDim.x) {
         const u32 t = i / NG, g = i % NG;
@@ -96,27 +159,26 @@ kvt_quantize(const u8* __restrict__ hot_pool, u8* __restrict__ warm_pool,
             out = kvt_u16_byte(vstep, b - V_STEP);
         } else if (b >= K_CODES && b < K_CODES + PS * KROW) {
             const u32 rel = b - K_CODES, t = rel / KROW, j = rel % KROW;
-            if (t < n) {
-                u32 v = 0;
-#pragma unroll
-                for (u32 f = 0; f < 8 / KB; ++f) {
-                    const u32 c = j * (8 / KB) + f;
-                    v |= kvt_code(kvt_hot_load(K[t * D + c]), kmin[c], kstep[c], KMAX) << (f * KB);
-                }
-                out = (u8)v;
-            }
+            if (t < n)
+                out = kvt_pack_byte<KB>(j, [&](u32 c) {
+                    return kvt_code(kvt_hot_load(K[t * D + c]), kmin[c], kstep[c], KMAX);
+                });
         } else if (b >= V_CODES && b < V_CODES + PS * VROW) {
             const u32 rel = b - V_CODES, t = rel / VROW, j = rel % VROW;
-            if (t < n) {
-                u32 v = 0;
-#pragma unroll
-                for (u32 f = 0; f < 8 / VB; ++f) {
-                    const u32 c = j * (8 / VB) + f;
+            if (t < n)
+                out = kvt_pack_byte<VB>(j, [&](u32 c) {
                     const u32 i = t * NG + c / VG;
-                    v |= kvt_code(kvt_hot_load(V[t * D + c]), vmin[i], vstep[i], VMAX) << (f * VB);
-                }
-                out = (u8)v;
-            }
+                    return kvt_code(kvt_hot_load(V[t * D + c]), vmin[i], vstep[i], VMAX);
+                });
+        } else if (NOUT > 0 && b >= OUT_IDX && b < OUT_IDX + 2 * NOUT) {
+            const u32 rel = b - OUT_IDX;
+            const u32 c = oidx[rel / 2];
+            out = (rel & 1) ? (u8)(c >> 8) : (u8)(c & 0xff);
+        } else if (NOUT > 0 && b >= OUT_VAL && b < OUT_VAL + 2 * PS * NOUT) {
+            // Rows past n repeat token 0 (the page bounds stay exact), as on the host.
+            const u32 rel = b - OUT_VAL, i = rel / 2, t = i / NOUT, o = i % NOUT;
+            const u16 x = kvt_f2h(kvt_hot_load(K[(t < n ? t : 0) * D + oidx[o]]));
+            out = (rel & 1) ? (u8)(x >> 8) : (u8)(x & 0xff);
         }
         blk[b] = out;
     }

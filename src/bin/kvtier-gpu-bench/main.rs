@@ -11,7 +11,11 @@
 //! heads, d128, 32K tokens, int4 warm pages with bf16 and with f16 hot pages; prints both times
 //! and their ratio.
 //!
+//! `--quant` times the quantisation-quality options through the cache instead (`quant.rs`).
+//!
 //! Run with `--help` for the flags.
+
+mod quant;
 
 use kvtier::backend::cuda::{CudaDevice, CudaStorage, CudaTuning};
 use kvtier::backend::{BackendDevice, BackendStorage};
@@ -21,7 +25,7 @@ use std::fmt::Write as _;
 
 const USAGE: &str = "\
 usage: kvtier-gpu-bench [--json OUT] [--torch T.json] [--torch-small T.json] [--iters N]
-                        [--quick] [--sweep] [--selection] [--ab] [--batches B,..]
+                        [--quick] [--sweep] [--selection] [--quant] [--ab] [--batches B,..]
                         [--only-mode M] [--only-batch B]
                         [--only-seq S] [--only-dim D]
 
@@ -36,6 +40,9 @@ usage: kvtier-gpu-bench [--json OUT] [--torch T.json] [--torch-small T.json] [--
                       (random half of the pages per kv head), 32/8/128, 32K tokens (--only-seq
                       overrides), batch 1 (--only-batch overrides), int4 warm pages, bf16 and f16
                       hot pages; prints both times and the ratio selected / all
+  --quant             instead of the table: attend_device through the cache for int4, int4 with
+                      the rotation of keys and values, k3v3 and int4 with 4 key outlier channels
+                      (--batches, --seqs; default 1,8 x 8192,32768), times and ratios to int4
   --only-mode M       bf16 | int8 | int4 | int2 | k4v2, or a comma list (table only)
   --batches B,..      batch sizes of the table (default 1,8)
   --seqs S,..         context lengths of the table (default 8192,32768,131072)
@@ -54,6 +61,7 @@ struct Args {
     quick: bool,
     sweep: bool,
     selection: bool,
+    quant: bool,
     only_mode: Option<String>,
     only_batch: Option<usize>,
     only_seq: Option<usize>,
@@ -72,6 +80,7 @@ fn args() -> Args {
         quick: false,
         sweep: false,
         selection: false,
+        quant: false,
         only_mode: None,
         only_batch: None,
         only_seq: None,
@@ -120,6 +129,11 @@ fn args() -> Args {
             }
             "--selection" => {
                 a.selection = true;
+                i += 1;
+                continue;
+            }
+            "--quant" => {
+                a.quant = true;
                 i += 1;
                 continue;
             }
@@ -346,6 +360,21 @@ fn main() {
         read_bw
     );
 
+    if a.quant {
+        let seqs: Vec<usize> = a.seqs.iter().copied().filter(|&s| s <= 32768).collect();
+        let rows = quant::quant_bench(&dev, a.iters, &a.batches, &seqs);
+        let json = format!(
+            "{{\"device\":\"{}\",\"quant_rows\":[{rows}]}}\n",
+            dev.name()
+        );
+        if let Some(p) = &a.json {
+            if let Err(e) = std::fs::write(p, &json) {
+                eprintln!("cannot write {p}: {e}");
+            }
+        }
+        println!("total {:.1} s", t_all.elapsed().as_secs_f64());
+        return;
+    }
     if a.selection {
         let rows = selection_bench(&dev, &a, read_bw);
         let json = format!(
