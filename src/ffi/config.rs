@@ -277,8 +277,8 @@ pub unsafe extern "C" fn kvtier_config_set_hot_window(
     })
 }
 
-/// Sets the warm-tier code widths of keys and values (each 8, 4, 3 or 2; 3-bit codes are CPU
-/// only: a CUDA cache with them fails to create with `UNSUPPORTED`).
+/// Sets the warm-tier code widths of keys and values (each 8, 4, 3 or 2; on CUDA 3-bit pages
+/// decode on the CUDA-core path, the others on tensor cores).
 ///
 /// Errors: `NULL_PARAMETER` (`config`), `INVALID_CONFIG` (a width is not 8, 4, 3 or 2; the config
 /// is left unchanged).

@@ -22,8 +22,8 @@ pub enum kvtier_rotation {
 
 /// Sets the seeded Walsh-Hadamard rotation applied before storage (`mode` is a `kvtier_rotation`
 /// value) and the seed of its per-layer sign vectors. Scores are unchanged in exact arithmetic;
-/// outputs and read-backs stay in model space. With rotation on, `kvtier_cache_attend_device` is
-/// `UNSUPPORTED` (queries would need rotating on the device); attend with host buffers.
+/// outputs and read-backs stay in model space; `kvtier_cache_attend_device` rotates the queries
+/// into its own device buffer (the caller's are left as they are) and the output back in place.
 ///
 /// Errors: `NULL_PARAMETER` (`config`), `INVALID_ARGUMENT` (unknown mode).
 ///
@@ -58,8 +58,8 @@ pub unsafe extern "C" fn kvtier_config_set_rotation(
 }
 
 /// Sets how many key channels per warm page and kv head are kept exact (f16) beside the codes:
-/// the page's widest-range channels (0, the default: none; at most head_dim / 4). CPU only: a
-/// CUDA cache with outliers fails to create with `UNSUPPORTED`.
+/// the page's widest-range channels (0, the default: none; at most head_dim / 4). On CUDA such
+/// pages decode on the CUDA-core path (not tensor cores).
 ///
 /// Errors: `NULL_PARAMETER` (`config`), `INVALID_CONFIG` (too many; the config is left unchanged).
 ///
@@ -78,7 +78,7 @@ pub unsafe extern "C" fn kvtier_config_set_key_outliers(
 }
 
 /// Sets the warm code widths of one layer (each 8, 4, 3 or 2), overriding `kvtier_config_set_bits`
-/// there; a second call for the same layer replaces the first. 3-bit codes are CPU only.
+/// there; a second call for the same layer replaces the first.
 ///
 /// Errors: `NULL_PARAMETER` (`config`), `INVALID_CONFIG` (a width is not 8, 4, 3 or 2, or `layer`
 /// is not below num_layers; the config is left unchanged).

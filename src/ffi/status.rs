@@ -214,7 +214,6 @@ pub(crate) fn status_of(e: &Error) -> kvtier_status {
             CudaError::OutOfMemory { .. } => S::OutOfMemory,
             CudaError::Compile { .. } => S::KernelCompile,
             CudaError::Driver(_) => S::DeviceError,
-            CudaError::Unsupported(_) => S::Unsupported,
         },
         Error::Metal(m) => match m {
             MetalError::NotCompiled => S::BackendNotCompiled,

@@ -14,9 +14,6 @@ pub enum CudaError {
     /// NVRTC rejected a kernel; the log says why.
     #[error("NVRTC failed to compile {kernel}: {log}")]
     Compile { kernel: &'static str, log: String },
-    /// A cache format the CUDA kernels do not implement (yet).
-    #[error("the CUDA backend does not support {0}")]
-    Unsupported(&'static str),
     /// Any other driver error.
     #[error("CUDA driver error: {0}")]
     Driver(String),
