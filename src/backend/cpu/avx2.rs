@@ -120,3 +120,87 @@ pub unsafe fn values<const H: usize, const B: usize, const NPER: usize>(a: &Valu
         }
     }
 }
+
+/// 3-bit codes of one 32-code block in lane order: vector `kk` of the 2-bit low plane (`v`, 8 bytes
+/// widened to lanes) with the high bit added from the block's 32-bit high word `hw`: lane `j` of
+/// vector `kk` is code `4j + kk`, whose high bit is bit `4j + kk` of `hw` (see `quant::pack`).
+#[inline(always)]
+unsafe fn codes3_of(v: __m256i, hw: __m256i, kk: usize) -> __m256 {
+    let low = _mm256_and_si256(
+        _mm256_srl_epi32(v, _mm_cvtsi32_si128((kk * 2) as i32)),
+        _mm256_set1_epi32(3),
+    );
+    let sh = _mm256_add_epi32(
+        _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28),
+        _mm256_set1_epi32(kk as i32),
+    );
+    let high = _mm256_slli_epi32(
+        _mm256_and_si256(_mm256_srlv_epi32(hw, sh), _mm256_set1_epi32(1)),
+        2,
+    );
+    _mm256_cvtepi32_ps(_mm256_or_si256(low, high))
+}
+
+/// [`scores`] for 3-bit rows (`row_bytes = 3 d / 8`: the 2-bit plane, then the high bits).
+///
+/// # Safety
+/// As for [`scores`], with `row_bytes == 3 * d / 8` and `d` a multiple of 32.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+pub unsafe fn scores3<const H: usize>(a: &ScoreArgs) {
+    let lo_bytes = a.d / 4;
+    for t in 0..a.n {
+        let row = a.codes.add(t * a.row_bytes);
+        let mut acc = [_mm256_setzero_ps(); H];
+        for c in 0..lo_bytes / 8 {
+            let v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(row.add(c * 8) as *const __m128i));
+            let hw = _mm256_set1_epi32((row.add(lo_bytes + 4 * c) as *const i32).read_unaligned());
+            for kk in 0..4 {
+                let x = codes3_of(v, hw, kk);
+                let p = c * 32 + kk * 8;
+                for (h, acc_h) in acc.iter_mut().enumerate() {
+                    *acc_h = _mm256_fmadd_ps(_mm256_loadu_ps(a.qs.add(h * a.d + p)), x, *acc_h);
+                }
+            }
+        }
+        for (h, acc_h) in acc.iter().enumerate() {
+            *a.out.add(h * a.ps + t) = *a.qm.add(h) + hsum(*acc_h);
+        }
+    }
+}
+
+/// [`values`] for 3-bit rows.
+///
+/// # Safety
+/// As for [`values`], with `row_bytes == 3 * d / 8` and `d` a multiple of 32.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+pub unsafe fn values3<const H: usize>(a: &ValueArgs) {
+    let lo_bytes = a.d / 4;
+    for c in 0..lo_bytes / 8 {
+        let p0 = c * 32;
+        let g = p0 / a.vg;
+        let mut acc = [[_mm256_setzero_ps(); 4]; H];
+        for t in 0..a.n {
+            let row = a.codes.add(t * a.row_bytes);
+            let v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(row.add(c * 8) as *const __m128i));
+            let hw = _mm256_set1_epi32((row.add(lo_bytes + 4 * c) as *const i32).read_unaligned());
+            let mut x = [_mm256_setzero_ps(); 4];
+            for (kk, xk) in x.iter_mut().enumerate() {
+                *xk = codes3_of(v, hw, kk);
+            }
+            for (h, acc_h) in acc.iter_mut().enumerate() {
+                let w = _mm256_broadcast_ss(&*a.w.add((h * a.ps + t) * a.groups + g));
+                for kk in 0..4 {
+                    acc_h[kk] = _mm256_fmadd_ps(w, x[kk], acc_h[kk]);
+                }
+            }
+        }
+        for (h, acc_h) in acc.iter().enumerate() {
+            for (kk, v) in acc_h.iter().enumerate() {
+                let dst = a.acc.add(h * a.d + p0 + kk * 8);
+                _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), *v));
+            }
+        }
+    }
+}

@@ -22,7 +22,6 @@ use crate::attention::exp::exp_nonpos;
 use crate::attention::{Attention, OnlineSoftmax, PageSelection};
 use crate::backend::AttendInput;
 use crate::cache::{PageEntry, PageTable, Tier};
-use crate::config::Bits;
 use crate::error::{Error, Result};
 use crate::quant::{WarmFormat, WarmLayout};
 use rayon::prelude::*;
@@ -243,9 +242,7 @@ impl<'a> Kernel<'a> {
         }
         let (kr, vr) = (l.k_row_bytes(), l.v_row_bytes());
         #[cfg(target_arch = "x86_64")]
-        if FMA && fmt.k_bits != Bits::B3 && fmt.v_bits != Bits::B3 {
-            // 3-bit pages take the portable loop below (still compiled with AVX2 here): its
-            // unpack adds the high plane to the 2-bit lanes.
+        if FMA {
             // SAFETY: FMA instantiations run only after detection of avx2, fma and f16c; the
             // pointers cover the scratch and page ranges the layout defines (checked by slicing).
             unsafe { self.warm_block_avx2(q, blk, fmt, n, a, sc) };
@@ -334,7 +331,7 @@ impl<'a> Kernel<'a> {
         a: &mut Acc,
         sc: &mut Scratch,
     ) {
-        use super::avx2::{scores, values, ScoreArgs, ValueArgs};
+        use super::avx2::{scores, scores3, values, values3, ScoreArgs, ValueArgs};
         let (d, ps, groups) = (self.geo.head_dim, self.geo.page_size, self.groups);
         let l = self.s.layout(fmt);
         let vi = bits_index(fmt.v_bits);
@@ -355,6 +352,10 @@ impl<'a> Kernel<'a> {
             };
             // SAFETY: heads hb..hb+h exist in qs/qm/scores; n rows of kr bytes follow k_codes.
             match (h, l.k_bits.bits()) {
+                (4, 3) => scores3::<4>(&args),
+                (3, 3) => scores3::<3>(&args),
+                (2, 3) => scores3::<2>(&args),
+                (1, 3) => scores3::<1>(&args),
                 (4, 4) => scores::<4, 4>(&args),
                 (3, 4) => scores::<3, 4>(&args),
                 (2, 4) => scores::<2, 4>(&args),
@@ -383,7 +384,7 @@ impl<'a> Kernel<'a> {
             }
         }
         let vb = l.v_bits.bits();
-        let block = if vb == 2 { 2 } else { 4 };
+        let block = if vb <= 3 { 2 } else { 4 };
         let mut hb = 0;
         while hb < self.g {
             let h = (self.g - hb).min(block);
@@ -400,6 +401,8 @@ impl<'a> Kernel<'a> {
             };
             // SAFETY: heads hb..hb+h exist in w and acc_w; n rows of vr bytes follow v_codes.
             match (h, vb) {
+                (2, 3) => values3::<2>(&args),
+                (1, 3) => values3::<1>(&args),
                 (4, 4) => values::<4, 4, 2>(&args),
                 (3, 4) => values::<3, 4, 2>(&args),
                 (2, 4) => values::<2, 4, 2>(&args),
