@@ -163,6 +163,15 @@ enum kvtier_status
      */
     KVTIER_STATUS_INTERNAL = 118,
     /*
+     Reading or writing a spilled page's file failed (disk full, permissions, I/O); nothing
+     was changed.
+     */
+    KVTIER_STATUS_DISK = 119,
+    /*
+     A page read back from disk failed its integrity check (torn, truncated or corrupted).
+     */
+    KVTIER_STATUS_CORRUPT_PAGE = 120,
+    /*
      The requested backend was not compiled into this library (for example CUDA without the
      `cuda` feature).
      */
@@ -909,6 +918,26 @@ kvtier_status kvtier_config_set_layer_bits(struct kvtier_config *config,
  `config` must be NULL or a live handle from `kvtier_config_new*`.
  */
 kvtier_status kvtier_config_clear_layer_bits(struct kvtier_config *config);
+
+/*
+ Spills the archive and cold pages to page files in `dir` once they hold more than
+ `host_ram_bytes` of RAM (least recently used first; `disk_bytes` bounds the files,
+ `KVTIER_UNLIMITED` for no limit). `dir` NULL turns spilling off. The directory is created if
+ missing; the cache writes only its own files there (mode 0600) and removes them when freed.
+ Disk failures later surface as `DISK` (nothing changed) and failed integrity checks of pages
+ read back as `CORRUPT_PAGE`.
+
+ Errors: `NULL_PARAMETER` (`config`), `INVALID_ARGUMENT` (`dir` not UTF-8).
+
+ # Safety
+
+ `config` must be NULL or a live handle from `kvtier_config_new*`; `dir` NULL or a
+ NUL-terminated string.
+ */
+kvtier_status kvtier_config_set_spill(struct kvtier_config *config,
+                                      const char *dir,
+                                      size_t host_ram_bytes,
+                                      size_t disk_bytes);
 
 /*
  A cache on the CPU backend, configured by a copy of `config`. On success `*cache_out` holds a

@@ -88,6 +88,19 @@ pub struct LayerBits {
     pub v_bits: Bits,
 }
 
+/// Spilling of host pages (the archive and the cold tier) to disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpillConfig {
+    /// Directory for the page files (created if missing; the cache writes nothing else there and
+    /// removes its files when dropped).
+    pub dir: std::path::PathBuf,
+    /// RAM the archive and the cold tier may hold together; past it, the least recently used
+    /// pages are written to disk.
+    pub host_ram_bytes: usize,
+    /// Bytes of page records the disk may hold (`None`: unlimited).
+    pub disk_bytes: Option<usize>,
+}
+
 /// Byte budgets per tier. `None` means unlimited. Budgets count bytes actually allocated,
 /// metadata included (see [`crate::MemoryReport`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -158,6 +171,8 @@ pub struct CacheConfig {
     /// Key outlier channels per warm page and kv head kept exact (f16) beside the codes: the
     /// page's widest-range channels (0, the default: none). At most `head_dim / 4`.
     pub key_outliers: usize,
+    /// Spill the archive and cold pages to disk past a RAM budget (`None`, the default: RAM only).
+    pub spill: Option<SpillConfig>,
 }
 
 impl CacheConfig {
@@ -192,6 +207,7 @@ impl CacheConfig {
                 rotation_seed: 0x6b76_7469_6572,
                 layer_bits: Vec::new(),
                 key_outliers: 0,
+                spill: None,
             },
         }
     }
@@ -454,6 +470,8 @@ impl CacheConfigBuilder {
         rotation_seed: u64);
     setter!(/// Key outlier channels kept exact per warm page and kv head (default 0).
         key_outliers: usize);
+    setter!(/// Spill host pages to disk past a RAM budget (default none).
+        spill: Option<SpillConfig>);
 
     /// Warm widths of one layer (replacing an earlier entry for it).
     pub fn layer_bits(mut self, layer: usize, k_bits: Bits, v_bits: Bits) -> Self {

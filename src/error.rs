@@ -119,6 +119,24 @@ pub enum Error {
     #[error("attention overflowed: {0}")]
     Overflow(String),
 
+    /// Reading or writing a spilled page's file failed (disk full, permissions, I/O error). The
+    /// operation changed nothing: the page is still where it was.
+    #[error("disk I/O failed: {what}: {source}")]
+    Disk {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A page read back from disk failed its integrity check (checksum, header, length): it was
+    /// torn, truncated or corrupted on disk. Nothing is returned for it; other pages are unaffected.
+    #[error("page {page} of layer {layer} on disk is corrupt: {reason}")]
+    CorruptPage {
+        layer: usize,
+        page: u32,
+        reason: String,
+    },
+
     /// A broken internal invariant: a bug in kvtier, never the caller's fault. Please report it.
     #[error("internal error (a kvtier bug): {0}")]
     Internal(String),

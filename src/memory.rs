@@ -17,6 +17,11 @@ pub struct MemoryReport {
     pub cold_bytes: usize,
     /// Lossless archive (host RAM): exact copies of pages that left the hot tier.
     pub archive_bytes: usize,
+    /// Archive and cold pages spilled to disk (`CacheConfig::spill`): bytes of their records
+    /// (payload, header and checksum). Not in `cold_bytes` / `archive_bytes`, which are RAM.
+    pub disk_bytes: usize,
+    /// Pages held on disk.
+    pub disk_pages: usize,
     /// Bookkeeping.
     pub metadata_bytes: usize,
     /// Tokens stored, summed over sequences and layers.
@@ -39,11 +44,11 @@ impl MemoryReport {
     pub fn device_bytes(&self) -> usize {
         self.hot_bytes + self.warm_bytes + self.metadata_bytes
     }
-    /// Host bytes: cold tier + archive.
+    /// Host RAM bytes: cold tier + archive (spilled pages are in `disk_bytes`).
     pub fn host_bytes(&self) -> usize {
         self.cold_bytes + self.archive_bytes
     }
-    /// All bytes.
+    /// All memory bytes (device and host RAM; disk not included).
     pub fn total(&self) -> usize {
         self.device_bytes() + self.host_bytes()
     }

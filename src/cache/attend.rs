@@ -243,7 +243,7 @@ impl KvCache {
                     page: p,
                 };
                 let bytes = self.cold_bytes(r, e)?;
-                e.slot = tmp.import_page(bytes)?;
+                e.slot = tmp.import_page(&bytes)?;
                 e.tier = bytes.tier;
             }
             staged.push(PageTable::from_pages(pages));

@@ -5,7 +5,7 @@
 //! stored key can fall outside of (callers build a guarantee on them).
 
 use super::{KvCache, PageRef, SeqId, Tier};
-use crate::backend::{BackendStorage, PageBytes};
+use crate::backend::BackendStorage;
 use crate::error::{Error, Result};
 use crate::quant::{keys::key_bounds, WarmLayout};
 
@@ -60,7 +60,7 @@ impl KvCache {
                 if summary(lo, hi)? {
                     return Ok(true);
                 }
-                let bytes: &PageBytes = self.cold_bytes(p, &e)?;
+                let bytes = self.cold_bytes(p, &e)?;
                 if bytes.tier != Tier::Warm {
                     return Ok(false);
                 }

@@ -18,6 +18,7 @@ mod bounds;
 mod meta;
 mod moves;
 mod report;
+mod spill;
 mod table;
 
 pub use append::Rows;
@@ -26,7 +27,7 @@ pub use moves::{Move, PageRef, Restored};
 pub use table::{PageEntry, PageTable, Tier};
 
 use crate::backend::{Device, Storage};
-use crate::cold::HostPages;
+use crate::cold::{DiskStore, HostPages};
 use crate::config::CacheConfig;
 use crate::error::{Error, Result};
 use crate::quant::Rotator;
@@ -72,6 +73,10 @@ pub struct CacheCounters {
     /// Pages moved to the cold tier / back.
     pub to_cold: u64,
     pub from_cold: u64,
+    /// Host pages written to disk to keep host RAM within the spill budget.
+    pub spills: u64,
+    /// Page moves refused because a spill failed with host RAM over the budget (nothing lost).
+    pub spill_failures: u64,
 }
 
 /// A paged, tiered KV cache for one model.
@@ -82,7 +87,8 @@ pub struct KvCache {
     pub(crate) seqs: BTreeMap<SeqId, Sequence>,
     pub(crate) next_id: u64,
     pub(crate) counters: CacheCounters,
-    /// Exact copies of pages that left the hot tier.
+    /// Exact copies of pages that left the hot tier. Declared before `cold`: dropped first (the
+    /// cold store removes the spill directory it shares).
     pub(crate) archive: HostPages,
     /// Bytes of pages in the cold tier (those not already exact in the archive).
     pub(crate) cold: HostPages,
@@ -108,6 +114,29 @@ impl KvCache {
             cfg.head_dim,
             cfg.rotation_seed,
         );
+        let (archive, cold) = match &cfg.spill {
+            None => (HostPages::default(), HostPages::default()),
+            Some(sp) => {
+                // Unique per process and cache, so caches sharing a directory never collide.
+                static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+                let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let pid = std::process::id();
+                let id = ((pid as u64) << 32) | n;
+                let store = |kind: &str| {
+                    DiskStore::new(
+                        &sp.dir,
+                        format!("kvtier-{pid}-{n}-{kind}"),
+                        id,
+                        sp.disk_bytes.map(|b| b as u64),
+                    )
+                };
+                let mut archive = store("archive")?;
+                let mut cold = store("cold")?;
+                // `cold` is dropped after `archive` (field order): it removes the directory.
+                cold.take_dir_ownership(&mut archive);
+                (HostPages::with_disk(archive), HostPages::with_disk(cold))
+            }
+        };
         Ok(KvCache {
             rotator,
             cfg,
@@ -116,8 +145,8 @@ impl KvCache {
             seqs: BTreeMap::new(),
             next_id: 0,
             counters: CacheCounters::default(),
-            archive: HostPages::default(),
-            cold: HostPages::default(),
+            archive,
+            cold,
         })
     }
 

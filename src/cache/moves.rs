@@ -22,6 +22,7 @@ use super::{free_page, KvCache, PageEntry, SeqId, Tier};
 use crate::backend::{BackendStorage, PageBytes};
 use crate::error::{Error, Result};
 use crate::quant::{WarmFormat, WarmLayout};
+use std::borrow::Cow;
 
 /// Cold slot value meaning "the cold form is the page's archive copy" (nothing else stored).
 pub(crate) const IN_ARCHIVE: u32 = u32::MAX;
@@ -129,7 +130,7 @@ impl KvCache {
     /// Exact bytes of `p` as the archive keeps them: its archive copy, or (hot) its device bytes.
     fn archive_copy(&self, p: PageRef, e: &PageEntry) -> Result<Option<PageBytes>> {
         if let Some(id) = self.seq_layer(p.seq, p.layer)?.meta[p.page].archive {
-            return Ok(self.archive.get(id).cloned());
+            return Ok(Some(self.archive.get(id)?.into_owned()));
         }
         if e.tier == Tier::Hot {
             return Ok(Some(self.layers[p.layer].export_page(e)?));
@@ -269,7 +270,7 @@ impl KvCache {
         }
         let bytes = self.layers[p.layer].export_page(e)?;
         self.check_cold_budget(bytes.bytes())?;
-        let id = self.archive.insert(bytes)?;
+        let id = self.host_insert(true, bytes, p.layer)?;
         self.meta_mut(p)?.archive = Some(id);
         Ok(true)
     }
@@ -432,7 +433,7 @@ impl KvCache {
         } else {
             let bytes = self.layers[p.layer].export_page(&e)?;
             self.check_cold_budget(bytes.bytes())?;
-            self.cold.insert(bytes)?
+            self.host_insert(false, bytes, p.layer)?
         };
         self.layers[p.layer].free(e.tier, e.slot);
         self.set_page(
@@ -447,21 +448,31 @@ impl KvCache {
         Ok(())
     }
 
-    /// The bytes of cold page `e` of `p` (its cold copy, or its archive copy).
-    pub(crate) fn cold_bytes(&self, p: PageRef, e: &PageEntry) -> Result<&PageBytes> {
-        let id = if e.slot == IN_ARCHIVE {
-            self.seq_layer(p.seq, p.layer)?.meta[p.page]
+    /// The bytes of cold page `e` of `p` (its cold copy, or its archive copy), read back and
+    /// checked when they were spilled to disk.
+    pub(crate) fn cold_bytes(&self, p: PageRef, e: &PageEntry) -> Result<Cow<'_, PageBytes>> {
+        if e.slot == IN_ARCHIVE {
+            let id = self.seq_layer(p.seq, p.layer)?.meta[p.page]
                 .archive
-                .ok_or_else(|| Error::internal("cold page in the archive has no archive copy"))?
+                .ok_or_else(|| Error::internal("cold page in the archive has no archive copy"))?;
+            self.archive.get(id)
         } else {
-            return self
-                .cold
-                .get(e.slot)
-                .ok_or_else(|| Error::internal(format!("cold slot {} is empty", e.slot)));
+            self.cold.get(e.slot)
+        }
+    }
+
+    /// Tier and format of cold page `e` of `p`, without reading its bytes.
+    fn cold_info(&self, p: PageRef, e: &PageEntry) -> Result<(Tier, WarmFormat)> {
+        let info = if e.slot == IN_ARCHIVE {
+            let id = self.seq_layer(p.seq, p.layer)?.meta[p.page]
+                .archive
+                .ok_or_else(|| Error::internal("cold page in the archive has no archive copy"))?;
+            self.archive.info(id)
+        } else {
+            self.cold.info(e.slot)
         };
-        self.archive
-            .get(id)
-            .ok_or_else(|| Error::internal(format!("archive id {id} is empty")))
+        info.map(|(t, f, _)| (t, f))
+            .ok_or_else(|| Error::internal("cold page bytes missing"))
     }
 
     /// Brings cold page `p` back to the device, in the tier it left.
@@ -470,10 +481,7 @@ impl KvCache {
         if e.tier != Tier::Cold {
             return Err(invalid("from_cold", p, format!("the page is {:?}", e.tier)));
         }
-        let (tier, format) = {
-            let b = self.cold_bytes(p, &e)?;
-            (b.tier, b.format)
-        };
+        let (tier, format) = self.cold_info(p, &e)?;
         match tier {
             Tier::Hot => self.check_hot_budget(1)?,
             _ => self.check_warm_budget(format, 0)?,
@@ -486,9 +494,9 @@ impl KvCache {
             self.archive.get(id)
         } else {
             self.cold.get(e.slot)
-        }
-        .ok_or_else(|| Error::internal("cold page bytes missing"))?;
-        let slot = self.layers[p.layer].import_page(bytes)?;
+        }?;
+        let slot = self.layers[p.layer].import_page(&bytes)?;
+        drop(bytes);
         if e.slot == IN_ARCHIVE {
             // Exact again on the device: the archive copy is no longer needed.
             self.unarchive(p)?;

@@ -32,7 +32,7 @@ impl KvCache {
                         p,
                     )?;
                     let mut tmp = crate::backend::cpu::CpuStorage::new(&self.cfg);
-                    let slot = tmp.import_page(bytes)?;
+                    let slot = tmp.import_page(&bytes)?;
                     let e = super::PageEntry {
                         tier: bytes.tier,
                         slot,
@@ -96,6 +96,12 @@ impl KvCache {
             }
         }
         r.archived_pages = self.archive.len();
+        for h in [&self.archive, &self.cold] {
+            if let Some(d) = h.disk() {
+                r.disk_bytes += d.bytes() as usize;
+            }
+            r.disk_pages += h.spilled();
+        }
         r.f16_equivalent_bytes =
             (r.tokens - r.evicted_tokens) * 2 * self.cfg.num_kv_heads * self.cfg.head_dim * 2;
         r

@@ -1,32 +1,101 @@
-//! Host-RAM page stores: the lossless archive and the cold tier.
+//! Host page stores: the lossless archive and the cold tier, in RAM and spilled to disk.
 //!
-//! Owns: [`HostPages`], a slot pool of [`PageBytes`] in host memory with an exact byte count, used
-//! twice by the cache: as the **archive** (every page that left the hot tier, exactly as appended,
-//! in the hot dtype, so any page can be brought back bit for bit) and as the **cold store** (pages
-//! that left the device: their quantised copy, or nothing extra when the archive already holds
-//! them exactly). Must never: decide which pages go where (the cache's moves do), or hand bytes to
-//! a kernel directly (the cache imports them into a device storage first).
-//!
-//! The disk tier (memmap2 files, LRU of resident pages, checksums, prefetch) grows from here.
+//! Owns: [`HostPages`], a slot pool of [`PageBytes`] with exact byte counts, used twice by the
+//! cache: as the **archive** (every page that left the hot tier, exactly as appended, in the hot
+//! dtype, so any page can be brought back bit for bit) and as the **cold store** (pages that left
+//! the device: their quantised copy, or nothing extra when the archive already holds them exactly).
+//! With a [`DiskStore`] attached, pages can be spilled: the least recently used resident page
+//! (an LRU of resident ids) is written to disk and dropped from RAM, and reads of a spilled page
+//! go to the disk and are integrity-checked ([`disk`]). Must never: decide which pages go where or
+//! when to spill (the cache's moves and its RAM budget do), or hand bytes to a kernel directly (the
+//! cache imports them into a device storage first).
+
+pub mod disk;
+
+pub use disk::{DiskRef, DiskStore, Faults};
 
 use crate::backend::PageBytes;
+use crate::cache::Tier;
 use crate::error::{Error, Result};
+use crate::quant::WarmFormat;
+use std::borrow::Cow;
+use std::sync::Mutex;
 
-/// A slot pool of page bytes in host memory.
-#[derive(Debug, Default)]
+#[derive(Debug)]
+enum Where {
+    Ram(PageBytes),
+    Disk {
+        at: DiskRef,
+        tier: Tier,
+        format: WarmFormat,
+        n_tokens: u32,
+        bytes: usize,
+    },
+}
+
+#[derive(Debug)]
+struct Slot {
+    at: Where,
+    layer: u32,
+}
+
+/// A slot pool of page bytes in host memory, optionally spilling to disk.
+#[derive(Default)]
 pub struct HostPages {
-    slots: Vec<Option<PageBytes>>,
+    slots: Vec<Option<Slot>>,
     free: Vec<u32>,
-    bytes: usize,
+    ram_bytes: usize,
+    disk_payload: usize,
+    spilled: usize,
     live: usize,
+    disk: Option<DiskStore>,
+    /// Resident (RAM) ids by recency of use, when a disk is attached.
+    lru: Option<Mutex<lru::LruCache<u32, ()>>>,
+    /// Pages read from disk and their bytes (`get` of a spilled page).
+    disk_reads: std::sync::atomic::AtomicU64,
+    disk_read_bytes: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for HostPages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostPages")
+            .field("pages", &self.live)
+            .field("ram_bytes", &self.ram_bytes)
+            .field("disk_payload", &self.disk_payload)
+            .field("spills", &self.disk.is_some())
+            .finish()
+    }
 }
 
 impl HostPages {
-    /// Stores `page`; returns its id.
-    pub fn insert(&mut self, page: PageBytes) -> Result<u32> {
+    /// A store that can spill to `disk`.
+    pub fn with_disk(disk: DiskStore) -> Self {
+        HostPages {
+            disk: Some(disk),
+            lru: Some(Mutex::new(lru::LruCache::unbounded())),
+            ..Default::default()
+        }
+    }
+
+    /// The attached disk store, if any.
+    pub fn disk(&self) -> Option<&DiskStore> {
+        self.disk.as_ref()
+    }
+
+    /// The attached disk store, mutably (fault injection in tests).
+    pub fn disk_mut(&mut self) -> Option<&mut DiskStore> {
+        self.disk.as_mut()
+    }
+
+    /// Stores `page` (of `layer`) in RAM; returns its id.
+    pub fn insert(&mut self, page: PageBytes, layer: usize) -> Result<u32> {
         let b = page.bytes();
+        let slot = Slot {
+            at: Where::Ram(page),
+            layer: layer as u32,
+        };
         let id = if let Some(id) = self.free.pop() {
-            self.slots[id as usize] = Some(page);
+            self.slots[id as usize] = Some(slot);
             id
         } else {
             if self.slots.len() >= u32::MAX as usize {
@@ -37,9 +106,9 @@ impl HostPages {
             }
             self.slots.try_reserve(1).map_err(|_| Error::OutOfMemory {
                 what: "host page table",
-                bytes: std::mem::size_of::<Option<PageBytes>>(),
+                bytes: std::mem::size_of::<Option<Slot>>(),
             })?;
-            self.slots.push(Some(page));
+            self.slots.push(Some(slot));
             (self.slots.len() - 1) as u32
         };
         // Keep the free list able to take every slot back without allocating on removal.
@@ -47,31 +116,152 @@ impl HostPages {
             let extra = self.slots.len() - self.free.len();
             let _ = self.free.try_reserve(extra);
         }
-        self.bytes += b;
+        if let Some(l) = &self.lru {
+            l.lock().unwrap_or_else(|p| p.into_inner()).put(id, ());
+        }
+        self.ram_bytes += b;
         self.live += 1;
         Ok(id)
     }
 
-    /// The page with id `id`.
-    pub fn get(&self, id: u32) -> Option<&PageBytes> {
-        self.slots.get(id as usize)?.as_ref()
+    /// The page with id `id`: borrowed from RAM, or read back from disk and checked
+    /// ([`Error::CorruptPage`] when the check fails). A RAM read counts as a use for the LRU.
+    pub fn get(&self, id: u32) -> Result<Cow<'_, PageBytes>> {
+        let slot = self
+            .slots
+            .get(id as usize)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| Error::internal(format!("host page {id} is empty")))?;
+        match &slot.at {
+            Where::Ram(p) => {
+                if let Some(l) = &self.lru {
+                    l.lock().unwrap_or_else(|p| p.into_inner()).get(&id);
+                }
+                Ok(Cow::Borrowed(p))
+            }
+            Where::Disk { at, .. } => {
+                let disk = self
+                    .disk
+                    .as_ref()
+                    .ok_or_else(|| Error::internal("a spilled page without a disk store"))?;
+                let p = disk.read(at, id, slot.layer)?;
+                use std::sync::atomic::Ordering::Relaxed;
+                self.disk_reads.fetch_add(1, Relaxed);
+                self.disk_read_bytes.fetch_add(at.len, Relaxed);
+                Ok(Cow::Owned(p))
+            }
+        }
     }
 
-    /// Removes and returns the page with id `id`.
-    pub fn remove(&mut self, id: u32) -> Option<PageBytes> {
-        let p = self.slots.get_mut(id as usize)?.take()?;
-        self.bytes -= p.bytes();
+    /// Tier, format and token count of page `id`, without reading it.
+    pub fn info(&self, id: u32) -> Option<(Tier, WarmFormat, u32)> {
+        match &self.slots.get(id as usize)?.as_ref()?.at {
+            Where::Ram(p) => Some((p.tier, p.format, p.n_tokens)),
+            Where::Disk {
+                tier,
+                format,
+                n_tokens,
+                ..
+            } => Some((*tier, *format, *n_tokens)),
+        }
+    }
+
+    /// True when page `id` is held in RAM (not spilled).
+    pub fn is_resident(&self, id: u32) -> bool {
+        matches!(
+            self.slots.get(id as usize).and_then(Option::as_ref),
+            Some(Slot {
+                at: Where::Ram(_),
+                ..
+            })
+        )
+    }
+
+    /// Removes page `id` (from RAM or disk); false when it was not there.
+    pub fn remove(&mut self, id: u32) -> bool {
+        let Some(slot) = self.slots.get_mut(id as usize).and_then(Option::take) else {
+            return false;
+        };
+        match slot.at {
+            Where::Ram(p) => {
+                self.ram_bytes -= p.bytes();
+                if let Some(l) = &self.lru {
+                    l.lock().unwrap_or_else(|p| p.into_inner()).pop(&id);
+                }
+            }
+            Where::Disk { at, bytes, .. } => {
+                self.disk_payload -= bytes;
+                self.spilled -= 1;
+                if let Some(d) = self.disk.as_mut() {
+                    d.free(&at);
+                }
+            }
+        }
         self.live -= 1;
         self.free.push(id);
-        Some(p)
+        true
     }
 
-    /// Payload bytes held.
+    /// Writes the least recently used resident page to disk and drops it from RAM; returns the
+    /// RAM bytes freed, `None` when nothing can spill (no disk, or nothing resident). On error the
+    /// page stays in RAM.
+    pub fn spill_lru(&mut self) -> Result<Option<usize>> {
+        let (Some(disk), Some(lru)) = (self.disk.as_mut(), self.lru.as_ref()) else {
+            return Ok(None);
+        };
+        let mut lru = lru.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((&id, _)) = lru.peek_lru() else {
+            return Ok(None);
+        };
+        let slot = self.slots[id as usize]
+            .as_mut()
+            .ok_or_else(|| Error::internal("LRU names an empty host page"))?;
+        let Where::Ram(page) = &slot.at else {
+            lru.pop(&id);
+            return Err(Error::internal("LRU names a spilled page"));
+        };
+        let at = disk.write(page, id, slot.layer)?;
+        lru.pop(&id);
+        let bytes = page.bytes();
+        slot.at = Where::Disk {
+            at,
+            tier: page.tier,
+            format: page.format,
+            n_tokens: page.n_tokens,
+            bytes,
+        };
+        self.ram_bytes -= bytes;
+        self.disk_payload += bytes;
+        self.spilled += 1;
+        Ok(Some(bytes))
+    }
+
+    /// Payload bytes held in RAM.
     pub fn bytes(&self) -> usize {
-        self.bytes
+        self.ram_bytes
     }
 
-    /// Pages held.
+    /// Payload bytes spilled to disk (the record headers and checksums are in
+    /// [`DiskStore::bytes`]).
+    pub fn disk_bytes(&self) -> usize {
+        self.disk_payload
+    }
+
+    /// Pages read back from disk so far, and their record bytes.
+    pub fn disk_reads(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.disk_reads.load(Relaxed),
+            self.disk_read_bytes.load(Relaxed),
+        )
+    }
+
+    /// Pages spilled to disk.
+    pub fn spilled(&self) -> usize {
+        self.spilled
+    }
+
+    /// Pages held (RAM and disk).
     pub fn len(&self) -> usize {
         self.live
     }
@@ -81,9 +271,16 @@ impl HostPages {
         self.live == 0
     }
 
-    /// Bookkeeping bytes: the slot table and the free list.
+    /// Bookkeeping bytes: the slot table, the free list, the LRU and the disk store's tables.
     pub fn metadata_bytes(&self) -> usize {
-        self.slots.capacity() * std::mem::size_of::<Option<PageBytes>>() + self.free.capacity() * 4
+        let lru = self.lru.as_ref().map_or(0, |l| {
+            let n = l.lock().unwrap_or_else(|p| p.into_inner()).len();
+            n * (std::mem::size_of::<u32>() + 4 * std::mem::size_of::<usize>())
+        });
+        self.slots.capacity() * std::mem::size_of::<Option<Slot>>()
+            + self.free.capacity() * 4
+            + lru
+            + self.disk.as_ref().map_or(0, DiskStore::metadata_bytes)
     }
 }
 
@@ -103,15 +300,16 @@ mod tests {
             n_tokens: 1,
             data: vec![7; n],
         };
-        let a = h.insert(page(10)).unwrap();
-        let b = h.insert(page(20)).unwrap();
+        let a = h.insert(page(10), 0).unwrap();
+        let b = h.insert(page(20), 0).unwrap();
         assert_eq!(h.bytes(), 30);
-        assert_eq!(h.remove(a).unwrap().data.len(), 10);
-        assert!(h.remove(a).is_none());
+        assert!(h.remove(a));
+        assert!(!h.remove(a));
         assert_eq!(h.bytes(), 20);
-        let c = h.insert(page(5)).unwrap();
+        let c = h.insert(page(5), 0).unwrap();
         assert_eq!(c, a);
         assert_eq!(h.len(), 2);
         assert_eq!(h.get(b).unwrap().data.len(), 20);
+        assert_eq!(h.spill_lru().unwrap(), None);
     }
 }

@@ -1,4 +1,5 @@
-//! C setters of the quantisation-quality options: rotation, key outlier channels, per-layer bits.
+//! C setters of the quantisation-quality options (rotation, key outlier channels, per-layer bits)
+//! and of spilling host pages to disk.
 //!
 //! Owns: [`kvtier_rotation`] and the `kvtier_config_set_*` functions for those fields of
 //! [`crate::CacheConfig`]. Like every setter they validate a copy and keep it only when valid
@@ -123,5 +124,44 @@ pub unsafe extern "C" fn kvtier_config_clear_layer_bits(
     ffi_panic_boundary!("kvtier_config_clear_layer_bits", {
         // SAFETY: `config` is NULL or live (this function's contract).
         unsafe { update(config, |c| c.layer_bits.clear()) }
+    })
+}
+
+/// Spills the archive and cold pages to page files in `dir` once they hold more than
+/// `host_ram_bytes` of RAM (least recently used first; `disk_bytes` bounds the files,
+/// `KVTIER_UNLIMITED` for no limit). `dir` NULL turns spilling off. The directory is created if
+/// missing; the cache writes only its own files there (mode 0600) and removes them when freed.
+/// Disk failures later surface as `DISK` (nothing changed) and failed integrity checks of pages
+/// read back as `CORRUPT_PAGE`.
+///
+/// Errors: `NULL_PARAMETER` (`config`), `INVALID_ARGUMENT` (`dir` not UTF-8).
+///
+/// # Safety
+///
+/// `config` must be NULL or a live handle from `kvtier_config_new*`; `dir` NULL or a
+/// NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn kvtier_config_set_spill(
+    config: *mut kvtier_config,
+    dir: *const std::ffi::c_char,
+    host_ram_bytes: usize,
+    disk_bytes: usize,
+) -> kvtier_status {
+    ffi_panic_boundary!("kvtier_config_set_spill", {
+        let spill = if dir.is_null() {
+            None
+        } else {
+            // SAFETY: non-NULL and NUL-terminated (this function's contract).
+            let d = unsafe { std::ffi::CStr::from_ptr(dir) }
+                .to_str()
+                .map_err(|_| FfiError::invalid("`dir` is not UTF-8"))?;
+            Some(crate::config::SpillConfig {
+                dir: d.into(),
+                host_ram_bytes,
+                disk_bytes: (disk_bytes != super::KVTIER_UNLIMITED).then_some(disk_bytes),
+            })
+        };
+        // SAFETY: `config` is NULL or live (this function's contract).
+        unsafe { update(config, |c| c.spill = spill) }
     })
 }

@@ -92,6 +92,11 @@ pub enum kvtier_status {
     Overflow = 117,
     /// A broken internal invariant: a kvtier bug, never the caller's fault (please report it).
     Internal = 118,
+    /// Reading or writing a spilled page's file failed (disk full, permissions, I/O); nothing
+    /// was changed.
+    Disk = 119,
+    /// A page read back from disk failed its integrity check (torn, truncated or corrupted).
+    CorruptPage = 120,
 
     // 200..=299: backends.
     /// The requested backend was not compiled into this library (for example CUDA without the
@@ -106,7 +111,7 @@ pub enum kvtier_status {
 }
 
 /// Every status, for tests and `kvtier_status_name`.
-pub(crate) const ALL: [kvtier_status; 29] = {
+pub(crate) const ALL: [kvtier_status; 31] = {
     use kvtier_status::*;
     [
         Ok,
@@ -134,6 +139,8 @@ pub(crate) const ALL: [kvtier_status; 29] = {
         Stale,
         Overflow,
         Internal,
+        Disk,
+        CorruptPage,
         BackendNotCompiled,
         NoDevice,
         DeviceError,
@@ -171,6 +178,8 @@ impl kvtier_status {
             Stale => c"KVTIER_STATUS_STALE",
             Overflow => c"KVTIER_STATUS_OVERFLOW",
             Internal => c"KVTIER_STATUS_INTERNAL",
+            Disk => c"KVTIER_STATUS_DISK",
+            CorruptPage => c"KVTIER_STATUS_CORRUPT_PAGE",
             BackendNotCompiled => c"KVTIER_STATUS_BACKEND_NOT_COMPILED",
             NoDevice => c"KVTIER_STATUS_NO_DEVICE",
             DeviceError => c"KVTIER_STATUS_DEVICE_ERROR",
@@ -208,6 +217,8 @@ pub(crate) fn status_of(e: &Error) -> kvtier_status {
         Error::Stale(_) => S::Stale,
         Error::Overflow(_) => S::Overflow,
         Error::Internal(_) => S::Internal,
+        Error::Disk { .. } => S::Disk,
+        Error::CorruptPage { .. } => S::CorruptPage,
         Error::Cuda(c) => match c {
             CudaError::NotCompiled => S::BackendNotCompiled,
             CudaError::NoDevice(_) => S::NoDevice,
@@ -345,6 +356,12 @@ mod tests {
         (kvtier_status::Stale, 116, "KVTIER_STATUS_STALE"),
         (kvtier_status::Overflow, 117, "KVTIER_STATUS_OVERFLOW"),
         (kvtier_status::Internal, 118, "KVTIER_STATUS_INTERNAL"),
+        (kvtier_status::Disk, 119, "KVTIER_STATUS_DISK"),
+        (
+            kvtier_status::CorruptPage,
+            120,
+            "KVTIER_STATUS_CORRUPT_PAGE",
+        ),
         (
             kvtier_status::BackendNotCompiled,
             200,

@@ -10,6 +10,7 @@
 #include "common.h"
 
 #include <math.h>
+#include <time.h>
 
 enum { QH = 4, KVH = 2, D = 32, ROW = KVH * D, PS = 32 };
 
@@ -247,6 +248,45 @@ int main(void) {
     free(vh);
     kvtier_cache_free(ref);
     kvtier_cache_free(c);
+
+    /* Spilling: cold and archive pages past a small RAM budget go to files in a directory; the
+     * cache attends over them exactly as an all-RAM cache does, and removes its files when freed. */
+    {
+        char dir[128];
+        snprintf(dir, sizeof dir, "%s/kvtier-c-spill-%ld", getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp",
+                 (long)clock());
+        EXPECT_STATUS(KVTIER_STATUS_NULL_PARAMETER, kvtier_config_set_spill(NULL, dir, 0, 0));
+        enum { N = 400 };
+        float *sk = malloc(sizeof(float) * N * ROW), *sv = malloc(sizeof(float) * N * ROW);
+        EXPECT(sk && sv);
+        for (size_t i = 0; i < (size_t)N * ROW; i++) {
+            sk[i] = sinf(0.13f * (float)i);
+            sv[i] = cosf(0.29f * (float)i);
+        }
+        float sq[QH * D], so[2][QH * D];
+        for (size_t i = 0; i < QH * D; i++) sq[i] = cosf(0.5f * (float)i);
+        for (int spill = 0; spill < 2; spill++) {
+            kvtier_config *sc = NULL;
+            EXPECT_OK(kvtier_config_new(1, QH, KVH, D, &sc));
+            EXPECT_OK(kvtier_config_set_hot_window(sc, 32));
+            EXPECT_OK(kvtier_config_set_spill(sc, spill ? dir : NULL, 4096, KVTIER_UNLIMITED));
+            kvtier_cache *cs = NULL;
+            EXPECT_OK(kvtier_cache_new(sc, &cs));
+            uint64_t s;
+            EXPECT_OK(kvtier_cache_sequence_add(cs, &s));
+            EXPECT_OK(kvtier_cache_append(cs, s, 0, sk, (size_t)N * ROW, sv, (size_t)N * ROW));
+            for (size_t page = 1; page < N / PS - 2; page++)
+                EXPECT_OK(kvtier_cache_move(cs, s, 0, page, KVTIER_MOVE_OP_TO_COLD, 0, 0, NULL));
+            EXPECT_OK(kvtier_cache_attend(cs, 0, &s, 1, sq, QH * D, so[spill], QH * D, NULL));
+            kvtier_cache_free(cs);
+            kvtier_config_free(sc);
+        }
+        EXPECT(memcmp(so[0], so[1], sizeof so[0]) == 0);
+        FILE *gone = fopen(dir, "r");
+        EXPECT(gone == NULL); /* the directory the cache created is gone with it */
+        free(sk);
+        free(sv);
+    }
     printf("pages: ok\n");
     return 0;
 }

@@ -1,0 +1,88 @@
+//! Spilling host pages to disk: the RAM budget of the archive and the cold store.
+//!
+//! Owns: inserting into the host stores under [`crate::SpillConfig::host_ram_bytes`] (least
+//! recently used pages written to disk, archive pages first), the all-or-nothing rule when a spill
+//! fails, and the fault hooks tests use. Must never: drop a page whose write failed, or leave a
+//! half-inserted page behind an error.
+
+use super::KvCache;
+use crate::backend::PageBytes;
+use crate::cold::Faults;
+use crate::error::{Error, Result};
+
+impl KvCache {
+    /// Inserts `bytes` of `layer` into the archive (`to_archive`) or the cold store, then keeps
+    /// host RAM within the spill budget by writing the least recently used pages to disk (archive
+    /// pages first: only promotion reads them, attention reads cold pages every step). When a
+    /// spill fails while RAM is over the budget, the new page is taken out again and the error
+    /// returned: nothing is lost, the caller still holds the page (and the page whose write failed
+    /// stays in RAM).
+    pub(crate) fn host_insert(
+        &mut self,
+        to_archive: bool,
+        bytes: PageBytes,
+        layer: usize,
+    ) -> Result<u32> {
+        let id = if to_archive {
+            self.archive.insert(bytes, layer)?
+        } else {
+            self.cold.insert(bytes, layer)?
+        };
+        if let Err(e) = self.enforce_host_ram() {
+            if to_archive {
+                self.archive.remove(id);
+            } else {
+                self.cold.remove(id);
+            }
+            self.counters.spill_failures += 1;
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    /// Spills least recently used host pages until the archive and the cold store fit the
+    /// spill budget (no budget: nothing to do).
+    fn enforce_host_ram(&mut self) -> Result<()> {
+        let Some(budget) = self.cfg.spill.as_ref().map(|s| s.host_ram_bytes) else {
+            return Ok(());
+        };
+        while self.archive.bytes() + self.cold.bytes() > budget {
+            let freed = match self.archive.spill_lru()? {
+                Some(b) => Some(b),
+                None => self.cold.spill_lru()?,
+            };
+            if freed.is_none() {
+                return Err(Error::internal(
+                    "host RAM over the spill budget with nothing to spill",
+                ));
+            }
+            self.counters.spills += 1;
+        }
+        Ok(())
+    }
+
+    /// Injects I/O faults into both spill stores (for tests of the failure paths; see
+    /// [`Faults`]). No effect without [`crate::SpillConfig`].
+    pub fn set_spill_faults(&mut self, faults: Faults) {
+        for h in [&mut self.archive, &mut self.cold] {
+            if let Some(d) = h.disk_mut() {
+                d.faults = faults.clone();
+            }
+        }
+    }
+
+    /// The page files the cache has open (archive and cold), for inspection and tests.
+    pub fn spill_files(&self) -> Vec<std::path::PathBuf> {
+        [&self.archive, &self.cold]
+            .iter()
+            .filter_map(|h| h.disk())
+            .flat_map(|d| d.files())
+            .collect()
+    }
+
+    /// Pages read back from disk so far and their record bytes (archive and cold together).
+    pub fn disk_reads(&self) -> (u64, u64) {
+        let (a, b) = (self.archive.disk_reads(), self.cold.disk_reads());
+        (a.0 + b.0, a.1 + b.1)
+    }
+}
