@@ -99,6 +99,10 @@ pub struct SpillConfig {
     pub host_ram_bytes: usize,
     /// Bytes of page records the disk may hold (`None`: unlimited).
     pub disk_bytes: Option<usize>,
+    /// Read spilled pages ahead on a background thread: the next layer's cold pages when a layer
+    /// is attended, and whatever [`crate::KvCache::prefetch`] asks for. The read-ahead buffer
+    /// holds at most `host_ram_bytes` more.
+    pub prefetch: bool,
 }
 
 /// Byte budgets per tier. `None` means unlimited. Budgets count bytes actually allocated,

@@ -62,6 +62,7 @@ fn spill(dir: &std::path::Path, ram: usize) -> Option<SpillConfig> {
         dir: dir.to_path_buf(),
         host_ram_bytes: ram,
         disk_bytes: None,
+        prefetch: true,
     })
 }
 
@@ -291,6 +292,7 @@ fn disk_budget_is_enforced() {
         dir: dir.clone(),
         host_ram_bytes: 8 << 10,
         disk_bytes: Some(40 << 10),
+        prefetch: false,
     };
     // No archive: only the cold copies spill, so the disk budget binds at to_cold.
     let mut cfg = config(Some(sp));
@@ -348,4 +350,58 @@ fn bad_spill_directory_is_a_typed_error() {
     let r = KvCache::new(config(spill(&file, 1024)));
     assert!(matches!(r, Err(Error::Disk { .. })), "{:?}", r.err());
     std::fs::remove_file(&file).unwrap();
+}
+
+#[test]
+fn prefetch_reads_the_next_layer_ahead() {
+    let dir = tmpdir("prefetch");
+    let mk = |spill: Option<SpillConfig>| {
+        let cfg = CacheConfig::builder(3, 4, 2, 64)
+            .hot_window(32)
+            .spill(spill)
+            .build()
+            .unwrap();
+        let mut c = KvCache::new(cfg).unwrap();
+        let mut rng = Rng(21);
+        let s = c.add_sequence();
+        for layer in 0..3 {
+            c.append(s, layer, &rng.vec(LEN * 128, 1.0), &rng.vec(LEN * 128, 1.0))
+                .unwrap();
+            let n = c.page_table(s, layer).unwrap().pages().len();
+            for page in 0..n {
+                let p = PageRef {
+                    seq: s,
+                    layer,
+                    page,
+                };
+                if c.page(p).unwrap().tier == Tier::Warm {
+                    c.to_cold(p).unwrap();
+                }
+            }
+        }
+        (c, s, rng.vec(4 * 64, 1.0))
+    };
+    let (ram, s, q) = mk(None);
+    let (c, _, _) = mk(spill(&dir, 8 << 10));
+    assert_eq!(c.disk_stats(), kvtier::cold::DiskStats::default());
+    for layer in 0..3 {
+        // Layer l's attention queues layer l + 1's spilled pages; layer 0's are read now.
+        let (a, b) = (
+            ram.attend(layer, &[s], &q).unwrap(),
+            c.attend(layer, &[s], &q).unwrap(),
+        );
+        assert_eq!(a.output, b.output, "layer {layer}");
+    }
+    let st = c.disk_stats();
+    assert!(st.prefetch_requested > 0 && st.prefetched > 0, "{st:?}");
+    assert!(st.hits + st.waited > 0, "read-aheads were used: {st:?}");
+    assert!(st.misses > 0, "layer 0 was read synchronously: {st:?}");
+    // Explicit requests (an eliminator's survivors), then the page goes: its copy is dropped.
+    let mut sel = kvtier::PageSelection::none(1, 2);
+    sel.set(0, 0, [1u32]).unwrap();
+    assert!(c.prefetch(0, &[s], Some(&sel)).unwrap() <= 1);
+    let mut c = c;
+    c.remove_sequence(s).unwrap();
+    assert!(c.prefetch(0, &[s], None).is_err());
+    assert!(c.spill_files().len() <= 2, "emptied segments are deleted");
 }

@@ -78,6 +78,10 @@ impl KvCache {
             ));
         }
         self.check_values("queries", queries, false)?;
+        // Next-pages heuristic: the next layer's spilled pages are read while this one computes.
+        if layer + 1 < self.cfg.num_layers {
+            let _ = self.prefetch(layer + 1, seqs, None);
+        }
         let mut q = queries.to_f32();
         if self.cfg.rotation.keys() {
             self.rotator.forward(layer, q.to_mut());

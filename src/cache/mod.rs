@@ -27,7 +27,7 @@ pub use moves::{Move, PageRef, Restored};
 pub use table::{PageEntry, PageTable, Tier};
 
 use crate::backend::{Device, Storage};
-use crate::cold::{DiskStore, HostPages};
+use crate::cold::{DiskStore, HostPages, Prefetcher};
 use crate::config::CacheConfig;
 use crate::error::{Error, Result};
 use crate::quant::Rotator;
@@ -134,7 +134,19 @@ impl KvCache {
                 let mut cold = store("cold")?;
                 // `cold` is dropped after `archive` (field order): it removes the directory.
                 cold.take_dir_ownership(&mut archive);
-                (HostPages::with_disk(archive), HostPages::with_disk(cold))
+                let pf = if sp.prefetch {
+                    let p = Prefetcher::new(sp.host_ram_bytes).map_err(|e| Error::Disk {
+                        what: "cannot start the prefetch thread".into(),
+                        source: e,
+                    })?;
+                    Some(std::sync::Arc::new(p))
+                } else {
+                    None
+                };
+                (
+                    HostPages::with_disk(archive, 0, pf.clone()),
+                    HostPages::with_disk(cold, 1, pf),
+                )
             }
         };
         Ok(KvCache {

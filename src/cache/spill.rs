@@ -5,9 +5,11 @@
 //! fails, and the fault hooks tests use. Must never: drop a page whose write failed, or leave a
 //! half-inserted page behind an error.
 
-use super::KvCache;
+use super::moves::IN_ARCHIVE;
+use super::{KvCache, SeqId, Tier};
+use crate::attention::PageSelection;
 use crate::backend::PageBytes;
-use crate::cold::Faults;
+use crate::cold::{DiskStats, Faults};
 use crate::error::{Error, Result};
 
 impl KvCache {
@@ -78,6 +80,59 @@ impl KvCache {
             .filter_map(|h| h.disk())
             .flat_map(|d| d.files())
             .collect()
+    }
+
+    /// Asks the prefetch thread to read the spilled cold pages of `seqs` in `layer` (those in
+    /// `selection` when given, e.g. an eliminator's survivors) ahead of attention. Returns the
+    /// reads queued; 0 without spilling or prefetch. Attending a layer does this for the next one.
+    pub fn prefetch(
+        &self,
+        layer: usize,
+        seqs: &[SeqId],
+        selection: Option<&PageSelection>,
+    ) -> Result<usize> {
+        let Some(pf) = self.cold.prefetcher() else {
+            return Ok(0);
+        };
+        self.check_layer(layer)?;
+        let mut queued = 0;
+        for (i, &s) in seqs.iter().enumerate() {
+            let sl = self.seq_layer(s, layer)?;
+            for (p, e) in sl.table.pages().iter().enumerate() {
+                if e.tier != Tier::Cold {
+                    continue;
+                }
+                if let Some(sel) = selection {
+                    let kvh = self.cfg.num_kv_heads;
+                    if i >= sel.n_seqs()
+                        || !(0..kvh).any(|kv| sel.pages(i, kv).binary_search(&(p as u32)).is_ok())
+                    {
+                        continue;
+                    }
+                }
+                let job = if e.slot == IN_ARCHIVE {
+                    sl.meta[p]
+                        .archive
+                        .and_then(|id| self.archive.prefetch_job(id))
+                } else {
+                    self.cold.prefetch_job(e.slot)
+                };
+                if let Some(j) = job {
+                    pf.request(j);
+                    queued += 1;
+                }
+            }
+        }
+        Ok(queued)
+    }
+
+    /// Disk read counters: read-aheads, buffer hits, waits and synchronous reads, with the time
+    /// spent waiting (a decode step's wait is the difference across it). Zero without spilling.
+    pub fn disk_stats(&self) -> DiskStats {
+        self.cold
+            .prefetcher()
+            .map(|p| p.stats())
+            .unwrap_or_default()
     }
 
     /// Pages read back from disk so far and their record bytes (archive and cold together).

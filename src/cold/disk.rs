@@ -35,6 +35,7 @@ use crate::quant::WarmFormat;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Version of the record format above.
 pub const FORMAT_VERSION: u16 = 1;
@@ -66,7 +67,7 @@ pub struct Faults {
 
 struct Segment {
     path: PathBuf,
-    file: Option<File>,
+    file: Option<Arc<File>>,
     len: u64,
     live: u32,
 }
@@ -269,7 +270,7 @@ impl DiskStore {
             .map_err(|e| io_err("cannot create", &path, e))?;
         self.segments.push(Segment {
             path,
-            file: Some(file),
+            file: Some(Arc::new(file)),
             len: 0,
             live: 0,
         });
@@ -327,7 +328,15 @@ impl DiskStore {
 
     /// Reads back and checks the record at `r` for page `page_id` of `layer`.
     pub fn read(&self, r: &DiskRef, page_id: u32, layer: u32) -> Result<PageBytes> {
-        use std::os::unix::fs::FileExt;
+        let (file, path) = self.segment_file(r)?;
+        if let Some(kind) = self.faults.read {
+            return Err(io_err("cannot read", path, io::Error::from(kind)));
+        }
+        read_record(file, path, r, self.cache_id, page_id, layer)
+    }
+
+    /// The open file and path of the segment holding `r`.
+    pub fn segment_file(&self, r: &DiskRef) -> Result<(&Arc<File>, &Path)> {
         let s = self
             .segments
             .get(r.segment as usize)
@@ -336,33 +345,12 @@ impl DiskStore {
             .file
             .as_ref()
             .ok_or_else(|| Error::internal(format!("segment {} is closed", r.segment)))?;
-        if let Some(kind) = self.faults.read {
-            return Err(io_err("cannot read", &s.path, io::Error::from(kind)));
-        }
-        let mut rec = Vec::new();
-        rec.try_reserve_exact(r.len as usize)
-            .map_err(|_| Error::OutOfMemory {
-                what: "page read from disk",
-                bytes: r.len as usize,
-            })?;
-        rec.resize(r.len as usize, 0);
-        match file.read_exact_at(&mut rec, r.offset) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                let have = file.metadata().map(|m| m.len()).unwrap_or(0);
-                return Err(corrupt(
-                    layer,
-                    page_id,
-                    format!(
-                        "{} is {have} bytes, the record ends at {} (truncated)",
-                        s.path.display(),
-                        r.offset + r.len
-                    ),
-                ));
-            }
-            Err(e) => return Err(io_err("cannot read", &s.path, e)),
-        }
-        decode(&rec, self.cache_id, page_id, layer)
+        Ok((file, &s.path))
+    }
+
+    /// The id of the cache the records belong to.
+    pub fn cache_id(&self) -> u64 {
+        self.cache_id
     }
 
     /// Forgets the record at `r`; a segment with no live record left (and not the one being
@@ -379,6 +367,43 @@ impl DiskStore {
             let _ = std::fs::remove_file(&s.path);
         }
     }
+}
+
+/// Reads and checks one record from `file` (see [`DiskStore::read`]); also the prefetch thread's
+/// read.
+pub fn read_record(
+    file: &File,
+    path: &Path,
+    r: &DiskRef,
+    cache_id: u64,
+    page_id: u32,
+    layer: u32,
+) -> Result<PageBytes> {
+    use std::os::unix::fs::FileExt;
+    let mut rec = Vec::new();
+    rec.try_reserve_exact(r.len as usize)
+        .map_err(|_| Error::OutOfMemory {
+            what: "page read from disk",
+            bytes: r.len as usize,
+        })?;
+    rec.resize(r.len as usize, 0);
+    match file.read_exact_at(&mut rec, r.offset) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            let have = file.metadata().map(|m| m.len()).unwrap_or(0);
+            return Err(corrupt(
+                layer,
+                page_id,
+                format!(
+                    "{} is {have} bytes, the record ends at {} (truncated)",
+                    path.display(),
+                    r.offset + r.len
+                ),
+            ));
+        }
+        Err(e) => return Err(io_err("cannot read", path, e)),
+    }
+    decode(&rec, cache_id, page_id, layer)
 }
 
 impl Drop for DiskStore {

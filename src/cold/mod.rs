@@ -11,8 +11,10 @@
 //! cache imports them into a device storage first).
 
 pub mod disk;
+pub mod prefetch;
 
 pub use disk::{DiskRef, DiskStore, Faults};
+pub use prefetch::{DiskStats, Prefetcher};
 
 use crate::backend::PageBytes;
 use crate::cache::Tier;
@@ -51,6 +53,9 @@ pub struct HostPages {
     disk: Option<DiskStore>,
     /// Resident (RAM) ids by recency of use, when a disk is attached.
     lru: Option<Mutex<lru::LruCache<u32, ()>>>,
+    /// The cache's prefetch thread (shared by its stores) and this store's tag in its keys.
+    prefetch: Option<std::sync::Arc<Prefetcher>>,
+    tag: u8,
     /// Pages read from disk and their bytes (`get` of a spilled page).
     disk_reads: std::sync::atomic::AtomicU64,
     disk_read_bytes: std::sync::atomic::AtomicU64,
@@ -68,13 +73,43 @@ impl std::fmt::Debug for HostPages {
 }
 
 impl HostPages {
-    /// A store that can spill to `disk`.
-    pub fn with_disk(disk: DiskStore) -> Self {
+    /// A store that can spill to `disk`, reading ahead through `prefetch` (keys tagged `tag`).
+    pub fn with_disk(
+        disk: DiskStore,
+        tag: u8,
+        prefetch: Option<std::sync::Arc<Prefetcher>>,
+    ) -> Self {
         HostPages {
             disk: Some(disk),
             lru: Some(Mutex::new(lru::LruCache::unbounded())),
+            prefetch,
+            tag,
             ..Default::default()
         }
+    }
+
+    /// A read-ahead job for page `id` when it is spilled (`None` when resident or absent).
+    pub fn prefetch_job(&self, id: u32) -> Option<prefetch::Job> {
+        let slot = self.slots.get(id as usize)?.as_ref()?;
+        let Where::Disk { at, .. } = &slot.at else {
+            return None;
+        };
+        let disk = self.disk.as_ref()?;
+        let (file, path) = disk.segment_file(at).ok()?;
+        Some(prefetch::Job {
+            key: (self.tag, at.segment, at.offset),
+            file: file.clone(),
+            path: path.to_path_buf(),
+            at: *at,
+            cache_id: disk.cache_id(),
+            page_id: id,
+            layer: slot.layer,
+        })
+    }
+
+    /// The prefetch thread, when there is one.
+    pub fn prefetcher(&self) -> Option<&Prefetcher> {
+        self.prefetch.as_deref()
     }
 
     /// The attached disk store, if any.
@@ -144,7 +179,12 @@ impl HostPages {
                     .disk
                     .as_ref()
                     .ok_or_else(|| Error::internal("a spilled page without a disk store"))?;
-                let p = disk.read(at, id, slot.layer)?;
+                let p = match &self.prefetch {
+                    Some(pf) => pf.take_or_read((self.tag, at.segment, at.offset), || {
+                        disk.read(at, id, slot.layer)
+                    })?,
+                    None => disk.read(at, id, slot.layer)?,
+                };
                 use std::sync::atomic::Ordering::Relaxed;
                 self.disk_reads.fetch_add(1, Relaxed);
                 self.disk_read_bytes.fetch_add(at.len, Relaxed);
@@ -192,6 +232,9 @@ impl HostPages {
             Where::Disk { at, bytes, .. } => {
                 self.disk_payload -= bytes;
                 self.spilled -= 1;
+                if let Some(pf) = &self.prefetch {
+                    pf.forget((self.tag, at.segment, at.offset));
+                }
                 if let Some(d) = self.disk.as_mut() {
                     d.free(&at);
                 }

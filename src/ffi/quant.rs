@@ -131,6 +131,7 @@ pub unsafe extern "C" fn kvtier_config_clear_layer_bits(
 /// `host_ram_bytes` of RAM (least recently used first; `disk_bytes` bounds the files,
 /// `KVTIER_UNLIMITED` for no limit). `dir` NULL turns spilling off. The directory is created if
 /// missing; the cache writes only its own files there (mode 0600) and removes them when freed.
+/// A background thread reads the next layer's spilled pages ahead while a layer is attended.
 /// Disk failures later surface as `DISK` (nothing changed) and failed integrity checks of pages
 /// read back as `CORRUPT_PAGE`.
 ///
@@ -159,6 +160,7 @@ pub unsafe extern "C" fn kvtier_config_set_spill(
                 dir: d.into(),
                 host_ram_bytes,
                 disk_bytes: (disk_bytes != super::KVTIER_UNLIMITED).then_some(disk_bytes),
+                prefetch: true,
             })
         };
         // SAFETY: `config` is NULL or live (this function's contract).
