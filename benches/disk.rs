@@ -95,7 +95,8 @@ fn disk_bandwidth(dir: &Path, bytes: usize) -> (f64, f64) {
     let t = Instant::now();
     for _ in 0..n {
         let o = (xorshift(&mut x) as usize % (len / 4096)) * 4096;
-        f.read_exact_at(&mut buf[..4096], o as u64).expect("rand read");
+        f.read_exact_at(&mut buf[..4096], o as u64)
+            .expect("rand read");
     }
     let rnd = (n * 4096) as f64 / t.elapsed().as_secs_f64() / 1e9;
     drop(f);
@@ -124,12 +125,17 @@ fn build(a: &Args, spill: Option<SpillConfig>) -> (KvCache, SeqId) {
                 *kx = (xorshift(&mut x) >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
                 *vx = (xorshift(&mut x) >> 40) as f32 / (1u64 << 23) as f32 - 1.0;
             }
-            c.append(s, layer, &k[..n * row], &v[..n * row]).expect("append");
+            c.append(s, layer, &k[..n * row], &v[..n * row])
+                .expect("append");
             at += n;
         }
         let n = c.page_table(s, layer).expect("table").pages().len();
         for page in 0..n {
-            let p = PageRef { seq: s, layer, page };
+            let p = PageRef {
+                seq: s,
+                layer,
+                page,
+            };
             if c.page(p).expect("page").tier == Tier::Warm {
                 c.to_cold(p).expect("to_cold");
             }
@@ -145,7 +151,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn main() {
     let a = args();
-    let q: Vec<f32> = (0..9 * 64).map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0).collect();
+    let q: Vec<f32> = (0..9 * 64)
+        .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+        .collect();
     let t = Instant::now();
     let (ram, s) = build(&a, None);
     let rep = ram.memory_report();
@@ -196,7 +204,9 @@ fn main() {
         ("prefetch", true, false),
         ("prefetch+ask", true, true),
     ] {
-        let dir = a.dir.join(format!("kvtier-disk-bench-{}-{name}", std::process::id()));
+        let dir = a
+            .dir
+            .join(format!("kvtier-disk-bench-{}-{name}", std::process::id()));
         let sp = SpillConfig {
             dir: dir.clone(),
             host_ram_bytes: host / 10,
@@ -222,7 +232,10 @@ fn main() {
             for (l, w) in want.iter().enumerate() {
                 let got = c.attend(l, &[s], &q).expect("attend");
                 if step == 0 {
-                    assert_eq!(&got.output, w, "layer {l}: spilled attention differs from RAM");
+                    assert_eq!(
+                        &got.output, w,
+                        "layer {l}: spilled attention differs from RAM"
+                    );
                 }
             }
             times.push(t.elapsed().as_secs_f64() * 1e3);

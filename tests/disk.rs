@@ -405,3 +405,56 @@ fn prefetch_reads_the_next_layer_ahead() {
     assert!(c.prefetch(0, &[s], None).is_err());
     assert!(c.spill_files().len() <= 2, "emptied segments are deleted");
 }
+
+/// The 128K check: a SmolLM2-shaped layer of 131072 tokens, its pages outside the hot
+/// window moved to the cold tier, 10% of the host pages in RAM: attention equals the all-in-RAM
+/// cache bit for bit.
+#[test]
+fn attention_at_128k_tokens_with_90_percent_on_disk_is_identical() {
+    let dir = tmpdir("128k");
+    let tokens = 131072;
+    let build = |spill: Option<SpillConfig>| {
+        let cfg = CacheConfig::builder(1, 9, 3, 64)
+            .spill(spill)
+            .max_seq_len(tokens)
+            .build()
+            .unwrap();
+        let mut c = KvCache::new(cfg).unwrap();
+        let s = c.add_sequence();
+        let mut rng = Rng(128);
+        for _ in 0..tokens / 8192 {
+            c.append(s, 0, &rng.vec(8192 * 192, 1.0), &rng.vec(8192 * 192, 1.0))
+                .unwrap();
+        }
+        let n = c.page_table(s, 0).unwrap().pages().len();
+        for page in 0..n {
+            let p = PageRef {
+                seq: s,
+                layer: 0,
+                page,
+            };
+            if c.page(p).unwrap().tier == Tier::Warm {
+                c.to_cold(p).unwrap();
+            }
+        }
+        (c, s)
+    };
+    let (ram, s) = build(None);
+    let r = ram.memory_report();
+    let host = r.cold_bytes + r.archive_bytes;
+    let (c, _) = build(spill(&dir, host / 10));
+    let rc = c.memory_report();
+    assert!(rc.cold_bytes + rc.archive_bytes <= host / 10);
+    assert!(
+        rc.disk_bytes * 10 >= host * 9,
+        "90% of the host pages' bytes are on disk: {rc:?}"
+    );
+    let q = Rng(7).vec(9 * 64, 1.0);
+    let (a, b) = (
+        ram.attend(0, &[s], &q).unwrap(),
+        c.attend(0, &[s], &q).unwrap(),
+    );
+    assert_eq!(a.output, b.output);
+    assert_eq!(a.heads, b.heads);
+    assert_eq!(a.page_lse, b.page_lse);
+}
