@@ -924,6 +924,7 @@ kvtier_status kvtier_config_clear_layer_bits(struct kvtier_config *config);
  `host_ram_bytes` of RAM (least recently used first; `disk_bytes` bounds the files,
  `KVTIER_UNLIMITED` for no limit). `dir` NULL turns spilling off. The directory is created if
  missing; the cache writes only its own files there (mode 0600) and removes them when freed.
+ A background thread reads the next layer's spilled pages ahead while a layer is attended.
  Disk failures later surface as `DISK` (nothing changed) and failed integrity checks of pages
  read back as `CORRUPT_PAGE`.
 
