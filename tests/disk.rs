@@ -396,11 +396,31 @@ fn prefetch_reads_the_next_layer_ahead() {
     assert!(st.prefetch_requested > 0 && st.prefetched > 0, "{st:?}");
     assert!(st.hits + st.waited > 0, "read-aheads were used: {st:?}");
     assert!(st.misses > 0, "layer 0 was read synchronously: {st:?}");
+    // Policy hints: a batch of promotions queues its archive reads before it runs, and the pages
+    // come back exact.
+    let before = c.disk_stats().prefetch_requested;
+    let n = c.page_table(s, 2).unwrap().pages().len();
+    let moves: Vec<kvtier::Move> = (1..n)
+        .map(|page| PageRef {
+            seq: s,
+            layer: 2,
+            page,
+        })
+        .filter(|p| c.page(*p).unwrap().tier == Tier::Cold)
+        .take(6)
+        .map(kvtier::Move::Promote)
+        .collect();
+    assert_eq!(moves.len(), 6);
+    let mut c = c;
+    c.apply(&moves).unwrap();
+    assert!(c.disk_stats().prefetch_requested > before);
+    for m in &moves {
+        assert_eq!(c.page(m.page()).unwrap().tier, Tier::Hot);
+    }
     // Explicit requests (an eliminator's survivors), then the page goes: its copy is dropped.
     let mut sel = kvtier::PageSelection::none(1, 2);
     sel.set(0, 0, [1u32]).unwrap();
     assert!(c.prefetch(0, &[s], Some(&sel)).unwrap() <= 1);
-    let mut c = c;
     c.remove_sequence(s).unwrap();
     assert!(c.prefetch(0, &[s], None).is_err());
     assert!(c.spill_files().len() <= 2, "emptied segments are deleted");

@@ -539,6 +539,7 @@ impl KvCache {
                 ));
             }
         }
+        self.prefetch_moves(moves);
         for m in moves {
             match *m {
                 Move::Demote(p, f) => self.demote(p, f)?,

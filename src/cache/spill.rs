@@ -126,6 +126,39 @@ impl KvCache {
         Ok(queued)
     }
 
+    /// Queues the read-ahead of what the moves in `moves` will read from disk: the archive copy
+    /// of a page to promote, the cold bytes of a page to bring back (policy hints: `apply` calls
+    /// this before it executes a batch, so later moves' reads overlap earlier moves' work).
+    pub(crate) fn prefetch_moves(&self, moves: &[super::Move]) {
+        use super::Move;
+        let Some(pf) = self.cold.prefetcher() else {
+            return;
+        };
+        for m in moves {
+            let (p, promote) = match *m {
+                Move::Promote(p) => (p, true),
+                Move::FromCold(p) => (p, false),
+                _ => continue,
+            };
+            let Ok(sl) = self.seq_layer(p.seq, p.layer) else {
+                continue;
+            };
+            let (Some(e), Some(meta)) = (sl.table.pages().get(p.page), sl.meta.get(p.page)) else {
+                continue;
+            };
+            let job = if promote || (e.tier == Tier::Cold && e.slot == IN_ARCHIVE) {
+                meta.archive.and_then(|id| self.archive.prefetch_job(id))
+            } else if e.tier == Tier::Cold {
+                self.cold.prefetch_job(e.slot)
+            } else {
+                None
+            };
+            if let Some(j) = job {
+                pf.request(j);
+            }
+        }
+    }
+
     /// Disk read counters: read-aheads, buffer hits, waits and synchronous reads, with the time
     /// spent waiting (a decode step's wait is the difference across it). Zero without spilling.
     pub fn disk_stats(&self) -> DiskStats {

@@ -199,6 +199,8 @@ impl Eliminator {
             }
         }
         if any {
+            // Spilled survivors are read ahead while the survivors on the device are attended.
+            let _ = cache.prefetch(input.layer, input.seqs, Some(&second));
             let rest = cache.attend_select(input.layer, input.seqs, input.queries, &second)?;
             att.merge_disjoint(&rest);
         }

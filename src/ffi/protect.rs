@@ -226,7 +226,9 @@ pub unsafe extern "C" fn kvtier_protect_step(
         let promoted = (st.healing.promoted_pages - before) as usize;
         if let Some(o) = out {
             let (threshold, fired) = match v.fire {
-                Some(Reason::Varentropy { threshold, .. }) => (threshold, true),
+                Some(
+                    Reason::Varentropy { threshold, .. } | Reason::KeyVariance { threshold, .. },
+                ) => (threshold, true),
                 Some(Reason::Critic) => (f32::NAN, true),
                 None => (f32::NAN, false),
             };
@@ -277,7 +279,10 @@ pub unsafe extern "C" fn kvtier_protect_next_event(
         let ev = st.healing.pop_event();
         if let Some(e) = ev {
             let (value, threshold) = match e.reason {
-                Reason::Varentropy { value, threshold } => (value, threshold),
+                // The C session fires on logit varentropy; a key-variance reason carries the same
+                // (value, threshold) pair of its own signal.
+                Reason::Varentropy { value, threshold }
+                | Reason::KeyVariance { value, threshold } => (value, threshold),
                 Reason::Critic => (f32::NAN, f32::NAN),
             };
             // SAFETY: checked; writable (this function's contract).

@@ -20,8 +20,10 @@
 
 mod certify;
 mod heal;
+mod legacy;
 pub use certify::{score_error_bound, Certifier};
 pub use heal::Healer;
+pub use legacy::{key_variance, Hysteresis, HysteresisState};
 
 use crate::attention::HeadStats;
 use crate::error::{Error, Result};
@@ -95,6 +97,8 @@ pub enum Regime {
 pub enum Reason {
     /// Logit varentropy above the calibrated quantile (`threshold`).
     Varentropy { value: f32, threshold: f32 },
+    /// The seed's key-variance signal above its calibrated quantile ([`Signal::KeyVariance`]).
+    KeyVariance { value: f32, threshold: f32 },
     /// The caller's critic asked for healing (`Healing::with_critic`).
     Critic,
 }
@@ -120,6 +124,19 @@ pub struct StepSignals<'a> {
     pub logits: &'a [f32],
     /// The decode step's attention statistics (any layers, any heads; may be empty).
     pub heads: &'a [HeadStats],
+    /// The seed's signal, [`key_variance`] of recent keys, when the caller computes it (needed
+    /// with [`Signal::KeyVariance`]).
+    pub key_variance: Option<f32>,
+}
+
+/// What the monitor fires on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Signal {
+    /// Next-token logit varentropy (entropix; the default).
+    #[default]
+    LogitVarentropy,
+    /// The seed's variance of recent keys (legacy; `StepSignals::key_variance` must be given).
+    KeyVariance,
 }
 
 /// The monitor's settings (immutable engine; state lives in [`MonitorState`]).
@@ -128,6 +145,8 @@ pub struct Monitor {
     sensitivity: f32,
     window: usize,
     warmup: usize,
+    signal: Signal,
+    hysteresis: Option<Hysteresis>,
 }
 
 impl Monitor {
@@ -144,7 +163,25 @@ impl Monitor {
             sensitivity,
             window: 256,
             warmup: 32,
+            signal: Signal::LogitVarentropy,
+            hysteresis: None,
         })
+    }
+
+    /// Fires on `signal` instead of logit varentropy.
+    pub fn with_signal(mut self, signal: Signal) -> Self {
+        self.signal = signal;
+        self
+    }
+
+    /// Moves the fire quantile with the seed's hysteresis controller (see [`legacy`]); the
+    /// calibration window becomes the controller's (`h.window`, warm-up capped to it).
+    pub fn with_hysteresis(mut self, h: Hysteresis) -> Result<Self> {
+        h.validate()?;
+        self.window = h.window;
+        self.warmup = self.warmup.min(h.window);
+        self.hysteresis = Some(h);
+        Ok(self)
     }
 
     /// The calibration window and warm-up, in steps (`1 <= warmup <= window`).
@@ -173,6 +210,19 @@ impl Monitor {
     pub fn observe(&self, state: &mut MonitorState, step: &StepSignals) -> Result<Verdict> {
         let logits = logit_uncertainty(step.logits)?;
         let attention = attention_uncertainty(step.heads);
+        let value = match self.signal {
+            Signal::LogitVarentropy => logits.varentropy,
+            Signal::KeyVariance => match step.key_variance {
+                Some(v) if v.is_finite() => v,
+                _ => {
+                    return Err(Error::shape(
+                        "key_variance",
+                        "a finite value (the monitor fires on Signal::KeyVariance)",
+                        format!("{:?}", step.key_variance),
+                    ))
+                }
+            },
+        };
         let max_h = (step.logits.len() as f32).ln();
         let health = if max_h > 0.0 {
             (1.0 - logits.entropy / max_h).clamp(0.0, 1.0)
@@ -190,16 +240,23 @@ impl Monitor {
                 (true, true) => Regime::Lost,
             });
             if self.sensitivity > 0.0 {
-                let threshold = state.quantile(&state.varentropy, self.fire_quantile());
-                if logits.varentropy > threshold {
-                    fire = Some(Reason::Varentropy {
-                        value: logits.varentropy,
-                        threshold,
+                let level = match &self.hysteresis {
+                    Some(h) => state.hyst.level(h, self.fire_quantile()),
+                    None => self.fire_quantile(),
+                };
+                let threshold = state.quantile(&state.signal, level);
+                if value > threshold {
+                    fire = Some(match self.signal {
+                        Signal::LogitVarentropy => Reason::Varentropy { value, threshold },
+                        Signal::KeyVariance => Reason::KeyVariance { value, threshold },
                     });
                 }
             }
         }
-        state.push(self.window, logits);
+        if let Some(h) = &self.hysteresis {
+            state.hyst.update(h, self.fire_quantile(), value);
+        }
+        state.push(self.window, logits, value);
         state.steps += 1;
         state.fired += fire.is_some() as u64;
         Ok(Verdict {
@@ -217,6 +274,9 @@ impl Monitor {
 pub struct MonitorState {
     entropy: Vec<f32>,
     varentropy: Vec<f32>,
+    /// The firing signal's window (logit varentropy or key variance).
+    signal: Vec<f32>,
+    hyst: HysteresisState,
     /// Next slot of the ring once full.
     next: usize,
     sorted: std::cell::RefCell<Vec<f32>>,
@@ -233,16 +293,26 @@ impl MonitorState {
     pub fn is_empty(&self) -> bool {
         self.entropy.is_empty()
     }
-    fn push(&mut self, window: usize, u: Uncertainty) {
+    fn push(&mut self, window: usize, u: Uncertainty, signal: f32) {
         if self.entropy.len() < window {
             self.entropy.push(u.entropy);
             self.varentropy.push(u.varentropy);
+            self.signal.push(signal);
         } else {
             let i = self.next % window.min(self.entropy.len());
             self.entropy[i] = u.entropy;
             self.varentropy[i] = u.varentropy;
+            self.signal[i] = signal;
             self.next = i + 1;
         }
+    }
+
+    /// The fire quantile level the hysteresis controller holds now (`None` without one).
+    pub fn hysteresis_level(&self, monitor: &Monitor) -> Option<f32> {
+        monitor
+            .hysteresis
+            .as_ref()
+            .map(|h| self.hyst.level(h, monitor.fire_quantile()))
     }
     /// The `q` quantile (nearest rank) of `xs`, through a reused buffer.
     fn quantile(&self, xs: &[f32], q: f32) -> f32 {
@@ -317,6 +387,7 @@ mod tests {
                         &StepSignals {
                             logits: &x,
                             heads: &[],
+                            key_variance: None,
                         },
                     )
                     .unwrap();
@@ -345,6 +416,7 @@ mod tests {
                 &StepSignals {
                     logits: &x,
                     heads: &[],
+                    key_variance: None,
                 },
             )
             .unwrap();
@@ -357,6 +429,7 @@ mod tests {
                 &StepSignals {
                     logits: &sure,
                     heads: &[],
+                    key_variance: None,
                 },
             )
             .unwrap();
@@ -369,6 +442,7 @@ mod tests {
                 &StepSignals {
                     logits: &flat,
                     heads: &[],
+                    key_variance: None,
                 },
             )
             .unwrap();
@@ -387,6 +461,7 @@ mod tests {
                 &StepSignals {
                     logits: &two,
                     heads: &[],
+                    key_variance: None,
                 },
             )
             .unwrap();
@@ -409,5 +484,72 @@ mod tests {
         let a = attention_uncertainty(&heads).unwrap();
         assert_eq!((a.entropy, a.varentropy), (2.0, 3.0));
         assert!(attention_uncertainty(&[]).is_none());
+    }
+
+    #[test]
+    fn key_variance_signal_and_hysteresis() {
+        let logits = [0.0f32, 1.0, 2.0];
+        // The legacy signal: required when chosen, and it fires on its own outliers.
+        let mon = Monitor::new(0.85)
+            .unwrap()
+            .with_window(64, 8)
+            .unwrap()
+            .with_signal(Signal::KeyVariance);
+        let mut st = MonitorState::default();
+        let step = |kv| StepSignals {
+            logits: &logits,
+            heads: &[],
+            key_variance: kv,
+        };
+        assert!(mon.observe(&mut st, &step(None)).is_err());
+        let mut seed = 5;
+        let mut fired_on_spike = 0;
+        for i in 0..400 {
+            let spike = i % 50 == 49;
+            let kv = if spike {
+                10.0
+            } else {
+                1.0 + 0.1 * lcg(&mut seed)
+            };
+            let v = mon.observe(&mut st, &step(Some(kv))).unwrap();
+            if spike && matches!(v.fire, Some(Reason::KeyVariance { .. })) {
+                fired_on_spike += 1;
+            }
+        }
+        assert!(fired_on_spike >= 6, "{fired_on_spike}");
+        // Hysteresis: a rising varentropy trend lowers the fire level toward 0.5, calm raises it
+        // back toward 0.95; never outside.
+        let mon = Monitor::new(0.85)
+            .unwrap()
+            .with_signal(Signal::KeyVariance)
+            .with_hysteresis(Hysteresis::default())
+            .unwrap();
+        let mut st = MonitorState::default();
+        let mut levels = Vec::new();
+        for i in 0..300 {
+            let ramp = if (100..130).contains(&i) {
+                (i - 100) as f32
+            } else {
+                0.0
+            };
+            let kv = 1.0 + 0.1 * lcg(&mut seed) + ramp;
+            mon.observe(&mut st, &step(Some(kv))).unwrap();
+            levels.push(st.hysteresis_level(&mon).unwrap());
+        }
+        assert!(levels.iter().all(|l| (0.5..=0.95).contains(l)));
+        assert!(
+            (levels[129] - 0.5).abs() < 1e-6,
+            "the rise pulled it down: {}",
+            levels[129]
+        );
+        assert!(levels[299] > 0.9, "calm lets it relax: {}", levels[299]);
+        assert!(Monitor::new(0.5)
+            .unwrap()
+            .with_hysteresis(Hysteresis {
+                min: 0.9,
+                max: 0.5,
+                ..Hysteresis::default()
+            })
+            .is_err());
     }
 }

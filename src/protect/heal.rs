@@ -161,6 +161,7 @@ impl Healing {
             &StepSignals {
                 logits,
                 heads: &self.heads,
+                key_variance: None,
             },
         )?;
         let mut v = v;
