@@ -1288,6 +1288,28 @@ kvtier_status kvtier_cache_move(struct kvtier_cache *cache,
                                 bool *exact_out);
 
 /*
+ Drops every token of `seq` at a position `>= len`, in every layer (rollback: rejected draft
+ tokens, an edited history); a layer with `len` tokens or fewer is left as it is. The page that
+ then holds the last token comes back to the hot tier, exactly from the archive when it has a
+ copy (`*dequantised_out`, may be NULL, counts the boundary pages restored from their quantised
+ bytes instead); appends continue from `len`. `*tokens_out` (may be NULL) receives the tokens
+ dropped over all layers.
+
+ Errors, with nothing changed: `NULL_PARAMETER`, `UNKNOWN_SEQUENCE`, `INVALID_MOVE` (`len` falls
+ inside an evicted page), `BUDGET_EXCEEDED` (the hot tier), `POISONED`.
+
+ # Safety
+
+ `cache` must be NULL or a live handle; `tokens_out` and `dequantised_out` NULL or valid for a
+ write of one `size_t`.
+ */
+kvtier_status kvtier_cache_sequence_truncate(struct kvtier_cache *cache,
+                                             uint64_t seq,
+                                             size_t len,
+                                             size_t *tokens_out,
+                                             size_t *dequantised_out);
+
+/*
  Writes what the cache knows about page `page` of `seq` in `layer` to `*info_out` (pages are
  numbered from 0; `kvtier_cache_sequence_pages` gives the count).
 

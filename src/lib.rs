@@ -50,7 +50,7 @@ pub use attention::{Attention, HeadStats, PageSelection};
 pub use backend::{Device, DeviceBuffers, DeviceLocation, InputDtype, PageBytes, Scratch};
 pub use cache::{
     CacheCounters, KvCache, Move, PageEntry, PageMeta, PageRef, PageTable, Pins, Restored, Rows,
-    SeqId, Tier,
+    SeqId, Tier, Truncation,
 };
 pub use config::{
     Bits, CacheConfig, CacheConfigBuilder, HotDtype, LayerBits, Rotation, SpillConfig, TierBudgets,

@@ -20,11 +20,13 @@ mod moves;
 mod report;
 mod spill;
 mod table;
+mod truncate;
 
 pub use append::Rows;
 pub use meta::{KeyBounds, PageMeta, Pins};
 pub use moves::{Move, PageRef, Restored};
 pub use table::{PageEntry, PageTable, Tier};
+pub use truncate::Truncation;
 
 use crate::backend::{Device, Storage};
 use crate::cold::{DiskStore, HostPages, Prefetcher};

@@ -357,7 +357,7 @@ impl KvCache {
     }
 
     /// Recomputes the key bounds of hot page `p` from its stored keys.
-    fn refresh_bounds(&mut self, p: PageRef) -> Result<()> {
+    pub(crate) fn refresh_bounds(&mut self, p: PageRef) -> Result<()> {
         let e = self.page(p)?;
         let (k, _) = self.layers[p.layer].read_page(&e)?;
         let (kvh, d, n) = (

@@ -69,6 +69,10 @@ impl PageTable {
     pub(crate) fn set_len(&mut self, len: usize) {
         self.len = len;
     }
+    /// Removes and returns the pages from index `keep` on.
+    pub(crate) fn split_off(&mut self, keep: usize) -> Vec<PageEntry> {
+        self.pages.split_off(keep.min(self.pages.len()))
+    }
     pub(crate) fn clear(&mut self) -> Vec<PageEntry> {
         self.len = 0;
         std::mem::take(&mut self.pages)

@@ -138,8 +138,9 @@ pub use config::{
 pub use last_error::kvtier_last_error;
 pub use pages::{
     kvtier_cache_append_decode, kvtier_cache_append_typed, kvtier_cache_attend_selected,
-    kvtier_cache_move, kvtier_cache_page_info, kvtier_dtype, kvtier_move_op, kvtier_page_info,
-    KVTIER_NEVER, KVTIER_TIER_COLD, KVTIER_TIER_EVICTED, KVTIER_TIER_HOT, KVTIER_TIER_WARM,
+    kvtier_cache_move, kvtier_cache_page_info, kvtier_cache_sequence_truncate, kvtier_dtype,
+    kvtier_move_op, kvtier_page_info, KVTIER_NEVER, KVTIER_TIER_COLD, KVTIER_TIER_EVICTED,
+    KVTIER_TIER_HOT, KVTIER_TIER_WARM,
 };
 pub use policy::{kvtier_cache_enforce, kvtier_policy, kvtier_policy_free, kvtier_policy_new};
 pub use protect::{

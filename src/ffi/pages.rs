@@ -388,6 +388,56 @@ pub unsafe extern "C" fn kvtier_cache_move(
     })
 }
 
+/// Drops every token of `seq` at a position `>= len`, in every layer (rollback: rejected draft
+/// tokens, an edited history); a layer with `len` tokens or fewer is left as it is. The page that
+/// then holds the last token comes back to the hot tier, exactly from the archive when it has a
+/// copy (`*dequantised_out`, may be NULL, counts the boundary pages restored from their quantised
+/// bytes instead); appends continue from `len`. `*tokens_out` (may be NULL) receives the tokens
+/// dropped over all layers.
+///
+/// Errors, with nothing changed: `NULL_PARAMETER`, `UNKNOWN_SEQUENCE`, `INVALID_MOVE` (`len` falls
+/// inside an evicted page), `BUDGET_EXCEEDED` (the hot tier), `POISONED`.
+///
+/// # Safety
+///
+/// `cache` must be NULL or a live handle; `tokens_out` and `dequantised_out` NULL or valid for a
+/// write of one `size_t`.
+#[no_mangle]
+pub unsafe extern "C" fn kvtier_cache_sequence_truncate(
+    cache: *mut kvtier_cache,
+    seq: u64,
+    len: usize,
+    tokens_out: *mut usize,
+    dequantised_out: *mut usize,
+) -> kvtier_status {
+    ffi_panic_boundary!("kvtier_cache_sequence_truncate", {
+        // SAFETY: `cache` is NULL or live (this function's contract).
+        let mut c = unsafe { handle(cache, "cache") }?.write()?;
+        let opt = |p: *mut usize, name| -> Result<Option<OutParam<usize>>, FfiError> {
+            if p.is_null() {
+                Ok(None)
+            } else {
+                Ok(Some(OutParam::new(p, name)?))
+            }
+        };
+        let (tokens, deq) = (
+            opt(tokens_out, "tokens_out")?,
+            opt(dequantised_out, "dequantised_out")?,
+        );
+        let t = c.truncate(SeqId(seq), len)?;
+        // SAFETY: checked non-NULL and aligned; writable (this function's contract).
+        unsafe {
+            if let Some(o) = tokens {
+                o.write(t.tokens);
+            }
+            if let Some(o) = deq {
+                o.write(t.restored_dequantised);
+            }
+        }
+        Ok(())
+    })
+}
+
 /// Writes what the cache knows about page `page` of `seq` in `layer` to `*info_out` (pages are
 /// numbered from 0; `kvtier_cache_sequence_pages` gives the count).
 ///

@@ -282,6 +282,39 @@ int main(void) {
             kvtier_config_free(sc);
         }
         EXPECT(memcmp(so[0], so[1], sizeof so[0]) == 0);
+
+        /* Rollback: truncate to 250 tokens, then the same appends as a cache that never held the
+         * dropped ones give the same attention. */
+        float ro[2][QH * D];
+        for (int r = 0; r < 2; r++) {
+            kvtier_config *tc = NULL;
+            EXPECT_OK(kvtier_config_new(1, QH, KVH, D, &tc));
+            EXPECT_OK(kvtier_config_set_hot_window(tc, 32));
+            kvtier_cache *ct = NULL;
+            EXPECT_OK(kvtier_cache_new(tc, &ct));
+            uint64_t s;
+            EXPECT_OK(kvtier_cache_sequence_add(ct, &s));
+            size_t first = r ? (size_t)N : 250;
+            EXPECT_OK(kvtier_cache_append(ct, s, 0, sk, first * ROW, sv, first * ROW));
+            if (r) {
+                size_t dropped = 0, deq = 99;
+                EXPECT_STATUS(KVTIER_STATUS_NULL_PARAMETER,
+                              kvtier_cache_sequence_truncate(NULL, s, 250, NULL, NULL));
+                EXPECT_STATUS(KVTIER_STATUS_UNKNOWN_SEQUENCE,
+                              kvtier_cache_sequence_truncate(ct, s + 1000, 250, NULL, NULL));
+                EXPECT_OK(kvtier_cache_sequence_truncate(ct, s, 250, &dropped, &deq));
+                EXPECT(dropped == N - 250 && deq == 0);
+                size_t len = 0;
+                EXPECT_OK(kvtier_cache_sequence_len(ct, s, 0, &len));
+                EXPECT(len == 250);
+            }
+            EXPECT_OK(kvtier_cache_append(ct, s, 0, sk + 300 * ROW, 100 * ROW, sv + 300 * ROW,
+                                          100 * ROW));
+            EXPECT_OK(kvtier_cache_attend(ct, 0, &s, 1, sq, QH * D, ro[r], QH * D, NULL));
+            kvtier_cache_free(ct);
+            kvtier_config_free(tc);
+        }
+        EXPECT(memcmp(ro[0], ro[1], sizeof ro[0]) == 0);
         FILE *gone = fopen(dir, "r");
         EXPECT(gone == NULL); /* the directory the cache created is gone with it */
         free(sk);
