@@ -941,6 +941,20 @@ kvtier_status kvtier_config_set_spill(struct kvtier_config *config,
                                       size_t disk_bytes);
 
 /*
+ Gives the cache its own pool of `threads` worker threads for attention and prefill (0, the
+ default: rayon's global pool, one thread per core, shared by every cache of the process).
+ Results do not depend on the count.
+
+ Errors: `NULL_PARAMETER` (`config`), `INVALID_CONFIG` (more than 1024; the config is left
+ unchanged).
+
+ # Safety
+
+ `config` must be NULL or a live handle from `kvtier_config_new*`.
+ */
+kvtier_status kvtier_config_set_threads(struct kvtier_config *config, size_t threads);
+
+/*
  A cache on the CPU backend, configured by a copy of `config`. On success `*cache_out` holds a
  new handle to free with `kvtier_cache_free`.
 

@@ -177,6 +177,9 @@ pub struct CacheConfig {
     pub key_outliers: usize,
     /// Spill the archive and cold pages to disk past a RAM budget (`None`, the default: RAM only).
     pub spill: Option<SpillConfig>,
+    /// Worker threads of the cache's own pool for attention and prefill (`None`, the default:
+    /// rayon's global pool, one thread per core, shared by every cache of the process).
+    pub threads: Option<usize>,
 }
 
 impl CacheConfig {
@@ -212,6 +215,7 @@ impl CacheConfig {
                 layer_bits: Vec::new(),
                 key_outliers: 0,
                 spill: None,
+                threads: None,
             },
         }
     }
@@ -312,6 +316,9 @@ impl CacheConfig {
     /// `head_dim <= 512` every size product the cache computes stays far from overflow.
     pub const MAX_HEADS: usize = 4096;
 
+    /// Largest `threads` accepted.
+    pub const MAX_THREADS: usize = 1024;
+
     /// Checks every invariant; the error names the first offending field.
     pub fn validate(&self) -> Result<()> {
         let positive = |field: &'static str, v: usize| {
@@ -379,6 +386,14 @@ impl CacheConfig {
                 "protected_layers",
                 format!("layer {l} >= num_layers {}", self.num_layers),
             ));
+        }
+        if let Some(t) = self.threads {
+            if t == 0 || t > Self::MAX_THREADS {
+                return Err(Error::config(
+                    "threads",
+                    format!("{t} must be in 1..={}", Self::MAX_THREADS),
+                ));
+            }
         }
         if self.key_outliers > self.head_dim / 4 {
             return Err(Error::config(
@@ -476,6 +491,8 @@ impl CacheConfigBuilder {
         key_outliers: usize);
     setter!(/// Spill host pages to disk past a RAM budget (default none).
         spill: Option<SpillConfig>);
+    setter!(/// Threads of the cache's own pool (default: rayon's global pool).
+        threads: Option<usize>);
 
     /// Warm widths of one layer (replacing an earlier entry for it).
     pub fn layer_bits(mut self, layer: usize, k_bits: Bits, v_bits: Bits) -> Self {

@@ -321,3 +321,41 @@ fn prefill_is_causal_and_matches_decode() {
     }
     assert_eq!(a.seq_len(sa, 0).unwrap(), n0 + n1);
 }
+
+/// A cache's own pool (`threads`): the kernels run on exactly that many threads, and results are
+/// bit-identical whatever the count (work items do not depend on it).
+#[test]
+fn own_thread_pool_gives_identical_results() {
+    let mut rng = Rng(77);
+    let (qh, kvh, d, len) = (8, 2, 64, 700);
+    let (k, v) = (rng.vec(len * kvh * d, 1.0), rng.vec(len * kvh * d, 1.0));
+    let (pq, pk, pv) = (
+        rng.vec(20 * qh * d, 1.0),
+        rng.vec(20 * kvh * d, 1.0),
+        rng.vec(20 * kvh * d, 1.0),
+    );
+    let q = rng.vec(qh * d, 1.0);
+    let mut outs = Vec::new();
+    for threads in [None, Some(1), Some(3)] {
+        let cfg = CacheConfig::builder(1, qh, kvh, d)
+            .threads(threads)
+            .build()
+            .unwrap();
+        let mut c = KvCache::new(cfg).unwrap();
+        if let Some(n) = threads {
+            assert_eq!(c.threads(), n);
+        }
+        let s = c.add_sequence();
+        c.append(s, 0, &k, &v).unwrap();
+        let p = c.prefill(s, 0, &pq, &pk, &pv).unwrap();
+        outs.push((c.attend(0, &[s], &q).unwrap().output, p));
+    }
+    assert_eq!(outs[0], outs[1]);
+    assert_eq!(outs[0], outs[2]);
+    for bad in [0, CacheConfig::MAX_THREADS + 1] {
+        assert!(CacheConfig::builder(1, qh, kvh, d)
+            .threads(Some(bad))
+            .build()
+            .is_err());
+    }
+}

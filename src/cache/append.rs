@@ -387,7 +387,8 @@ impl KvCache {
         self.check_hot_budget(self.new_pages(len, n))?;
         let (k, v) = self.stored_rows(layer, Rows::F32(keys), Rows::F32(values))?;
         let q = self.queries_in_key_basis(layer, queries);
-        let mut out = self.layers[layer].prefill(table, &q, &k, &v, nq)?;
+        let storage = &self.layers[layer];
+        let mut out = self.in_pool(|| storage.prefill(table, &q, &k, &v, nq))?;
         if out.iter().any(|x| !x.is_finite()) {
             return Err(Error::Overflow(
                 "prefill scores overflow f32 for these queries and keys".into(),

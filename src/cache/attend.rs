@@ -86,7 +86,8 @@ impl KvCache {
         if self.cfg.rotation.keys() {
             self.rotator.forward(layer, q.to_mut());
         }
-        let mut att = self.attend_tables(scratch, layer, seqs, &tables, &q, selection, None)?;
+        let mut att = self
+            .in_pool(|| self.attend_tables(scratch, layer, seqs, &tables, &q, selection, None))?;
         if self.cfg.rotation.values() {
             self.rotator.inverse(layer, &mut att.output);
         }
@@ -127,7 +128,7 @@ impl KvCache {
             values: self.cfg.rotation.values(),
         });
         let device = Some((bufs, rotation));
-        self.attend_tables(scratch, layer, seqs, &tables, &[], selection, device)
+        self.in_pool(|| self.attend_tables(scratch, layer, seqs, &tables, &[], selection, device))
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -96,6 +96,8 @@ pub struct KvCache {
     pub(crate) cold: HostPages,
     /// The key/value rotation applied before storage (identity when off).
     pub(crate) rotator: Rotator,
+    /// The cache's own thread pool (`CacheConfig::threads`); `None` runs on rayon's global pool.
+    pub(crate) pool: Option<std::sync::Arc<rayon::ThreadPool>>,
 }
 
 impl KvCache {
@@ -151,7 +153,22 @@ impl KvCache {
                 )
             }
         };
+        let pool = match cfg.threads {
+            None => None,
+            Some(n) => Some(std::sync::Arc::new(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .thread_name(|i| format!("kvtier-{i}"))
+                    .build()
+                    // Spawning threads fails only when the system is out of resources.
+                    .map_err(|_| Error::OutOfMemory {
+                        what: "the cache's thread pool",
+                        bytes: 0,
+                    })?,
+            )),
+        };
         Ok(KvCache {
+            pool,
             rotator,
             cfg,
             device,
@@ -162,6 +179,22 @@ impl KvCache {
             archive,
             cold,
         })
+    }
+
+    /// Runs `f` on the cache's own pool when it has one (`CacheConfig::threads`), so the kernels'
+    /// parallel loops use exactly that many threads.
+    pub(crate) fn in_pool<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        match &self.pool {
+            Some(p) => p.install(f),
+            None => f(),
+        }
+    }
+
+    /// Threads attention and prefill run on: the cache's pool, or rayon's global pool.
+    pub fn threads(&self) -> usize {
+        self.pool
+            .as_ref()
+            .map_or_else(rayon::current_num_threads, |p| p.current_num_threads())
     }
 
     /// The rotation this cache applies to keys, queries and values before storage.

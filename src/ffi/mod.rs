@@ -150,7 +150,8 @@ pub use protect::{
 };
 pub use quant::{
     kvtier_config_clear_layer_bits, kvtier_config_set_key_outliers, kvtier_config_set_layer_bits,
-    kvtier_config_set_rotation, kvtier_config_set_spill, kvtier_rotation,
+    kvtier_config_set_rotation, kvtier_config_set_spill, kvtier_config_set_threads,
+    kvtier_rotation,
 };
 pub use status::{kvtier_status, kvtier_status_name};
 pub use version::{kvtier_abi_version, kvtier_version};

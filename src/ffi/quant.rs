@@ -1,5 +1,5 @@
-//! C setters of the quantisation-quality options (rotation, key outlier channels, per-layer bits)
-//! and of spilling host pages to disk.
+//! C setters of the quantisation-quality options (rotation, key outlier channels, per-layer bits),
+//! of spilling host pages to disk, and of the cache's thread pool.
 //!
 //! Owns: [`kvtier_rotation`] and the `kvtier_config_set_*` functions for those fields of
 //! [`crate::CacheConfig`]. Like every setter they validate a copy and keep it only when valid
@@ -165,5 +165,26 @@ pub unsafe extern "C" fn kvtier_config_set_spill(
         };
         // SAFETY: `config` is NULL or live (this function's contract).
         unsafe { update(config, |c| c.spill = spill) }
+    })
+}
+
+/// Gives the cache its own pool of `threads` worker threads for attention and prefill (0, the
+/// default: rayon's global pool, one thread per core, shared by every cache of the process).
+/// Results do not depend on the count.
+///
+/// Errors: `NULL_PARAMETER` (`config`), `INVALID_CONFIG` (more than 1024; the config is left
+/// unchanged).
+///
+/// # Safety
+///
+/// `config` must be NULL or a live handle from `kvtier_config_new*`.
+#[no_mangle]
+pub unsafe extern "C" fn kvtier_config_set_threads(
+    config: *mut kvtier_config,
+    threads: usize,
+) -> kvtier_status {
+    ffi_panic_boundary!("kvtier_config_set_threads", {
+        // SAFETY: `config` is NULL or live (this function's contract).
+        unsafe { update(config, |c| c.threads = (threads > 0).then_some(threads)) }
     })
 }

@@ -208,6 +208,9 @@ int main(void) {
     EXPECT_OK(kvtier_config_set_layer_bits(qc, 1, 4, 3));
     EXPECT_OK(kvtier_config_set_layer_bits(qc, 1, 8, 3));
     EXPECT_OK(kvtier_config_set_key_outliers(qc, 2));
+    EXPECT_OK(kvtier_config_set_threads(qc, 2));
+    EXPECT_STATUS(KVTIER_STATUS_INVALID_CONFIG, kvtier_config_set_threads(qc, 100000));
+    EXPECT_STATUS(KVTIER_STATUS_NULL_PARAMETER, kvtier_config_set_threads(NULL, 1));
     EXPECT_OK(kvtier_config_set_rotation(qc, KVTIER_ROTATION_KEYS, 7));
     kvtier_cache *qcache = NULL;
     EXPECT_OK(kvtier_cache_new(qc, &qcache));
