@@ -448,28 +448,32 @@ impl KvCache {
         Ok(())
     }
 
+    /// Where the bytes of cold page `e` of `p` are: `(true, archive id)` when its archive copy is
+    /// its cold form, `(false, cold slot)` otherwise.
+    pub(crate) fn cold_id(&self, p: PageRef, e: &PageEntry) -> Result<(bool, u32)> {
+        if e.slot != IN_ARCHIVE {
+            return Ok((false, e.slot));
+        }
+        let id = self.seq_layer(p.seq, p.layer)?.meta[p.page]
+            .archive
+            .ok_or_else(|| Error::internal("cold page in the archive has no archive copy"))?;
+        Ok((true, id))
+    }
+
     /// The bytes of cold page `e` of `p` (its cold copy, or its archive copy), read back and
     /// checked when they were spilled to disk.
     pub(crate) fn cold_bytes(&self, p: PageRef, e: &PageEntry) -> Result<Cow<'_, PageBytes>> {
-        if e.slot == IN_ARCHIVE {
-            let id = self.seq_layer(p.seq, p.layer)?.meta[p.page]
-                .archive
-                .ok_or_else(|| Error::internal("cold page in the archive has no archive copy"))?;
-            self.archive.get(id)
-        } else {
-            self.cold.get(e.slot)
+        match self.cold_id(p, e)? {
+            (true, id) => self.archive.get(id),
+            (false, id) => self.cold.get(id),
         }
     }
 
     /// Tier and format of cold page `e` of `p`, without reading its bytes.
     fn cold_info(&self, p: PageRef, e: &PageEntry) -> Result<(Tier, WarmFormat)> {
-        let info = if e.slot == IN_ARCHIVE {
-            let id = self.seq_layer(p.seq, p.layer)?.meta[p.page]
-                .archive
-                .ok_or_else(|| Error::internal("cold page in the archive has no archive copy"))?;
-            self.archive.info(id)
-        } else {
-            self.cold.info(e.slot)
+        let info = match self.cold_id(p, e)? {
+            (true, id) => self.archive.info(id),
+            (false, id) => self.cold.info(id),
         };
         info.map(|(t, f, _)| (t, f))
             .ok_or_else(|| Error::internal("cold page bytes missing"))
@@ -487,17 +491,15 @@ impl KvCache {
             _ => self.check_warm_budget(format, 0)?,
         }
         // Disjoint fields: the cold store / archive are read while the storage imports.
-        let bytes = if e.slot == IN_ARCHIVE {
-            let id = self.seq_layer(p.seq, p.layer)?.meta[p.page]
-                .archive
-                .ok_or_else(|| Error::internal("cold page in the archive has no archive copy"))?;
+        let (in_archive, id) = self.cold_id(p, &e)?;
+        let bytes = if in_archive {
             self.archive.get(id)
         } else {
-            self.cold.get(e.slot)
+            self.cold.get(id)
         }?;
         let slot = self.layers[p.layer].import_page(&bytes)?;
         drop(bytes);
-        if e.slot == IN_ARCHIVE {
+        if in_archive {
             // Exact again on the device: the archive copy is no longer needed.
             self.unarchive(p)?;
         } else {

@@ -5,8 +5,7 @@
 //! fails, and the fault hooks tests use. Must never: drop a page whose write failed, or leave a
 //! half-inserted page behind an error.
 
-use super::moves::IN_ARCHIVE;
-use super::{KvCache, SeqId, Tier};
+use super::{KvCache, PageRef, SeqId, Tier};
 use crate::attention::PageSelection;
 use crate::backend::PageBytes;
 use crate::cold::{DiskStats, Faults};
@@ -110,12 +109,14 @@ impl KvCache {
                         continue;
                     }
                 }
-                let job = if e.slot == IN_ARCHIVE {
-                    sl.meta[p]
-                        .archive
-                        .and_then(|id| self.archive.prefetch_job(id))
-                } else {
-                    self.cold.prefetch_job(e.slot)
+                let r = PageRef {
+                    seq: s,
+                    layer,
+                    page: p,
+                };
+                let job = match self.cold_id(r, e)? {
+                    (true, id) => self.archive.prefetch_job(id),
+                    (false, id) => self.cold.prefetch_job(id),
                 };
                 if let Some(j) = job {
                     pf.request(j);
@@ -146,10 +147,14 @@ impl KvCache {
             let (Some(e), Some(meta)) = (sl.table.pages().get(p.page), sl.meta.get(p.page)) else {
                 continue;
             };
-            let job = if promote || (e.tier == Tier::Cold && e.slot == IN_ARCHIVE) {
+            let job = if promote {
                 meta.archive.and_then(|id| self.archive.prefetch_job(id))
             } else if e.tier == Tier::Cold {
-                self.cold.prefetch_job(e.slot)
+                match self.cold_id(p, e) {
+                    Ok((true, id)) => self.archive.prefetch_job(id),
+                    Ok((false, id)) => self.cold.prefetch_job(id),
+                    Err(_) => None,
+                }
             } else {
                 None
             };
