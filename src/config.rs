@@ -5,6 +5,7 @@
 //! cache memory or know about a particular backend.
 
 use crate::error::{Error, Result};
+pub use crate::backend::cpu::CpuKernel;
 pub use crate::quant::rotate::Rotation;
 
 /// Bit width of warm-tier codes.
@@ -180,6 +181,9 @@ pub struct CacheConfig {
     /// Worker threads of the cache's own pool for attention and prefill (`None`, the default:
     /// rayon's global pool, one thread per core, shared by every cache of the process).
     pub threads: Option<usize>,
+    /// The CPU kernel path (instruction set and score arithmetic) of CPU storage
+    /// ([`CpuKernel`]; `Auto`, the default: `KVTIER_CPU_KERNEL` or the fastest this CPU runs).
+    pub cpu_kernel: CpuKernel,
 }
 
 impl CacheConfig {
@@ -216,6 +220,7 @@ impl CacheConfig {
                 key_outliers: 0,
                 spill: None,
                 threads: None,
+                cpu_kernel: CpuKernel::Auto,
             },
         }
     }
@@ -493,6 +498,8 @@ impl CacheConfigBuilder {
         spill: Option<SpillConfig>);
     setter!(/// Threads of the cache's own pool (default: rayon's global pool).
         threads: Option<usize>);
+    setter!(/// CPU kernel path (default `Auto`).
+        cpu_kernel: CpuKernel);
 
     /// Warm widths of one layer (replacing an earlier entry for it).
     pub fn layer_bits(mut self, layer: usize, k_bits: Bits, v_bits: Bits) -> Self {

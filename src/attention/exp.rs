@@ -8,7 +8,8 @@ pub fn exp_nonpos(x: f32) -> f32 {
     // x = n ln2 + r, |r| <= ln2/2
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
-    let n = (x * LOG2E + MAGIC) - MAGIC;
+    let t = x * LOG2E + MAGIC;
+    let n = t - MAGIC;
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
     // Degree-6 Taylor/minimax-ish polynomial for e^r on |r| <= 0.347.
     let p = 1.0
@@ -16,7 +17,10 @@ pub fn exp_nonpos(x: f32) -> f32 {
             + r * (0.5
                 + r * (0.166_666_67
                     + r * (0.041_666_668 + r * (0.008_333_334 + r * 0.001_388_889)))));
-    let bits = ((n as i32 + 127) as u32) << 23;
+    // t's low mantissa bits hold n (t = 1.5·2^23 + n): integer arithmetic on the bits gives
+    // 2^n without a float-to-int conversion, whose saturating `as` kept this loop scalar.
+    let ni = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+    let bits = (ni.wrapping_add(127) as u32) << 23;
     p * f32::from_bits(bits)
 }
 

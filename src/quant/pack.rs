@@ -69,17 +69,24 @@ pub fn unpack_row(packed: &[u8], bits: Bits, out: &mut [u8]) {
 /// `len` codes (a multiple of `8 * 8 / bits`) is unpacked 8 bytes at a time in lane order. 3-bit
 /// rows use the 2-bit order of their low plane.
 pub fn lane_order(bits: Bits, len: usize) -> Vec<usize> {
+    lane_order_chunk(bits, len, 8)
+}
+
+/// [`lane_order`] for unpacking `chunk` bytes at a time (`chunk` lanes per vector): position `p`
+/// of block `c` (`chunk · 8 / bits` codes), vector `k`, lane `j` holds standard code
+/// `(c · chunk + j) · n + k`. Empty when `len` is not a whole number of blocks.
+pub fn lane_order_chunk(bits: Bits, len: usize, chunk: usize) -> Vec<usize> {
     let n = bits.per_byte();
-    let block = 8 * n;
-    debug_assert_eq!(len % block, 0);
-    let mut order = vec![0; len];
-    for (p, slot) in order.iter_mut().enumerate() {
-        let c = p / block;
-        let k = (p % block) / 8;
-        let j = p % 8;
-        *slot = (c * 8 + j) * n + k;
+    let block = chunk * n;
+    if chunk == 0 || !len.is_multiple_of(block) {
+        return Vec::new();
     }
-    order
+    (0..len)
+        .map(|p| {
+            let (c, k, j) = (p / block, (p % block) / chunk, p % chunk);
+            (c * chunk + j) * n + k
+        })
+        .collect()
 }
 
 /// Unpacks a row in lane order to f32 (`out.len() == packed.len() * 8 / bits`). Written so LLVM

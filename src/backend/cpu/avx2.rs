@@ -31,7 +31,7 @@ pub struct ScoreArgs {
 
 /// Raw operands of the warm-page value loop for one head block.
 pub struct ValueArgs {
-    /// `e · step` per head, token and group: `[H][ps][groups]`.
+    /// `e · step` per head, group and token: `[H][groups][ps]`.
     pub w: *const f32,
     pub ps: usize,
     pub groups: usize,
@@ -88,7 +88,7 @@ pub unsafe fn scores<const H: usize, const B: usize>(a: &ScoreArgs) {
 }
 
 /// # Safety
-/// avx2 and fma available; `a` describes `H` heads of valid `w` (`[H][ps][groups]`) and `acc`
+/// avx2 and fma available; `a` describes `H` heads of valid `w` (`[H][groups][ps]`) and `acc`
 /// (`[H][d]`) rows and `n` valid code rows of `row_bytes` (a multiple of 8) bytes. `NPER == 8 / B`.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
@@ -106,7 +106,7 @@ pub unsafe fn values<const H: usize, const B: usize, const NPER: usize>(a: &Valu
                 *xk = codes_of::<B>(v, kk);
             }
             for (h, acc_h) in acc.iter_mut().enumerate() {
-                let w = _mm256_broadcast_ss(&*a.w.add((h * a.ps + t) * a.groups + g));
+                let w = _mm256_broadcast_ss(&*a.w.add((h * a.groups + g) * a.ps + t));
                 for kk in 0..NPER {
                     acc_h[kk] = _mm256_fmadd_ps(w, x[kk], acc_h[kk]);
                 }
@@ -190,7 +190,7 @@ pub unsafe fn values3<const H: usize>(a: &ValueArgs) {
                 *xk = codes3_of(v, hw, kk);
             }
             for (h, acc_h) in acc.iter_mut().enumerate() {
-                let w = _mm256_broadcast_ss(&*a.w.add((h * a.ps + t) * a.groups + g));
+                let w = _mm256_broadcast_ss(&*a.w.add((h * a.groups + g) * a.ps + t));
                 for kk in 0..4 {
                     acc_h[kk] = _mm256_fmadd_ps(w, x[kk], acc_h[kk]);
                 }
@@ -203,4 +203,67 @@ pub unsafe fn values3<const H: usize>(a: &ValueArgs) {
             }
         }
     }
+}
+
+/// One head's softmax block: `e[t] = exp(max(s[t] - m, -87))` (0 where `s[t]` is `-inf`) for
+/// `t < n`, returning `(Σ e, Σ e·x, Σ e·x²)` with `x = max(s - m, -87)`, summed in 8 lanes. The
+/// same operations, in the same order, as `attention::exp::exp_nonpos` and the portable loop.
+///
+/// # Safety
+/// avx2 and fma available; `s` and `e` hold at least `n` floats.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+pub unsafe fn softmax_block(s: &[f32], m: f32, e: &mut [f32], n: usize) -> (f32, f32, f32) {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const MAGIC: f32 = 12_582_912.0;
+    let (mut l, mut s1, mut s2) = (
+        _mm256_setzero_ps(),
+        _mm256_setzero_ps(),
+        _mm256_setzero_ps(),
+    );
+    let vm = _mm256_set1_ps(m);
+    let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
+    let mut t0 = 0;
+    while t0 < n {
+        let k = (n - t0).min(8);
+        let mut buf = [f32::NEG_INFINITY; 8];
+        buf[..k].copy_from_slice(&s[t0..t0 + k]);
+        let x = _mm256_loadu_ps(buf.as_ptr());
+        let xj = _mm256_max_ps(_mm256_sub_ps(x, vm), _mm256_set1_ps(-87.0));
+        let xc = _mm256_max_ps(xj, _mm256_set1_ps(-87.0));
+        let t = _mm256_add_ps(_mm256_mul_ps(xc, _mm256_set1_ps(LOG2E)), _mm256_set1_ps(MAGIC));
+        let nf = _mm256_sub_ps(t, _mm256_set1_ps(MAGIC));
+        let r = _mm256_sub_ps(
+            _mm256_sub_ps(xc, _mm256_mul_ps(nf, _mm256_set1_ps(0.693_145_75))),
+            _mm256_mul_ps(nf, _mm256_set1_ps(1.428_606_8e-6)),
+        );
+        let mut p = _mm256_set1_ps(0.001_388_889);
+        for coef in [0.008_333_334, 0.041_666_668, 0.166_666_67, 0.5, 1.0, 1.0] {
+            p = _mm256_add_ps(_mm256_set1_ps(coef), _mm256_mul_ps(r, p));
+        }
+        let ni = _mm256_sub_epi32(
+            _mm256_castps_si256(t),
+            _mm256_set1_epi32(MAGIC.to_bits() as i32),
+        );
+        let scale = _mm256_slli_epi32::<23>(_mm256_add_epi32(ni, _mm256_set1_epi32(127)));
+        let w = _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+        let w = _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(x, ninf), w);
+        l = _mm256_add_ps(l, w);
+        let wx = _mm256_mul_ps(w, xj);
+        s1 = _mm256_add_ps(s1, wx);
+        s2 = _mm256_add_ps(s2, _mm256_mul_ps(wx, xj));
+        let mut out = [0f32; 8];
+        _mm256_storeu_ps(out.as_mut_ptr(), w);
+        e[t0..t0 + k].copy_from_slice(&out[..k]);
+        t0 += k;
+    }
+    let (mut al, mut a1, mut a2) = ([0f32; 8], [0f32; 8], [0f32; 8]);
+    _mm256_storeu_ps(al.as_mut_ptr(), l);
+    _mm256_storeu_ps(a1.as_mut_ptr(), s1);
+    _mm256_storeu_ps(a2.as_mut_ptr(), s2);
+    (
+        super::simd::sum(&al),
+        super::simd::sum(&a1),
+        super::simd::sum(&a2),
+    )
 }

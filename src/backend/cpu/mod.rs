@@ -7,6 +7,9 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod dispatch;
 mod kernel;
 mod pools;
 mod simd;
@@ -21,6 +24,7 @@ use crate::error::{Error, Result};
 use crate::quant::{self, WarmFormat, WarmLayout};
 use pools::{try_zeroed_bytes, HotBuf, HotPage, Pool};
 
+pub use dispatch::CpuKernel;
 pub use kernel::CpuScratch;
 
 /// The host device.
@@ -33,6 +37,8 @@ impl BackendDevice for CpuDevice {
         DeviceLocation::Cpu
     }
     fn storage(&self, cfg: &CacheConfig, _layer: usize) -> Result<CpuStorage> {
+        // Resolved here first so a path this CPU lacks is an error at cache creation.
+        cfg.cpu_kernel.resolve()?;
         Ok(CpuStorage::new(cfg))
     }
 }
@@ -82,6 +88,12 @@ pub struct CpuStorage {
     warm_bytes: usize,
     /// Lane orders of each bit width (see `quant::pack`), by width index.
     orders: [Vec<usize>; 4],
+    /// Lane orders of 16-byte unpacking (the AVX-512 value loop), by width index.
+    orders16: [Vec<usize>; 4],
+    /// Byte order of the integer key loops' query pattern, by width index (see `kernel::wide`).
+    orders_int: [Vec<usize>; 4],
+    /// The resolved kernel path (never `Auto`).
+    kernel: CpuKernel,
 }
 
 impl CpuStorage {
@@ -106,12 +118,40 @@ impl CpuStorage {
             hot_bytes: 0,
             warm_bytes: 0,
             orders: ALL_BITS.map(|b| quant::pack::lane_order(b, cfg.head_dim)),
+            orders16: ALL_BITS.map(|b| quant::pack::lane_order_chunk(b, cfg.head_dim, 16)),
+            orders_int: ALL_BITS.map(|b| match b {
+                Bits::B8 => (0..cfg.head_dim).collect(),
+                b => {
+                    let chunk = (cfg.head_dim * b.bits() / 8).min(64);
+                    quant::pack::lane_order_chunk(b, cfg.head_dim, chunk)
+                }
+            }),
+            // CpuDevice::storage has checked the resolution; storages made for a moment (page
+            // conversion, reports) run no attention path a cache did not already accept.
+            kernel: cfg.cpu_kernel.resolve().unwrap_or(CpuKernel::Portable),
         }
     }
 
     /// The warm layout of `fmt`.
     pub(crate) fn layout(&self, fmt: WarmFormat) -> &WarmLayout {
         &self.layouts[bits_index(fmt.k_bits)][bits_index(fmt.v_bits)]
+    }
+
+    /// The kernel path this storage runs.
+    pub(crate) fn kernel(&self) -> CpuKernel {
+        self.kernel
+    }
+
+    /// Lane order of 16-byte unpacking of codes of width `b` (empty when `head_dim` codes are not
+    /// a whole number of 16-byte chunks).
+    pub(crate) fn order16(&self, b: Bits) -> &[usize] {
+        &self.orders16[bits_index(b)]
+    }
+
+    /// The integer key loops' query order for width `b` (empty when the row shape has none).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub(crate) fn int_order(&self, b: Bits) -> &[usize] {
+        &self.orders_int[bits_index(b)]
     }
 
     /// Lane order of codes of width `b`.

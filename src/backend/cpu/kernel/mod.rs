@@ -6,7 +6,8 @@
 //! (warm values as `Σ e·step·code + Σ e·min` per group). Items run on rayon's pool; a combine step
 //! merges the chunks of one (sequence, kv head) in order.
 //!
-//! The inner loops are compiled twice: with AVX2+FMA (selected at run time) and portable.
+//! The inner loops are compiled three times: AVX-512 (integer key scores, [`wide`]), AVX2+FMA and
+//! portable; the storage's [`CpuKernel`] (resolved at creation) picks one.
 //!
 //! Batch invariance: a sequence's work items depend only on its own pages (a fixed number of
 //! pages per item), and chunks merge in page order, so its result is bit-identical whatever else
@@ -16,8 +17,11 @@
 //! bits): the query is permuted once per key width met, and value accumulators are kept per value
 //! width, each in its own lane order, folded into channel order at the end.
 
+#[cfg(target_arch = "x86_64")]
+mod wide;
+
 use super::simd::{axpy, dot, f16_to_f32, prefetch, scale, sum, unpack_lanes};
-use super::{bits_index, internal, CpuStorage, Geometry, ALL_BITS};
+use super::{bits_index, internal, CpuKernel, CpuStorage, Geometry, ALL_BITS};
 use crate::attention::exp::exp_nonpos;
 use crate::attention::{Attention, OnlineSoftmax, PageSelection};
 use crate::backend::AttendInput;
@@ -60,8 +64,12 @@ struct Scratch {
     qm: Vec<f32>,
     kmin: Vec<f32>,
     kstep: Vec<f32>,
+    /// Value minima and steps of the page, transposed to `[groups][ps]` so the per-group loops
+    /// over tokens are contiguous.
     vmin: Vec<f32>,
     vstep: Vec<f32>,
+    /// Row-major `[ps][groups]` staging of the f16 value parameters before the transpose.
+    vtmp: Vec<f32>,
     hot_k: Vec<f32>,
     hot_v: Vec<f32>,
     /// `e · step` per head, token and group (the AVX2 value loop's weights).
@@ -71,6 +79,15 @@ struct Scratch {
     q_lanes: [Vec<f32>; 4],
     /// The item's page entries.
     entries: Vec<PageEntry>,
+    /// The item's queries in each key width's integer-pattern order (AVX-512 path).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    q_int: [Vec<f32>; 4],
+    /// One page's quantised query patterns, all heads (AVX-512 path).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    qpat: Vec<u8>,
+    /// The query quantisation step per head (AVX-512 path).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    qscale: Vec<f32>,
 }
 
 struct Kernel<'a> {
@@ -78,15 +95,38 @@ struct Kernel<'a> {
     geo: Geometry,
     g: usize,
     groups: usize,
+    /// Per key width: scores as integer dot products (AVX-512 path, supported row shape).
+    k_int: [bool; 4],
+    /// Per value width: the 16-lane value loop, accumulating in the 16-byte lane order.
+    v16: [bool; 4],
 }
 
 impl<'a> Kernel<'a> {
     fn new(s: &'a CpuStorage) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        let (k_int, v16) = if s.kernel() == CpuKernel::Avx512 {
+            wide::wide_tables(s)
+        } else {
+            ([false; 4], [false; 4])
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let (k_int, v16) = ([false; 4], [false; 4]);
         Kernel {
             s,
             geo: s.geo,
             g: s.geo.group(),
             groups: s.layouts[0][0].groups(),
+            k_int,
+            v16,
+        }
+    }
+
+    /// The lane order the value accumulator of width `b` is kept in.
+    fn value_order(&self, b: crate::config::Bits) -> &[usize] {
+        if self.v16[bits_index(b)] {
+            self.s.order16(b)
+        } else {
+            self.s.order(b)
         }
     }
 
@@ -111,23 +151,27 @@ impl<'a> Kernel<'a> {
             qm: vec![0.0; g],
             kmin: Vec::with_capacity(d),
             kstep: Vec::with_capacity(d),
-            vmin: Vec::with_capacity(ps * self.groups),
-            vstep: Vec::with_capacity(ps * self.groups),
+            vmin: vec![0.0; ps * self.groups],
+            vstep: vec![0.0; ps * self.groups],
+            vtmp: Vec::with_capacity(ps * self.groups),
             hot_k: Vec::new(),
             hot_v: Vec::new(),
             w: Vec::new(),
             q_lanes: [Vec::new(), Vec::new(), Vec::new(), Vec::new()],
             entries: Vec::new(),
+            q_int: [Vec::new(), Vec::new(), Vec::new(), Vec::new()],
+            qpat: Vec::new(),
+            qscale: vec![0.0; g],
         }
     }
 
     /// Softmax update for `n` scores per head in `sc.scores`; leaves the weights in `sc.e`.
     #[inline(always)]
-    fn softmax_update(&self, n: usize, a: &mut Acc, sc: &mut Scratch) {
+    fn softmax_update<const FMA: bool>(&self, n: usize, a: &mut Acc, sc: &mut Scratch) {
         let (d, ps) = (self.geo.head_dim, self.geo.page_size);
         for h in 0..self.g {
             let s = &sc.scores[h * ps..h * ps + n];
-            let mp = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mp = max_lanes(s);
             let st = &mut a.st[h];
             if mp > st.m {
                 let alpha = st.rescale_to(mp);
@@ -139,30 +183,19 @@ impl<'a> Kernel<'a> {
             }
             let m = st.m;
             let e = &mut sc.e[h * ps..h * ps + n];
-            let (mut l, mut s1, mut s2) = ([0f32; 8], [0f32; 8], [0f32; 8]);
-            // 8 lanes at a time so the exponentials vectorise; the tail is padded with -inf
-            // scores, whose weight is exactly 0.
-            for (ec, sc8) in e.chunks_mut(8).zip(s.chunks(8)) {
-                let mut x = [f32::NEG_INFINITY; 8];
-                x[..sc8.len()].copy_from_slice(sc8);
-                let mut w = [0f32; 8];
-                for j in 0..8 {
-                    let xj = (x[j] - m).max(-87.0);
-                    w[j] = if x[j] == f32::NEG_INFINITY {
-                        0.0
-                    } else {
-                        exp_nonpos(xj)
-                    };
-                    l[j] += w[j];
-                    s1[j] += w[j] * xj;
-                    s2[j] += w[j] * xj * xj;
-                }
-                ec.copy_from_slice(&w[..ec.len()]);
-            }
-            let lsum = sum(&l);
+            #[cfg(target_arch = "x86_64")]
+            let (lsum, s1, s2) = if FMA {
+                // SAFETY: FMA instantiations run only after detection of avx2 and fma; `s` and
+                // `e` hold n floats.
+                unsafe { super::avx2::softmax_block(s, m, e, n) }
+            } else {
+                softmax_lanes(s, m, e)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let (lsum, s1, s2) = softmax_lanes(s, m, e);
             st.l += lsum;
-            st.s1 += sum(&s1);
-            st.s2 += sum(&s2);
+            st.s1 += s1;
+            st.s2 += s2;
             if let Some(ps) = a.page_stats.as_mut() {
                 // log Σ exp(s) = m + ln Σ exp(s - m), with m the running max (>= the page's own
                 // max). Rescaling to the page's max instead would need exp(m - mp), which
@@ -192,7 +225,7 @@ impl<'a> Kernel<'a> {
                 sc.scores[h * ps + t] = dot::<FMA>(qh, &k[t * stride..t * stride + d]);
             }
         }
-        self.softmax_update(n, a, sc);
+        self.softmax_update::<FMA>(n, a, sc);
         for t in 0..n {
             let vr = &v[t * stride..t * stride + d];
             for h in 0..self.g {
@@ -203,7 +236,8 @@ impl<'a> Kernel<'a> {
 
     /// One warm page's head block, of format `fmt`.
     #[inline(always)]
-    fn warm_block<const FMA: bool>(
+    #[allow(clippy::too_many_arguments)] // hot-loop operands, as in exact_block
+    fn warm_block<const FMA: bool, const WIDE: bool>(
         &self,
         q: &[f32],
         blk: &[u8],
@@ -216,25 +250,38 @@ impl<'a> Kernel<'a> {
         let l = self.s.layout(fmt);
         let vg = l.value_group;
         let (ki, vi) = (bits_index(fmt.k_bits), bits_index(fmt.v_bits));
+        if a.acc_w[vi].is_empty() {
+            a.acc_w[vi] = vec![0.0; self.g * d];
+        }
+        f16_to_f32::<FMA>(&blk[l.k_min..l.k_min + 2 * d], &mut sc.kmin);
+        f16_to_f32::<FMA>(&blk[l.k_step..l.k_step + 2 * d], &mut sc.kstep);
+        f16_to_f32::<FMA>(&blk[l.v_min..l.v_min + 2 * ps * groups], &mut sc.vtmp);
+        transpose_into(&sc.vtmp, groups, ps, &mut sc.vmin);
+        f16_to_f32::<FMA>(&blk[l.v_step..l.v_step + 2 * ps * groups], &mut sc.vtmp);
+        transpose_into(&sc.vtmp, groups, ps, &mut sc.vstep);
+        for h in 0..self.g {
+            sc.qm[h] = dot::<FMA>(&q[h * d..(h + 1) * d], &sc.kmin);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if FMA && WIDE && self.k_int[ki] {
+            // SAFETY: WIDE instantiations run only on storages whose resolved path is Avx512,
+            // which requires detected avx512f/bw/vl/vnni, avx2, fma and f16c; k_int holds only
+            // for row shapes the integer loops support, and `blk` is a whole head block.
+            if unsafe { self.warm_block_wide(q, blk, fmt, n, a, sc) } {
+                return;
+            }
+        }
         if sc.q_lanes[ki].is_empty() {
             let order = self.s.order(fmt.k_bits);
             for h in 0..self.g {
                 sc.q_lanes[ki].extend(order.iter().map(|&c| q[h * d + c]));
             }
         }
-        if a.acc_w[vi].is_empty() {
-            a.acc_w[vi] = vec![0.0; self.g * d];
-        }
-        f16_to_f32::<FMA>(&blk[l.k_min..l.k_min + 2 * d], &mut sc.kmin);
-        f16_to_f32::<FMA>(&blk[l.k_step..l.k_step + 2 * d], &mut sc.kstep);
-        f16_to_f32::<FMA>(&blk[l.v_min..l.v_min + 2 * ps * groups], &mut sc.vmin);
-        f16_to_f32::<FMA>(&blk[l.v_step..l.v_step + 2 * ps * groups], &mut sc.vstep);
         // Key steps in lane order once per page; the query was permuted once per item.
         sc.row.clear();
         sc.row
             .extend(self.s.order(fmt.k_bits).iter().map(|&c| sc.kstep[c]));
         for h in 0..self.g {
-            sc.qm[h] = dot::<FMA>(&q[h * d..(h + 1) * d], &sc.kmin);
             let qp = &sc.q_lanes[ki][h * d..(h + 1) * d];
             for ((o, &x), &st) in sc.qs[h * d..(h + 1) * d].iter_mut().zip(qp).zip(&sc.row) {
                 *o = x * st;
@@ -245,7 +292,10 @@ impl<'a> Kernel<'a> {
         if FMA {
             // SAFETY: FMA instantiations run only after detection of avx2, fma and f16c; the
             // pointers cover the scratch and page ranges the layout defines (checked by slicing).
-            unsafe { self.warm_block_avx2(q, blk, fmt, n, a, sc) };
+            unsafe {
+                self.warm_scores_avx2(blk, fmt, n, sc);
+                self.warm_values_simd::<WIDE>(q, blk, fmt, n, a, sc);
+            }
             return;
         }
         for t in 0..n {
@@ -256,14 +306,14 @@ impl<'a> Kernel<'a> {
             }
         }
         self.outlier_scores(q, blk, l, n, sc);
-        self.softmax_update(n, a, sc);
+        self.softmax_update::<FMA>(n, a, sc);
         for t in 0..n {
             let off = l.v_codes + t * vr;
             unpack_lanes::<FMA>(&blk[off..off + vr], l.v_bits, &mut sc.row);
             for h in 0..self.g {
                 let e = sc.e[h * ps + t];
                 for gi in 0..groups {
-                    let w = e * sc.vstep[t * groups + gi];
+                    let w = e * sc.vstep[gi * ps + t];
                     let at = h * d + gi * vg;
                     axpy::<FMA>(
                         &mut a.acc_w[vi][at..at + vg],
@@ -302,41 +352,31 @@ impl<'a> Kernel<'a> {
         }
     }
 
-    /// `acc_b[h][g] += Σ_t e[h][t] · min[t][g]`.
+    /// `acc_b[h][g] += Σ_t e[h][t] · min[g][t]`.
     #[inline(always)]
     fn value_mins(&self, n: usize, a: &mut Acc, sc: &Scratch) {
         let (ps, groups) = (self.geo.page_size, self.groups);
         for h in 0..self.g {
-            for t in 0..n {
-                let e = sc.e[h * ps + t];
-                for gi in 0..groups {
-                    a.acc_b[h * groups + gi] += e * sc.vmin[t * groups + gi];
-                }
+            let e = &sc.e[h * ps..h * ps + n];
+            for gi in 0..groups {
+                let m = &sc.vmin[gi * ps..gi * ps + n];
+                a.acc_b[h * groups + gi] += dot_any(e, m);
             }
         }
     }
 
-    /// The AVX2 path of [`Self::warm_block`] after the per-page setup.
+    /// The AVX2 score loop of [`Self::warm_block`] (f32, lane order) after the per-page setup.
     ///
     /// # Safety
     /// avx2, fma and f16c must be available; `blk` is a whole head block of this storage's layout.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn warm_block_avx2(
-        &self,
-        q: &[f32],
-        blk: &[u8],
-        fmt: WarmFormat,
-        n: usize,
-        a: &mut Acc,
-        sc: &mut Scratch,
-    ) {
-        use super::avx2::{scores, scores3, values, values3, ScoreArgs, ValueArgs};
-        let (d, ps, groups) = (self.geo.head_dim, self.geo.page_size, self.groups);
+    unsafe fn warm_scores_avx2(&self, blk: &[u8], fmt: WarmFormat, n: usize, sc: &mut Scratch) {
+        use super::avx2::{scores, scores3, ScoreArgs};
+        let (d, ps) = (self.geo.head_dim, self.geo.page_size);
         let l = self.s.layout(fmt);
-        let vi = bits_index(fmt.v_bits);
         assert!(blk.len() >= l.head_bytes && n <= ps);
-        let (kr, vr) = (l.k_row_bytes(), l.v_row_bytes());
+        let kr = l.k_row_bytes();
         let mut hb = 0;
         while hb < self.g {
             let h = (self.g - hb).min(4);
@@ -371,17 +411,50 @@ impl<'a> Kernel<'a> {
             }
             hb += h;
         }
+    }
+
+    /// The rest of a warm page once its scores are in `sc.scores`: outlier channels, softmax, and
+    /// the value loop (16-lane on the AVX-512 path where the row shape allows, else AVX2).
+    ///
+    /// # Safety
+    /// avx2, fma and f16c must be available, and avx512f/bw/vl too when `WIDE`; `blk` is a whole
+    /// head block of this storage's layout.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn warm_values_simd<const WIDE: bool>(
+        &self,
+        q: &[f32],
+        blk: &[u8],
+        fmt: WarmFormat,
+        n: usize,
+        a: &mut Acc,
+        sc: &mut Scratch,
+    ) {
+        use super::avx2::{values, values3, ValueArgs};
+        let (d, ps, groups) = (self.geo.head_dim, self.geo.page_size, self.groups);
+        let l = self.s.layout(fmt);
+        let vi = bits_index(fmt.v_bits);
+        assert!(blk.len() >= l.head_bytes && n <= ps);
+        let vr = l.v_row_bytes();
         self.outlier_scores(q, blk, l, n, sc);
-        self.softmax_update(n, a, sc);
-        // w[h][t][g] = e · step, the per-token, per-group weight of the codes.
+        self.softmax_update::<true>(n, a, sc);
+        // w[h][g][t] = e · step, the per-token, per-group weight of the codes.
         sc.w.resize(self.g * ps * groups, 0.0);
         for h in 0..self.g {
-            for t in 0..n {
-                let e = sc.e[h * ps + t];
-                for gi in 0..groups {
-                    sc.w[(h * ps + t) * groups + gi] = e * sc.vstep[t * groups + gi];
+            let e = &sc.e[h * ps..h * ps + n];
+            for gi in 0..groups {
+                let w = &mut sc.w[(h * groups + gi) * ps..(h * groups + gi) * ps + n];
+                for ((o, &x), &st) in w.iter_mut().zip(e).zip(&sc.vstep[gi * ps..]) {
+                    *o = x * st;
                 }
             }
+        }
+        if WIDE && self.v16[vi] {
+            // SAFETY: as this function's contract (WIDE: avx512 detected); v16 holds only for
+            // value rows values16 supports.
+            self.values_wide(blk, fmt, n, a, sc);
+            self.value_mins(n, a, sc);
+            return;
         }
         let vb = l.v_bits.bits();
         let block = if vb <= 3 { 2 } else { 4 };
@@ -421,7 +494,7 @@ impl<'a> Kernel<'a> {
 
     /// Attends `pages` (hot and warm only) for kv head `kv` with the group's queries `q`.
     #[inline(always)]
-    fn pages<const FMA: bool>(
+    fn pages<const FMA: bool, const WIDE: bool>(
         &self,
         kv: usize,
         q: &[f32],
@@ -464,7 +537,7 @@ impl<'a> Kernel<'a> {
                     let blk = b
                         .get(kv * hb..(kv + 1) * hb)
                         .ok_or_else(|| internal("warm page shorter than its format".into()))?;
-                    self.warm_block::<FMA>(q, blk, p.format, n, a, sc);
+                    self.warm_block::<FMA, WIDE>(q, blk, p.format, n, a, sc);
                 }
                 t => {
                     return Err(internal(format!(
@@ -485,13 +558,84 @@ impl<'a> Kernel<'a> {
                 if w.is_empty() {
                     continue;
                 }
-                for (p, &c) in self.s.order(bits).iter().enumerate() {
+                for (p, &c) in self.value_order(bits).iter().enumerate() {
                     a.acc[h * d + c] += w[h * d + p];
                 }
             }
             for c in 0..d {
                 a.acc[h * d + c] += a.acc_b[h * self.groups + c / vg];
             }
+        }
+    }
+}
+
+/// The portable softmax block (see `avx2::softmax_block`, which computes the same operations):
+/// 8 lanes at a time so the exponentials vectorise; the tail is padded with -inf scores, whose
+/// weight is exactly 0.
+#[inline(always)]
+fn softmax_lanes(s: &[f32], m: f32, e: &mut [f32]) -> (f32, f32, f32) {
+    let (mut l, mut s1, mut s2) = ([0f32; 8], [0f32; 8], [0f32; 8]);
+    // 8 lanes at a time so the exponentials vectorise; the tail is padded with -inf
+    // scores, whose weight is exactly 0.
+    for (ec, sc8) in e.chunks_mut(8).zip(s.chunks(8)) {
+        let mut x = [f32::NEG_INFINITY; 8];
+        x[..sc8.len()].copy_from_slice(sc8);
+        let mut w = [0f32; 8];
+        for j in 0..8 {
+            let xj = (x[j] - m).max(-87.0);
+            w[j] = if x[j] == f32::NEG_INFINITY {
+                0.0
+            } else {
+                exp_nonpos(xj)
+            };
+            l[j] += w[j];
+            s1[j] += w[j] * xj;
+            s2[j] += w[j] * xj * xj;
+        }
+        ec.copy_from_slice(&w[..ec.len()]);
+    }
+    (sum(&l), sum(&s1), sum(&s2))
+}
+
+/// `max x` (`-inf` when empty), in 8 lanes so it vectorises.
+#[inline(always)]
+fn max_lanes(x: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; 8];
+    let c = x.chunks_exact(8);
+    let tail = c.remainder().iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for v in c {
+        for i in 0..8 {
+            m[i] = m[i].max(v[i]);
+        }
+    }
+    m.iter().copied().fold(tail, f32::max)
+}
+
+/// `Σ a[i] · b[i]` for any length, in 8 lanes (so it vectorises) plus a scalar tail.
+#[inline(always)]
+fn dot_any(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    sum(&acc) + tail
+}
+
+/// `out[g][t] = src[t][g]` for `src` of `[n][groups]` (n <= ps) into `out` of `[groups][ps]`.
+#[inline(always)]
+fn transpose_into(src: &[f32], groups: usize, ps: usize, out: &mut [f32]) {
+    for (t, row) in src.chunks_exact(groups).enumerate() {
+        for (g, &x) in row.iter().enumerate() {
+            out[g * ps + t] = x;
         }
     }
 }
@@ -523,7 +667,7 @@ fn page_index(sel: Option<&PageSelection>, seq: usize, kv: usize, j: usize) -> u
 }
 
 #[inline(always)]
-fn decode_item_generic<const FMA: bool>(
+fn decode_item_generic<const FMA: bool, const WIDE: bool>(
     k: &Kernel,
     input: &AttendInput,
     q: &[f32],
@@ -541,7 +685,7 @@ fn decode_item_generic<const FMA: bool>(
             .push(all[page_index(input.selection, it.seq, it.kv, j)]);
     }
     let entries = std::mem::take(&mut sc.entries);
-    k.pages::<FMA>(it.kv, qg, &entries, &mut a, &mut sc)?;
+    k.pages::<FMA, WIDE>(it.kv, qg, &entries, &mut a, &mut sc)?;
     k.finish(&mut a);
     Ok(Partial {
         st: a.st,
@@ -552,43 +696,42 @@ fn decode_item_generic<const FMA: bool>(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-// SAFETY (for callers): only call after `is_x86_feature_detected!` confirmed avx2 and fma.
+// SAFETY (for callers): only call after run-time detection of avx2, fma and f16c.
 unsafe fn decode_item_avx2(
     k: &Kernel,
     input: &AttendInput,
     q: &[f32],
     it: &Item,
 ) -> Result<Partial> {
-    decode_item_generic::<true>(k, input, q, it)
+    decode_item_generic::<true, false>(k, input, q, it)
 }
 
-fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-fn decode_item(
+/// The AVX-512 path: the generic code is compiled for AVX2 (with AVX-512 enabled, LLVM turns
+/// strided loops into gathers and scatters, which made hot pages 3x slower on Zen 4); `WIDE` calls
+/// the explicit AVX-512 loops, each its own `target_feature` function.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+// SAFETY (for callers): only call after run-time detection of avx512f/bw/vl/vnni, avx2, fma, f16c.
+unsafe fn decode_item_avx512(
     k: &Kernel,
     input: &AttendInput,
     q: &[f32],
     it: &Item,
-    simd: bool,
 ) -> Result<Partial> {
+    decode_item_generic::<true, true>(k, input, q, it)
+}
+
+fn decode_item(k: &Kernel, input: &AttendInput, q: &[f32], it: &Item) -> Result<Partial> {
     #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: `simd` is true only when `has_avx2_fma()` returned true on this machine.
-        return unsafe { decode_item_avx2(k, input, q, it) };
+    match k.s.kernel() {
+        // SAFETY: a storage's path is resolved (CpuKernel::resolve) only to paths whose features
+        // this CPU was detected to have.
+        CpuKernel::Avx512 => return unsafe { decode_item_avx512(k, input, q, it) },
+        // SAFETY: as above.
+        CpuKernel::Avx2 => return unsafe { decode_item_avx2(k, input, q, it) },
+        _ => {}
     }
-    let _ = simd;
-    decode_item_generic::<false>(k, input, q, it)
+    decode_item_generic::<false, false>(k, input, q, it)
 }
 
 pub(super) fn attend(
@@ -629,11 +772,10 @@ pub(super) fn attend(
             }
         }
     }
-    let simd = has_avx2_fma();
     let (q, items) = (&scratch.q, &scratch.items);
     let partials: Vec<Partial> = items
         .par_iter()
-        .map(|it| decode_item(&k, input, q, it, simd))
+        .map(|it| decode_item(&k, input, q, it))
         .collect::<Result<_>>()?;
 
     // Combine, in item order: items of one (seq, kv) are consecutive and ordered by page.
@@ -683,7 +825,7 @@ pub(super) fn attend(
 }
 
 #[inline(always)]
-fn prefill_item_generic<const FMA: bool>(
+fn prefill_item_generic<const FMA: bool, const WIDE: bool>(
     k: &Kernel,
     table: &PageTable,
     q: &[f32],
@@ -697,7 +839,7 @@ fn prefill_item_generic<const FMA: bool>(
     let qg = &q[q0..q0 + g * d];
     let mut a = k.acc(false);
     let mut sc = k.scratch();
-    k.pages::<FMA>(kv, qg, table.pages(), &mut a, &mut sc)?;
+    k.pages::<FMA, WIDE>(kv, qg, table.pages(), &mut a, &mut sc)?;
     let stride = kvh * d;
     let mut b0 = 0;
     while b0 <= tok {
@@ -716,10 +858,9 @@ fn prefill_item_generic<const FMA: bool>(
     Ok(a.acc)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-// SAFETY (for callers): only call after `is_x86_feature_detected!` confirmed avx2 and fma.
-unsafe fn prefill_item_avx2(
+/// One prefill item (query token `tok`, kv head `kv`) on the storage's kernel path.
+#[allow(clippy::too_many_arguments)] // the item's operands, as prefill_item_generic's
+fn prefill_item(
     k: &Kernel,
     table: &PageTable,
     q: &[f32],
@@ -728,7 +869,44 @@ unsafe fn prefill_item_avx2(
     tok: usize,
     kv: usize,
 ) -> Result<Vec<f32>> {
-    prefill_item_generic::<true>(k, table, q, keys, values, tok, kv)
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        // SAFETY (for callers): only after run-time detection of avx2, fma and f16c.
+        unsafe fn avx2(
+            k: &Kernel,
+            t: &PageTable,
+            q: &[f32],
+            ks: &[f32],
+            vs: &[f32],
+            tok: usize,
+            kv: usize,
+        ) -> Result<Vec<f32>> {
+            prefill_item_generic::<true, false>(k, t, q, ks, vs, tok, kv)
+        }
+        #[target_feature(enable = "avx2,fma,f16c")]
+        // SAFETY (for callers): only after run-time detection of avx512f/bw/vl/vnni, avx2, fma
+        // and f16c (generic code compiled for AVX2, as decode_item_avx512).
+        unsafe fn avx512(
+            k: &Kernel,
+            t: &PageTable,
+            q: &[f32],
+            ks: &[f32],
+            vs: &[f32],
+            tok: usize,
+            kv: usize,
+        ) -> Result<Vec<f32>> {
+            prefill_item_generic::<true, true>(k, t, q, ks, vs, tok, kv)
+        }
+        match k.s.kernel() {
+            // SAFETY: a storage's path is resolved only to paths this CPU was detected to run.
+            CpuKernel::Avx512 => return unsafe { avx512(k, table, q, keys, values, tok, kv) },
+            // SAFETY: as above.
+            CpuKernel::Avx2 => return unsafe { avx2(k, table, q, keys, values, tok, kv) },
+            _ => {}
+        }
+    }
+    prefill_item_generic::<false, false>(k, table, q, keys, values, tok, kv)
 }
 
 pub(super) fn prefill(
@@ -753,19 +931,9 @@ pub(super) fn prefill(
     }
     let q: Vec<f32> = queries.iter().map(|x| x * geo.scale).collect();
     let k = Kernel::new(s);
-    let simd = has_avx2_fma();
     let parts: Vec<Vec<f32>> = (0..n * kvh)
         .into_par_iter()
-        .map(|i| {
-            let (tok, kv) = (i / kvh, i % kvh);
-            #[cfg(target_arch = "x86_64")]
-            if simd {
-                // SAFETY: `simd` is true only when `has_avx2_fma()` returned true on this machine.
-                return unsafe { prefill_item_avx2(&k, table, &q, keys, values, tok, kv) };
-            }
-            let _ = simd;
-            prefill_item_generic::<false>(&k, table, &q, keys, values, tok, kv)
-        })
+        .map(|i| prefill_item(&k, table, &q, keys, values, i / kvh, i % kvh))
         .collect::<Result<_>>()?;
     // Items are (token, kv head) in order, each `[group][head_dim]`: concatenation is `[n][q_heads][d]`.
     Ok(parts.concat())
