@@ -1,22 +1,31 @@
 //! Decode attention time per CPU kernel path, interleaved in one run (medians of rounds), for
 //! quick A/B work on a noisy machine; the criterion bench `decode` is the reported figure.
 //!
-//! `cargo run --release --example decode_paths -- [tokens] [rounds]`
+//! `cargo run --release --example decode_paths -- [tokens] [rounds] [int8|int4|int2] [avx512|avx2]`
 
 use kvtier::{Bits, CacheConfig, CpuKernel, KvCache};
 use std::time::Instant;
 
 fn main() {
-    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
     let tokens = args.first().copied().unwrap_or(32768);
     let rounds = args.get(1).copied().unwrap_or(15);
     // Optional filter: a mode name (int8, int4, int2) and/or a path name among the arguments.
-    let words: Vec<String> = std::env::args().skip(1).filter(|a| a.parse::<usize>().is_err()).collect();
-    let want = |s: &str| words.is_empty() || words.iter().any(|w| w == s);
+    let words: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a.parse::<usize>().is_err())
+        .collect();
+    let want = |s: &str| words.iter().any(|w| w == s);
     let paths: Vec<CpuKernel> = CpuKernel::ALL
         .into_iter()
         .filter(|k| k.available() && *k != CpuKernel::Portable)
-        .filter(|k| !words.iter().any(|w| CpuKernel::from_name(w).is_some()) || words.iter().any(|w| w == k.name()))
+        .filter(|k| {
+            !words.iter().any(|w| CpuKernel::from_name(w).is_some())
+                || words.iter().any(|w| w == k.name())
+        })
         .collect();
     for (shape, qh, kvh, d) in [("32/8/128", 32, 8, 128), ("9/3/64", 9, 3, 64)] {
         for (mode, kb, vb) in [
@@ -24,10 +33,8 @@ fn main() {
             ("int4", Bits::B4, Bits::B4),
             ("int2", Bits::B2, Bits::B2),
         ] {
-            if !words.iter().any(|w| w.starts_with("int")) || !want(mode) {
-                if words.iter().any(|w| w.starts_with("int")) {
-                    continue;
-                }
+            if words.iter().any(|w| w.starts_with("int")) && !want(mode) {
+                continue;
             }
             let mut caches = Vec::new();
             for &p in &paths {

@@ -7,3 +7,9 @@ cd "$(dirname "$0")/.."
 cargo build --lib
 cargo test --all-targets --features model
 cargo test --doc --features model
+# The default run takes the fastest CPU kernel path this machine has (AVX-512 on CI's); the
+# attention suites run again on the other two, which CI's CPUs also have (tests/cpu_paths.rs
+# compares all three on the same inputs in the default run).
+for path in avx2 portable; do
+    KVTIER_CPU_KERNEL=$path cargo test --features model --test attention --test core_v2 --test certify --test truncate
+done

@@ -4,8 +4,8 @@
 //! validated config and may rely on its invariants (documented on each field). Must never: allocate
 //! cache memory or know about a particular backend.
 
-use crate::error::{Error, Result};
 pub use crate::backend::cpu::CpuKernel;
+use crate::error::{Error, Result};
 pub use crate::quant::rotate::Rotation;
 
 /// Bit width of warm-tier codes.

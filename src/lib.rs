@@ -53,7 +53,8 @@ pub use cache::{
     SeqId, Tier, Truncation,
 };
 pub use config::{
-    Bits, CacheConfig, CacheConfigBuilder, CpuKernel, HotDtype, LayerBits, Rotation, SpillConfig, TierBudgets,
+    Bits, CacheConfig, CacheConfigBuilder, CpuKernel, HotDtype, LayerBits, Rotation, SpillConfig,
+    TierBudgets,
 };
 pub use error::{Error, Result};
 pub use memory::MemoryReport;

@@ -73,11 +73,7 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn rms_diff(a: &[f32], b: &[f32]) -> f64 {
-    let s: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| ((x - y) as f64).powi(2))
-        .sum();
+    let s: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
     (s / a.len() as f64).sqrt()
 }
 
@@ -99,9 +95,15 @@ fn avx2_and_portable_agree_to_rounding_on_every_format_and_shape() {
         let x = data(qh, kvh, d, 333, 7 + d as u64);
         for (k, v) in FORMATS {
             let a = run(builder(qh, kvh, d, k, v).cpu_kernel(CpuKernel::Avx2), &x);
-            let p = run(builder(qh, kvh, d, k, v).cpu_kernel(CpuKernel::Portable), &x);
+            let p = run(
+                builder(qh, kvh, d, k, v).cpu_kernel(CpuKernel::Portable),
+                &x,
+            );
             let e = max_diff(&a.output, &p.output);
-            assert!(e < 2e-5, "{qh}/{kvh}/{d} k{k:?} v{v:?}: avx2 vs portable {e}");
+            assert!(
+                e < 2e-5,
+                "{qh}/{kvh}/{d} k{k:?} v{v:?}: avx2 vs portable {e}"
+            );
             for (ha, hp) in a.heads.iter().zip(&p.heads) {
                 assert!((ha.log_z - hp.log_z).abs() < 1e-4, "{ha:?} vs {hp:?}");
             }

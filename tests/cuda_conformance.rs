@@ -27,8 +27,8 @@ use kvtier::backend::metal::MetalBuffers;
 use kvtier::backend::{AttendInput, BackendDevice, BackendStorage, Device, DeviceBuffers};
 use kvtier::quant::{quantize_keys, quantize_values, WarmLayout};
 use kvtier::{
-    Attention, Bits, CacheConfig, Error, HotDtype, InputDtype, KvCache, PageBytes, PageEntry,
-    PageSelection, PageTable, Rotation, Rows, Scratch, SeqId, Tier, WarmFormat,
+    Attention, Bits, CacheConfig, CpuKernel, Error, HotDtype, InputDtype, KvCache, PageBytes,
+    PageEntry, PageSelection, PageTable, Rotation, Rows, Scratch, SeqId, Tier, WarmFormat,
 };
 
 fn device() -> Option<CudaDevice> {
@@ -312,7 +312,7 @@ fn page_bytes_match_cpu() {
     for (name, cfg) in configs() {
         let layout = WarmLayout::of(&cfg);
         let (kvh, d, ps) = (cfg.num_kv_heads, cfg.head_dim, cfg.page_size);
-        let mut cpu = CpuDevice.storage(&cfg, 0).unwrap();
+        let mut cpu = CpuDevice.storage(&oracle(&cfg), 0).unwrap();
         let mut gpu: CudaStorage = dev.storage(&cfg, 0).unwrap();
         let mut rng = Rng(0x5eed + d as u64);
         let format = WarmFormat::of(&cfg);
@@ -417,7 +417,24 @@ struct Filled {
     seqs: Vec<SeqId>,
 }
 
+/// The CPU oracle's config: the f32-score path (AVX2, or portable), never AVX-512's integer key
+/// scores, whose bounded extra error is not what the CUDA kernels are held to.
+fn oracle(cfg: &CacheConfig) -> CacheConfig {
+    let mut c = cfg.clone();
+    c.cpu_kernel = if CpuKernel::Avx2.available() {
+        CpuKernel::Avx2
+    } else {
+        CpuKernel::Portable
+    };
+    c
+}
+
 fn fill(cfg: &CacheConfig, device: Device, lens: &[usize], seed: u64) -> Filled {
+    let cfg = &if matches!(device, Device::Cpu) {
+        oracle(cfg)
+    } else {
+        cfg.clone()
+    };
     let mut cache = KvCache::with_device(cfg.clone(), device).unwrap();
     let (kvh, d) = (cfg.num_kv_heads, cfg.head_dim);
     let mut rng = Rng(seed);
@@ -965,8 +982,8 @@ fn export_import_is_byte_identical() {
     for (name, cfg) in configs() {
         let (kvh, d, ps) = (cfg.num_kv_heads, cfg.head_dim, cfg.page_size);
         let format = WarmFormat::of(&cfg);
-        let mut cpu = CpuDevice.storage(&cfg, 0).unwrap();
-        let mut cpu2 = CpuDevice.storage(&cfg, 0).unwrap();
+        let mut cpu = CpuDevice.storage(&oracle(&cfg), 0).unwrap();
+        let mut cpu2 = CpuDevice.storage(&oracle(&cfg), 0).unwrap();
         let mut gpu: CudaStorage = dev.storage(&cfg, 0).unwrap();
         let mut rng = Rng(0xe4 + d as u64);
         let (mut cpu_entries, mut gpu_entries) = (Vec::new(), Vec::new());
@@ -1150,7 +1167,12 @@ fn prefill_matches_cpu() {
     let q = rng.vec((n0 + n1) * qd, 1.0);
     let mut outs = Vec::new();
     for device in [Device::Cpu, Device::Cuda(dev.clone())] {
-        let mut c = KvCache::with_device(cfg.clone(), device).unwrap();
+        let c_cfg = if matches!(device, Device::Cpu) {
+            oracle(&cfg)
+        } else {
+            cfg.clone()
+        };
+        let mut c = KvCache::with_device(c_cfg, device).unwrap();
         let s = c.add_sequence();
         let o0 = c
             .prefill(s, 0, &q[..n0 * qd], &k[..n0 * r], &v[..n0 * r])

@@ -231,7 +231,10 @@ pub unsafe fn softmax_block(s: &[f32], m: f32, e: &mut [f32], n: usize) -> (f32,
         let x = _mm256_loadu_ps(buf.as_ptr());
         let xj = _mm256_max_ps(_mm256_sub_ps(x, vm), _mm256_set1_ps(-87.0));
         let xc = _mm256_max_ps(xj, _mm256_set1_ps(-87.0));
-        let t = _mm256_add_ps(_mm256_mul_ps(xc, _mm256_set1_ps(LOG2E)), _mm256_set1_ps(MAGIC));
+        let t = _mm256_add_ps(
+            _mm256_mul_ps(xc, _mm256_set1_ps(LOG2E)),
+            _mm256_set1_ps(MAGIC),
+        );
         let nf = _mm256_sub_ps(t, _mm256_set1_ps(MAGIC));
         let r = _mm256_sub_ps(
             _mm256_sub_ps(xc, _mm256_mul_ps(nf, _mm256_set1_ps(0.693_145_75))),

@@ -602,7 +602,11 @@ fn softmax_lanes(s: &[f32], m: f32, e: &mut [f32]) -> (f32, f32, f32) {
 fn max_lanes(x: &[f32]) -> f32 {
     let mut m = [f32::NEG_INFINITY; 8];
     let c = x.chunks_exact(8);
-    let tail = c.remainder().iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let tail = c
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
     for v in c {
         for i in 0..8 {
             m[i] = m[i].max(v[i]);

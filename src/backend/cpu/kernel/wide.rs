@@ -24,7 +24,9 @@ pub(super) fn wide_tables(s: &CpuStorage) -> ([bool; 4], [bool; 4]) {
         Bits::B3 => false,
     });
     let v = ALL_BITS.map(|b| {
-        b != Bits::B3 && values16_supported(d * b.bits() / 8, b.bits(), vg) && !s.order16(b).is_empty()
+        b != Bits::B3
+            && values16_supported(d * b.bits() / 8, b.bits(), vg)
+            && !s.order16(b).is_empty()
     });
     (k, v)
 }
@@ -68,7 +70,11 @@ impl Kernel<'_> {
             let qmax = if bits == 8 { 32767.0 } else { 127.0 };
             let inv = if amax > 0.0 { qmax / amax } else { 0.0 };
             // hi at step amax / 127, lo at 1/256 of it: the score's unit is amax / 127 / 256.
-            sc.qscale[h] = if bits == 8 { amax / qmax } else { amax / qmax / 256.0 };
+            sc.qscale[h] = if bits == 8 {
+                amax / qmax
+            } else {
+                amax / qmax / 256.0
+            };
             // SAFETY: avx512f/bw per the contract; lengths per pattern_i8/i16 (seg in {16, 32,
             // 64} for the shapes k_int admits; |u| <= qmax by the choice of inv).
             if bits == 8 {
