@@ -25,7 +25,7 @@ use kvtier::CacheConfig;
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
 enum Engine {
-    Candle(ModelWeights),
+    Candle(Box<ModelWeights>),
     Kvtier(Box<KvTierAttention>),
 }
 
@@ -89,13 +89,13 @@ fn main() -> Res<()> {
     println!("| context | candle tok/s | kvtier fp tok/s | kvtier int4 tok/s | fp / candle | int4 / candle |");
     println!("|---|---|---|---|---|---|");
     for &ctx in &contexts {
-        let mut engines = vec![
+        let mut engines = [
             (
                 "candle",
                 Engine::Candle({
                     let mut f = std::fs::File::open(assets.model())?;
                     let content = candle_core::quantized::gguf_file::Content::read(&mut f)?;
-                    ModelWeights::from_gguf(content, &mut f, &Device::Cpu)?
+                    Box::new(ModelWeights::from_gguf(content, &mut f, &Device::Cpu)?)
                 }),
             ),
             (
