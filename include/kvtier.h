@@ -280,6 +280,41 @@ typedef uint32_t kvtier_rotation;
 #endif // __cplusplus
 
 /*
+ The CPU kernel path of a cache's CPU storage (see `CpuKernel` in the Rust docs).
+ */
+enum kvtier_cpu_kernel
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+    /*
+     `KVTIER_CPU_KERNEL` from the environment if set, else the fastest path this CPU runs (the
+     default).
+     */
+    KVTIER_CPU_KERNEL_AUTO = 0,
+    /*
+     AVX-512 (F/BW/DQ/VL, VNNI): warm key scores as integer dot products with a query quantised
+     to 16 bits per page (bounded extra error, below the key quantisation error).
+     */
+    KVTIER_CPU_KERNEL_AVX512 = 1,
+    /*
+     AVX2 + FMA + F16C, f32 scores.
+     */
+    KVTIER_CPU_KERNEL_AVX2 = 2,
+    /*
+     Portable code, f32 scores.
+     */
+    KVTIER_CPU_KERNEL_PORTABLE = 3,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum kvtier_cpu_kernel kvtier_cpu_kernel;
+#else
+typedef uint32_t kvtier_cpu_kernel;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/*
  Element type of keys, values and queries handed to the `_typed` calls (pass as `uint32_t`).
  F16 and BF16 elements are 16-bit patterns (`uint16_t`, `_Float16`, `__bf16`).
  */
@@ -953,6 +988,18 @@ kvtier_status kvtier_config_set_spill(struct kvtier_config *config,
  `config` must be NULL or a live handle from `kvtier_config_new*`.
  */
 kvtier_status kvtier_config_set_threads(struct kvtier_config *config, size_t threads);
+
+/*
+ Chooses the CPU kernel path (`kernel` is a `kvtier_cpu_kernel` value).
+
+ Errors: `NULL_PARAMETER` (`config`), `INVALID_ARGUMENT` (unknown value), `INVALID_CONFIG`
+ (this CPU cannot run that path); the config is unchanged on error.
+
+ # Safety
+
+ `config` must be NULL or a live handle from `kvtier_config_new*`.
+ */
+kvtier_status kvtier_config_set_cpu_kernel(struct kvtier_config *config, uint32_t kernel);
 
 /*
  A cache on the CPU backend, configured by a copy of `config`. On success `*cache_out` holds a

@@ -134,7 +134,7 @@ fn hot_pages_agree_on_every_path() {
 }
 
 /// The AVX-512 path against the f32 path on every format and shape: close, and its added error
-/// (RMS over outputs) a fraction of the quantisation error itself (the quantised f32 result
+/// (RMS over outputs) at most 5% of the quantisation error itself (the worst case seen is 1.9%) (the quantised f32 result
 /// against full precision).
 #[test]
 fn avx512_integer_scores_add_less_error_than_key_quantisation() {
@@ -142,6 +142,7 @@ fn avx512_integer_scores_add_less_error_than_key_quantisation() {
     if !ps.contains(&CpuKernel::Avx512) {
         return;
     }
+    let mut worst = 0f64;
     for (qh, kvh, d) in SHAPES {
         for seed in 0..3u64 {
             let x = data(qh, kvh, d, 333 + 17 * seed as usize, 100 + seed);
@@ -159,8 +160,9 @@ fn avx512_integer_scores_add_less_error_than_key_quantisation() {
                 let w = run(builder(qh, kvh, d, k, v).cpu_kernel(CpuKernel::Avx512), &x);
                 let quant = rms_diff(&f.output, &exact.output);
                 let added = rms_diff(&w.output, &f.output);
+                worst = worst.max(added / quant);
                 assert!(
-                    added <= 0.25 * quant + 1e-6,
+                    added <= 0.05 * quant + 1e-7,
                     "{qh}/{kvh}/{d} k{k:?} v{v:?} seed {seed}: added {added:.3e} vs quantisation {quant:.3e}"
                 );
                 for (hw, hf) in w.heads.iter().zip(&f.heads) {
@@ -176,6 +178,7 @@ fn avx512_integer_scores_add_less_error_than_key_quantisation() {
             }
         }
     }
+    eprintln!("worst added / quantisation error (RMS of outputs): {worst:.4}");
 }
 
 /// Outlier channels, rotation, a selection of pages and prefill over cached pages take the

@@ -149,9 +149,9 @@ pub use protect::{
     kvtier_protect_step, kvtier_verdict,
 };
 pub use quant::{
-    kvtier_config_clear_layer_bits, kvtier_config_set_key_outliers, kvtier_config_set_layer_bits,
-    kvtier_config_set_rotation, kvtier_config_set_spill, kvtier_config_set_threads,
-    kvtier_rotation,
+    kvtier_config_clear_layer_bits, kvtier_config_set_cpu_kernel, kvtier_config_set_key_outliers,
+    kvtier_config_set_layer_bits, kvtier_config_set_rotation, kvtier_config_set_spill,
+    kvtier_config_set_threads, kvtier_rotation,
 };
 pub use status::{kvtier_status, kvtier_status_name};
 pub use version::{kvtier_abi_version, kvtier_version};

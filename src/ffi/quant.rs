@@ -7,7 +7,7 @@
 
 use super::config::{kvtier_config, update};
 use super::status::{kvtier_status, FfiError};
-use crate::config::{Bits, LayerBits, Rotation};
+use crate::config::{Bits, CpuKernel, LayerBits, Rotation};
 
 /// Which vectors a cache rotates before storing them (pass as `uint32_t`): see `Rotation`.
 #[repr(u32)]
@@ -186,5 +186,59 @@ pub unsafe extern "C" fn kvtier_config_set_threads(
     ffi_panic_boundary!("kvtier_config_set_threads", {
         // SAFETY: `config` is NULL or live (this function's contract).
         unsafe { update(config, |c| c.threads = (threads > 0).then_some(threads)) }
+    })
+}
+
+/// The CPU kernel path of a cache's CPU storage (see `CpuKernel` in the Rust docs).
+#[allow(non_camel_case_types)]
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum kvtier_cpu_kernel {
+    /// `KVTIER_CPU_KERNEL` from the environment if set, else the fastest path this CPU runs (the
+    /// default).
+    Auto = 0,
+    /// AVX-512 (F/BW/DQ/VL, VNNI): warm key scores as integer dot products with a query quantised
+    /// to 16 bits per page (bounded extra error, below the key quantisation error).
+    Avx512 = 1,
+    /// AVX2 + FMA + F16C, f32 scores.
+    Avx2 = 2,
+    /// Portable code, f32 scores.
+    Portable = 3,
+}
+
+/// Chooses the CPU kernel path (`kernel` is a `kvtier_cpu_kernel` value).
+///
+/// Errors: `NULL_PARAMETER` (`config`), `INVALID_ARGUMENT` (unknown value), `INVALID_CONFIG`
+/// (this CPU cannot run that path); the config is unchanged on error.
+///
+/// # Safety
+///
+/// `config` must be NULL or a live handle from `kvtier_config_new*`.
+#[no_mangle]
+pub unsafe extern "C" fn kvtier_config_set_cpu_kernel(
+    config: *mut kvtier_config,
+    kernel: u32,
+) -> kvtier_status {
+    ffi_panic_boundary!("kvtier_config_set_cpu_kernel", {
+        let k = match kernel {
+            k if k == kvtier_cpu_kernel::Auto as u32 => CpuKernel::Auto,
+            k if k == kvtier_cpu_kernel::Avx512 as u32 => CpuKernel::Avx512,
+            k if k == kvtier_cpu_kernel::Avx2 as u32 => CpuKernel::Avx2,
+            k if k == kvtier_cpu_kernel::Portable as u32 => CpuKernel::Portable,
+            other => {
+                return Err(FfiError::invalid(format!(
+                    "kernel {other} is not a kvtier_cpu_kernel (0..=3)"
+                )))
+            }
+        };
+        if !k.available() {
+            return Err(crate::Error::config(
+                "cpu_kernel",
+                format!("this CPU cannot run the {} path", k.name()),
+            )
+            .into());
+        }
+        // SAFETY: `config` is NULL or live (this function's contract).
+        unsafe { update(config, |c| c.cpu_kernel = k) }
     })
 }

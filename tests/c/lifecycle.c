@@ -211,6 +211,10 @@ int main(void) {
     EXPECT_OK(kvtier_config_set_threads(qc, 2));
     EXPECT_STATUS(KVTIER_STATUS_INVALID_CONFIG, kvtier_config_set_threads(qc, 100000));
     EXPECT_STATUS(KVTIER_STATUS_NULL_PARAMETER, kvtier_config_set_threads(NULL, 1));
+    EXPECT_OK(kvtier_config_set_cpu_kernel(qc, KVTIER_CPU_KERNEL_PORTABLE));
+    EXPECT_OK(kvtier_config_set_cpu_kernel(qc, KVTIER_CPU_KERNEL_AUTO));
+    EXPECT_STATUS(KVTIER_STATUS_INVALID_ARGUMENT, kvtier_config_set_cpu_kernel(qc, 99));
+    EXPECT_STATUS(KVTIER_STATUS_NULL_PARAMETER, kvtier_config_set_cpu_kernel(NULL, 0));
     EXPECT_OK(kvtier_config_set_rotation(qc, KVTIER_ROTATION_KEYS, 7));
     kvtier_cache *qcache = NULL;
     EXPECT_OK(kvtier_cache_new(qc, &qcache));

@@ -92,7 +92,8 @@ pub struct CpuStorage {
     orders16: [Vec<usize>; 4],
     /// Byte order of the integer key loops' query pattern, by width index (see `kernel::wide`).
     orders_int: [Vec<usize>; 4],
-    /// The resolved kernel path (never `Auto`).
+    /// The resolved kernel path (never `Auto`); off x86-64 only `Portable` exists.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     kernel: CpuKernel,
 }
 
@@ -138,6 +139,7 @@ impl CpuStorage {
     }
 
     /// The kernel path this storage runs.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn kernel(&self) -> CpuKernel {
         self.kernel
     }

@@ -21,7 +21,9 @@
 mod wide;
 
 use super::simd::{axpy, dot, f16_to_f32, prefetch, scale, sum, unpack_lanes};
-use super::{bits_index, internal, CpuKernel, CpuStorage, Geometry, ALL_BITS};
+#[cfg(target_arch = "x86_64")]
+use super::CpuKernel;
+use super::{bits_index, internal, CpuStorage, Geometry, ALL_BITS};
 use crate::attention::exp::exp_nonpos;
 use crate::attention::{Attention, OnlineSoftmax, PageSelection};
 use crate::backend::AttendInput;
@@ -96,6 +98,7 @@ struct Kernel<'a> {
     g: usize,
     groups: usize,
     /// Per key width: scores as integer dot products (AVX-512 path, supported row shape).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     k_int: [bool; 4],
     /// Per value width: the 16-lane value loop, accumulating in the 16-byte lane order.
     v16: [bool; 4],
