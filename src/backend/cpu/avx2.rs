@@ -45,6 +45,10 @@ pub struct ValueArgs {
     pub d: usize,
 }
 
+/// Sum of the 8 lanes.
+///
+/// # Safety
+/// avx available (only called from the `target_feature(enable = "avx2,fma")` loops).
 #[inline(always)]
 unsafe fn hsum(v: __m256) -> f32 {
     let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -52,6 +56,10 @@ unsafe fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)))
 }
 
+/// Bit field `kk` of `B`-bit codes in 8 widened bytes, as f32.
+///
+/// # Safety
+/// avx2 available.
 #[inline(always)]
 unsafe fn codes_of<const B: usize>(v: __m256i, kk: usize) -> __m256 {
     let mask = _mm256_set1_epi32(((1u32 << B) - 1) as i32);
@@ -124,6 +132,9 @@ pub unsafe fn values<const H: usize, const B: usize, const NPER: usize>(a: &Valu
 /// 3-bit codes of one 32-code block in lane order: vector `kk` of the 2-bit low plane (`v`, 8 bytes
 /// widened to lanes) with the high bit added from the block's 32-bit high word `hw`: lane `j` of
 /// vector `kk` is code `4j + kk`, whose high bit is bit `4j + kk` of `hw` (see `quant::pack`).
+///
+/// # Safety
+/// avx2 available.
 #[inline(always)]
 unsafe fn codes3_of(v: __m256i, hw: __m256i, kk: usize) -> __m256 {
     let low = _mm256_and_si256(

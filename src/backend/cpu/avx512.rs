@@ -57,6 +57,9 @@ pub fn i16_rows_supported(head_dim: usize) -> bool {
 
 /// Sums the 16 lanes of each of `v[0..16]`: lane `4q + m` of the result is the sum of `v[4m + q]`.
 /// Levels: 512 → 256 bits (`v` pairs), 256 → 128, 128 → 64, 64 → 32.
+///
+/// # Safety
+/// avx512f available (only called from the `target_feature` loops below).
 #[inline(always)]
 unsafe fn reduce16(v: &[__m512i; 16]) -> __m512i {
     let mut r = [_mm512_setzero_si512(); 8];
@@ -72,6 +75,9 @@ unsafe fn reduce16(v: &[__m512i; 16]) -> __m512i {
 
 /// As [`reduce16`] for 8 vectors holding two 8-lane items each (lanes 0-7, 8-15): item `i` is
 /// half `i % 2` of `v[i / 2]`, and lane `4q + m` of the result sums item `4m + q`.
+///
+/// # Safety
+/// avx512f available.
 #[inline(always)]
 unsafe fn reduce8(r: &[__m512i; 8]) -> __m512i {
     let mut s = [_mm512_setzero_si512(); 4];
@@ -87,6 +93,9 @@ unsafe fn reduce8(r: &[__m512i; 8]) -> __m512i {
 
 /// As [`reduce16`] for 4 vectors holding four 4-lane items each: item `i` is 128-bit quarter
 /// `i % 4` of `v[i / 4]`.
+///
+/// # Safety
+/// avx512f available.
 #[inline(always)]
 unsafe fn reduce4(s: &[__m512i; 4]) -> __m512i {
     let c0 = _mm512_add_epi32(
@@ -106,6 +115,9 @@ unsafe fn reduce4(s: &[__m512i; 4]) -> __m512i {
 
 /// Puts a reduction's lanes in item order (lane `t` = item `t`) and writes `qm + s · sum` for the
 /// first `m` items.
+///
+/// # Safety
+/// avx512f available; `m <= 16` and `out` valid for `m` floats (the masked store touches no more).
 #[inline(always)]
 unsafe fn store_scores(r: __m512i, s: f32, qm: f32, out: *mut f32, m: usize) {
     let idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
