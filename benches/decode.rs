@@ -74,7 +74,6 @@ fn read_bench(
     bytes: usize,
     threads: usize,
 ) {
-    use rayon::prelude::*;
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build()
@@ -82,22 +81,7 @@ fn read_bench(
     let buf: Vec<u64> = (0..bytes / 8).map(|i| i as u64).collect();
     g.throughput(Throughput::Bytes(bytes as u64));
     g.bench_function(format!("read/{bytes}/t{threads}"), |bch| {
-        bch.iter(|| {
-            pool.install(|| {
-                std::hint::black_box(&buf)
-                    .par_chunks(1 << 14)
-                    .map(|c| {
-                        let mut acc = [0u64; 8];
-                        for w in c.chunks_exact(8) {
-                            for i in 0..8 {
-                                acc[i] = acc[i].wrapping_add(w[i]);
-                            }
-                        }
-                        acc.iter().fold(0u64, |a, b| a.wrapping_add(*b))
-                    })
-                    .reduce(|| 0, u64::wrapping_add)
-            })
-        })
+        bch.iter(|| pool.install(|| common::read_sum(std::hint::black_box(&buf), 1 << 14)))
     });
 }
 

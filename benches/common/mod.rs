@@ -41,3 +41,20 @@ pub fn filled(b: CacheConfigBuilder, tokens: usize) -> (KvCache, SeqId, Vec<f32>
         .collect();
     (cache, s, q)
 }
+
+/// Sums `buf` on the current rayon pool in chunks of `chunk` words: the read roofline of the
+/// benches (every byte read once, 8 independent adds per cache line).
+pub fn read_sum(buf: &[u64], chunk: usize) -> u64 {
+    use rayon::prelude::*;
+    buf.par_chunks(chunk)
+        .map(|c| {
+            let mut acc = [0u64; 8];
+            for w in c.chunks_exact(8) {
+                for i in 0..8 {
+                    acc[i] = acc[i].wrapping_add(w[i]);
+                }
+            }
+            acc.iter().fold(0u64, |a, b| a.wrapping_add(*b))
+        })
+        .reduce(|| 0, u64::wrapping_add)
+}

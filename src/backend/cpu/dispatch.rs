@@ -1,5 +1,6 @@
 //! Which instruction set the CPU kernels run on: chosen once per cache (at storage creation), by
-//! the config, the `KVTIER_CPU_KERNEL` environment variable, or run-time detection.
+//! the config, the `KVTIER_CPU_KERNEL` environment variable (read once per process), or run-time
+//! detection.
 //!
 //! Owns: [`CpuKernel`] and its resolution. Must never: change a cache's numerics after creation
 //! (the path is fixed per storage, so every step of a cache is computed the same way).
@@ -65,24 +66,16 @@ impl CpuKernel {
     }
 
     /// The concrete path a cache with this setting runs: `Auto` becomes the environment's choice
-    /// or the fastest available path; a path this CPU lacks is an error.
+    /// or the fastest available path (decided once per process, at the first cache: storages are
+    /// also made for a moment per page conversion); a path this CPU lacks is an error.
     pub fn resolve(self) -> Result<CpuKernel> {
+        static AUTO: std::sync::OnceLock<std::result::Result<CpuKernel, String>> =
+            std::sync::OnceLock::new();
         let k = match self {
-            CpuKernel::Auto => match std::env::var("KVTIER_CPU_KERNEL") {
-                Ok(v) if !v.trim().is_empty() => match CpuKernel::from_name(&v) {
-                    Some(CpuKernel::Auto) => Self::best(),
-                    Some(k) => k,
-                    None => {
-                        return Err(Error::config(
-                            "cpu_kernel",
-                            format!(
-                                "KVTIER_CPU_KERNEL={v:?} is not one of auto, avx512, avx2, portable"
-                            ),
-                        ))
-                    }
-                },
-                _ => Self::best(),
-            },
+            CpuKernel::Auto => AUTO
+                .get_or_init(Self::from_env)
+                .clone()
+                .map_err(|reason| Error::config("cpu_kernel", reason))?,
             k => k,
         };
         if !k.available() {
@@ -92,6 +85,20 @@ impl CpuKernel {
             ));
         }
         Ok(k)
+    }
+
+    /// `Auto`'s choice: `KVTIER_CPU_KERNEL` if set, else the fastest available path.
+    fn from_env() -> std::result::Result<CpuKernel, String> {
+        match std::env::var("KVTIER_CPU_KERNEL") {
+            Ok(v) if !v.trim().is_empty() => match CpuKernel::from_name(&v) {
+                Some(CpuKernel::Auto) => Ok(Self::best()),
+                Some(k) => Ok(k),
+                None => Err(format!(
+                    "KVTIER_CPU_KERNEL={v:?} is not one of auto, avx512, avx2, portable"
+                )),
+            },
+            _ => Ok(Self::best()),
+        }
     }
 
     fn best() -> CpuKernel {

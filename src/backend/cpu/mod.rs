@@ -37,9 +37,8 @@ impl BackendDevice for CpuDevice {
         DeviceLocation::Cpu
     }
     fn storage(&self, cfg: &CacheConfig, _layer: usize) -> Result<CpuStorage> {
-        // Resolved here first so a path this CPU lacks is an error at cache creation.
-        cfg.cpu_kernel.resolve()?;
-        Ok(CpuStorage::new(cfg))
+        // Resolved here so a path this CPU lacks is an error at cache creation.
+        Ok(CpuStorage::with_kernel(cfg, cfg.cpu_kernel.resolve()?))
     }
 }
 
@@ -98,8 +97,15 @@ pub struct CpuStorage {
 }
 
 impl CpuStorage {
-    /// Empty pools for a validated config.
+    /// Empty pools for a validated config. Storages made for a moment (page conversion, reports)
+    /// run no attention path a cache did not already accept; an unresolvable path falls back to
+    /// portable here, while [`CpuDevice::storage`] reports it.
     pub fn new(cfg: &CacheConfig) -> Self {
+        Self::with_kernel(cfg, cfg.cpu_kernel.resolve().unwrap_or(CpuKernel::Portable))
+    }
+
+    /// Empty pools running `kernel` (a resolved path, never `Auto`).
+    fn with_kernel(cfg: &CacheConfig, kernel: CpuKernel) -> Self {
         // of_format carries the config's key outlier count into every width.
         let layouts = ALL_BITS.map(|k_bits| {
             ALL_BITS.map(|v_bits| WarmLayout::of_format(cfg, WarmFormat { k_bits, v_bits }))
@@ -127,9 +133,7 @@ impl CpuStorage {
                     quant::pack::lane_order_chunk(b, cfg.head_dim, chunk)
                 }
             }),
-            // CpuDevice::storage has checked the resolution; storages made for a moment (page
-            // conversion, reports) run no attention path a cache did not already accept.
-            kernel: cfg.cpu_kernel.resolve().unwrap_or(CpuKernel::Portable),
+            kernel,
         }
     }
 
