@@ -208,17 +208,15 @@ fn main() {
             .dir
             .join(format!("kvtier-disk-bench-{}-{name}", std::process::id()));
         let sp = SpillConfig {
-            dir: dir.clone(),
-            host_ram_bytes: host / 10,
-            disk_bytes: None,
             prefetch,
+            ..SpillConfig::new(&dir, host / 10)
         };
         let (c, s) = build(&a, Some(sp));
         let r = c.memory_report();
         assert!(r.cold_bytes + r.archive_bytes <= host / 10);
         let mut times = Vec::new();
-        let (reads0, bytes0) = c.disk_reads();
-        let st0 = c.disk_stats();
+        let mut waits = Vec::new();
+        let mut io = kvtier::cold::DiskStep::default();
         for step in 0..a.steps {
             for f in c.spill_files() {
                 drop_cache(&f);
@@ -229,6 +227,7 @@ fn main() {
                     c.prefetch(l, &[s], None).expect("prefetch");
                 }
             }
+            let mut step_io = kvtier::cold::DiskStep::default();
             for (l, w) in want.iter().enumerate() {
                 let got = c.attend(l, &[s], &q).expect("attend");
                 if step == 0 {
@@ -237,25 +236,27 @@ fn main() {
                         "layer {l}: spilled attention differs from RAM"
                     );
                 }
+                // What this layer's call read from disk and waited for (`Attention::disk`).
+                step_io.add(&got.disk);
             }
             times.push(t.elapsed().as_secs_f64() * 1e3);
+            waits.push(step_io.wait_ns as f64 / 1e6);
+            io.add(&step_io);
         }
-        let (reads1, bytes1) = c.disk_reads();
-        let st = c.disk_stats();
         let step = median(times);
-        let mb = (bytes1 - bytes0) as f64 / a.steps as f64 / 1e6;
-        let _ = reads1 - reads0;
+        let mb = io.bytes as f64 / a.steps as f64 / 1e6;
+        let per = |n: u32| n as f64 / a.steps as f64;
         println!(
-            "{:>12} | {:>9.2} {:>9.2} | {:>12.1} {:>10.2} | {:>8} {:>8} {:>8} | {:>9.2}",
+            "{:>12} | {:>9.2} {:>9.2} | {:>12.1} {:>10.2} | {:>8.0} {:>8.0} {:>8.0} | {:>9.2}",
             name,
             step,
             step / median(t_ram.clone()),
             mb,
             mb / 1e3 / (step / 1e3),
-            st.hits - st0.hits,
-            st.waited - st0.waited,
-            st.misses - st0.misses,
-            (st.wait_ns - st0.wait_ns) as f64 / 1e6 / a.steps as f64
+            per(io.hits),
+            per(io.waited),
+            per(io.sync_reads),
+            median(waits)
         );
         drop(c);
         assert!(!dir.exists(), "spill files removed");

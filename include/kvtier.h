@@ -480,6 +480,20 @@ typedef struct kvtier_memory_report {
      Pages with an archive copy.
      */
     size_t archived_pages;
+    /*
+     Archive and cold pages spilled to disk (`kvtier_config_set_spill`): bytes of their live
+     records (payload, header, checksum), and how many pages. Not in `total_bytes` (memory).
+     */
+    size_t disk_bytes;
+    size_t disk_pages;
+    /*
+     Bytes of the page files: live records plus freed space not yet compacted away.
+     */
+    size_t disk_file_bytes;
+    /*
+     Tokens in evicted pages (counted in `tokens`, never attended).
+     */
+    size_t evicted_tokens;
 } kvtier_memory_report;
 
 /*
@@ -603,6 +617,64 @@ typedef struct kvtier_page_info {
      */
     uint64_t last_attended;
 } kvtier_page_info;
+
+/*
+ Disk reads of a spilling cache, cumulative over its life. A decode step's cost is the
+ difference across it (see also `kvtier_compaction`).
+ */
+typedef struct kvtier_disk_stats {
+    /*
+     Spilled pages read back (attention, promotion, from-cold), and their record bytes.
+     */
+    uint64_t pages_read;
+    uint64_t bytes_read;
+    /*
+     Reads asked of the prefetch thread, and those it completed into its buffer.
+     */
+    uint64_t prefetch_requested;
+    uint64_t prefetched;
+    /*
+     Reads of spilled pages served from the buffer, after waiting for a read in flight, and
+     read synchronously.
+     */
+    uint64_t hits;
+    uint64_t waited;
+    uint64_t misses;
+    /*
+     Time readers waited for reads in flight, and spent in synchronous reads, in ns.
+     */
+    uint64_t wait_ns;
+    uint64_t sync_read_ns;
+    /*
+     Host pages written to disk, and moves refused because a spill failed (nothing lost).
+     */
+    uint64_t spills;
+    uint64_t spill_failures;
+    /*
+     Compactions run, and those stopped by an I/O error (nothing lost).
+     */
+    uint64_t compactions;
+    uint64_t compaction_failures;
+} kvtier_disk_stats;
+
+/*
+ What one compaction of a spilling cache's page files did.
+ */
+typedef struct kvtier_compaction {
+    /*
+     Records moved out of sparse segment files, and their bytes.
+     */
+    uint64_t pages_moved;
+    uint64_t bytes_moved;
+    /*
+     File bytes given back.
+     */
+    uint64_t bytes_reclaimed;
+    /*
+     Records left in place because they failed their integrity check.
+     */
+    uint64_t corrupt_left;
+} kvtier_compaction;
 
 /*
  Settings of a protect session. Pass NULL to `kvtier_protect_new` for the defaults
@@ -1386,6 +1458,36 @@ kvtier_status kvtier_cache_page_info(const struct kvtier_cache *cache,
                                      size_t layer,
                                      size_t page,
                                      struct kvtier_page_info *info_out);
+
+/*
+ Writes the cache's disk counters to `*stats_out` (all zero for a cache that does not spill).
+
+ Errors: `NULL_PARAMETER`, `POISONED`.
+
+ # Safety
+
+ `cache` must be NULL or a live handle; `stats_out` must be valid for a write of one
+ `kvtier_disk_stats`.
+ */
+kvtier_status kvtier_cache_disk_stats(const struct kvtier_cache *cache,
+                                      struct kvtier_disk_stats *stats_out);
+
+/*
+ Compacts the cache's page files now: the live records of every segment file at most half live
+ move into the open segment, and the emptied files are deleted (the cache also does this by
+ itself once the files hold more dead than live bytes). `result_out` may be NULL. A no-op for a
+ cache that does not spill.
+
+ Errors: `NULL_PARAMETER` (`cache`), `DISK` (a write failed: the records moved so far stand and
+ every page keeps a valid record), `POISONED`.
+
+ # Safety
+
+ `cache` must be NULL or a live handle; `result_out` NULL or valid for a write of one
+ `kvtier_compaction`.
+ */
+kvtier_status kvtier_cache_compact_spill(struct kvtier_cache *cache,
+                                         struct kvtier_compaction *result_out);
 
 /*
  Makes the built-in policy named `name` (NUL-terminated: "keep_all", "recent", "streaming_llm",

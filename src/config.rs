@@ -104,6 +104,25 @@ pub struct SpillConfig {
     /// is attended, and whatever [`crate::KvCache::prefetch`] asks for. The read-ahead buffer
     /// holds at most `host_ram_bytes` more.
     pub prefetch: bool,
+    /// Page files are closed to new records at this size ([`SpillConfig::new`]: 64 MiB). Freed
+    /// records leave dead space; once the dead bytes exceed both one segment and the live bytes,
+    /// the cache compacts the files (moves the live records out of segments at most half live
+    /// and deletes those; see [`crate::KvCache::compact_spill`]).
+    pub segment_bytes: usize,
+}
+
+impl SpillConfig {
+    /// Spilling into `dir` past `host_ram_bytes` of host RAM: no disk limit, prefetch on,
+    /// 64 MiB segments.
+    pub fn new(dir: impl Into<std::path::PathBuf>, host_ram_bytes: usize) -> Self {
+        SpillConfig {
+            dir: dir.into(),
+            host_ram_bytes,
+            disk_bytes: None,
+            prefetch: true,
+            segment_bytes: crate::cold::disk::SEGMENT_BYTES as usize,
+        }
+    }
 }
 
 /// Byte budgets per tier. `None` means unlimited. Budgets count bytes actually allocated,

@@ -22,6 +22,8 @@ pub struct MemoryReport {
     pub disk_bytes: usize,
     /// Pages held on disk.
     pub disk_pages: usize,
+    /// Bytes of the page files: `disk_bytes` plus freed records not yet compacted away.
+    pub disk_file_bytes: usize,
     /// Bookkeeping.
     pub metadata_bytes: usize,
     /// Tokens stored, summed over sequences and layers.
@@ -78,6 +80,16 @@ impl std::fmt::Display for MemoryReport {
             mib(self.device_bytes()),
             mib(self.f16_equivalent_bytes),
             self.compression()
-        )
+        )?;
+        if self.disk_pages > 0 {
+            write!(
+                f,
+                " | disk {:.2} MiB ({} pages, files {:.2} MiB)",
+                mib(self.disk_bytes),
+                self.disk_pages,
+                mib(self.disk_file_bytes)
+            )?;
+        }
+        Ok(())
     }
 }

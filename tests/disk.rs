@@ -58,12 +58,7 @@ fn filled(spill: Option<SpillConfig>) -> (KvCache, Vec<SeqId>, Vec<f32>) {
 }
 
 fn spill(dir: &std::path::Path, ram: usize) -> Option<SpillConfig> {
-    Some(SpillConfig {
-        dir: dir.to_path_buf(),
-        host_ram_bytes: ram,
-        disk_bytes: None,
-        prefetch: true,
-    })
+    Some(SpillConfig::new(dir, ram))
 }
 
 #[test]
@@ -289,10 +284,9 @@ fn disk_full_and_torn_writes_lose_nothing() {
 fn disk_budget_is_enforced() {
     let dir = tmpdir("budget");
     let sp = SpillConfig {
-        dir: dir.clone(),
-        host_ram_bytes: 8 << 10,
         disk_bytes: Some(40 << 10),
         prefetch: false,
+        ..SpillConfig::new(&dir, 8 << 10)
     };
     // No archive: only the cold copies spill, so the disk budget binds at to_cold.
     let mut cfg = config(Some(sp));
@@ -391,6 +385,18 @@ fn prefetch_reads_the_next_layer_ahead() {
             c.attend(layer, &[s], &q).unwrap(),
         );
         assert_eq!(a.output, b.output, "layer {layer}");
+        // Each step says what it read and how: layer 0 synchronously, later layers mostly
+        // from the read-ahead buffer.
+        let d = b.disk;
+        assert!(d.pages > 0, "layer {layer}: {d:?}");
+        assert_eq!(d.pages, d.hits + d.waited + d.sync_reads, "{d:?}");
+        if layer == 0 {
+            assert_eq!(d.sync_reads, d.pages, "{d:?}");
+            assert!(d.wait_ns > 0, "{d:?}");
+        } else if layer == 1 {
+            // (Layer 2's read-aheads mostly find the 8 KiB buffer still full of layer 1's.)
+            assert!(d.hits + d.waited > 0, "layer {layer}: {d:?}");
+        }
     }
     let st = c.disk_stats();
     assert!(st.prefetch_requested > 0 && st.prefetched > 0, "{st:?}");
@@ -477,4 +483,98 @@ fn attention_at_128k_tokens_with_90_percent_on_disk_is_identical() {
     assert_eq!(a.output, b.output);
     assert_eq!(a.heads, b.heads);
     assert_eq!(a.page_lse, b.page_lse);
+}
+
+/// Freed records leave dead space; compaction (explicit, and automatic once more than half the
+/// file bytes are dead) gives it back, and every page still attends bit for bit as in RAM.
+#[test]
+fn compaction_reclaims_dead_space_and_keeps_attention_identical() {
+    let dir = tmpdir("compact");
+    let sp = SpillConfig {
+        segment_bytes: 64 << 10,
+        ..SpillConfig::new(&dir, 8 << 10)
+    };
+    let (mut ram, seqs, q) = filled(None);
+    let (mut c, _, _) = filled(Some(sp));
+    let promote_every = |c: &mut KvCache, seq: SeqId, keep: usize| {
+        let n = c.page_table(seq, 0).unwrap().pages().len();
+        let moves: Vec<kvtier::Move> = (0..n)
+            .filter(|page| page % keep != 0)
+            .map(|page| PageRef {
+                seq,
+                layer: 0,
+                page,
+            })
+            .filter(|p| c.page(*p).unwrap().tier == Tier::Cold)
+            .map(kvtier::Move::Promote)
+            .collect();
+        c.apply(&moves).unwrap();
+    };
+    let r0 = c.memory_report();
+    assert!(
+        r0.disk_file_bytes >= r0.disk_bytes && r0.disk_pages > 20,
+        "{r0:?}"
+    );
+    // Every other page of the first sequence back hot: half its records are dead, not yet
+    // enough for the automatic rule (the second sequence's records are live).
+    promote_every(&mut ram, seqs[0], 2);
+    promote_every(&mut c, seqs[0], 2);
+    let r1 = c.memory_report();
+    assert_eq!(c.counters().compactions, 0);
+    assert!(r1.disk_file_bytes > r1.disk_bytes, "{r1:?}");
+    let files = c.spill_files().len();
+    let k = c.compact_spill().unwrap();
+    let r2 = c.memory_report();
+    assert!(k.pages_moved > 0 && k.bytes_reclaimed > 0, "{k:?}");
+    assert_eq!(k.corrupt_left, 0);
+    assert_eq!(r2.disk_bytes, r1.disk_bytes, "live records are unchanged");
+    assert_eq!(
+        r1.disk_file_bytes - r2.disk_file_bytes,
+        k.bytes_reclaimed as usize
+    );
+    assert!(c.spill_files().len() < files);
+    assert_eq!(
+        c.attend(0, &seqs, &q).unwrap().output,
+        ram.attend(0, &seqs, &q).unwrap().output
+    );
+    // The second sequence's pages back hot one move at a time, strided so that segments thin
+    // out: once a store holds more dead than live bytes (and a segment's worth) the cache
+    // compacts by itself, so the files never grow past about twice the live bytes.
+    let n = c.page_table(seqs[1], 0).unwrap().pages().len();
+    for page in (1..n).step_by(3).chain((2..n).step_by(3)) {
+        let p = PageRef {
+            seq: seqs[1],
+            layer: 0,
+            page,
+        };
+        if c.page(p).unwrap().tier != Tier::Cold {
+            continue;
+        }
+        ram.apply(&[kvtier::Move::Promote(p)]).unwrap();
+        c.apply(&[kvtier::Move::Promote(p)]).unwrap();
+        let r = c.memory_report();
+        assert!(
+            r.disk_file_bytes <= 2 * r.disk_bytes + 4 * (64 << 10),
+            "page {page}: {r:?}"
+        );
+    }
+    assert!(c.counters().compactions >= 2, "{:?}", c.counters());
+    assert_eq!(c.counters().compaction_failures, 0);
+    let (a, b) = (
+        ram.attend(0, &seqs, &q).unwrap(),
+        c.attend(0, &seqs, &q).unwrap(),
+    );
+    assert_eq!(a.output, b.output);
+    assert_eq!(a.heads, b.heads);
+    // What the step read from disk is in the result; the all-RAM cache read nothing.
+    assert_eq!(a.disk, kvtier::cold::DiskStep::default());
+    assert!(b.disk.pages > 0 && b.disk.bytes > 0, "{:?}", b.disk);
+    assert_eq!(
+        b.disk.pages,
+        b.disk.hits + b.disk.waited + b.disk.sync_reads,
+        "{:?}",
+        b.disk
+    );
+    drop(c);
+    assert!(!dir.exists());
 }

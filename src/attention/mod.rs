@@ -45,6 +45,9 @@ pub struct Attention {
     pub num_q_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    /// What reading spilled cold pages from disk cost this call: pages and bytes read, how many
+    /// came from the read-ahead buffer, and how long the call waited (zero without spilling).
+    pub disk: crate::cold::DiskStep,
 }
 
 impl Attention {
@@ -66,6 +69,7 @@ impl Attention {
             num_q_heads,
             num_kv_heads,
             head_dim,
+            disk: Default::default(),
         }
     }
 
@@ -144,6 +148,7 @@ impl Attention {
             }
             *hs = a.stats();
         }
+        self.disk.add(&other.disk);
         for (mine, theirs) in self.page_lse.iter_mut().zip(&other.page_lse) {
             for (x, &y) in mine.iter_mut().zip(theirs) {
                 if y > f32::NEG_INFINITY {

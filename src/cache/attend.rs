@@ -4,7 +4,8 @@
 //! (the caller's selection minus cold and evicted pages), the synchronous read of cold pages (they
 //! are imported into a transient storage of the same device and attended there; the two partial
 //! results merge exactly, see [`crate::attention::Attention::merge_disjoint`]), the finiteness
-//! guarantee of results, and `observe`, which folds a step's page masses into `PageMeta`.
+//! guarantee of results, what reading spilled pages cost each call ([`Attention::disk`]), and
+//! `observe`, which folds a step's page masses into `PageMeta`.
 //! Must never: mutate the cache in `attend` (it is `&self`, callable from several threads), or
 //! return non-finite attention from finite input.
 
@@ -234,6 +235,7 @@ impl KvCache {
         let mut tmp = self.device.storage(&self.cfg, layer)?;
         let kvh = self.cfg.num_kv_heads;
         let mut staged = Vec::with_capacity(tables.len());
+        let mut disk = crate::cold::DiskStep::default();
         for (i, t) in tables.iter().enumerate() {
             let mut pages = t.pages().to_vec();
             for (p, e) in pages.iter_mut().enumerate() {
@@ -247,7 +249,7 @@ impl KvCache {
                     layer,
                     page: p,
                 };
-                let bytes = self.cold_bytes(r, e)?;
+                let bytes = self.cold_bytes_counted(r, e, &mut disk)?;
                 e.slot = tmp.import_page(&bytes)?;
                 e.tier = bytes.tier;
             }
@@ -260,7 +262,9 @@ impl KvCache {
             selection: Some(sel),
             rotation: None,
         };
-        tmp.attend(&mut Scratch::default(), &input)
+        let mut att = tmp.attend(&mut Scratch::default(), &input)?;
+        att.disk = disk;
+        Ok(att)
     }
 
     /// Folds one step's attention (`att`, from `attend*` in `layer` over `seqs`, with the cache

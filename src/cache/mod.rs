@@ -79,6 +79,10 @@ pub struct CacheCounters {
     pub spills: u64,
     /// Page moves refused because a spill failed with host RAM over the budget (nothing lost).
     pub spill_failures: u64,
+    /// Compactions of the page files run, and those that stopped on an I/O error (nothing is
+    /// lost: the records not moved stay valid where they are).
+    pub compactions: u64,
+    pub compaction_failures: u64,
 }
 
 /// A paged, tiered KV cache for one model.
@@ -133,6 +137,7 @@ impl KvCache {
                         id,
                         sp.disk_bytes.map(|b| b as u64),
                     )
+                    .map(|d| d.with_segment_bytes(sp.segment_bytes as u64))
                 };
                 let mut archive = store("archive")?;
                 let mut cold = store("cold")?;
@@ -274,6 +279,7 @@ impl KvCache {
             }
             sl.steps = 0;
         }
+        self.auto_compact();
         Ok(())
     }
 

@@ -20,6 +20,7 @@
 use super::meta::{KeyBounds, Pins};
 use super::{free_page, KvCache, PageEntry, SeqId, Tier};
 use crate::backend::{BackendStorage, PageBytes};
+use crate::cold::DiskStep;
 use crate::error::{Error, Result};
 use crate::quant::{WarmFormat, WarmLayout};
 use std::borrow::Cow;
@@ -463,9 +464,19 @@ impl KvCache {
     /// The bytes of cold page `e` of `p` (its cold copy, or its archive copy), read back and
     /// checked when they were spilled to disk.
     pub(crate) fn cold_bytes(&self, p: PageRef, e: &PageEntry) -> Result<Cow<'_, PageBytes>> {
+        self.cold_bytes_counted(p, e, &mut DiskStep::default())
+    }
+
+    /// [`KvCache::cold_bytes`], adding what a disk read cost to `step`.
+    pub(crate) fn cold_bytes_counted(
+        &self,
+        p: PageRef,
+        e: &PageEntry,
+        step: &mut DiskStep,
+    ) -> Result<Cow<'_, PageBytes>> {
         match self.cold_id(p, e)? {
-            (true, id) => self.archive.get(id),
-            (false, id) => self.cold.get(id),
+            (true, id) => self.archive.get_counted(id, step),
+            (false, id) => self.cold.get_counted(id, step),
         }
     }
 
@@ -555,6 +566,7 @@ impl KvCache {
                 Move::Unpin(p) => self.unpin(p)?,
             }
         }
+        self.auto_compact();
         Ok(moves.len())
     }
 

@@ -99,6 +99,7 @@ impl KvCache {
         for h in [&self.archive, &self.cold] {
             if let Some(d) = h.disk() {
                 r.disk_bytes += d.bytes() as usize;
+                r.disk_file_bytes += d.file_bytes() as usize;
             }
             r.disk_pages += h.spilled();
         }

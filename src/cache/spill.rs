@@ -2,13 +2,13 @@
 //!
 //! Owns: inserting into the host stores under [`crate::SpillConfig::host_ram_bytes`] (least
 //! recently used pages written to disk, archive pages first), the all-or-nothing rule when a spill
-//! fails, and the fault hooks tests use. Must never: drop a page whose write failed, or leave a
+//! fails, compaction of the page files (on demand and automatic), and the fault hooks tests use. Must never: drop a page whose write failed, or leave a
 //! half-inserted page behind an error.
 
 use super::{KvCache, PageRef, SeqId, Tier};
 use crate::attention::PageSelection;
 use crate::backend::PageBytes;
-use crate::cold::{DiskStats, Faults};
+use crate::cold::{Compaction, DiskStats, Faults};
 use crate::error::{Error, Result};
 
 impl KvCache {
@@ -47,6 +47,7 @@ impl KvCache {
         let Some(budget) = self.cfg.spill.as_ref().map(|s| s.host_ram_bytes) else {
             return Ok(());
         };
+        self.auto_compact();
         while self.archive.bytes() + self.cold.bytes() > budget {
             let freed = match self.archive.spill_lru()? {
                 Some(b) => Some(b),
@@ -60,6 +61,30 @@ impl KvCache {
             self.counters.spills += 1;
         }
         Ok(())
+    }
+
+    /// Compacts the page files of the archive and the cold store now: the live records of every
+    /// segment at most half live move into the open segment and the emptied files are deleted.
+    /// Records that fail their integrity check stay in place (`corrupt_left`; reading them keeps
+    /// giving [`Error::CorruptPage`]). On an I/O error (a full disk) the moves done so far stand,
+    /// every page keeps a valid record, and the error is returned. No-op without spilling.
+    pub fn compact_spill(&mut self) -> Result<Compaction> {
+        let mut c = self.archive.compact()?;
+        c.add(&self.cold.compact()?);
+        self.counters.compactions += 1;
+        Ok(c)
+    }
+
+    /// Compacts when the files hold more dead than live bytes (and at least a segment's worth),
+    /// after the calls that free host pages. A failure loses nothing and is counted; the next
+    /// write to the disk reports the cause if it persists.
+    pub(crate) fn auto_compact(&mut self) {
+        if !(self.archive.wants_compaction() || self.cold.wants_compaction()) {
+            return;
+        }
+        if self.compact_spill().is_err() {
+            self.counters.compaction_failures += 1;
+        }
     }
 
     /// Injects I/O faults into both spill stores (for tests of the failure paths; see

@@ -111,6 +111,7 @@ impl KvCache {
                 })?;
             }
         }
+        self.auto_compact();
         Ok(out)
     }
 }

@@ -1,8 +1,9 @@
 //! The disk half of a host page store: page records in a set of append-only segment files.
 //!
 //! Owns: [`DiskStore`] (the files of one store in the configured directory, created `0600`, removed
-//! when the store is dropped), the record format and its integrity check, and [`Faults`] (injected
-//! I/O failures, for tests). Must never: write outside its directory, return bytes that failed the
+//! when the store is dropped), the record format and its integrity check, the relocation of
+//! checked records that compaction uses (a segment whose records are all freed or moved out is
+//! deleted), and [`Faults`] (injected I/O failures, for tests). Must never: write outside its directory, return bytes that failed the
 //! check, or decide which pages spill (the cache does).
 //!
 //! Record (little-endian), at `DiskRef::offset` of segment `DiskRef::segment`:
@@ -41,8 +42,9 @@ use std::sync::Arc;
 pub const FORMAT_VERSION: u16 = 1;
 const MAGIC: &[u8; 4] = b"KVTP";
 const HEADER: usize = 4 + 2 + 4 + 8 + 4 + 4 + 4 + 8;
-/// A segment file is closed to new records once it holds this many bytes.
-const SEGMENT_BYTES: u64 = 64 << 20;
+/// A segment file is closed to new records once it holds this many bytes (the default of
+/// [`crate::SpillConfig::segment_bytes`]).
+pub const SEGMENT_BYTES: u64 = 64 << 20;
 
 /// Where one record lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +72,8 @@ struct Segment {
     file: Option<Arc<File>>,
     len: u64,
     live: u32,
+    /// Bytes of the live records in this segment.
+    live_bytes: u64,
 }
 
 /// The segment files of one host page store.
@@ -82,6 +86,7 @@ pub struct DiskStore {
     /// Bytes of live records.
     bytes: u64,
     budget: Option<u64>,
+    segment_bytes: u64,
     /// Injected faults (see [`Faults`]).
     pub faults: Faults,
 }
@@ -128,8 +133,9 @@ pub fn encode(page: &PageBytes, cache_id: u64, page_id: u32, layer: u32) -> Vec<
     r
 }
 
-/// Checks and decodes one record read back for page `page_id` of `layer` of cache `cache_id`.
-pub fn decode(rec: &[u8], cache_id: u64, page_id: u32, layer: u32) -> Result<PageBytes> {
+/// Checks one record read back for page `page_id` of `layer` of cache `cache_id`: its checksum,
+/// magic, version, identity, formats and length. Returns the header fields.
+fn check(rec: &[u8], cache_id: u64, page_id: u32, layer: u32) -> Result<(Tier, WarmFormat, u32)> {
     let bad = |why: String| corrupt(layer, page_id, why);
     if rec.len() < HEADER + 4 {
         return Err(bad(format!(
@@ -184,11 +190,17 @@ pub fn decode(rec: &[u8], cache_id: u64, page_id: u32, layer: u32) -> Result<Pag
             body.len() - HEADER
         )));
     }
+    Ok((tier, format, n_tokens))
+}
+
+/// Checks and decodes one record read back for page `page_id` of `layer` of cache `cache_id`.
+pub fn decode(rec: &[u8], cache_id: u64, page_id: u32, layer: u32) -> Result<PageBytes> {
+    let (tier, format, n_tokens) = check(rec, cache_id, page_id, layer)?;
     Ok(PageBytes {
         tier,
         format,
         n_tokens,
-        data: body[HEADER..].to_vec(),
+        data: rec[HEADER..rec.len() - 4].to_vec(),
     })
 }
 
@@ -214,8 +226,16 @@ impl DiskStore {
             segments: Vec::new(),
             bytes: 0,
             budget,
+            segment_bytes: SEGMENT_BYTES,
             faults: Faults::default(),
         })
+    }
+
+    /// Closes segments to new records at `bytes` (at least one record each) instead of
+    /// [`SEGMENT_BYTES`].
+    pub fn with_segment_bytes(mut self, bytes: u64) -> Self {
+        self.segment_bytes = bytes.max(1);
+        self
     }
 
     /// Makes this store remove the directory (if it created it) instead of `other`: of two stores
@@ -273,6 +293,7 @@ impl DiskStore {
             file: Some(Arc::new(file)),
             len: 0,
             live: 0,
+            live_bytes: 0,
         });
         Ok(n as u32)
     }
@@ -280,7 +301,6 @@ impl DiskStore {
     /// Writes `page` (id `page_id` of `layer`) as one record. On error nothing is referenced:
     /// the caller still holds the page.
     pub fn write(&mut self, page: &PageBytes, page_id: u32, layer: u32) -> Result<DiskRef> {
-        use std::os::unix::fs::FileExt;
         let rec = encode(page, self.cache_id, page_id, layer);
         let len = rec.len() as u64;
         if let Some(b) = self.budget {
@@ -292,10 +312,16 @@ impl DiskStore {
                 });
             }
         }
+        self.write_record(&rec)
+    }
+
+    /// Appends the encoded record `rec` to the open segment (a new one when it is full).
+    fn write_record(&mut self, rec: &[u8]) -> Result<DiskRef> {
+        use std::os::unix::fs::FileExt;
+        let len = rec.len() as u64;
+        let cap = self.segment_bytes.max(len);
         let seg = match self.segments.last() {
-            Some(s) if s.file.is_some() && s.len + len <= SEGMENT_BYTES.max(len) => {
-                (self.segments.len() - 1) as u32
-            }
+            Some(s) if s.file.is_some() && s.len + len <= cap => (self.segments.len() - 1) as u32,
             _ => self.open_segment()?,
         };
         let s = &mut self.segments[seg as usize];
@@ -308,7 +334,7 @@ impl DiskStore {
         }
         let data = match self.faults.torn_after {
             Some(n) => &rec[..n.min(rec.len())],
-            None => &rec[..],
+            None => rec,
         };
         let offset = s.len;
         if let Err(e) = file.write_all_at(data, offset) {
@@ -318,12 +344,54 @@ impl DiskStore {
         }
         s.len += len;
         s.live += 1;
+        s.live_bytes += len;
         self.bytes += len;
         Ok(DiskRef {
             segment: seg,
             offset,
             len,
         })
+    }
+
+    /// Bytes of the segment files that no live record uses (freed records not yet reclaimed).
+    pub fn dead_bytes(&self) -> u64 {
+        self.file_bytes().saturating_sub(self.bytes)
+    }
+
+    /// True when compaction would pay: the files hold at least a segment of dead bytes and more
+    /// dead than live bytes (so compaction keeps the files within about twice the live bytes
+    /// plus the open segment).
+    pub fn wants_compaction(&self) -> bool {
+        let dead = self.dead_bytes();
+        dead >= self.segment_bytes && dead >= self.bytes && !self.sparse_segments().is_empty()
+    }
+
+    /// The closed (full) segments at most half of whose bytes are live: compaction's victims.
+    pub fn sparse_segments(&self) -> Vec<u32> {
+        let last = self.segments.len().saturating_sub(1);
+        self.segments
+            .iter()
+            .enumerate()
+            .filter(|&(i, s)| i != last && s.file.is_some() && s.live_bytes * 2 <= s.len)
+            .map(|(i, _)| i as u32)
+            .collect()
+    }
+
+    /// Copies the record at `r` (page `page_id` of `layer`) to the open segment after checking
+    /// it, then frees the old copy; returns the new place. A record that fails its check is left
+    /// where it is ([`Error::CorruptPage`]: reading it keeps reporting the damage); on a write
+    /// error the old copy stays valid. Not counted against the disk budget: live bytes do not
+    /// change.
+    pub fn relocate(&mut self, r: &DiskRef, page_id: u32, layer: u32) -> Result<DiskRef> {
+        let (file, path) = self.segment_file(r)?;
+        if let Some(kind) = self.faults.read {
+            return Err(io_err("cannot read", path, io::Error::from(kind)));
+        }
+        let rec = read_raw(file, path, r, page_id, layer)?;
+        check(&rec, self.cache_id, page_id, layer)?;
+        let new = self.write_record(&rec)?;
+        self.free(r);
+        Ok(new)
     }
 
     /// Reads back and checks the record at `r` for page `page_id` of `layer`.
@@ -361,6 +429,7 @@ impl DiskStore {
             return;
         };
         s.live = s.live.saturating_sub(1);
+        s.live_bytes = s.live_bytes.saturating_sub(r.len);
         self.bytes = self.bytes.saturating_sub(r.len);
         if s.live == 0 && r.segment as usize != last {
             s.file = None;
@@ -379,6 +448,12 @@ pub fn read_record(
     page_id: u32,
     layer: u32,
 ) -> Result<PageBytes> {
+    let rec = read_raw(file, path, r, page_id, layer)?;
+    decode(&rec, cache_id, page_id, layer)
+}
+
+/// The `r.len` bytes at `r.offset` of `file`; a short file is reported as a truncated page.
+fn read_raw(file: &File, path: &Path, r: &DiskRef, page_id: u32, layer: u32) -> Result<Vec<u8>> {
     use std::os::unix::fs::FileExt;
     let mut rec = Vec::new();
     rec.try_reserve_exact(r.len as usize)
@@ -388,10 +463,10 @@ pub fn read_record(
         })?;
     rec.resize(r.len as usize, 0);
     match file.read_exact_at(&mut rec, r.offset) {
-        Ok(()) => {}
+        Ok(()) => Ok(rec),
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
             let have = file.metadata().map(|m| m.len()).unwrap_or(0);
-            return Err(corrupt(
+            Err(corrupt(
                 layer,
                 page_id,
                 format!(
@@ -399,11 +474,10 @@ pub fn read_record(
                     path.display(),
                     r.offset + r.len
                 ),
-            ));
+            ))
         }
-        Err(e) => return Err(io_err("cannot read", path, e)),
+        Err(e) => Err(io_err("cannot read", path, e)),
     }
-    decode(&rec, cache_id, page_id, layer)
 }
 
 impl Drop for DiskStore {

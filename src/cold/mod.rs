@@ -6,7 +6,9 @@
 //! the device: their quantised copy, or nothing extra when the archive already holds them exactly).
 //! With a [`DiskStore`] attached, pages can be spilled: the least recently used resident page
 //! (an LRU of resident ids) is written to disk and dropped from RAM, and reads of a spilled page
-//! go to the disk and are integrity-checked ([`disk`]). Must never: decide which pages go where or
+//! go to the disk and are integrity-checked ([`disk`]). Freed records leave dead space in the
+//! segment files; [`HostPages::compact`] moves the live records out of sparse segments and deletes
+//! them. Must never: decide which pages go where or
 //! when to spill (the cache's moves and its RAM budget do), or hand bytes to a kernel directly (the
 //! cache imports them into a device storage first).
 
@@ -14,7 +16,7 @@ pub mod disk;
 pub mod prefetch;
 
 pub use disk::{DiskRef, DiskStore, Faults};
-pub use prefetch::{DiskStats, Prefetcher};
+pub use prefetch::{DiskStats, DiskStep, Prefetcher};
 
 use crate::backend::PageBytes;
 use crate::cache::Tier;
@@ -22,6 +24,28 @@ use crate::error::{Error, Result};
 use crate::quant::WarmFormat;
 use std::borrow::Cow;
 use std::sync::Mutex;
+
+/// What one compaction of the page files did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Compaction {
+    /// Records moved out of sparse segments, and their bytes.
+    pub pages_moved: u64,
+    pub bytes_moved: u64,
+    /// File bytes given back (segments deleted, net of the bytes moved).
+    pub bytes_reclaimed: u64,
+    /// Records left in place because they failed their check.
+    pub corrupt_left: u64,
+}
+
+impl Compaction {
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, other: &Compaction) {
+        self.pages_moved += other.pages_moved;
+        self.bytes_moved += other.bytes_moved;
+        self.bytes_reclaimed += other.bytes_reclaimed;
+        self.corrupt_left += other.corrupt_left;
+    }
+}
 
 #[derive(Debug)]
 enum Where {
@@ -162,6 +186,11 @@ impl HostPages {
     /// The page with id `id`: borrowed from RAM, or read back from disk and checked
     /// ([`Error::CorruptPage`] when the check fails). A RAM read counts as a use for the LRU.
     pub fn get(&self, id: u32) -> Result<Cow<'_, PageBytes>> {
+        self.get_counted(id, &mut DiskStep::default())
+    }
+
+    /// [`HostPages::get`], adding what a disk read cost to `step`.
+    pub fn get_counted(&self, id: u32, step: &mut DiskStep) -> Result<Cow<'_, PageBytes>> {
         let slot = self
             .slots
             .get(id as usize)
@@ -180,11 +209,19 @@ impl HostPages {
                     .as_ref()
                     .ok_or_else(|| Error::internal("a spilled page without a disk store"))?;
                 let p = match &self.prefetch {
-                    Some(pf) => pf.take_or_read((self.tag, at.segment, at.offset), || {
+                    Some(pf) => pf.take_or_read((self.tag, at.segment, at.offset), step, || {
                         disk.read(at, id, slot.layer)
                     })?,
-                    None => disk.read(at, id, slot.layer)?,
+                    None => {
+                        let t = std::time::Instant::now();
+                        step.sync_reads += 1;
+                        let r = disk.read(at, id, slot.layer);
+                        step.wait_ns += t.elapsed().as_nanos() as u64;
+                        r?
+                    }
                 };
+                step.pages += 1;
+                step.bytes += at.len;
                 use std::sync::atomic::Ordering::Relaxed;
                 self.disk_reads.fetch_add(1, Relaxed);
                 self.disk_read_bytes.fetch_add(at.len, Relaxed);
@@ -279,6 +316,58 @@ impl HostPages {
         Ok(Some(bytes))
     }
 
+    /// Moves the live records out of the disk store's sparse segments (those at most half live,
+    /// see [`DiskStore::sparse_segments`]) into the open one, deleting each emptied segment file.
+    /// A record that fails its check stays where it is (reading it reports the damage) and is
+    /// counted in `corrupt_left`. On a write error the moves done so far stand, every page keeps a
+    /// valid record, and the error is returned.
+    pub fn compact(&mut self) -> Result<Compaction> {
+        let mut c = Compaction::default();
+        let Some(disk) = self.disk.as_mut() else {
+            return Ok(c);
+        };
+        let victims = disk.sparse_segments();
+        if victims.is_empty() {
+            return Ok(c);
+        }
+        let before = disk.file_bytes();
+        let mut result = Ok(());
+        for (id, slot) in self.slots.iter_mut().enumerate() {
+            let Some(Slot {
+                at: Where::Disk { at, .. },
+                layer,
+            }) = slot
+            else {
+                continue;
+            };
+            if victims.binary_search(&at.segment).is_err() {
+                continue;
+            }
+            match disk.relocate(at, id as u32, *layer) {
+                Ok(new) => {
+                    if let Some(pf) = &self.prefetch {
+                        pf.forget((self.tag, at.segment, at.offset));
+                    }
+                    c.pages_moved += 1;
+                    c.bytes_moved += new.len;
+                    *at = new;
+                }
+                Err(Error::CorruptPage { .. }) => c.corrupt_left += 1,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        c.bytes_reclaimed = before.saturating_sub(disk.file_bytes());
+        result.map(|()| c)
+    }
+
+    /// True when the disk store has enough dead bytes for [`HostPages::compact`] to pay.
+    pub fn wants_compaction(&self) -> bool {
+        self.disk.as_ref().is_some_and(DiskStore::wants_compaction)
+    }
+
     /// Payload bytes held in RAM.
     pub fn bytes(&self) -> usize {
         self.ram_bytes
@@ -354,5 +443,104 @@ mod tests {
         assert_eq!(h.len(), 2);
         assert_eq!(h.get(b).unwrap().data.len(), 20);
         assert_eq!(h.spill_lru().unwrap(), None);
+    }
+
+    fn tmp(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("kvtier-unit-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    fn page(i: usize) -> PageBytes {
+        PageBytes {
+            tier: Tier::Warm,
+            format: WarmFormat::uniform(Bits::B4),
+            n_tokens: 32,
+            data: (0..1000).map(|j| (i * 7 + j * 13) as u8).collect(),
+        }
+    }
+
+    /// 40 pages spilled into segments of about three records each, the even ones freed.
+    fn spilled(dir: &std::path::Path) -> HostPages {
+        let disk = DiskStore::new(dir, "t".into(), 9, None)
+            .unwrap()
+            .with_segment_bytes(3200);
+        let mut h = HostPages::with_disk(disk, 0, None);
+        for i in 0..40 {
+            assert_eq!(h.insert(page(i), 1).unwrap(), i as u32);
+        }
+        while h.spill_lru().unwrap().is_some() {}
+        assert_eq!((h.spilled(), h.bytes()), (40, 0));
+        for i in (0..40).step_by(2) {
+            assert!(h.remove(i));
+        }
+        h
+    }
+
+    #[test]
+    fn compaction_moves_live_records_and_leaves_corrupt_ones() {
+        let dir = tmp("compact");
+        let mut h = spilled(&dir);
+        let d = h.disk().unwrap();
+        let (files, file_bytes, live) = (d.files().len(), d.file_bytes(), d.bytes());
+        assert!(d.dead_bytes() >= live - 4000, "half the records are dead");
+        assert!(d.wants_compaction());
+        // Damage page 1's record (its segment, pages 0-2, is a third live): compaction must not
+        // copy it, and reading it still says so.
+        let Some(Slot {
+            at: Where::Disk { at, .. },
+            ..
+        }) = h.slots[1].as_ref()
+        else {
+            panic!("page 1 is spilled")
+        };
+        let (file, _) = d.segment_file(at).unwrap();
+        use std::os::unix::fs::FileExt;
+        file.write_all_at(&[0xff], at.offset + 100).unwrap();
+        let c = h.compact().unwrap();
+        assert_eq!(c.corrupt_left, 1);
+        assert!(
+            c.pages_moved >= 6,
+            "the one live record of each third-live segment: {c:?}"
+        );
+        let d = h.disk().unwrap();
+        assert_eq!(d.bytes(), live, "live bytes are unchanged");
+        assert!(
+            d.file_bytes() < file_bytes && d.files().len() < files,
+            "{c:?}"
+        );
+        assert_eq!(c.bytes_reclaimed, file_bytes - d.file_bytes());
+        assert!(
+            d.file_bytes() <= 2 * live + 3200,
+            "at most half dead afterwards"
+        );
+        assert!(!d.wants_compaction());
+        for i in (1..40).step_by(2) {
+            let got = h.get(i as u32);
+            if i == 1 {
+                assert!(matches!(got, Err(Error::CorruptPage { page: 1, .. })));
+            } else {
+                assert_eq!(got.unwrap().data, page(i).data, "page {i}");
+            }
+        }
+        drop(h);
+        assert!(!dir.exists(), "every file and the directory are removed");
+    }
+
+    #[test]
+    fn compaction_that_cannot_write_loses_nothing() {
+        let dir = tmp("compact-full");
+        let mut h = spilled(&dir);
+        h.disk_mut().unwrap().faults.write = Some(std::io::ErrorKind::StorageFull);
+        assert!(matches!(h.compact(), Err(Error::Disk { .. })));
+        h.disk_mut().unwrap().faults.write = None;
+        for i in (1..40).step_by(2) {
+            assert_eq!(h.get(i as u32).unwrap().data, page(i).data, "page {i}");
+        }
+        let c = h.compact().unwrap();
+        assert!(c.pages_moved > 0 && c.bytes_reclaimed > 0, "{c:?}");
+        for i in (1..40).step_by(2) {
+            assert_eq!(h.get(i as u32).unwrap().data, page(i).data, "page {i}");
+        }
     }
 }

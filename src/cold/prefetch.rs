@@ -48,10 +48,39 @@ pub struct DiskStats {
     pub sync_read_ns: u64,
 }
 
+/// What reading spilled pages cost one call (a decode step's [`crate::Attention::disk`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DiskStep {
+    /// Spilled pages read, and their record bytes.
+    pub pages: u32,
+    pub bytes: u64,
+    /// Of those: served from the read-ahead buffer, after waiting for a read in flight, and read
+    /// synchronously.
+    pub hits: u32,
+    pub waited: u32,
+    pub sync_reads: u32,
+    /// Time the call spent waiting for disk bytes: reads in flight plus synchronous reads, in ns.
+    pub wait_ns: u64,
+}
+
+impl DiskStep {
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, other: &DiskStep) {
+        self.pages += other.pages;
+        self.bytes += other.bytes;
+        self.hits += other.hits;
+        self.waited += other.waited;
+        self.sync_reads += other.sync_reads;
+        self.wait_ns += other.wait_ns;
+    }
+}
+
 #[derive(Default)]
 struct State {
     ready: HashMap<Key, PageBytes>,
     pending: HashSet<Key>,
+    /// Reads in flight whose page was removed or moved since: their result is dropped.
+    cancelled: HashSet<Key>,
     bytes: usize,
 }
 
@@ -106,7 +135,8 @@ impl Prefetcher {
                     );
                     let mut st = sh.state.lock().unwrap_or_else(|p| p.into_inner());
                     st.pending.remove(&job.key);
-                    if let Ok(p) = got {
+                    let cancelled = st.cancelled.remove(&job.key);
+                    if let (Ok(p), false) = (got, cancelled) {
                         let b = p.bytes();
                         if st.bytes + b <= sh.cap && !st.ready.contains_key(&job.key) {
                             st.bytes += b;
@@ -131,6 +161,8 @@ impl Prefetcher {
         if st.ready.contains_key(&job.key) || !st.pending.insert(job.key) {
             return;
         }
+        // A key is never reused (segments only grow), but keep a re-request of it honest.
+        st.cancelled.remove(&job.key);
         drop(st);
         self.shared.requested.fetch_add(1, Relaxed);
         let key = job.key;
@@ -141,10 +173,11 @@ impl Prefetcher {
     }
 
     /// The page at `key`: the buffered copy (taken out of the buffer), after waiting for its read
-    /// when one is in flight; else `read()` now.
+    /// when one is in flight; else `read()` now. What it cost is added to `step`.
     pub fn take_or_read<E>(
         &self,
         key: Key,
+        step: &mut DiskStep,
         read: impl FnOnce() -> Result<PageBytes, E>,
     ) -> Result<PageBytes, E> {
         let sh = &self.shared;
@@ -154,12 +187,16 @@ impl Prefetcher {
             while st.pending.contains(&key) {
                 st = sh.cv.wait(st).unwrap_or_else(|p| p.into_inner());
             }
-            sh.wait_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
+            let ns = t.elapsed().as_nanos() as u64;
+            sh.wait_ns.fetch_add(ns, Relaxed);
+            step.wait_ns += ns;
             if st.ready.contains_key(&key) {
                 sh.waited.fetch_add(1, Relaxed);
+                step.waited += 1;
             }
         } else if st.ready.contains_key(&key) {
             sh.hits.fetch_add(1, Relaxed);
+            step.hits += 1;
         }
         if let Some(p) = st.ready.remove(&key) {
             st.bytes -= p.bytes();
@@ -167,17 +204,24 @@ impl Prefetcher {
         }
         drop(st);
         sh.misses.fetch_add(1, Relaxed);
+        step.sync_reads += 1;
         let t = Instant::now();
         let r = read();
-        sh.sync_ns.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
+        let ns = t.elapsed().as_nanos() as u64;
+        sh.sync_ns.fetch_add(ns, Relaxed);
+        step.wait_ns += ns;
         r
     }
 
-    /// Drops the buffered copy of `key` (its page was removed or moved).
+    /// Drops the buffered copy of `key`, or the result of its read in flight (its page was
+    /// removed or moved).
     pub fn forget(&self, key: Key) {
         let mut st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(p) = st.ready.remove(&key) {
             st.bytes -= p.bytes();
+        }
+        if st.pending.contains(&key) {
+            st.cancelled.insert(key);
         }
     }
 

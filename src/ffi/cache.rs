@@ -67,6 +67,14 @@ pub struct kvtier_memory_report {
     pub evicted_pages: usize,
     /// Pages with an archive copy.
     pub archived_pages: usize,
+    /// Archive and cold pages spilled to disk (`kvtier_config_set_spill`): bytes of their live
+    /// records (payload, header, checksum), and how many pages. Not in `total_bytes` (memory).
+    pub disk_bytes: usize,
+    pub disk_pages: usize,
+    /// Bytes of the page files: live records plus freed space not yet compacted away.
+    pub disk_file_bytes: usize,
+    /// Tokens in evicted pages (counted in `tokens`, never attended).
+    pub evicted_tokens: usize,
 }
 
 /// Events that did not fail a call but that a caller may want to see.
@@ -438,6 +446,10 @@ pub unsafe extern "C" fn kvtier_cache_memory_report(
             cold_pages: r.cold_pages,
             evicted_pages: r.evicted_pages,
             archived_pages: r.archived_pages,
+            disk_bytes: r.disk_bytes,
+            disk_pages: r.disk_pages,
+            disk_file_bytes: r.disk_file_bytes,
+            evicted_tokens: r.evicted_tokens,
         };
         // SAFETY: checked; writable (this function's contract).
         unsafe { out.write(report) };

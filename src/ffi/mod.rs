@@ -109,6 +109,8 @@ mod attention;
 
 mod pages;
 
+mod disk;
+
 mod policy;
 mod protect;
 
@@ -134,6 +136,9 @@ pub use config::{
     kvtier_config_set_sink_tokens, kvtier_config_set_softmax_scale, kvtier_config_set_value_group,
     kvtier_config_set_warm_enabled, kvtier_config_shape, kvtier_hot_dtype, kvtier_preset,
     kvtier_shape, KVTIER_UNLIMITED,
+};
+pub use disk::{
+    kvtier_cache_compact_spill, kvtier_cache_disk_stats, kvtier_compaction, kvtier_disk_stats,
 };
 pub use last_error::kvtier_last_error;
 pub use pages::{

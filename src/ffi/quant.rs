@@ -157,10 +157,8 @@ pub unsafe extern "C" fn kvtier_config_set_spill(
                 .to_str()
                 .map_err(|_| FfiError::invalid("`dir` is not UTF-8"))?;
             Some(crate::config::SpillConfig {
-                dir: d.into(),
-                host_ram_bytes,
                 disk_bytes: (disk_bytes != super::KVTIER_UNLIMITED).then_some(disk_bytes),
-                prefetch: true,
+                ..crate::config::SpillConfig::new(d, host_ram_bytes)
             })
         };
         // SAFETY: `config` is NULL or live (this function's contract).

@@ -278,6 +278,34 @@ int main(void) {
             for (size_t page = 1; page < N / PS - 2; page++)
                 EXPECT_OK(kvtier_cache_move(cs, s, 0, page, KVTIER_MOVE_OP_TO_COLD, 0, 0, NULL));
             EXPECT_OK(kvtier_cache_attend(cs, 0, &s, 1, sq, QH * D, so[spill], QH * D, NULL));
+            /* The disk in the memory report and the read counters; compaction after promotions. */
+            kvtier_memory_report mr;
+            EXPECT_OK(kvtier_cache_memory_report(cs, &mr));
+            kvtier_disk_stats ds;
+            EXPECT_STATUS(KVTIER_STATUS_NULL_PARAMETER, kvtier_cache_disk_stats(cs, NULL));
+            EXPECT_STATUS(KVTIER_STATUS_NULL_PARAMETER, kvtier_cache_disk_stats(NULL, &ds));
+            EXPECT_OK(kvtier_cache_disk_stats(cs, &ds));
+            if (spill) {
+                EXPECT(mr.disk_pages > 0 && mr.disk_bytes > 0 && mr.disk_file_bytes >= mr.disk_bytes);
+                EXPECT(ds.spills >= mr.disk_pages && ds.pages_read > 0 && ds.bytes_read > 0);
+                for (size_t page = 1; page < N / PS - 2; page += 2)
+                    EXPECT_OK(kvtier_cache_move(cs, s, 0, page, KVTIER_MOVE_OP_PROMOTE, 0, 0, NULL));
+                kvtier_compaction cr;
+                EXPECT_STATUS(KVTIER_STATUS_NULL_PARAMETER, kvtier_cache_compact_spill(NULL, &cr));
+                EXPECT_OK(kvtier_cache_compact_spill(cs, &cr));
+                EXPECT_OK(kvtier_cache_compact_spill(cs, NULL));
+                kvtier_memory_report after;
+                EXPECT_OK(kvtier_cache_memory_report(cs, &after));
+                EXPECT(after.disk_pages < mr.disk_pages && after.disk_file_bytes <= mr.disk_file_bytes);
+                EXPECT(after.disk_file_bytes >= after.disk_bytes);
+                EXPECT(cr.corrupt_left == 0);
+            } else {
+                EXPECT(mr.disk_pages == 0 && mr.disk_bytes == 0 && mr.disk_file_bytes == 0);
+                EXPECT(ds.spills == 0 && ds.pages_read == 0);
+                kvtier_compaction cr = {1, 1, 1, 1};
+                EXPECT_OK(kvtier_cache_compact_spill(cs, &cr));
+                EXPECT(cr.pages_moved == 0 && cr.bytes_reclaimed == 0);
+            }
             kvtier_cache_free(cs);
             kvtier_config_free(sc);
         }

@@ -260,6 +260,7 @@ impl CudaStorage {
                 num_q_heads: qh,
                 num_kv_heads: kvh,
                 head_dim: d,
+                disk: Default::default(),
             });
         }
         let mut page_lse: Vec<Vec<f32>> = plan
@@ -291,6 +292,7 @@ impl CudaStorage {
             num_q_heads: qh,
             num_kv_heads: kvh,
             head_dim: d,
+            disk: Default::default(),
         };
         att.finish_masses();
         Ok(att)
