@@ -37,6 +37,9 @@ pub struct MemoryReport {
     pub evicted_tokens: usize,
     /// Pages with an archive copy.
     pub archived_pages: usize,
+    /// Pages named by more than one sequence ([`crate::KvCache::fork`]); page counts and bytes
+    /// count each once, `tokens` counts every sequence's tokens.
+    pub shared_pages: usize,
     /// What the same (not evicted) tokens take as plain f16 K and V with no padding.
     pub f16_equivalent_bytes: usize,
 }

@@ -139,6 +139,8 @@ pub struct PageMeta {
     /// Set when the page was promoted: the default hot-window rule leaves it hot (a policy that
     /// brought it back decides when it leaves again).
     pub promoted: bool,
+    /// The share group when other sequences name the same page ([`crate::KvCache::fork`]).
+    pub shared: Option<u32>,
 }
 
 impl PageMeta {
@@ -151,6 +153,7 @@ impl PageMeta {
             pins,
             archive: None,
             promoted: false,
+            shared: None,
         }
     }
 

@@ -18,6 +18,7 @@ mod bounds;
 mod meta;
 mod moves;
 mod report;
+mod share;
 mod spill;
 mod table;
 mod truncate;
@@ -102,6 +103,8 @@ pub struct KvCache {
     pub(crate) rotator: Rotator,
     /// The cache's own thread pool (`CacheConfig::threads`); `None` runs on rayon's global pool.
     pub(crate) pool: Option<std::sync::Arc<rayon::ThreadPool>>,
+    /// Pages named by several sequences (`fork`, `reorder`).
+    pub(crate) shares: share::Shares,
 }
 
 impl KvCache {
@@ -174,6 +177,7 @@ impl KvCache {
         };
         Ok(KvCache {
             pool,
+            shares: Default::default(),
             rotator,
             cfg,
             device,
@@ -273,6 +277,8 @@ impl KvCache {
                     &mut self.layers[layer],
                     &mut self.archive,
                     &mut self.cold,
+                    &mut self.shares,
+                    seq,
                     &p,
                     &m,
                 );
@@ -342,15 +348,21 @@ impl KvCache {
     }
 }
 
-/// Frees whatever a page holds: its device slot, its cold bytes, its archive copy.
+/// Drops `seq`'s reference to a page; with the last reference, frees whatever the page holds: its
+/// device slot, its cold bytes, its archive copy.
 pub(crate) fn free_page(
     storage: &mut Storage,
     archive: &mut HostPages,
     cold: &mut HostPages,
+    shares: &mut share::Shares,
+    seq: SeqId,
     p: &PageEntry,
     m: &PageMeta,
 ) {
     use crate::backend::BackendStorage;
+    if !share::release(shares, seq, m) {
+        return;
+    }
     match p.tier {
         Tier::Hot | Tier::Warm => storage.free(p.tier, p.slot),
         Tier::Cold => {

@@ -99,7 +99,7 @@ impl KvCache {
             })
     }
 
-    fn set_page(&mut self, p: PageRef, e: PageEntry) -> Result<()> {
+    pub(crate) fn set_page(&mut self, p: PageRef, e: PageEntry) -> Result<()> {
         let sl = self.seq_layer_mut(p.seq, p.layer)?;
         let slot = sl
             .table
@@ -110,14 +110,14 @@ impl KvCache {
         Ok(())
     }
 
-    fn meta_mut(&mut self, p: PageRef) -> Result<&mut super::PageMeta> {
+    pub(crate) fn meta_mut(&mut self, p: PageRef) -> Result<&mut super::PageMeta> {
         self.seq_layer_mut(p.seq, p.layer)?
             .meta
             .get_mut(p.page)
             .ok_or_else(|| Error::internal("page table and metadata disagree"))
     }
 
-    fn pins(&self, p: PageRef) -> Result<Pins> {
+    fn own_pins(&self, p: PageRef) -> Result<Pins> {
         Ok(self.seq_layer(p.seq, p.layer)?.meta[p.page].pins)
     }
 
@@ -137,6 +137,40 @@ impl KvCache {
             return Ok(Some(self.layers[p.layer].export_page(e)?));
         }
         Ok(None)
+    }
+
+    /// Page `p`'s contents as hot bytes: exact (its archive copy, hot bytes, or exact cold bytes)
+    /// or else dequantised from its warm codes (on the device or in the cold store).
+    pub(crate) fn exact_or_dequantised(
+        &self,
+        p: PageRef,
+        e: &PageEntry,
+    ) -> Result<(PageBytes, Restored)> {
+        if let Some(b) = self.archive_copy(p, e)? {
+            return Ok((b, Restored::Exact));
+        }
+        match e.tier {
+            Tier::Warm => Ok((
+                self.dequantised_hot_bytes(&self.layers[p.layer], e)?,
+                Restored::Dequantised,
+            )),
+            Tier::Cold => {
+                let b = self.cold_bytes(p, e)?.into_owned();
+                if b.tier == Tier::Hot {
+                    return Ok((b, Restored::Exact));
+                }
+                let mut tmp = crate::backend::cpu::CpuStorage::new(&self.cfg);
+                let slot = tmp.import_page(&b)?;
+                let w = PageEntry {
+                    tier: Tier::Warm,
+                    slot,
+                    format: b.format,
+                    ..*e
+                };
+                Ok((self.dequantised_hot_bytes(&tmp, &w)?, Restored::Dequantised))
+            }
+            t => Err(Error::internal(format!("no contents for a {t:?} page"))),
+        }
     }
 
     /// The cold budget bounds host memory: the cold store and the archive.
@@ -177,7 +211,7 @@ impl KvCache {
                 "the warm tier is disabled (full-precision config)",
             ));
         }
-        if self.pins(p)?.any() {
+        if self.shared_pins(p)?.any() {
             return Err(invalid("demote", p, "the page is pinned"));
         }
         if !self.layers[p.layer].supports_format(fmt) {
@@ -201,7 +235,7 @@ impl KvCache {
                         m.bounds = None;
                         m.promoted = false;
                         self.counters.demotions += 1;
-                        Ok(())
+                        self.sync_sharers(p)
                     }
                     other => {
                         if archived {
@@ -235,7 +269,7 @@ impl KvCache {
                 // Exact source when archived; otherwise the dequantised page (lossy on lossy).
                 let src = match self.archive_copy(p, &e)? {
                     Some(b) => b,
-                    None => self.dequantised_hot_bytes(p.layer, &e)?,
+                    None => self.dequantised_hot_bytes(&self.layers[p.layer], &e)?,
                 };
                 let storage = &mut self.layers[p.layer];
                 let hot = storage.import_page(&src)?;
@@ -244,7 +278,7 @@ impl KvCache {
                         storage.free(Tier::Warm, e.slot);
                         self.set_warm(p, e, slot, fmt)?;
                         self.counters.demotions += 1;
-                        Ok(())
+                        self.sync_sharers(p)
                     }
                     Ok(None) => {
                         storage.free(Tier::Hot, hot);
@@ -284,8 +318,12 @@ impl KvCache {
     }
 
     /// A hot page's bytes holding the dequantised contents of warm page `e`.
-    fn dequantised_hot_bytes(&self, layer: usize, e: &PageEntry) -> Result<PageBytes> {
-        let (k, v) = self.layers[layer].read_page(e)?;
+    fn dequantised_hot_bytes(
+        &self,
+        storage: &impl BackendStorage,
+        e: &PageEntry,
+    ) -> Result<PageBytes> {
+        let (k, v) = storage.read_page(e)?;
         let mut tmp = crate::backend::cpu::CpuStorage::new(&self.cfg);
         let slot = tmp.alloc_hot()?;
         let (kvh, d, n) = (
@@ -330,13 +368,14 @@ impl KvCache {
             if e.tier == Tier::Hot {
                 self.meta_mut(p)?.promoted = true;
                 self.counters.promotions += 1;
+                self.sync_sharers(p)?;
                 return Ok(Restored::Exact);
             }
         }
         let (src, how) = match self.archive_copy(p, &e)? {
             Some(b) => (b, Restored::Exact),
             None => (
-                self.dequantised_hot_bytes(p.layer, &e)?,
+                self.dequantised_hot_bytes(&self.layers[p.layer], &e)?,
                 Restored::Dequantised,
             ),
         };
@@ -354,6 +393,7 @@ impl KvCache {
         self.refresh_bounds(p)?;
         self.meta_mut(p)?.promoted = true;
         self.counters.promotions += 1;
+        self.sync_sharers(p)?;
         Ok(how)
     }
 
@@ -385,7 +425,7 @@ impl KvCache {
         if e.tier == Tier::Evicted {
             return Err(invalid("evict", p, "the page was already evicted"));
         }
-        if self.pins(p)?.blocks_removal() {
+        if self.own_pins(p)?.blocks_removal() {
             return Err(invalid("evict", p, "the page is pinned"));
         }
         if self.is_last_partial(p, &e) {
@@ -396,6 +436,8 @@ impl KvCache {
             &mut self.layers[p.layer],
             &mut self.archive,
             &mut self.cold,
+            &mut self.shares,
+            p.seq,
             &e,
             &m,
         );
@@ -410,6 +452,7 @@ impl KvCache {
         let m = self.meta_mut(p)?;
         m.archive = None;
         m.bounds = None;
+        m.shared = None;
         self.counters.evictions += 1;
         Ok(())
     }
@@ -421,7 +464,7 @@ impl KvCache {
         if !matches!(e.tier, Tier::Hot | Tier::Warm) {
             return Err(invalid("to_cold", p, format!("the page is {:?}", e.tier)));
         }
-        if self.pins(p)?.blocks_removal() {
+        if self.shared_pins(p)?.blocks_removal() {
             return Err(invalid("to_cold", p, "the page is pinned"));
         }
         if self.is_last_partial(p, &e) {
@@ -446,7 +489,7 @@ impl KvCache {
             },
         )?;
         self.counters.to_cold += 1;
-        Ok(())
+        self.sync_sharers(p)
     }
 
     /// Where the bytes of cold page `e` of `p` are: `(true, archive id)` when its archive copy is
@@ -518,7 +561,7 @@ impl KvCache {
         }
         self.set_page(p, PageEntry { tier, slot, ..e })?;
         self.counters.from_cold += 1;
-        Ok(())
+        self.sync_sharers(p)
     }
 
     /// Pins page `p`: it refuses demote, evict and to_cold until unpinned.

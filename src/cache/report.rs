@@ -74,7 +74,7 @@ impl KvCache {
         r.cold_bytes = self.cold.bytes();
         r.archive_bytes = self.archive.bytes();
         r.metadata_bytes += self.cold.metadata_bytes() + self.archive.metadata_bytes();
-        for seq in self.seqs.values() {
+        for (id, seq) in &self.seqs {
             r.metadata_bytes += std::mem::size_of::<(super::SeqId, Sequence)>()
                 + seq.layers.capacity() * std::mem::size_of::<SeqLayer>();
             for sl in &seq.layers {
@@ -82,7 +82,13 @@ impl KvCache {
                     + sl.meta.capacity() * std::mem::size_of::<PageMeta>()
                     + sl.meta.iter().map(PageMeta::heap_bytes).sum::<usize>();
                 r.tokens += sl.table.len();
-                for p in sl.table.pages() {
+                for (p, m) in sl.table.pages().iter().zip(&sl.meta) {
+                    // A shared page is counted with the first sequence naming it.
+                    if let Some(g) = m.shared {
+                        if self.shares.members(g).first().is_some_and(|&f| f != *id) {
+                            continue;
+                        }
+                    }
                     match p.tier {
                         Tier::Hot => r.hot_pages += 1,
                         Tier::Warm => r.warm_pages += 1,
@@ -96,6 +102,8 @@ impl KvCache {
             }
         }
         r.archived_pages = self.archive.len();
+        r.shared_pages = self.shares.shared_pages();
+        r.metadata_bytes += self.shares.metadata_bytes();
         for h in [&self.archive, &self.cold] {
             if let Some(d) = h.disk() {
                 r.disk_bytes += d.bytes() as usize;

@@ -41,7 +41,10 @@ impl KvCache {
                 continue;
             }
             let e = sl.table.pages()[len / ps];
+            let shared = sl.meta[len / ps].shared.is_some();
             match e.tier {
+                // A shared page gets a private hot copy before it is cut (copy-on-write).
+                Tier::Hot if shared => to_restore += 1,
                 Tier::Hot => {}
                 Tier::Evicted => {
                     return Err(Error::InvalidMove {
@@ -74,7 +77,12 @@ impl KvCache {
                     layer,
                     page: len / ps,
                 };
-                if self.page(p)?.tier != Tier::Hot {
+                if let Some(how) = self.unshare_to_hot(p)? {
+                    match how {
+                        Restored::Exact => out.restored_exact += 1,
+                        Restored::Dequantised => out.restored_dequantised += 1,
+                    }
+                } else if self.page(p)?.tier != Tier::Hot {
                     match self.promote(p)? {
                         Restored::Exact => out.restored_exact += 1,
                         Restored::Dequantised => out.restored_dequantised += 1,
@@ -97,6 +105,8 @@ impl KvCache {
                     &mut self.layers[layer],
                     &mut self.archive,
                     &mut self.cold,
+                    &mut self.shares,
+                    seq,
                     e,
                     m,
                 );

@@ -75,6 +75,9 @@ pub struct kvtier_memory_report {
     pub disk_file_bytes: usize,
     /// Tokens in evicted pages (counted in `tokens`, never attended).
     pub evicted_tokens: usize,
+    /// Pages named by more than one sequence (`kvtier_cache_sequence_fork`): page counts and
+    /// bytes count each once, `tokens` counts every sequence's tokens.
+    pub shared_pages: usize,
 }
 
 /// Events that did not fail a call but that a caller may want to see.
@@ -450,6 +453,7 @@ pub unsafe extern "C" fn kvtier_cache_memory_report(
             disk_pages: r.disk_pages,
             disk_file_bytes: r.disk_file_bytes,
             evicted_tokens: r.evicted_tokens,
+            shared_pages: r.shared_pages,
         };
         // SAFETY: checked; writable (this function's contract).
         unsafe { out.write(report) };
