@@ -133,23 +133,22 @@ impl KvCache {
             let mut table = sl.table.clone();
             let mut meta = sl.meta.clone();
             let n = table.pages().len();
-            for i in 0..n {
-                let e = table.pages()[i];
+            for (i, (e, m)) in table.pages_mut().iter_mut().zip(&mut meta).enumerate() {
                 if i + 1 == n {
                     if let Some(slot) = copy {
-                        table.pages_mut()[i] = PageEntry { slot, ..e };
-                        meta[i].archive = None;
-                        meta[i].shared = None;
+                        e.slot = slot;
+                        m.archive = None;
+                        m.shared = None;
                         continue;
                     }
                 }
                 if e.tier == Tier::Evicted {
-                    meta[i].shared = None;
+                    m.shared = None;
                     continue;
                 }
                 let g = self.shares.join(sl.meta[i].shared, seq, id);
                 sl.meta[i].shared = Some(g);
-                meta[i].shared = Some(g);
+                m.shared = Some(g);
             }
             layers.push(SeqLayer {
                 table,
