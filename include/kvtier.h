@@ -172,6 +172,14 @@ enum kvtier_status
      */
     KVTIER_STATUS_CORRUPT_PAGE = 120,
     /*
+     A saved sequence file is damaged or not a kvtier sequence file; nothing was restored.
+     */
+    KVTIER_STATUS_CORRUPT_FILE = 121,
+    /*
+     A saved sequence was written under a different cache configuration; nothing was restored.
+     */
+    KVTIER_STATUS_CONFIG_MISMATCH = 122,
+    /*
      The requested backend was not compiled into this library (for example CUDA without the
      `cuda` feature).
      */
@@ -494,6 +502,11 @@ typedef struct kvtier_memory_report {
      Tokens in evicted pages (counted in `tokens`, never attended).
      */
     size_t evicted_tokens;
+    /*
+     Pages named by more than one sequence (`kvtier_cache_sequence_fork`): page counts and
+     bytes count each once, `tokens` counts every sequence's tokens.
+     */
+    size_t shared_pages;
 } kvtier_memory_report;
 
 /*
@@ -1488,6 +1501,79 @@ kvtier_status kvtier_cache_disk_stats(const struct kvtier_cache *cache,
  */
 kvtier_status kvtier_cache_compact_spill(struct kvtier_cache *cache,
                                          struct kvtier_compaction *result_out);
+
+/*
+ A new sequence holding the same tokens as `seq` in every layer, sharing every full page with
+ it copy-on-write (no bytes copied; freed with the last sequence naming it); only each layer's
+ partial last page is copied. Moves on a shared page move it for every sequence sharing it
+ (pins of any of them count); evicting drops only the caller's reference. On success
+ `*seq_out` holds the new id.
+
+ Errors, with nothing changed: `NULL_PARAMETER`, `UNKNOWN_SEQUENCE`, `BUDGET_EXCEEDED`,
+ `OUT_OF_MEMORY`, `POISONED`.
+
+ # Safety
+
+ `cache` must be NULL or a live handle; `seq_out` valid for a write of one `uint64_t`.
+ */
+kvtier_status kvtier_cache_sequence_fork(struct kvtier_cache *cache,
+                                         uint64_t seq,
+                                         uint64_t *seq_out);
+
+/*
+ Beam-search reorder: afterwards `seqs[i]` holds what `seqs[from[i]]` held before, for every
+ `i < n` (sources may repeat or be dropped), sharing pages copy-on-write.
+
+ Errors, with nothing changed: `NULL_PARAMETER` (an array with `n > 0`), `SHAPE` (an index
+ `>= n`), `UNKNOWN_SEQUENCE`, `DUPLICATE_SEQUENCE`, `BUDGET_EXCEEDED`, `POISONED`.
+
+ # Safety
+
+ `cache` must be NULL or a live handle; `seqs` and `from` must hold `n` readable elements each
+ (or be NULL with `n == 0`).
+ */
+kvtier_status kvtier_cache_reorder(struct kvtier_cache *cache,
+                                   const uint64_t *seqs,
+                                   const size_t *from,
+                                   size_t n);
+
+/*
+ Writes `seq` (every layer and tier, its archive copies too when `archive`) to the file at
+ `path`, atomically (a temporary file beside it, mode 0600, synced, then renamed over it).
+ `*bytes_out` (may be NULL) receives the file's size.
+
+ Errors: `NULL_PARAMETER`, `INVALID_ARGUMENT` (`path` not UTF-8), `UNKNOWN_SEQUENCE`, `DISK`
+ (nothing is left behind; an existing file at `path` is unchanged), `CORRUPT_PAGE` (a spilled
+ page failed its check), `POISONED`.
+
+ # Safety
+
+ `cache` must be NULL or a live handle; `path` NULL or NUL-terminated; `bytes_out` NULL or
+ valid for a write of one `uint64_t`.
+ */
+kvtier_status kvtier_cache_sequence_save(const struct kvtier_cache *cache,
+                                         uint64_t seq,
+                                         const char *path,
+                                         bool archive,
+                                         uint64_t *bytes_out);
+
+/*
+ Reads a sequence saved by `kvtier_cache_sequence_save` into a new sequence of `cache` (whose
+ config must match where the bytes depend on it: heads, head size, page size, hot dtype, value
+ group, rotation); on success `*seq_out` holds its id.
+
+ Errors, with nothing restored: `NULL_PARAMETER`, `INVALID_ARGUMENT`, `CORRUPT_FILE` (not a
+ sequence file, another format version, a failed checksum, truncated), `CORRUPT_PAGE`,
+ `CONFIG_MISMATCH`, `BUDGET_EXCEEDED`, `SEQUENCE_TOO_LONG`, `DISK`, `OUT_OF_MEMORY`, `POISONED`.
+
+ # Safety
+
+ `cache` must be NULL or a live handle; `path` NULL or NUL-terminated; `seq_out` valid for a
+ write of one `uint64_t`.
+ */
+kvtier_status kvtier_cache_sequence_restore(struct kvtier_cache *cache,
+                                            const char *path,
+                                            uint64_t *seq_out);
 
 /*
  Makes the built-in policy named `name` (NUL-terminated: "keep_all", "recent", "streaming_llm",

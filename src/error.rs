@@ -137,6 +137,23 @@ pub enum Error {
         reason: String,
     },
 
+    /// A saved sequence file is not one this build can restore, or it is damaged (bad magic,
+    /// version, checksum, truncated). Nothing was restored.
+    #[error("saved sequence is unreadable: {reason}")]
+    CorruptFile { reason: String },
+
+    /// A saved sequence was written by a cache whose configuration differs where the bytes
+    /// depend on it (heads, head size, page size, hot dtype, value group, rotation). Nothing was
+    /// restored.
+    #[error(
+        "saved sequence does not match this cache: {field} is {file} in the file, {cache} here"
+    )]
+    ConfigMismatch {
+        field: &'static str,
+        file: String,
+        cache: String,
+    },
+
     /// A broken internal invariant: a bug in kvtier, never the caller's fault. Please report it.
     #[error("internal error (a kvtier bug): {0}")]
     Internal(String),

@@ -18,6 +18,7 @@ mod bounds;
 mod meta;
 mod moves;
 mod report;
+mod save;
 mod share;
 mod spill;
 mod table;
@@ -26,6 +27,7 @@ mod truncate;
 pub use append::Rows;
 pub use meta::{KeyBounds, PageMeta, Pins};
 pub use moves::{Move, PageRef, Restored};
+pub use save::{Saved, SEQUENCE_FORMAT_VERSION};
 pub use table::{PageEntry, PageTable, Tier};
 pub use truncate::Truncation;
 

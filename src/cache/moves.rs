@@ -180,7 +180,7 @@ impl KvCache {
         })
     }
 
-    fn check_warm_budget(&self, fmt: WarmFormat, freed: usize) -> Result<()> {
+    pub(crate) fn check_warm_budget(&self, fmt: WarmFormat, freed: usize) -> Result<()> {
         within(Tier::Warm, self.cfg.budgets.warm_bytes, || {
             let page = WarmLayout::of_format(&self.cfg, fmt).head_bytes * self.cfg.num_kv_heads;
             (self.warm_bytes_allocated() + page).saturating_sub(freed)
@@ -628,6 +628,9 @@ impl KvCache {
         };
         let len = sl.table.len();
         let n_pages = sl.table.pages().len();
+        // With shared pages, a hot page may sit below a demoted one (it was still inside another
+        // sharer's window), so the walk cannot stop at the first page that is not hot.
+        let any_shared = sl.meta.iter().any(|m| m.shared.is_some());
         for i in (0..n_pages).rev() {
             let Ok(sl) = self.seq_layer(seq, layer) else {
                 return;
@@ -637,10 +640,23 @@ impl KvCache {
             }
             let (e, m) = (sl.table.pages()[i], &sl.meta[i]);
             if e.tier != Tier::Hot {
+                if any_shared {
+                    continue;
+                }
                 break;
             }
             if m.pins.any() || m.promoted {
                 continue;
+            }
+            // A shared page leaves the hot tier only once it is outside every sharer's window.
+            if let Some(g) = m.shared {
+                let inside_some = self.shares.members(g).iter().any(|s| {
+                    self.seq_layer(*s, layer)
+                        .is_ok_and(|o| !outside_window(i, ps, o.table.len(), window))
+                });
+                if inside_some {
+                    continue;
+                }
             }
             let p = PageRef {
                 seq,

@@ -41,7 +41,7 @@ use std::sync::Arc;
 /// Version of the record format above.
 pub const FORMAT_VERSION: u16 = 1;
 const MAGIC: &[u8; 4] = b"KVTP";
-const HEADER: usize = 4 + 2 + 4 + 8 + 4 + 4 + 4 + 8;
+pub const HEADER: usize = 4 + 2 + 4 + 8 + 4 + 4 + 4 + 8;
 /// A segment file is closed to new records once it holds this many bytes (the default of
 /// [`crate::SpillConfig::segment_bytes`]).
 pub const SEGMENT_BYTES: u64 = 64 << 20;

@@ -111,6 +111,8 @@ mod pages;
 
 mod disk;
 
+mod sequence;
+
 mod policy;
 mod protect;
 
@@ -157,6 +159,10 @@ pub use quant::{
     kvtier_config_clear_layer_bits, kvtier_config_set_cpu_kernel, kvtier_config_set_key_outliers,
     kvtier_config_set_layer_bits, kvtier_config_set_rotation, kvtier_config_set_spill,
     kvtier_config_set_threads, kvtier_rotation,
+};
+pub use sequence::{
+    kvtier_cache_reorder, kvtier_cache_sequence_fork, kvtier_cache_sequence_restore,
+    kvtier_cache_sequence_save,
 };
 pub use status::{kvtier_status, kvtier_status_name};
 pub use version::{kvtier_abi_version, kvtier_version};

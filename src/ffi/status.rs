@@ -97,6 +97,10 @@ pub enum kvtier_status {
     Disk = 119,
     /// A page read back from disk failed its integrity check (torn, truncated or corrupted).
     CorruptPage = 120,
+    /// A saved sequence file is damaged or not a kvtier sequence file; nothing was restored.
+    CorruptFile = 121,
+    /// A saved sequence was written under a different cache configuration; nothing was restored.
+    ConfigMismatch = 122,
 
     // 200..=299: backends.
     /// The requested backend was not compiled into this library (for example CUDA without the
@@ -111,7 +115,7 @@ pub enum kvtier_status {
 }
 
 /// Every status, for tests and `kvtier_status_name`.
-pub(crate) const ALL: [kvtier_status; 31] = {
+pub(crate) const ALL: [kvtier_status; 33] = {
     use kvtier_status::*;
     [
         Ok,
@@ -141,6 +145,8 @@ pub(crate) const ALL: [kvtier_status; 31] = {
         Internal,
         Disk,
         CorruptPage,
+        CorruptFile,
+        ConfigMismatch,
         BackendNotCompiled,
         NoDevice,
         DeviceError,
@@ -180,6 +186,8 @@ impl kvtier_status {
             Internal => c"KVTIER_STATUS_INTERNAL",
             Disk => c"KVTIER_STATUS_DISK",
             CorruptPage => c"KVTIER_STATUS_CORRUPT_PAGE",
+            CorruptFile => c"KVTIER_STATUS_CORRUPT_FILE",
+            ConfigMismatch => c"KVTIER_STATUS_CONFIG_MISMATCH",
             BackendNotCompiled => c"KVTIER_STATUS_BACKEND_NOT_COMPILED",
             NoDevice => c"KVTIER_STATUS_NO_DEVICE",
             DeviceError => c"KVTIER_STATUS_DEVICE_ERROR",
@@ -219,6 +227,8 @@ pub(crate) fn status_of(e: &Error) -> kvtier_status {
         Error::Internal(_) => S::Internal,
         Error::Disk { .. } => S::Disk,
         Error::CorruptPage { .. } => S::CorruptPage,
+        Error::CorruptFile { .. } => S::CorruptFile,
+        Error::ConfigMismatch { .. } => S::ConfigMismatch,
         Error::Cuda(c) => match c {
             CudaError::NotCompiled => S::BackendNotCompiled,
             CudaError::NoDevice(_) => S::NoDevice,
@@ -361,6 +371,16 @@ mod tests {
             kvtier_status::CorruptPage,
             120,
             "KVTIER_STATUS_CORRUPT_PAGE",
+        ),
+        (
+            kvtier_status::CorruptFile,
+            121,
+            "KVTIER_STATUS_CORRUPT_FILE",
+        ),
+        (
+            kvtier_status::ConfigMismatch,
+            122,
+            "KVTIER_STATUS_CONFIG_MISMATCH",
         ),
         (
             kvtier_status::BackendNotCompiled,
