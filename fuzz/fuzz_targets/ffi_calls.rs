@@ -262,7 +262,7 @@ fn untouched(out: &[f32], region: Option<usize>, len: usize, call: &str) {
 }
 
 fn step(s: &mut State, b: &mut Bytes) -> Option<()> {
-    match b.u8()? % 20 {
+    match b.u8()? % 24 {
         0 | 1 => {
             let dims = [
                 b.pick(&[1usize, 2, 3, 0, 1 << 40])?,
@@ -461,6 +461,41 @@ fn step(s: &mut State, b: &mut Bytes) -> Option<()> {
             }
         }
         16 | 17 => attend(s, b)?,
+        20 | 21 => sequences(s, b)?,
+        22 => save_restore(s, b)?,
+        23 => {
+            let (cache, ci) = s.cache(b)?;
+            let seq = s.seq(b, ci)?;
+            let len = b.pick(&[0usize, 1, 31, 32, 33, 100, usize::MAX])?;
+            let mut n = [0usize; 2];
+            let (t, d) = if b.u8()? % 2 == 0 {
+                (null_mut(), null_mut())
+            } else {
+                (&mut n[0] as *mut usize, &mut n[1] as *mut usize)
+            };
+            let mut stats = kvtier_disk_stats::default();
+            let mut comp = kvtier_compaction::default();
+            // SAFETY: `cache` NULL, misaligned or live; outputs NULL or live locals.
+            unsafe {
+                match b.u8()? % 3 {
+                    0 => check(
+                        kvtier_cache_sequence_truncate(cache, seq, len, t, d),
+                        "kvtier_cache_sequence_truncate",
+                    ),
+                    1 => check(
+                        kvtier_cache_disk_stats(cache, &mut stats),
+                        "kvtier_cache_disk_stats",
+                    ),
+                    _ => check(
+                        kvtier_cache_compact_spill(
+                            cache,
+                            if b.u8()? % 2 == 0 { null_mut() } else { &mut comp },
+                        ),
+                        "kvtier_cache_compact_spill",
+                    ),
+                }
+            }
+        }
         18 => {
             let (cache, _) = s.cache(b)?;
             let mut report = kvtier_memory_report::default();
@@ -528,6 +563,89 @@ fn step(s: &mut State, b: &mut Bytes) -> Option<()> {
                 }
                 _ => {}
             }
+        }
+    }
+    Some(())
+}
+
+/// Fork and beam-search reorder.
+fn sequences(s: &mut State, b: &mut Bytes) -> Option<()> {
+    let (cache, ci) = s.cache(b)?;
+    if b.u8()? % 2 == 0 {
+        let seq = s.seq(b, ci)?;
+        let mut id = 0u64;
+        let out = if b.u8()? % 8 == 0 {
+            null_mut()
+        } else {
+            &mut id as *mut u64
+        };
+        // SAFETY: `cache` NULL, misaligned or live; `out` NULL or a live local.
+        let st = unsafe { kvtier_cache_sequence_fork(cache, seq, out) };
+        check(st, "kvtier_cache_sequence_fork");
+        if let (kvtier_status::Ok, Some(ci)) = (st, ci) {
+            s.caches[ci].seqs.push(id);
+        }
+        return Some(());
+    }
+    let n = b.u8()? as usize % 5;
+    for i in 0..n {
+        s.ids[i] = s.seq(b, ci)?;
+    }
+    let from: Vec<usize> = (0..8)
+        .map(|_| b.u8().map_or(0, |x| x as usize % 6))
+        .collect();
+    let (seqs, ns) = in_array(b, &s.ids, n)?;
+    let (f, nf) = in_array(b, &from, n)?;
+    // One count for both arrays: each pointer is NULL, misaligned, or valid for at least its
+    // own count, so for the smaller one.
+    // SAFETY: as above.
+    let st = unsafe { kvtier_cache_reorder(cache, seqs, f, ns.min(nf)) };
+    check(st, "kvtier_cache_reorder");
+    Some(())
+}
+
+/// Save and restore, with paths that are NULL, not UTF-8, in a missing directory, or a file
+/// that is garbage or a real saved sequence.
+fn save_restore(s: &mut State, b: &mut Bytes) -> Option<()> {
+    let dir = std::env::temp_dir().join(format!("kvtier-fuzz-{}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let good = format!("{}/seq.kvts\0", dir.display());
+    let junk = format!("{}/junk.kvts\0", dir.display());
+    let _ = std::fs::write(&junk[..junk.len() - 1], b"KVTS\x01\x00 garbage");
+    let missing = format!("{}/no/such/dir/seq\0", dir.display());
+    let bad_utf8 = [0xffu8, 0xfe, 0];
+    let path: *const c_char = match b.u8()? % 6 {
+        0 => null(),
+        1 => bad_utf8.as_ptr() as *const c_char,
+        2 => missing.as_ptr() as *const c_char,
+        3 => junk.as_ptr() as *const c_char,
+        _ => good.as_ptr() as *const c_char,
+    };
+    let (cache, ci) = s.cache(b)?;
+    if b.u8()? % 2 == 0 {
+        let seq = s.seq(b, ci)?;
+        let mut bytes = 0u64;
+        let out = if b.u8()? % 4 == 0 {
+            null_mut()
+        } else {
+            &mut bytes as *mut u64
+        };
+        // SAFETY: `cache` NULL, misaligned or live; `path` NULL or NUL-terminated; `out` NULL
+        // or a live local.
+        let st = unsafe { kvtier_cache_sequence_save(cache, seq, path, b.u8()? % 2 == 0, out) };
+        check(st, "kvtier_cache_sequence_save");
+    } else {
+        let mut id = 0u64;
+        let out = if b.u8()? % 8 == 0 {
+            null_mut()
+        } else {
+            &mut id as *mut u64
+        };
+        // SAFETY: as above.
+        let st = unsafe { kvtier_cache_sequence_restore(cache, path, out) };
+        check(st, "kvtier_cache_sequence_restore");
+        if let (kvtier_status::Ok, Some(ci)) = (st, ci) {
+            s.caches[ci].seqs.push(id);
         }
     }
     Some(())
