@@ -176,7 +176,11 @@ fn main() -> kvtier::Result<()> {
         }
         let _ = restored;
         let (ms, mr) = (median(ts), median(tr));
-        let what = if archive { "with archive" } else { "no archive" };
+        let what = if archive {
+            "with archive"
+        } else {
+            "no archive"
+        };
         println!(
             "| save ({what}) | {ms:.1} ms | | | {:.1} MiB file, {:.2} GB/s incl. fsync |",
             bytes as f64 / (1 << 20) as f64,

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The project's test command (the README names it): unit, property and integration tests, plus
 # the examples and benches compiled and run once in test mode. The example engine (`model`, which
-# brings `candle`) is a feature: the core is also built on its own, as a C user's libkvtier is.
+# brings `candle`) and the mistral.rs adapter (`mistralrs`) are features: the core is also built on
+# its own, as a C user's libkvtier is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --lib
-cargo test --all-targets --features model
-cargo test --doc --features model
+cargo test --all-targets --features model,mistralrs
+cargo test --doc --features model,mistralrs
 # The default run takes the fastest CPU kernel path this machine has (AVX-512 on CI's); the
 # attention suites run again on the other two, which CI's CPUs also have (tests/cpu_paths.rs
 # compares all three on the same inputs in the default run).
 for path in avx2 portable; do
-    KVTIER_CPU_KERNEL=$path cargo test --features model --test attention --test core_v2 --test certify --test truncate
+    KVTIER_CPU_KERNEL=$path cargo test --features model,mistralrs --test attention --test core_v2 --test certify --test truncate
 done

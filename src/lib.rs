@@ -28,6 +28,8 @@
 //! [`policy`] (retention), [`eliminate`] (query-time page choice), [`monitor`] (uncertainty and
 //! healing). [`ffi`] is the C ABI (`include/kvtier.h`).
 
+#[cfg(feature = "mistralrs")]
+pub mod adapter;
 pub mod attention;
 pub mod backend;
 pub mod cache;
