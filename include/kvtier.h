@@ -1229,8 +1229,12 @@ kvtier_status kvtier_cache_append(struct kvtier_cache *cache,
  `[n][num_kv_heads][head_dim]`; `output` receives `[n][num_q_heads][head_dim]`, so
  `output_len >= queries_len`. `output` may alias `queries`.
 
- Errors: as `kvtier_cache_append`, plus `BUFFER_TOO_SMALL` (`output`). On error neither the
- cache nor `output` is changed.
+ The attention runs under the handle's shared lock (prefills of different sequences compute at
+ once from several threads); the append takes it exclusively.
+
+ Errors: as `kvtier_cache_append`, plus `BUFFER_TOO_SMALL` (`output`) and `STALE` (another
+ thread changed this sequence in this layer during the call). On error neither the cache nor
+ `output` is changed.
 
  # Safety
 

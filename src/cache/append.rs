@@ -366,6 +366,37 @@ impl KvCache {
         keys: &[f32],
         values: &[f32],
     ) -> Result<Vec<f32>> {
+        let (out, k, v, n) = self.prefill_compute(seq, layer, queries, keys, values)?;
+        self.append_checked(seq, layer, &k, &v, n)?;
+        self.tier_pages(seq, layer);
+        Ok(out)
+    }
+
+    /// The attention half of [`KvCache::prefill`], without the append: `&self`, so prefills of
+    /// different sequences can compute at once (from several threads) and then append one at a
+    /// time with [`KvCache::append`]. The result equals `prefill`'s as long as the sequence does
+    /// not change in `layer` in between (the C ABI checks its length and reports `Stale`).
+    pub fn prefill_attend(
+        &self,
+        seq: SeqId,
+        layer: usize,
+        queries: &[f32],
+        keys: &[f32],
+        values: &[f32],
+    ) -> Result<Vec<f32>> {
+        Ok(self.prefill_compute(seq, layer, queries, keys, values)?.0)
+    }
+
+    /// Validates a prefill completely (the hot budget of its append included) and computes its
+    /// output; returns it with the keys and values as stored and the token count.
+    fn prefill_compute<'a>(
+        &self,
+        seq: SeqId,
+        layer: usize,
+        queries: &[f32],
+        keys: &'a [f32],
+        values: &'a [f32],
+    ) -> Result<(Vec<f32>, Cow<'a, [f32]>, Cow<'a, [f32]>, usize)> {
         self.check_layer(layer)?;
         let nq = self.count_rows("queries", queries.len(), self.cfg.num_q_heads)?;
         let n = self.check_append(seq, layer, Rows::F32(keys), Rows::F32(values))?;
@@ -397,8 +428,6 @@ impl KvCache {
         if self.cfg.rotation.values() {
             self.rotator.inverse(layer, &mut out);
         }
-        self.append_checked(seq, layer, &k, &v, n)?;
-        self.tier_pages(seq, layer);
-        Ok(out)
+        Ok((out, k, v, n))
     }
 }

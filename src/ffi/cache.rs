@@ -359,8 +359,12 @@ pub unsafe extern "C" fn kvtier_cache_append(
 /// `[n][num_kv_heads][head_dim]`; `output` receives `[n][num_q_heads][head_dim]`, so
 /// `output_len >= queries_len`. `output` may alias `queries`.
 ///
-/// Errors: as `kvtier_cache_append`, plus `BUFFER_TOO_SMALL` (`output`). On error neither the
-/// cache nor `output` is changed.
+/// The attention runs under the handle's shared lock (prefills of different sequences compute at
+/// once from several threads); the append takes it exclusively.
+///
+/// Errors: as `kvtier_cache_append`, plus `BUFFER_TOO_SMALL` (`output`) and `STALE` (another
+/// thread changed this sequence in this layer during the call). On error neither the cache nor
+/// `output` is changed.
 ///
 /// # Safety
 ///
@@ -385,10 +389,14 @@ pub unsafe extern "C" fn kvtier_cache_prefill(
         let h = unsafe { handle(cache, "cache") }?;
         // The output is `[n, q_heads, head_dim]` like the queries: check it before anything changes.
         let out = Out::new(output, output_len, queries_len, "output")?;
-        let mut c = h.write()?;
-        // Counts against the config before a slice is formed over the caller's memory.
-        c.check_append_len(SeqId(seq), layer, keys_len, values_len)?;
-        let result = {
+        // The attention runs under the shared lock, so prefills of other sequences (and attends)
+        // proceed at once; only the append takes the lock exclusively. A change to this sequence
+        // in this layer in between (another thread's call) is refused as `STALE`.
+        let (result, len) = {
+            let c = h.read()?;
+            // Counts against the config before a slice is formed over the caller's memory.
+            c.check_append_len(SeqId(seq), layer, keys_len, values_len)?;
+            let len = c.seq_len(SeqId(seq), layer)?;
             // SAFETY: each array holds its count of readable floats (this function's contract).
             let (q, k, v) = unsafe {
                 (
@@ -397,8 +405,28 @@ pub unsafe extern "C" fn kvtier_cache_prefill(
                     input(values, values_len, "values")?,
                 )
             };
-            c.prefill(SeqId(seq), layer, q, k, v)?
+            (c.prefill_attend(SeqId(seq), layer, q, k, v)?, len)
         };
+        {
+            let mut c = h.write()?;
+            if c.seq_len(SeqId(seq), layer)? != len {
+                return Err(FfiError::new(
+                    kvtier_status::Stale,
+                    format!(
+                        "sequence {seq} changed in layer {layer} during the prefill (another \
+                         thread); nothing was appended"
+                    ),
+                ));
+            }
+            // SAFETY: as above; `output` is not written before these borrows end.
+            let (k, v) = unsafe {
+                (
+                    input(keys, keys_len, "keys")?,
+                    input(values, values_len, "values")?,
+                )
+            };
+            c.append(SeqId(seq), layer, k, v)?;
+        }
         // The input borrows have ended: `output` may alias them.
         if result.len() != queries_len {
             return Err(FfiError::new(

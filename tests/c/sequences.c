@@ -1,8 +1,8 @@
 /*
  * Engine operations on whole sequences through the C ABI: fork (prefix sharing, copy-on-write),
  * beam-search reorder, save / restore with their error paths, and a pthreads stress test: threads
- * appending to and attending over their own sequences of one cache at once, checked bit for bit
- * against the same work done on one thread. Built natively, under ASan/UBSan, under valgrind and
+ * prefilling, appending to and attending over their own sequences of one cache at once, checked
+ * bit for bit against the same work done on one thread. Built natively, under ASan/UBSan, under valgrind and
  * (when the compiler has it) under ThreadSanitizer by tests/c_abi.rs.
  */
 #define _POSIX_C_SOURCE 200809L
@@ -34,14 +34,25 @@ static void attend(kvtier_cache *c, uint64_t s, const float *q, float *out) {
 }
 
 /* One thread's work: STEPS decode steps of its own sequence (append one token, attend). */
+enum { PRE = 48 };
+
 typedef struct {
     kvtier_cache *cache;
     uint64_t seq;
     int id;
+    float pre[PRE * QH * D];
     float out[STEPS][QH * D];
 } job;
 
+/* A prefill chunk (its attention runs under the shared lock, concurrently with the other threads'),
+ * then decode steps. */
 static void steps(job *j) {
+    static const size_t PQ = PRE * QH * D, PK = PRE * ROW;
+    float pk[PRE * ROW], pv[PRE * ROW], pq[PRE * QH * D];
+    fill(pk, PK, 0.011f * (float)(j->id + 1));
+    fill(pv, PK, 0.017f * (float)(j->id + 1));
+    fill(pq, PQ, 0.023f * (float)(j->id + 1));
+    EXPECT_OK(kvtier_cache_prefill(j->cache, j->seq, 0, pq, PQ, pk, PK, pv, PK, j->pre, PQ));
     float k[ROW], v[ROW], q[QH * D];
     for (int t = 0; t < STEPS; t++) {
         fill(k, ROW, 0.01f * (float)(j->id * STEPS + t + 1));
@@ -153,6 +164,7 @@ int main(void) {
     for (int i = 0; i < THREADS; i++) EXPECT(pthread_join(th[i], NULL) == 0);
     for (int i = 0; i < THREADS; i++) {
         steps(&solo[i]);
+        EXPECT(memcmp(jobs[i].pre, solo[i].pre, sizeof jobs[i].pre) == 0);
         EXPECT(memcmp(jobs[i].out, solo[i].out, sizeof jobs[i].out) == 0);
     }
     kvtier_cache_free(shared);
