@@ -366,7 +366,7 @@ impl KvCache {
         keys: &[f32],
         values: &[f32],
     ) -> Result<Vec<f32>> {
-        let (out, k, v, n) = self.prefill_compute(seq, layer, queries, keys, values)?;
+        let (out, (k, v), n) = self.prefill_compute(seq, layer, queries, keys, values)?;
         self.append_checked(seq, layer, &k, &v, n)?;
         self.tier_pages(seq, layer);
         Ok(out)
@@ -396,7 +396,7 @@ impl KvCache {
         queries: &[f32],
         keys: &'a [f32],
         values: &'a [f32],
-    ) -> Result<(Vec<f32>, Cow<'a, [f32]>, Cow<'a, [f32]>, usize)> {
+    ) -> Result<(Vec<f32>, KeysValues<'a>, usize)> {
         self.check_layer(layer)?;
         let nq = self.count_rows("queries", queries.len(), self.cfg.num_q_heads)?;
         let n = self.check_append(seq, layer, Rows::F32(keys), Rows::F32(values))?;
@@ -428,6 +428,6 @@ impl KvCache {
         if self.cfg.rotation.values() {
             self.rotator.inverse(layer, &mut out);
         }
-        Ok((out, k, v, n))
+        Ok((out, (k, v), n))
     }
 }

@@ -255,7 +255,8 @@ impl KernelSpec {
         let park = self.gs * 4 * 4 + self.gs * self.d * 4;
         let head = if self.mma { park } else { self.d * gp * 4 };
         let warp = head + 32 * gp * 4 + self.nstage * stage;
-        (qsm + self.nwarps * warp).max(MAX_SPLIT * self.gs * 4)
+        // The combine's factors ([MAX_SPLIT][GS]) and, for a rotated output, [GS][D] after them.
+        (qsm + self.nwarps * warp).max((MAX_SPLIT * self.gs + self.gs * self.d) * 4)
     }
 
     /// Bytes of a head block's outlier part (indices and values), staged after the value codes.
@@ -303,7 +304,7 @@ impl KernelSpec {
             ("OUT_IDX", self.out_layout[0]),
             ("OUT_VAL", self.out_layout[1]),
             ("RB", crate::quant::rotate::block_size(self.d)),
-            ("KVT_SPEC_VERSION", 4),
+            ("KVT_SPEC_VERSION", 5),
         ];
         let mut s = String::from("// kvtier kernel specialisation\n");
         for (k, v) in vals {
@@ -435,7 +436,7 @@ mod tests {
             assert!(s.gs * s.cpl <= 64);
             assert!(s.cpl * s.vb >= 32);
             assert_eq!(s.out_bytes(), 0);
-            assert!(s.decode_smem() >= MAX_SPLIT * s.gs * 4);
+            assert!(s.decode_smem() >= (MAX_SPLIT * s.gs + s.gs * s.d) * 4);
             assert!(s.source().contains("#define HEAD_BYTES"));
         }
     }

@@ -16,6 +16,17 @@ use crate::backend::InputDtype;
 use crate::error::{Error, Result};
 use cudarc::driver::{result as cu, sys, LaunchConfig, PushKernelArg};
 
+/// A rotation fused into a decode launch (`CudaStorage::launch`): the sign vector is the plan's
+/// (`upload_signs`).
+#[derive(Debug, Clone, Copy)]
+pub struct FusedRotation {
+    pub norm: f32,
+    /// Rotate the queries into the key basis on load.
+    pub queries: bool,
+    /// Rotate the output back (rotated values).
+    pub output: bool,
+}
+
 impl CudaStorage {
     /// Fails unless `plan` was last built (successfully) by this storage.
     pub(super) fn check_plan(&self, plan: &DecodePlan) -> Result<()> {
@@ -30,7 +41,9 @@ impl CudaStorage {
     /// Launches the decode kernel of `plan` on `stream` (`None`: this device's stream; `Some(0)`:
     /// the legacy default stream), reading queries `[n_seqs, q_heads, head_dim]` f32 at `queries`
     /// and writing the output, in the same shape, at `output`. Statistics and per-page lse stay in
-    /// the plan until they are collected.
+    /// the plan until they are collected. With `rotation` the kernel rotates the queries on load
+    /// and (with rotated values) the output before it stores it, with the plan's sign vector
+    /// (`upload_signs` first).
     ///
     /// # Safety
     /// `queries` and `output` must be device pointers of this context to at least
@@ -43,6 +56,7 @@ impl CudaStorage {
         queries: u64,
         output: u64,
         stream: Option<u64>,
+        rotation: Option<FusedRotation>,
     ) -> Result<()> {
         self.check_plan(plan)?;
         if plan.n_items == 0 {
@@ -85,7 +99,17 @@ impl CudaStorage {
             .arg(&self.scale)
             .arg(&lse_stride)
             .arg(&lse_kvcol);
-        // SAFETY: argument types and order match `kvt_decode`; every plan pointer is a live device
+        let (signs, norm, flags) = match rotation {
+            Some(r) => (
+                plan.rot_signs.ptr(),
+                r.norm,
+                u32::from(r.queries) | u32::from(r.output) << 1,
+            ),
+            None => (0u64, 1.0f32, 0u32),
+        };
+        b.arg(&signs).arg(&norm).arg(&flags);
+        // SAFETY: argument types and order match `kvt_decode`; the sign vector is read only with a
+        // rotation, when `upload_signs` put `head_dim` f32 there; every plan pointer is a live device
         // allocation sized by `plan_pages_into` for this plan (built by this storage, checked
         // above, so every listed slot is below this storage's pool capacities), and `queries` /
         // `output` satisfy the caller's contract above.
@@ -154,48 +178,6 @@ impl CudaStorage {
         // SAFETY: `dst` holds at least `4 * d` bytes (ensured above) and `signs` is `d` f32; the
         // copy is ordered on this storage's stream.
         unsafe { cu::memcpy_htod_async(dst, signs, st.cu_stream()) }.map_err(drv)?;
-        Ok(())
-    }
-
-    /// Rotates the `n_seqs * q_heads` head vectors at `src` into `dst` (which may be `src`) on
-    /// `stream` with the plan's sign vector (`upload_signs`): forward, or back with `inverse`.
-    ///
-    /// # Safety
-    /// `src` and `dst` must be device pointers of this context to at least
-    /// `n_seqs * q_heads * head_dim` f32, valid until the launch completes, and `stream` a live
-    /// stream of this context (or 0) ordered after this device's stream.
-    pub(super) unsafe fn rotate_device(
-        &self,
-        plan: &DecodePlan,
-        src: u64,
-        dst: u64,
-        norm: f32,
-        inverse: bool,
-        stream: u64,
-    ) -> Result<()> {
-        let n = (plan.n_seqs * self.qh) as u32;
-        if n == 0 {
-            return Ok(());
-        }
-        // SAFETY: a borrowed wrapper of the caller's live stream of this context (contract above).
-        let s = unsafe {
-            self.stream()
-                .context()
-                .wrap_borrowed_stream(stream as sys::CUstream)
-        };
-        let cfg = LaunchConfig {
-            grid_dim: (n, 1, 1),
-            block_dim: (self.d as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let signs = plan.rot_signs.ptr();
-        let inv = inverse as u32;
-        let mut b = s.launch_builder(&self.k.rotate);
-        b.arg(&src).arg(&dst).arg(&signs).arg(&norm).arg(&inv);
-        // SAFETY: matches `kvt_rotate`: one CTA of head_dim threads per vector reads and writes
-        // `head_dim` f32 of vector `blockIdx.x` (n vectors, the caller's contract) and `head_dim`
-        // signs (uploaded by `upload_signs`).
-        unsafe { b.launch(cfg) }.map_err(drv)?;
         Ok(())
     }
 
@@ -326,7 +308,7 @@ impl CudaStorage {
         }
         // SAFETY: the plan's own query and output buffers (sized for this plan), this device's
         // stream.
-        unsafe { self.launch(plan, plan.queries.ptr(), plan.out.ptr(), None)? };
+        unsafe { self.launch(plan, plan.queries.ptr(), plan.out.ptr(), None, None)? };
         self.collect(plan, st.cu_stream(), true, lse)
     }
 }

@@ -70,6 +70,8 @@ pub use device::{compile_for_arch, compile_source, CudaDevice};
 #[cfg(feature = "cuda")]
 pub use kernels::CudaTuning;
 #[cfg(feature = "cuda")]
+pub use launch::FusedRotation;
+#[cfg(feature = "cuda")]
 pub use plan::DecodePlan;
 #[cfg(feature = "cuda")]
 pub use storage::{CudaScratch, CudaStorage};

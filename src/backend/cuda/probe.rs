@@ -90,7 +90,7 @@ impl CudaStorage {
             e0.record(&st).map_err(drv)?;
             // SAFETY: the plan's own query and output buffers (sized for it), this device's
             // stream.
-            unsafe { self.launch(plan, plan.queries_ptr(), plan.output_ptr(), None)? };
+            unsafe { self.launch(plan, plan.queries_ptr(), plan.output_ptr(), None, None)? };
             e1.record(&st).map_err(drv)?;
             times.push(e0.elapsed_ms(&e1).map_err(drv)?);
         }

@@ -389,19 +389,17 @@ impl BackendStorage for CudaStorage {
         // SAFETY: the caller guarantees `queries` / `output` are device buffers of this context
         // holding `n_seqs * q_heads * head_dim` elements of `query_dtype` / f32, usable on
         // `user`, which is ordered after our stream above.
-        // A rotated cache rotates the queries into the plan's own buffer (the caller's stays as
-        // it is) and, with rotated values, the output back in place.
+        // A rotated cache's queries are rotated by the decode kernel as it loads them (the
+        // caller's buffer stays as it is) and, with rotated values, its output before it stores
+        // it: one launch, as without rotation.
         unsafe {
-            let mut q = self.convert_queries(&s.plan, b.queries, b.query_dtype, b.stream)?;
-            if let Some(r) = input.rotation {
-                let own = s.plan.queries.ptr();
-                self.rotate_device(&s.plan, q, own, r.norm, false, b.stream)?;
-                q = own;
-            }
-            self.launch(&s.plan, q, b.output, Some(b.stream))?;
-            if let Some(r) = input.rotation.filter(|r| r.values) {
-                self.rotate_device(&s.plan, b.output, b.output, r.norm, true, b.stream)?;
-            }
+            let q = self.convert_queries(&s.plan, b.queries, b.query_dtype, b.stream)?;
+            let rot = input.rotation.map(|r| super::launch::FusedRotation {
+                norm: r.norm,
+                queries: true,
+                output: r.values,
+            });
+            self.launch(&s.plan, q, b.output, Some(b.stream), rot)?;
         }
         // Collecting synchronises `user`, so our later work cannot overtake this launch.
         self.collect(&s.plan, user, false, Some(&mut s.lse))

@@ -226,13 +226,48 @@ __device__ __forceinline__ void kvt_softmax_block(WarpState& st, float (&s)[GS],
     }
 }
 
+// In-place Walsh-Hadamard butterflies, by the whole CTA, over the channel index c of H vectors
+// whose element (c, h) sits at x[c * CS + h * HS], in blocks of RB channels: the same f32
+// operations in the same order as the host's `Rotator` (and so the same bits). Starts and ends
+// with a barrier.
+template <int H, int CS, int HS>
+__device__ __forceinline__ void kvt_fwht(float* x, int tid) {
+    constexpr int N = D * H, PER = (N + NT - 1) / NT;
+    __syncthreads();
+    for (u32 hb = 1; hb < RB; hb <<= 1) {
+        float nv[PER];
+#pragma unroll
+        for (int j = 0; j < PER; ++j) {
+            const int i = tid + j * NT;
+            if (i < N) {
+                const int c = i / H, h = i % H;
+                const float mine = x[c * CS + h * HS], other = x[(c ^ hb) * CS + h * HS];
+                // Pair (i, i + hb), i with bit hb clear: i <- x_i + x_{i+hb}, i + hb <- x_i - x_{i+hb}.
+                nv[j] = (c & hb) ? __fsub_rn(other, mine) : __fadd_rn(mine, other);
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int j = 0; j < PER; ++j) {
+            const int i = tid + j * NT;
+            if (i < N) x[(i / H) * CS + (i % H) * HS] = nv[j];
+        }
+        __syncthreads();
+    }
+}
+
+// `rot_flags` bit 0: the queries are in model space; rotate them into the cache's key basis on
+// load (x <- H (s . x) * norm, `rot_signs` = s). Bit 1: the values are rotated; rotate the output
+// back before it is stored (x <- s * norm * (H x)). Fused here so a rotated cache's decode is one
+// launch, as an unrotated one's.
 extern "C" __global__ void __launch_bounds__(NT, MINB)
 kvt_decode(const Item* __restrict__ items, const uint2* __restrict__ pages,
            const float* __restrict__ queries, const u8* __restrict__ hot_pool,
            const u8* __restrict__ warm_pool, float* __restrict__ part_state,
            float* __restrict__ part_acc, float* __restrict__ page_lse,
            u32* __restrict__ counters, float* __restrict__ out, float* __restrict__ stats,
-           float scale, u32 lse_stride, u32 lse_kvcol) {
+           float scale, u32 lse_stride, u32 lse_kvcol, const float* __restrict__ rot_signs,
+           float rot_norm, u32 rot_flags) {
     extern __shared__ __align__(16) u8 smem[];
     __shared__ int is_last;
     __shared__ float cstat[GS][4];
@@ -247,15 +282,29 @@ kvt_decode(const Item* __restrict__ items, const uint2* __restrict__ pages,
     float* ew = (float*)(wb + WHEAD_BYTES);  // [32][GP] softmax weights of the current block
     u8* stages = (u8*)(ew + 32 * GP); // 2 x STAGE_BYTES
 
-    for (int i = tid; i < D * GP; i += NT) {
-        const int c = i / GP, h = i % GP;
-        qsm[i] = h < GS ? qg[h * D + c] * scale : 0.0f;
-    }
     float qr[D / 32][GS];
+    if (rot_flags & 1u) {
+        for (int i = tid; i < D * GP; i += NT) {
+            const int c = i / GP, h = i % GP;
+            qsm[i] = h < GS ? __fmul_rn(qg[h * D + c], rot_signs[c]) : 0.0f;
+        }
+        kvt_fwht<GS, GP, 1>(qsm, tid);
+        for (int i = tid; i < D * GP; i += NT) qsm[i] = __fmul_rn(__fmul_rn(qsm[i], rot_norm), scale);
+        __syncthreads();
 #pragma unroll
-    for (int k = 0; k < D / 32; ++k)
+        for (int k = 0; k < D / 32; ++k)
 #pragma unroll
-        for (int h = 0; h < GS; ++h) qr[k][h] = qg[h * D + lane + 32 * k] * scale;
+            for (int h = 0; h < GS; ++h) qr[k][h] = qsm[(lane + 32 * k) * GP + h];
+    } else {
+        for (int i = tid; i < D * GP; i += NT) {
+            const int c = i / GP, h = i % GP;
+            qsm[i] = h < GS ? qg[h * D + c] * scale : 0.0f;
+        }
+#pragma unroll
+        for (int k = 0; k < D / 32; ++k)
+#pragma unroll
+            for (int h = 0; h < GS; ++h) qr[k][h] = qg[h * D + lane + 32 * k] * scale;
+    }
     __syncthreads();
 #if MMA
     float4* qes = (float4*)(smem + QSM_BYTES);
@@ -733,13 +782,29 @@ kvt_decode(const Item* __restrict__ items, const uint2* __restrict__ pages,
         fac[i] = l > 0.0f ? __expf(fac[i] - cstat[h][0]) : 0.0f;
     }
     __syncthreads();
+    // With rotated values the output is rotated back in shared memory (after the factors, which
+    // take at most KVT_MAXSPLIT_HOST x GS floats; decode_smem reserves the GS x D more).
+    const bool rot_out = (rot_flags & 2u) != 0;
+    float* ob = fac + KVT_MAXSPLIT_HOST * GS;  // [GS][D]
     for (int x = tid; x < GS * D; x += NT) {
         const int h = x / D, c = x % D;
         float sum = 0.0f;
         for (u32 i = 0; i < ni; ++i)
             sum += fac[i * GS + h] * __ldcg(part_acc + ((u64)(it.first_item + i) * GS + h) * D + c);
         const float L = cstat[h][1];
-        out[((u64)it.seq * QH + h0 + h) * D + c] = L > 0.0f ? sum / L : 0.0f;
+        const float o = L > 0.0f ? sum / L : 0.0f;
+        if (rot_out)
+            ob[x] = o;
+        else
+            out[((u64)it.seq * QH + h0 + h) * D + c] = o;
+    }
+    if (rot_out) {
+        kvt_fwht<GS, 1, D>(ob, tid);
+        for (int x = tid; x < GS * D; x += NT) {
+            const int h = x / D, c = x % D;
+            out[((u64)it.seq * QH + h0 + h) * D + c] =
+                __fmul_rn(ob[x], __fmul_rn(rot_signs[c], rot_norm));
+        }
     }
     if (tid < GS) {
         const int h = tid;
