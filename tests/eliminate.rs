@@ -452,3 +452,77 @@ mod random_shapes {
         }
     }
 }
+
+/// The two-level (super-page) eliminator keeps the ε guarantee and skips whole super-pages; the
+/// GhostKV seed's sketch rule runs on the same interface and attends exactly the pages it keeps.
+#[test]
+fn comparison_eliminators_on_the_same_interface() {
+    use kvtier::eliminate::{SketchEliminator, SuperPageEliminator};
+    let mut super_skips = 0;
+    for seed in 0..6u64 {
+        let (c, s, q) = structured(Bits::B4, Bits::B4, 1500, seed, true);
+        let full = c.attend(0, &[s], &q).unwrap();
+        let qh = c.config().num_q_heads;
+        let input = EliminationInput {
+            layer: 0,
+            seqs: &[s],
+            queries: &q,
+        };
+        for eps in [0.0f32, 1e-3, 1e-2, 0.1] {
+            for group in [2usize, 4, 8] {
+                let e = SuperPageEliminator::new(eps, group).unwrap();
+                let mut scratch = EliminationScratch::default();
+                let (att, rep) = e.attend(&c, &mut scratch, &input).unwrap();
+                super_skips += rep.super_skips;
+                let ck = check(&full, &att, 0.01).unwrap();
+                for h in 0..qh {
+                    assert!(
+                        rep.mass_bound[h] <= eps,
+                        "bound {} > ε {eps}",
+                        rep.mass_bound[h]
+                    );
+                    assert!(
+                        ck.realised_mass[h] <= rep.mass_bound[h] + 1e-6,
+                        "seed {seed} ε {eps} group {group} head {h}: {} > {}",
+                        ck.realised_mass[h],
+                        rep.mass_bound[h]
+                    );
+                }
+                assert!(rep.skipped_pages <= rep.candidates);
+            }
+        }
+        // The sketch rule: no guarantee, but what it keeps is attended exactly.
+        for slack in [-50.0f32, 0.0, 4.0, 1e4] {
+            let e = SketchEliminator::new(1e-3, 16, 7, slack, c.config().head_dim).unwrap();
+            let mut scratch = EliminationScratch::default();
+            let (att, rep) = e.attend(&c, &mut scratch, &input).unwrap();
+            if slack >= 1e4 {
+                assert_eq!(rep.skipped_pages, 0, "a huge slack skips nothing");
+                // Two attends merged: equal to one up to f32 rounding.
+                for (a, b) in att.output.iter().zip(&full.output) {
+                    assert!((a - b).abs() <= 1e-5, "{a} vs {b}");
+                }
+            }
+            let (kvh, g) = (c.config().num_kv_heads, c.config().group_size());
+            let n_pages = full.page_mass[0].len();
+            let mut kept = kvtier::PageSelection::none(1, kvh);
+            for kv in 0..kvh {
+                let pages = (0..n_pages as u32)
+                    .filter(|&p| att.page_lse[0][p as usize * qh + kv * g] > f32::NEG_INFINITY);
+                kept.set(0, kv, pages).unwrap();
+            }
+            let again = c.attend_select(0, &[s], &q, &kept).unwrap();
+            for (a, b) in att.output.iter().zip(&again.output) {
+                assert!((a - b).abs() <= 1e-5, "{a} vs {b}");
+            }
+        }
+    }
+    assert!(
+        super_skips > 0,
+        "whole super-pages must be skipped somewhere"
+    );
+    assert!(SuperPageEliminator::new(1e-3, 1).is_err());
+    assert!(SuperPageEliminator::new(1.0, 4).is_err());
+    assert!(SketchEliminator::new(1e-3, 0, 1, 0.0, 64).is_err());
+    assert!(SketchEliminator::new(1e-3, 8, 1, f32::NAN, 64).is_err());
+}

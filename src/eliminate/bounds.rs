@@ -125,4 +125,11 @@ impl PageBounds {
         let at = (self.offsets[i] + k) * self.q_heads;
         &self.ub[at..at + self.q_heads]
     }
+
+    /// The same, writable: another estimator's values replace the box bounds (a comparison
+    /// eliminator without the guarantee).
+    pub(crate) fn ub_mut(&mut self, i: usize, k: usize) -> &mut [f32] {
+        let at = (self.offsets[i] + k) * self.q_heads;
+        &mut self.ub[at..at + self.q_heads]
+    }
 }

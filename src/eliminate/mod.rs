@@ -2,7 +2,8 @@
 //!
 //! Owns: per-page score upper bounds ([`bounds`]), the ε-bounded selection and the two-phase
 //! decode that applies it ([`Eliminator`]), a Quest-style top-k selection ([`QuestSelector`],
-//! a baseline without a guarantee), and the check mode against exact attention ([`check`]). Must never: move, modify or read the payload of pages (the
+//! a baseline without a guarantee), the comparison eliminators on the same interface
+//! ([`SuperPageEliminator`], two-level and proven; [`SketchEliminator`], the GhostKV seed's rule), and the check mode against exact attention ([`check`]). Must never: move, modify or read the payload of pages (the
 //! cache executes attention; this module only chooses pages), or skip a page whose bound it could
 //! not compute.
 //!
@@ -16,8 +17,10 @@
 //! the page's kv head group (the selection is per kv head).
 
 pub mod bounds;
+mod compare;
 
 pub use bounds::{score_upper_bound, PageBounds, PageInfo};
+pub use compare::{SketchEliminator, SuperPageEliminator};
 
 use crate::attention::{Attention, PageSelection};
 use crate::cache::{KvCache, SeqId, Tier};
@@ -51,6 +54,8 @@ pub struct EliminationReport {
     pub skipped_tokens: usize,
     /// Per batch entry and q head, the proven bound on the skipped softmax mass (<= ε).
     pub mass_bound: Vec<f32>,
+    /// Super-pages skipped whole (two-level selection only).
+    pub super_skips: usize,
 }
 
 /// The ε-bounded eliminator (immutable engine; see the module docs for the guarantee).
@@ -97,115 +102,186 @@ impl Eliminator {
         scratch: &mut EliminationScratch,
         input: &EliminationInput,
     ) -> Result<(Attention, EliminationReport)> {
-        let cfg = cache.config();
-        let (qh, kvh) = (cfg.num_q_heads, cfg.num_kv_heads);
-        let g = cfg.group_size();
         scratch
             .bounds
             .fill(cache, input.layer, input.seqs, input.queries)?;
-        let b = &scratch.bounds;
-        let n = input.seqs.len();
-        // Phase one.
-        let mut first = PageSelection::none(n, kvh);
-        let mut exact = vec![false; 0];
-        let mut exact_at = Vec::with_capacity(n + 1);
-        exact_at.push(0);
-        for i in 0..n {
-            let pages = b.pages(i);
-            for kv in 0..kvh {
-                let base = exact.len();
-                exact.extend(
-                    pages
-                        .iter()
-                        .map(|p| p.tier != Tier::Evicted && (p.tier == Tier::Hot || !p.bounded)),
-                );
-                let order = &mut scratch.order;
-                order.clear();
-                for (k, p) in pages.iter().enumerate() {
-                    if p.bounded && p.tier != Tier::Hot && p.tier != Tier::Evicted {
-                        order.push((group_max(b.ub(i, k), kv, g), k));
-                    }
+        two_phase(cache, scratch, input, self.epsilon, self.exact_top, None)
+    }
+}
+
+/// Super-pages of a two-level selection: per batch entry and kv head, the candidate pages
+/// (indices into the entry's pages) of each super-page and its bound per q head of the group.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Supers {
+    /// `[n_seqs][kvh]`: the super-pages.
+    pub lists: Vec<Vec<SuperList>>,
+}
+
+/// Super-pages of one (batch entry, kv head): (candidate members, `[g]` bounds) each.
+pub(crate) type SuperList = Vec<(Vec<usize>, Vec<f32>)>;
+
+/// The two-phase decode over the bounds in `scratch.bounds` (the box bounds, or another
+/// estimator's values put there): phase one attends hot and unbounded pages and the `exact_top`
+/// highest-bound candidates; phase two skips, in increasing bound, the candidates whose charged
+/// mass `n exp(ub - log Z1)` keeps every head of the group within `epsilon`. With `supers`,
+/// phase two first skips whole super-pages in increasing super bound, then single pages.
+pub(crate) fn two_phase(
+    cache: &KvCache,
+    scratch: &mut EliminationScratch,
+    input: &EliminationInput,
+    epsilon: f32,
+    exact_top: usize,
+    supers: Option<&Supers>,
+) -> Result<(Attention, EliminationReport)> {
+    let cfg = cache.config();
+    let (qh, kvh) = (cfg.num_q_heads, cfg.num_kv_heads);
+    let g = cfg.group_size();
+    if scratch.bounds.n_seqs() != input.seqs.len() {
+        return Err(Error::internal(
+            "two-phase decode over bounds of another batch",
+        ));
+    }
+    let b = &scratch.bounds;
+    let n = input.seqs.len();
+    // Phase one.
+    let mut first = PageSelection::none(n, kvh);
+    let mut exact = vec![false; 0];
+    let mut exact_at = Vec::with_capacity(n + 1);
+    exact_at.push(0);
+    for i in 0..n {
+        let pages = b.pages(i);
+        for kv in 0..kvh {
+            let base = exact.len();
+            exact.extend(
+                pages
+                    .iter()
+                    .map(|p| p.tier != Tier::Evicted && (p.tier == Tier::Hot || !p.bounded)),
+            );
+            let order = &mut scratch.order;
+            order.clear();
+            for (k, p) in pages.iter().enumerate() {
+                if p.bounded && p.tier != Tier::Hot && p.tier != Tier::Evicted {
+                    order.push((group_max(b.ub(i, k), kv, g), k));
                 }
-                order.sort_by(|a, b| b.0.total_cmp(&a.0));
-                for &(_, k) in order.iter().take(self.exact_top) {
-                    exact[base + k] = true;
-                }
-                first.set(
-                    i,
-                    kv,
-                    pages
-                        .iter()
-                        .enumerate()
-                        .filter(|(k, _)| exact[base + k])
-                        .map(|(_, p)| p.page),
-                )?;
             }
-            exact_at.push(exact.len());
+            order.sort_by(|a, b| b.0.total_cmp(&a.0));
+            for &(_, k) in order.iter().take(exact_top) {
+                exact[base + k] = true;
+            }
+            first.set(
+                i,
+                kv,
+                pages
+                    .iter()
+                    .enumerate()
+                    .filter(|(k, _)| exact[base + k])
+                    .map(|(_, p)| p.page),
+            )?;
         }
-        let mut att = cache.attend_select(input.layer, input.seqs, input.queries, &first)?;
-        // Phase two: skip candidates in increasing bound while every head's sum stays <= ε.
-        let mut report = EliminationReport {
-            mass_bound: vec![0.0; n * qh],
-            ..Default::default()
-        };
-        let mut second = PageSelection::none(n, kvh);
-        let mut any = false;
-        for (i, &at) in exact_at.iter().take(n).enumerate() {
-            let pages = b.pages(i);
-            for kv in 0..kvh {
-                let base = at + kv * pages.len();
-                let order = &mut scratch.order;
-                order.clear();
-                for (k, p) in pages.iter().enumerate() {
-                    if p.tier != Tier::Evicted && !exact[base + k] {
-                        order.push((group_max(b.ub(i, k), kv, g), k));
+        exact_at.push(exact.len());
+    }
+    let mut att = cache.attend_select(input.layer, input.seqs, input.queries, &first)?;
+    // Phase two: skip candidates in increasing bound while every head's sum stays <= ε.
+    let mut report = EliminationReport {
+        mass_bound: vec![0.0; n * qh],
+        ..Default::default()
+    };
+    let mut second = PageSelection::none(n, kvh);
+    let mut any = false;
+    for (i, &at) in exact_at.iter().take(n).enumerate() {
+        let pages = b.pages(i);
+        for kv in 0..kvh {
+            let base = at + kv * pages.len();
+            let order = &mut scratch.order;
+            order.clear();
+            for (k, p) in pages.iter().enumerate() {
+                if p.tier != Tier::Evicted && !exact[base + k] {
+                    order.push((group_max(b.ub(i, k), kv, g), k));
+                }
+            }
+            order.sort_by(|a, b| a.0.total_cmp(&b.0));
+            report.candidates += order.len();
+            // log Z1 per head, lowered by a relative margin for the f32 rounding of lse.
+            let lz = &mut scratch.lz;
+            lz.clear();
+            lz.extend(
+                att.heads[i * qh + kv * g..i * qh + (kv + 1) * g]
+                    .iter()
+                    .map(|hs| hs.log_z - 1e-5 * hs.log_z.abs().max(1.0)),
+            );
+            let acc = &mut scratch.acc;
+            acc.clear();
+            acc.resize(g, 0.0);
+            // Charges `n` tokens under bounds `ub` if every head of the group stays within ε.
+            let charge = |acc: &mut Vec<f32>, ub: &[f32], n: f32| -> bool {
+                let fits = lz.iter().zip(ub).zip(acc.iter()).all(|((&z, &u), &a)| {
+                    z > f32::NEG_INFINITY && a + n * (u - z).exp() <= epsilon
+                });
+                if fits {
+                    for ((a, &z), &u) in acc.iter_mut().zip(lz.iter()).zip(ub) {
+                        *a += n * (u - z).exp();
                     }
                 }
-                order.sort_by(|a, b| a.0.total_cmp(&b.0));
-                report.candidates += order.len();
-                // log Z1 per head, lowered by a relative margin for the f32 rounding of lse.
-                let lz = &mut scratch.lz;
-                lz.clear();
-                lz.extend(
-                    att.heads[i * qh + kv * g..i * qh + (kv + 1) * g]
-                        .iter()
-                        .map(|hs| hs.log_z - 1e-5 * hs.log_z.abs().max(1.0)),
-                );
-                let acc = &mut scratch.acc;
-                acc.clear();
-                acc.resize(g, 0.0);
-                let mut cut = 0;
-                for &(_, k) in order.iter() {
-                    let ub = &b.ub(i, k)[kv * g..(kv + 1) * g];
-                    let nt = pages[k].n_tokens as f32;
-                    // Skip page k only if every head of the group stays within ε.
-                    let fits = lz.iter().zip(ub).zip(acc.iter()).all(|((&z, &u), &a)| {
-                        z > f32::NEG_INFINITY && a + nt * (u - z).exp() <= self.epsilon
-                    });
-                    if !fits {
+                fits
+            };
+            let mut skipped = vec![false; pages.len()];
+            if let Some(sp) = supers {
+                // Whole super-pages first (their members not attended in phase one).
+                let mut list: Vec<(f32, usize)> = sp.lists[i][kv]
+                    .iter()
+                    .enumerate()
+                    .map(|(j, (_, ub))| (ub.iter().copied().fold(f32::NEG_INFINITY, f32::max), j))
+                    .collect();
+                list.sort_by(|a, b| a.0.total_cmp(&b.0));
+                for &(_, j) in &list {
+                    let (members, ub) = &sp.lists[i][kv][j];
+                    if members.iter().any(|&k| exact[base + k]) {
+                        continue;
+                    }
+                    let n: f32 = members.iter().map(|&k| pages[k].n_tokens as f32).sum();
+                    if !charge(acc, ub, n) {
                         break;
                     }
-                    for ((a, &z), &u) in acc.iter_mut().zip(lz.iter()).zip(ub) {
-                        *a += nt * (u - z).exp();
+                    report.super_skips += 1;
+                    for &k in members {
+                        skipped[k] = true;
                     }
+                }
+            }
+            for &(_, k) in order.iter() {
+                if skipped[k] {
+                    continue;
+                }
+                let ub = &b.ub(i, k)[kv * g..(kv + 1) * g];
+                // Skip page k only if every head of the group stays within ε.
+                if !charge(acc, ub, pages[k].n_tokens as f32) {
+                    break;
+                }
+                skipped[k] = true;
+            }
+            for &(_, k) in order.iter() {
+                if skipped[k] {
                     report.skipped_pages += 1;
                     report.skipped_tokens += pages[k].n_tokens as usize;
-                    cut += 1;
                 }
-                report.mass_bound[i * qh + kv * g..i * qh + (kv + 1) * g].copy_from_slice(acc);
-                let keep: Vec<u32> = order[cut..].iter().map(|&(_, k)| pages[k].page).collect();
-                any |= !keep.is_empty();
-                second.set(i, kv, keep)?;
             }
+            report.mass_bound[i * qh + kv * g..i * qh + (kv + 1) * g].copy_from_slice(acc);
+            let keep: Vec<u32> = order
+                .iter()
+                .filter(|&&(_, k)| !skipped[k])
+                .map(|&(_, k)| pages[k].page)
+                .collect();
+            any |= !keep.is_empty();
+            second.set(i, kv, keep)?;
         }
-        if any {
-            // Spilled survivors are read ahead while the survivors on the device are attended.
-            let _ = cache.prefetch(input.layer, input.seqs, Some(&second));
-            let rest = cache.attend_select(input.layer, input.seqs, input.queries, &second)?;
-            att.merge_disjoint(&rest);
-        }
-        Ok((att, report))
     }
+    if any {
+        // Spilled survivors are read ahead while the survivors on the device are attended.
+        let _ = cache.prefetch(input.layer, input.seqs, Some(&second));
+        let rest = cache.attend_select(input.layer, input.seqs, input.queries, &second)?;
+        att.merge_disjoint(&rest);
+    }
+    Ok((att, report))
 }
 
 /// Largest bound over the q heads of kv head `kv`'s group.
