@@ -6,7 +6,9 @@
 //! seed's definition with the page as the unit). The model always continues with the exact output,
 //! so every eliminator sees the same trajectory.
 //!
-//! Eliminators: the ε-bounded `Eliminator` (proven: realised mass <= ε), Quest top-k pages (no
+//! Eliminators: the ε-bounded `Eliminator` (proven: realised mass <= ε), its two-level variant over
+//! super-pages (`SuperPageEliminator`, proven too), the GhostKV seed's sketch rule
+//! (`SketchEliminator`: sketched estimates plus a constant slack, no guarantee), Quest top-k pages (no
 //! guarantee), and the **oracle**: the most pages any rule with the same ε guarantee could skip,
 //! computed from the exact page masses (skip lightest first while every head's sum stays <= ε). The
 //! gap between the ε-eliminator and the oracle is the looseness of the key bounds.
@@ -19,7 +21,10 @@
 use std::sync::Arc;
 
 use clap::{Arg, Command};
-use kvtier::eliminate::{check, EliminationInput, EliminationScratch, Eliminator, QuestSelector};
+use kvtier::eliminate::{
+    check, EliminationInput, EliminationScratch, Eliminator, QuestSelector, SketchEliminator,
+    SuperPageEliminator,
+};
 use kvtier::model::corpus::{latest_with_tokens, load_speeches, Assets};
 use kvtier::model::{Llama, LoadOptions, ScoreOptions, Session};
 use kvtier::{
@@ -32,6 +37,12 @@ type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 
 const EPS: [f32; 4] = [1e-4, 1e-3, 1e-2, 1e-1];
 const QUEST: [usize; 5] = [64, 32, 16, 8, 4];
+/// Super-pages of this many pages (the two-level ε eliminator).
+const SUPER: usize = 4;
+/// The GhostKV seed's sketch rule: dimension, seed, and the constant slacks (nats) tried at ε = 1e-3.
+const SKETCH_DIM: usize = 16;
+const SKETCH_SEED: u64 = 0x5eed;
+const SKETCH_SLACK: [f32; 4] = [0.0, 1.0, 2.0, 4.0];
 
 /// One eliminator setting and what it did, per layer.
 #[derive(Debug, Clone)]
@@ -64,6 +75,8 @@ impl Point {
     fn label(&self) -> String {
         match self.family {
             "quest" => format!("top {} pages", self.param),
+            "super" => format!("ε = {:.0e}, {SUPER}-page super-pages", self.param),
+            "sketch" => format!("slack {} nats, m = {SKETCH_DIM}, ε = 1e-3", self.param),
             _ => format!("ε = {:.0e}", self.param),
         }
     }
@@ -161,6 +174,24 @@ impl Probe {
         for &n in &QUEST {
             let sel = QuestSelector { pages: n }.select(cache, &mut self.scratch, &input)?;
             let att = cache.attend_select(layer, &seqs, q, &sel)?;
+            let c = check(&exact, &att, fm)?;
+            let p = &mut self.points[k];
+            record(p, layer, &c.realised_mass, c.skipped, c.false_eliminations);
+            p.cand[layer] += cand;
+            k += 1;
+        }
+        for &eps in &EPS {
+            let e = SuperPageEliminator::new(eps, SUPER)?;
+            let (att, _) = e.attend(cache, &mut self.scratch, &input)?;
+            let c = check(&exact, &att, fm)?;
+            let p = &mut self.points[k];
+            record(p, layer, &c.realised_mass, c.skipped, c.false_eliminations);
+            p.cand[layer] += cand;
+            k += 1;
+        }
+        for &slack in &SKETCH_SLACK {
+            let e = SketchEliminator::new(1e-3, SKETCH_DIM, SKETCH_SEED, slack, cfg.head_dim)?;
+            let (att, _) = e.attend(cache, &mut self.scratch, &input)?;
             let c = check(&exact, &att, fm)?;
             let p = &mut self.points[k];
             record(p, layer, &c.realised_mass, c.skipped, c.false_eliminations);
@@ -322,6 +353,16 @@ fn main() -> AnyResult<()> {
         }
         for &e in &EPS {
             points.push(Point::new(
+                "super",
+                format!("{e:e}").parse::<f64>()?,
+                c.num_layers,
+            ));
+        }
+        for &sl in &SKETCH_SLACK {
+            points.push(Point::new("sketch", sl as f64, c.num_layers));
+        }
+        for &e in &EPS {
+            points.push(Point::new(
                 "oracle",
                 format!("{e:e}").parse::<f64>()?,
                 c.num_layers,
@@ -403,9 +444,12 @@ fn plot(path: &str, all: &[(usize, Vec<Point>)]) -> AnyResult<()> {
         .x_desc("share of candidate (page, q head) pairs skipped")
         .y_desc("mean realised skipped mass")
         .draw()?;
-    let colors = [RED, BLUE, GREEN];
+    let colors = [RED, BLUE, MAGENTA, CYAN, GREEN];
     for (li, (len, points)) in all.iter().enumerate() {
-        for (fi, fam) in ["epsilon", "quest", "oracle"].iter().enumerate() {
+        for (fi, fam) in ["epsilon", "quest", "super", "sketch", "oracle"]
+            .iter()
+            .enumerate()
+        {
             let pts: Vec<(f64, f64)> = points
                 .iter()
                 .filter(|p| p.family == *fam)
