@@ -589,6 +589,29 @@ typedef struct kvtier_attention_stats {
 } kvtier_attention_stats;
 
 /*
+ What one eliminated decode step skipped.
+ */
+typedef struct kvtier_elimination_report {
+    /*
+     (page, kv head) pairs that could be skipped (bounded, not hot), and those skipped.
+     */
+    size_t candidates;
+    size_t skipped_pages;
+    /*
+     Tokens skipped, summed over kv heads.
+     */
+    size_t skipped_tokens;
+    /*
+     Super-pages skipped whole (with `super_group >= 2`).
+     */
+    size_t super_skips;
+    /*
+     The largest proven bound on the skipped softmax mass over the batch's q heads (<= epsilon).
+     */
+    float max_mass_bound;
+} kvtier_elimination_report;
+
+/*
  What the cache knows about one page.
  */
 typedef struct kvtier_page_info {
@@ -1334,6 +1357,35 @@ kvtier_status kvtier_cache_attend_device(const struct kvtier_cache *cache,
                                          uint64_t output_device,
                                          void *stream,
                                          const struct kvtier_attention_stats *stats);
+
+/*
+ `kvtier_cache_attend` that skips pages whose keys cannot matter: for every q head, the softmax
+ mass of the skipped tokens is at most `epsilon` (proven from each page's key bounds; the output
+ then differs from full attention by at most `2 epsilon max |v|`; docs/eliminate.md). Hot pages
+ are always attended. `super_group` 0 bounds single pages; 2 or more also bounds super-pages of
+ that many pages and skips whole ones first (two-level). Skipped pages get mass 0 in `stats`.
+ `report_out` may be NULL.
+
+ Errors: as `kvtier_cache_attend`, plus `INVALID_CONFIG` (`epsilon` outside [0, 1),
+ `super_group` 1). On error no buffer is written.
+
+ # Safety
+
+ As `kvtier_cache_attend`; `report_out` NULL or valid for a write of one
+ `kvtier_elimination_report`.
+ */
+kvtier_status kvtier_cache_attend_eliminated(const struct kvtier_cache *cache,
+                                             size_t layer,
+                                             const uint64_t *seqs,
+                                             size_t n_seqs,
+                                             const float *queries,
+                                             size_t queries_len,
+                                             float epsilon,
+                                             size_t super_group,
+                                             float *output,
+                                             size_t output_len,
+                                             const struct kvtier_attention_stats *stats,
+                                             struct kvtier_elimination_report *report_out);
 
 /*
  [`kvtier_cache_append`](super::cache::kvtier_cache_append) for keys and values of any

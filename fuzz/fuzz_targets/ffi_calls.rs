@@ -695,8 +695,27 @@ fn attend(s: &mut State, b: &mut Bytes) -> Option<()> {
     // SAFETY: arrays are NULL/misaligned with any count or within their pools; the stats struct
     // is NULL, misaligned or a live local naming pool buffers within their lengths. Device
     // addresses are never dereferenced on a CPU cache (it refuses device attention).
+    let eliminate = !device && b.u8()? % 4 == 0;
+    let eps = b.pick(&[0.0f32, 1e-3, 0.1, 0.999, 1.0, -1.0, f32::NAN])?;
+    let group = b.pick(&[0usize, 1, 2, 4, usize::MAX])?;
+    let mut rep = kvtier_elimination_report::default();
     let st = unsafe {
-        if device {
+        if eliminate {
+            kvtier_cache_attend_eliminated(
+                cache,
+                layer,
+                seqs,
+                n_seqs,
+                q,
+                qn,
+                eps,
+                group,
+                o,
+                on,
+                stats_ptr,
+                if b.u8()? % 2 == 0 { null_mut() } else { &mut rep },
+            )
+        } else if device {
             kvtier_cache_attend_device(
                 cache,
                 layer,
@@ -712,6 +731,10 @@ fn attend(s: &mut State, b: &mut Bytes) -> Option<()> {
         }
     };
     check(st, "kvtier_cache_attend*");
+    if eliminate && st == kvtier_status::Ok {
+        assert!(rep.skipped_pages <= rep.candidates);
+        assert!(rep.max_mass_bound <= eps.max(0.0));
+    }
     if device {
         assert_ne!(
             st,

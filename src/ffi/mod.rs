@@ -107,6 +107,8 @@ mod cache;
 
 mod attention;
 
+mod eliminate;
+
 mod pages;
 
 mod disk;
@@ -142,6 +144,7 @@ pub use config::{
 pub use disk::{
     kvtier_cache_compact_spill, kvtier_cache_disk_stats, kvtier_compaction, kvtier_disk_stats,
 };
+pub use eliminate::{kvtier_cache_attend_eliminated, kvtier_elimination_report};
 pub use last_error::kvtier_last_error;
 pub use pages::{
     kvtier_cache_append_decode, kvtier_cache_append_typed, kvtier_cache_attend_selected,

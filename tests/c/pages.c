@@ -348,6 +348,50 @@ int main(void) {
         free(sk);
         free(sv);
     }
+    /* Query-time elimination: the skipped mass is bounded by epsilon; bad parameters are typed. */
+    {
+        kvtier_cache *ce = make(32, 0, true);
+        uint64_t s;
+        EXPECT_OK(kvtier_cache_sequence_add(ce, &s));
+        enum { NE = 600 };
+        float *ek = malloc(sizeof(float) * NE * ROW), *ev = malloc(sizeof(float) * NE * ROW);
+        EXPECT(ek && ev);
+        for (size_t i = 0; i < (size_t)NE * ROW; i++) {
+            size_t page = i / (32 * ROW);
+            ek[i] = (float)(page % 5) * 0.8f * cosf(0.01f * (float)(i % D)) + 0.01f * sinf((float)i);
+            ev[i] = sinf(0.37f * (float)i);
+        }
+        EXPECT_OK(kvtier_cache_append(ce, s, 0, ek, (size_t)NE * ROW, ev, (size_t)NE * ROW));
+        float eq[QH * D], full[QH * D], elim[QH * D];
+        for (size_t i = 0; i < QH * D; i++) eq[i] = 2.0f * cosf(0.01f * (float)(i % D));
+        EXPECT_OK(kvtier_cache_attend(ce, 0, &s, 1, eq, QH * D, full, QH * D, NULL));
+        kvtier_elimination_report rep;
+        EXPECT_STATUS(KVTIER_STATUS_INVALID_CONFIG,
+                      kvtier_cache_attend_eliminated(ce, 0, &s, 1, eq, QH * D, 1.5f, 0, elim, QH * D,
+                                                     NULL, &rep));
+        EXPECT_STATUS(KVTIER_STATUS_INVALID_CONFIG,
+                      kvtier_cache_attend_eliminated(ce, 0, &s, 1, eq, QH * D, 1e-3f, 1, elim, QH * D,
+                                                     NULL, &rep));
+        EXPECT_STATUS(KVTIER_STATUS_NULL_PARAMETER,
+                      kvtier_cache_attend_eliminated(NULL, 0, &s, 1, eq, QH * D, 1e-3f, 0, elim,
+                                                     QH * D, NULL, &rep));
+        EXPECT_STATUS(KVTIER_STATUS_SHAPE,
+                      kvtier_cache_attend_eliminated(ce, 0, &s, 1, eq, QH * D - 1, 1e-3f, 0, elim,
+                                                     QH * D, NULL, &rep));
+        for (size_t group = 0; group <= 4; group += 4) {
+            float eps = 1e-2f;
+            EXPECT_OK(kvtier_cache_attend_eliminated(ce, 0, &s, 1, eq, QH * D, eps, group, elim,
+                                                     QH * D, NULL, &rep));
+            EXPECT(rep.skipped_pages <= rep.candidates && rep.max_mass_bound <= eps);
+            EXPECT(rep.candidates > 0);
+            for (size_t i = 0; i < QH * D; i++) EXPECT(fabsf(elim[i] - full[i]) <= 2.0f * eps * 8.0f);
+            EXPECT_OK(kvtier_cache_attend_eliminated(ce, 0, &s, 1, eq, QH * D, eps, group, elim,
+                                                     QH * D, NULL, NULL));
+        }
+        kvtier_cache_free(ce);
+        free(ek);
+        free(ev);
+    }
     printf("pages: ok\n");
     return 0;
 }
