@@ -60,6 +60,9 @@ struct Spec {
     policy: Option<(String, f64)>,
     /// Query-time page choice (`<config>~eps:<ε>` or `<config>~quest:<pages>`).
     choice: kvtier::PageChoice,
+    /// The monitor and healing after every decode step, healing at most this many pages per
+    /// layer (`<config>~heal:<pages>`; sensitivity 0.85, release after 32 calm steps).
+    heal: Option<usize>,
 }
 
 impl Spec {
@@ -82,7 +85,14 @@ impl Spec {
                 let (kind, val) = ch.split_once(':').ok_or_else(|| {
                     format!("config `{full}`: expected `~eps:<epsilon>` or `~quest:<pages>`")
                 })?;
+                let mut heal = None;
                 let choice = match kind {
+                    "heal" => {
+                        heal = Some(val.parse().map_err(|_| {
+                            format!("config `{full}`: bad healing page count `{val}`")
+                        })?);
+                        kvtier::PageChoice::All
+                    }
                     "eps" => kvtier::PageChoice::Eliminate(kvtier::eliminate::Eliminator::new(
                         val.parse()
                             .map_err(|_| format!("config `{full}`: bad epsilon `{val}`"))?,
@@ -94,14 +104,16 @@ impl Spec {
                     }),
                     other => return Err(format!("config `{full}`: unknown `~{other}`").into()),
                 };
-                (cfg, choice)
+                (cfg, (choice, heal))
             }
-            None => (s, kvtier::PageChoice::All),
+            None => (s, (kvtier::PageChoice::All, None)),
         };
+        let (choice, heal) = choice;
         let mut spec = defaults.clone();
         spec.name = full.to_string();
         spec.policy = policy;
         spec.choice = choice;
+        spec.heal = heal;
         if s == "fp" {
             spec.full_precision = true;
             return Ok(spec);
@@ -184,6 +196,7 @@ impl Spec {
             "rotation": format!("{:?}", self.rotation), "edge_layers_int4": self.edges,
             "key_outliers": self.outliers,
             "policy": self.policy.as_ref().map(|(n, f)| json!({"name": n, "f16_fraction": f})),
+            "heal_pages_per_layer": self.heal,
         })
     }
 }
@@ -206,7 +219,7 @@ fn cli() -> Command {
     Command::new("eval")
         .about("kvtier real-model evaluation: SOTU perplexity and passkey retrieval")
         .arg(Arg::new("config").long("config").action(ArgAction::Append).help(
-            "cache config spec, repeatable: fp | k<bits>v<bits>[-w<hot>][-p<page>][-s<sinks>][-g<group>][-rk|-rkv (rotate keys, or keys and values)][-e<n> (first and last n layers at int4)][-o<n> (n key outlier channels per page kept exact)], bits in {8, 4, 3, 2}, optionally ~eps:<epsilon> (query-time elimination with skipped mass <= epsilon) or ~quest:<pages> (Quest-style top pages by bound), and @<policy>:<percent> (a retention policy run after each decode step, its device budget that percent of the f16 bytes)",
+            "cache config spec, repeatable: fp | k<bits>v<bits>[-w<hot>][-p<page>][-s<sinks>][-g<group>][-rk|-rkv (rotate keys, or keys and values)][-e<n> (first and last n layers at int4)][-o<n> (n key outlier channels per page kept exact)], bits in {8, 4, 3, 2}, optionally ~eps:<epsilon> (query-time elimination with skipped mass <= epsilon), ~quest:<pages> (Quest-style top pages by bound) or ~heal:<pages> (the monitor at sensitivity 0.85 and healing of at most that many pages per layer after every decode step), and @<policy>:<percent> (a retention policy run after each decode step, its device budget that percent of the f16 bytes)",
         ))
         .arg(num("k-bits", "4", "key bits (8, 4, 3, 2) when no --config is given"))
         .arg(num("v-bits", "4", "value bits (8, 4, 3, 2) when no --config is given"))
@@ -301,6 +314,7 @@ fn main() -> AnyResult<()> {
         outliers: 0,
         policy: None,
         choice: kvtier::PageChoice::All,
+        heal: None,
     };
     let specs: Vec<Spec> = match m.get_many::<String>("config") {
         Some(v) => v
@@ -369,18 +383,31 @@ fn main() -> AnyResult<()> {
     let mut sessions: Vec<_> = configs
         .iter()
         .zip(&specs)
-        .map(|(c, s)| match (&s.policy, s.choice) {
-            (None, kvtier::PageChoice::All) => protect_with(model.clone(), 0.0, c.clone()),
-            (policy, choice) => {
-                let mut a = kvtier::KvTierAttention::new(c.clone())?.with_page_choice(choice);
-                if let Some((name, frac)) = policy {
-                    a = a.with_policy(
-                        kvtier::policy::by_name(name)?,
-                        kvtier::policy::Budget::f16_fraction(*frac),
-                    );
+        .map(|(c, s)| {
+            let sess = match (&s.policy, s.choice) {
+                (None, kvtier::PageChoice::All) => protect_with(model.clone(), 0.0, c.clone()),
+                (policy, choice) => {
+                    let mut a = kvtier::KvTierAttention::new(c.clone())?.with_page_choice(choice);
+                    if let Some((name, frac)) = policy {
+                        a = a.with_policy(
+                            kvtier::policy::by_name(name)?,
+                            kvtier::policy::Budget::f16_fraction(*frac),
+                        );
+                    }
+                    Session::new(model.clone(), a, 0.0)
                 }
-                Session::new(model.clone(), a, 0.0)
-            }
+            }?;
+            Ok(match s.heal {
+                None => sess,
+                Some(pages) => sess.with_healing(kvtier::protect::Healing::new(
+                    kvtier::monitor::Monitor::new(0.85)?,
+                    kvtier::monitor::Healer {
+                        pages_per_layer: pages,
+                        hold: 32,
+                        max_pages_per_layer: pages,
+                    },
+                )),
+            })
         })
         .collect::<Result<_, ModelError>>()?;
 
@@ -525,7 +552,10 @@ fn main() -> AnyResult<()> {
         let total_trials = trials * depths.len();
         let hits: usize = pk_hits[ci].iter().sum();
         let (cand, skipped) = sessions[ci].cache().elimination_totals();
+        let (judged, fired) = sessions[ci].healing().map_or((0, 0), |h| h.counts());
         results.push(json!({
+            "healing": {"steps_judged": judged, "fired": fired,
+                        "fired_per_1k": if judged > 0 { 1000.0 * fired as f64 / judged as f64 } else { 0.0 }},
             "config": spec.to_json(),
             "page_choice": format!("{:?}", spec.choice),
             "pages_skipped_fraction": if cand > 0 { skipped as f64 / cand as f64 } else { 0.0 },
@@ -584,14 +614,14 @@ fn write_markdown(f: &mut impl Write, report: &Value) -> AnyResult<()> {
     }
     writeln!(
         f,
-        " passkey (correct of {pk_trials} at depth {} %) | pages skipped |",
+        " passkey (correct of {pk_trials} at depth {} %) | pages skipped | healing fired / 1K steps |",
         depths.join("/")
     )?;
     write!(f, "|---|---|---|---|")?;
     for _ in &lengths {
         write!(f, "---:|---:|---:|")?;
     }
-    writeln!(f, "---|---:|")?;
+    writeln!(f, "---|---:|---:|")?;
     for r in results {
         let c = &r["config"];
         let name = c["name"].as_str().unwrap_or("?");
@@ -628,8 +658,16 @@ fn write_markdown(f: &mut impl Write, report: &Value) -> AnyResult<()> {
         // (`~eps`, `~quest`) left out.
         match r["pages_skipped_fraction"].as_f64() {
             Some(x) if r["page_choice"].as_str() != Some("All") => {
-                writeln!(f, " {:.1}% |", x * 100.0)?
+                write!(f, " {:.1}% |", x * 100.0)?
             }
+            _ => write!(f, " - |")?,
+        }
+        match r["healing"]["steps_judged"].as_u64() {
+            Some(n) if n > 0 => writeln!(
+                f,
+                " {:.0} |",
+                r["healing"]["fired_per_1k"].as_f64().unwrap_or(f64::NAN)
+            )?,
             _ => writeln!(f, " - |")?,
         }
     }
