@@ -193,6 +193,12 @@ pub trait BackendStorage: Send + Sync {
     fn warm_key_bounds(&self, _entry: &PageEntry, _lo: &mut [f32], _hi: &mut [f32]) -> Result<()> {
         unsupported("warm_key_bounds on this backend")
     }
+    /// Per kv head, a bound on `|v̂ - v|` over every value of warm page `entry` (`v̂` as attention
+    /// dequantises it), written to `out` (`[num_kv_heads]`; see `quant::values::value_error_bound`);
+    /// from the page's own parameters (no payload is decoded), for certified attention.
+    fn warm_value_error(&self, _entry: &PageEntry, _out: &mut [f32]) -> Result<()> {
+        unsupported("warm_value_error on this backend")
+    }
     /// The page's bytes (see [`PageBytes`]); the page stays where it is.
     fn export_page(&self, _entry: &PageEntry) -> Result<PageBytes> {
         unsupported("export_page on this backend")
@@ -315,6 +321,9 @@ impl BackendStorage for Storage {
     }
     fn warm_key_bounds(&self, entry: &PageEntry, lo: &mut [f32], hi: &mut [f32]) -> Result<()> {
         dispatch!(self, s => s.warm_key_bounds(entry, lo, hi))
+    }
+    fn warm_value_error(&self, entry: &PageEntry, out: &mut [f32]) -> Result<()> {
+        dispatch!(self, s => s.warm_value_error(entry, out))
     }
     fn export_page(&self, entry: &PageEntry) -> Result<PageBytes> {
         dispatch!(self, s => s.export_page(entry))

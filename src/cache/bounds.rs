@@ -1,13 +1,14 @@
-//! Per-page key bounds, for query-time elimination.
+//! Per-page key bounds, for query-time elimination, and value error bounds, for certified
+//! attention.
 //!
 //! Owns: [`KvCache::page_key_bounds`], the one place that says where a page's key bounds come
-//! from in each tier. Must never: decode a page's payload, move a page, or report bounds that a
+//! from in each tier, and [`KvCache::page_value_error`]. Must never: decode a page's payload, move a page, or report bounds that a
 //! stored key can fall outside of (callers build a guarantee on them).
 
 use super::{KvCache, PageRef, SeqId, Tier};
 use crate::backend::BackendStorage;
 use crate::error::{Error, Result};
-use crate::quant::{keys::key_bounds, WarmLayout};
+use crate::quant::{keys::key_bounds, values::value_error_bound, WarmLayout};
 
 impl KvCache {
     /// Writes per-channel bounds `[num_kv_heads][head_dim]` of the keys of page `page` of `seq`
@@ -79,5 +80,51 @@ impl KvCache {
             }
             Tier::Evicted => Ok(false),
         }
+    }
+
+    /// Writes, per kv head, a bound on how far any value of page `page` of `seq` in `layer` is,
+    /// as attention reads it, from the value stored (`[num_kv_heads]`), and returns true: from the
+    /// page's own parameters for quantised pages (warm, or cold with quantised bytes; see
+    /// `quant::values::value_error_bound`), 0 for exact pages (hot, or cold exact). Returns false
+    /// for evicted pages (never attended). Since softmax weights sum to 1, the value half of a
+    /// quantised step's output error is at most the largest bound over the pages it attends.
+    pub fn page_value_error(
+        &self,
+        seq: SeqId,
+        layer: usize,
+        page: usize,
+        out: &mut [f32],
+    ) -> Result<bool> {
+        let kvh = self.cfg.num_kv_heads;
+        if out.len() != kvh {
+            return Err(Error::shape("value error bounds", kvh, out.len()));
+        }
+        let p = PageRef { seq, layer, page };
+        let e = self.page(p)?;
+        match e.tier {
+            Tier::Hot => out.fill(0.0),
+            Tier::Warm => {
+                self.layer_storage(layer)?.warm_value_error(&e, out)?;
+            }
+            Tier::Cold => {
+                let bytes = self.cold_bytes(p, &e)?;
+                if bytes.tier != Tier::Warm {
+                    out.fill(0.0);
+                } else {
+                    let l = WarmLayout::of_format(&self.cfg, bytes.format);
+                    for (h, o) in out.iter_mut().enumerate() {
+                        let block = bytes
+                            .data
+                            .get(h * l.head_bytes..(h + 1) * l.head_bytes)
+                            .ok_or_else(|| {
+                                Error::internal("cold warm page shorter than its layout")
+                            })?;
+                        *o = value_error_bound(block, e.n_tokens as usize, &l);
+                    }
+                }
+            }
+            Tier::Evicted => return Ok(false),
+        }
+        Ok(true)
     }
 }

@@ -8,8 +8,11 @@
 //! come from the page's own quantisation parameters, [`KvCache::page_key_bounds`]) or certify a
 //! page it has no parameters for.
 //!
-//! The bound is on the keys; the values' error is bounded the same way per token group but is not
-//! used for the decision yet.
+//! The values' error is bounded from the page's value parameters ([`KvCache::page_value_error`]):
+//! every dequantised value is within `η_p` of the stored one, so for any softmax weights the
+//! value half of the output error is at most the largest `η_p` over the attended warm pages. With
+//! a value tolerance ([`Certifier::with_value_tolerance`]) pages whose `η_p` exceeds it are
+//! uncertain too.
 
 use crate::cache::{KvCache, SeqId, Tier};
 use crate::error::{Error, Result};
@@ -34,6 +37,9 @@ pub fn score_error_bound(q: &[f32], lo: &[f32], hi: &[f32], k_bits: usize, scale
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Certifier {
     pub tol: f32,
+    /// Largest value error (absolute, in the values' units) a page may have: pages above it are
+    /// read exactly too (`None`: the values do not decide).
+    pub value_tol: Option<f32>,
 }
 
 impl Certifier {
@@ -45,7 +51,23 @@ impl Certifier {
                 format!("must be finite and > 0, got {tol}"),
             ));
         }
-        Ok(Certifier { tol })
+        Ok(Certifier {
+            tol,
+            value_tol: None,
+        })
+    }
+
+    /// Also reads exactly the warm pages whose value error bound ([`KvCache::page_value_error`])
+    /// exceeds `tol` (> 0) for some kv head.
+    pub fn with_value_tolerance(mut self, tol: f32) -> Result<Self> {
+        if !(tol.is_finite() && tol > 0.0) {
+            return Err(Error::config(
+                "value tolerance",
+                format!("must be finite and > 0, got {tol}"),
+            ));
+        }
+        self.value_tol = Some(tol);
+        Ok(self)
     }
 
     /// The tolerance a monitor `sensitivity` asks for: `0.5 (1 − s)` nats plus 0.01, so 0.085 at
@@ -60,8 +82,9 @@ impl Certifier {
         Self::new(0.5 * (1.0 - sensitivity) + 0.01)
     }
 
-    /// Writes to `out` the warm pages of `seq` in `layer` whose bound exceeds the tolerance for
-    /// `queries` (`[q_heads][head_dim]`, one sequence); returns the largest bound seen.
+    /// Writes to `out` the warm pages of `seq` in `layer` whose score bound exceeds the tolerance
+    /// for `queries` (`[q_heads][head_dim]`, one sequence), or whose value error bound exceeds the
+    /// value tolerance; returns the largest score bound seen.
     pub fn uncertain_pages(
         &self,
         cache: &KvCache,
@@ -78,6 +101,7 @@ impl Certifier {
         let g = cfg.group_size();
         let queries = &*cache.queries_in_key_basis(layer, queries);
         let (mut lo, mut hi) = (vec![0f32; kvh * d], vec![0f32; kvh * d]);
+        let mut verr = vec![0f32; kvh];
         out.clear();
         let mut worst = 0f32;
         for (p, e) in cache.page_table(seq, layer)?.pages().iter().enumerate() {
@@ -97,6 +121,11 @@ impl Certifier {
                 );
                 worst = worst.max(b);
                 over |= b > self.tol;
+            }
+            if let Some(vt) = self.value_tol {
+                if cache.page_value_error(seq, layer, p, &mut verr)? {
+                    over |= verr.iter().any(|&x| x > vt);
+                }
             }
             if over {
                 out.push(p);

@@ -79,3 +79,29 @@ pub fn value_steps(block: &[u8], layout: &WarmLayout) -> Vec<f32> {
     let n = layout.page_size * layout.groups();
     read_f16(&block[layout.v_step..layout.v_step + 2 * n])
 }
+
+/// A bound on `|v̂ - v|` for every value of the first `n_tokens` tokens of a head block, per
+/// (token, group): half the step (codes round to nearest; the step is rounded up so the top code
+/// reaches the group's maximum), widened by 2^-10 of it for the rounding of the code choice; plus
+/// 2^-10 of `|min|` (the minimum is the group's lowest value rounded to nearest f16, within half
+/// an f16 ulp, 2^-11 relative, so a value below it is clamped to code 0); plus 2^-22 of the
+/// group's largest magnitude for the f32 arithmetic of `min + step * code`, and 2^-24 for f16
+/// subnormals.
+pub fn value_error_bound(block: &[u8], n_tokens: usize, layout: &WarmLayout) -> f32 {
+    let groups = layout.groups();
+    let n = layout.page_size * groups;
+    let mins = read_f16(&block[layout.v_min..layout.v_min + 2 * n]);
+    let steps = value_steps(block, layout);
+    let top = layout.v_bits.max_code() as f32;
+    let used = n_tokens.min(layout.page_size) * groups;
+    mins.iter()
+        .zip(&steps)
+        .take(used)
+        .map(|(&m, &s)| {
+            s / 2.0 * (1.0 + 1.0 / 1024.0)
+                + m.abs() / 1024.0
+                + (m.abs() + s * top) * (2f32).powi(-22)
+                + (2f32).powi(-24)
+        })
+        .fold(0.0, f32::max)
+}

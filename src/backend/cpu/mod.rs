@@ -293,6 +293,29 @@ impl BackendStorage for CpuStorage {
         }
     }
 
+    fn warm_value_error(&self, entry: &PageEntry, out: &mut [f32]) -> Result<()> {
+        if entry.tier != Tier::Warm {
+            return Err(internal(format!(
+                "warm_value_error of a {:?} page",
+                entry.tier
+            )));
+        }
+        let l = self.layout(entry.format);
+        let kvh = self.geo.kv_heads;
+        if out.len() != kvh {
+            return Err(Error::shape("value steps", kvh, out.len()));
+        }
+        let block = self.warm_page(entry.slot)?;
+        for (h, o) in out.iter_mut().enumerate() {
+            *o = quant::values::value_error_bound(
+                &block[h * l.head_bytes..(h + 1) * l.head_bytes],
+                entry.n_tokens as usize,
+                l,
+            );
+        }
+        Ok(())
+    }
+
     fn warm_key_bounds(&self, entry: &PageEntry, lo: &mut [f32], hi: &mut [f32]) -> Result<()> {
         if entry.tier != Tier::Warm {
             return Err(internal(format!(
