@@ -9,17 +9,20 @@ use crate::cache::{KvCache, SeqId};
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 
-fn to_rows(t: &Tensor, what: &'static str, heads: usize, head_dim: usize) -> Result<Vec<f32>> {
+/// The dtypes the cache takes from tensors: f32, f16, bf16 (anything else is `Error::DType`).
+pub(crate) fn check_dtype(t: &Tensor, what: &'static str) -> Result<()> {
     match t.dtype() {
-        DType::F32 | DType::F16 | DType::BF16 => {}
-        other => {
-            return Err(Error::DType {
-                what,
-                got: format!("{other:?}"),
-                accepted: "f32, f16, bf16",
-            })
-        }
+        DType::F32 | DType::F16 | DType::BF16 => Ok(()),
+        other => Err(Error::DType {
+            what,
+            got: format!("{other:?}"),
+            accepted: "f32, f16, bf16",
+        }),
     }
+}
+
+fn to_rows(t: &Tensor, what: &'static str, heads: usize, head_dim: usize) -> Result<Vec<f32>> {
+    check_dtype(t, what)?;
     let dims = t.dims();
     if dims.len() != 3 || dims[1] != heads || dims[2] != head_dim {
         return Err(Error::shape(

@@ -71,16 +71,7 @@ fn rows(
     heads: usize,
     d: usize,
 ) -> Result<(usize, usize, Vec<f32>)> {
-    match t.dtype() {
-        DType::F32 | DType::F16 | DType::BF16 => {}
-        other => {
-            return Err(Error::DType {
-                what,
-                got: format!("{other:?}"),
-                accepted: "f32, f16, bf16",
-            })
-        }
-    }
+    crate::tensor::check_dtype(t, what)?;
     let dims = t.dims();
     if dims.len() != 4 || dims[1] != heads || dims[3] != d {
         return Err(Error::shape(

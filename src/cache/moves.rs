@@ -372,13 +372,7 @@ impl KvCache {
                 return Ok(Restored::Exact);
             }
         }
-        let (src, how) = match self.archive_copy(p, &e)? {
-            Some(b) => (b, Restored::Exact),
-            None => (
-                self.dequantised_hot_bytes(&self.layers[p.layer], &e)?,
-                Restored::Dequantised,
-            ),
-        };
+        let (src, how) = self.exact_or_dequantised(p, &e)?;
         let slot = self.layers[p.layer].import_page(&src)?;
         self.layers[p.layer].free(Tier::Warm, e.slot);
         self.set_page(

@@ -7,21 +7,11 @@
 //! (no guarantee: its "bound" is a sketched score estimate plus a constant). Must never: skip a
 //! page that is hot, unbounded or evicted-in-phase-one, or call the sketch rule a bound.
 
-use super::{score_upper_bound, two_phase, EliminationInput, EliminationReport};
+use super::{check_epsilon, score_upper_bound, two_phase, EliminationInput, EliminationReport};
 use super::{EliminationScratch, SuperList, Supers};
 use crate::attention::Attention;
 use crate::cache::{KvCache, Tier};
 use crate::error::{Error, Result};
-
-fn check_epsilon(epsilon: f32) -> Result<()> {
-    if !(epsilon.is_finite() && (0.0..1.0).contains(&epsilon)) {
-        return Err(Error::config(
-            "epsilon",
-            format!("must be in [0, 1), got {epsilon}"),
-        ));
-    }
-    Ok(())
-}
 
 /// Two-level ε-bounded elimination: candidate pages are grouped, in page-table order, into
 /// super-pages of `group` pages whose key box is the union of the members' boxes. Phase two skips

@@ -69,12 +69,7 @@ impl Eliminator {
     /// An eliminator that skips at most `epsilon` of the softmax mass (0 <= ε < 1) and attends
     /// the 1 highest-bound candidate page per kv head exactly in phase one.
     pub fn new(epsilon: f32) -> Result<Self> {
-        if !(epsilon.is_finite() && (0.0..1.0).contains(&epsilon)) {
-            return Err(Error::config(
-                "epsilon",
-                format!("must be in [0, 1), got {epsilon}"),
-            ));
-        }
+        check_epsilon(epsilon)?;
         Ok(Eliminator {
             epsilon,
             exact_top: 1,
@@ -282,6 +277,17 @@ pub(crate) fn two_phase(
         att.merge_disjoint(&rest);
     }
     Ok((att, report))
+}
+
+/// A mass bound must be in [0, 1).
+pub(crate) fn check_epsilon(epsilon: f32) -> Result<()> {
+    if !(epsilon.is_finite() && (0.0..1.0).contains(&epsilon)) {
+        return Err(Error::config(
+            "epsilon",
+            format!("must be in [0, 1), got {epsilon}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Largest bound over the q heads of kv head `kv`'s group.

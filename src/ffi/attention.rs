@@ -167,6 +167,29 @@ pub(super) unsafe fn batch(
     Ok((ids, pages))
 }
 
+/// Checks that `queries_len` is a batch's query count, `n_seqs * num_q_heads * head_dim`
+/// (overflow-checked), before anything is read; returns it.
+pub(super) fn query_len(
+    cfg: &crate::CacheConfig,
+    n_seqs: usize,
+    queries_len: usize,
+) -> Result<usize, FfiError> {
+    let needed = cfg
+        .num_q_heads
+        .checked_mul(cfg.head_dim)
+        .and_then(|row| row.checked_mul(n_seqs))
+        .ok_or_else(|| FfiError::invalid("n_seqs * num_q_heads * head_dim overflows"))?;
+    if queries_len != needed {
+        return Err(crate::Error::shape(
+            "queries",
+            format!("{needed} values (n_seqs x num_q_heads x head_dim)"),
+            queries_len,
+        )
+        .into());
+    }
+    Ok(needed)
+}
+
 /// Decode attention in `layer` for a batch of `n_seqs` sequences, one query token each, over every
 /// stored token of each sequence (hot pages exact, warm pages read as quantised).
 ///
@@ -200,20 +223,8 @@ pub unsafe extern "C" fn kvtier_cache_attend(
         // SAFETY: `cache` is NULL or live (this function's contract).
         let c = unsafe { handle(cache, "cache") }?.read()?;
         let cfg = c.config();
-        let needed = cfg
-            .num_q_heads
-            .checked_mul(cfg.head_dim)
-            .and_then(|row| row.checked_mul(n_seqs))
-            .ok_or_else(|| FfiError::invalid("n_seqs * num_q_heads * head_dim overflows"))?;
         // Counts first: nothing is read or allocated before they agree.
-        if queries_len != needed {
-            return Err(crate::Error::shape(
-                "queries",
-                format!("{needed} values (n_seqs x num_q_heads x head_dim)"),
-                queries_len,
-            )
-            .into());
-        }
+        let needed = query_len(cfg, n_seqs, queries_len)?;
         let out = Out::new(output, output_len, needed, "output")?;
         // SAFETY: `seqs` holds `n_seqs` readable ids (this function's contract).
         let (ids, pages) = unsafe { batch(&c, layer, seqs, n_seqs) }?;

@@ -4,10 +4,10 @@
 //! Owns: `kvtier_cache_attend_eliminated` and the `#[repr(C)]` [`kvtier_elimination_report`].
 //! Must never: write an output buffer before every count and pointer is checked.
 
-use super::attention::{batch, kvtier_attention_stats, StatsOut};
+use super::attention::{batch, kvtier_attention_stats, query_len, StatsOut};
 use super::boundary::{handle, input, Out, OutParam};
 use super::cache::kvtier_cache;
-use super::status::{kvtier_status, FfiError};
+use super::status::kvtier_status;
 use crate::eliminate::{EliminationInput, EliminationScratch, Eliminator, SuperPageEliminator};
 
 /// What one eliminated decode step skipped.
@@ -58,19 +58,7 @@ pub unsafe extern "C" fn kvtier_cache_attend_eliminated(
         // SAFETY: `cache` is NULL or live (this function's contract).
         let c = unsafe { handle(cache, "cache") }?.read()?;
         let cfg = c.config();
-        let needed = cfg
-            .num_q_heads
-            .checked_mul(cfg.head_dim)
-            .and_then(|row| row.checked_mul(n_seqs))
-            .ok_or_else(|| FfiError::invalid("n_seqs * num_q_heads * head_dim overflows"))?;
-        if queries_len != needed {
-            return Err(crate::Error::shape(
-                "queries",
-                format!("{needed} values (n_seqs x num_q_heads x head_dim)"),
-                queries_len,
-            )
-            .into());
-        }
+        let needed = query_len(cfg, n_seqs, queries_len)?;
         let out = Out::new(output, output_len, needed, "output")?;
         let report = (!report_out.is_null())
             .then(|| OutParam::new(report_out, "report_out"))
