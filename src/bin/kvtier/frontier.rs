@@ -1,4 +1,4 @@
-//! The false-elimination frontier on the real model: SmolLM2-135M decodes State of the Union text
+//! `kvtier frontier`: the false-elimination frontier on the real model: SmolLM2-135M decodes State of the Union text
 //! through an int4 kvtier cache, and at every decode step of every layer each eliminator chooses
 //! pages for the same query; the step is checked against exact attention over the whole cache
 //! (`eliminate::check`): share of candidate (page, q head) pairs skipped, realised skipped softmax
@@ -14,26 +14,25 @@
 //! gap between the ε-eliminator and the oracle is the looseness of the key bounds.
 //!
 //! ```text
-//! cargo run --release --features model --example frontier -- --lengths 2048,4096,8192 --steps 32 \
-//!     --json docs/eliminate-frontier.json --svg docs/eliminate-frontier.svg
+//! kvtier frontier --lengths 2048,4096,8192 --steps 32 --out docs/frontier
 //! ```
 
 use std::sync::Arc;
 
-use clap::{Arg, Command};
+use clap::{Arg, ArgMatches, Command};
 use kvtier::eliminate::{
     check, EliminationInput, EliminationScratch, Eliminator, QuestSelector, SketchEliminator,
     SuperPageEliminator,
 };
-use kvtier::model::corpus::{latest_with_tokens, load_speeches, Assets};
+use kvtier::model::corpus::{latest_with_tokens, load_speeches};
 use kvtier::model::{Llama, LoadOptions, ScoreOptions, Session};
 use kvtier::{
     AttentionCache, AttentionShape, CacheConfig, HotDtype, KvTierAttention, MemoryReport, Tier,
 };
-use plotters::prelude::*;
 use serde_json::{json, Value};
 
-type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
+use crate::plot::{self, Axes, Scale, Series};
+use crate::report::{assets, assets_arg, bar, get, list, spinner, AnyResult, Ctx, Report};
 
 const EPS: [f32; 4] = [1e-4, 1e-3, 1e-2, 1e-1];
 const QUEST: [usize; 5] = [64, 32, 16, 8, 4];
@@ -279,15 +278,16 @@ impl AttentionCache for Probe {
     }
 }
 
-fn main() -> AnyResult<()> {
-    let m = Command::new("frontier")
+pub fn command() -> Command {
+    Command::new("frontier")
         .about(
             "eliminators on SmolLM2 decode steps: skip rate vs realised mass vs false elimination",
         )
         .arg(
             Arg::new("lengths")
                 .long("lengths")
-                .default_value("2048,4096,8192"),
+                .default_value("2048,4096,8192")
+                .help("context lengths, comma-separated"),
         )
         .arg(
             Arg::new("steps")
@@ -298,23 +298,21 @@ fn main() -> AnyResult<()> {
         .arg(
             Arg::new("false-mass")
                 .long("false-mass")
-                .default_value("0.01"),
+                .default_value("0.01")
+                .help("a skipped page whose exact mass exceeds this is a false elimination"),
         )
-        .arg(Arg::new("json").long("json"))
-        .arg(Arg::new("svg").long("svg"))
-        .get_matches();
-    let lengths: Vec<usize> = m
-        .get_one::<String>("lengths")
-        .unwrap()
-        .split(',')
-        .map(|s| s.trim().parse())
-        .collect::<Result<_, _>>()?;
-    let steps: usize = m.get_one::<String>("steps").unwrap().parse()?;
-    let false_mass: f32 = m.get_one::<String>("false-mass").unwrap().parse()?;
-    let assets = Assets::locate();
-    if !assets.available() {
-        return Err("real-model assets missing: run scripts/fetch-assets.sh".into());
+        .arg(assets_arg())
+}
+
+pub fn run(m: &ArgMatches, _ctx: &Ctx) -> AnyResult<Report> {
+    let lengths: Vec<usize> = list(&get::<String>(m, "lengths")?, "lengths")?;
+    let steps: usize = get(m, "steps")?;
+    let false_mass: f32 = get(m, "false-mass")?;
+    if lengths.is_empty() {
+        return Err("--lengths: give at least one length".into());
     }
+    let assets = assets(m)?;
+    let sp = spinner("loading SmolLM2-135M");
     let model = Arc::new(Llama::load_with(
         assets.model(),
         LoadOptions {
@@ -322,10 +320,12 @@ fn main() -> AnyResult<()> {
             dense_decode: true,
         },
     )?);
+    sp.finish_and_clear();
     let c = model.config().clone();
     let speeches = load_speeches(&assets.sotu())?;
     let mut runs = Vec::new();
     let mut all: Vec<(usize, Vec<Point>)> = Vec::new();
+    let mut text = String::new();
     for &len in &lengths {
         if steps == 0 || steps >= len || len > c.context_length {
             return Err(format!(
@@ -377,7 +377,13 @@ fn main() -> AnyResult<()> {
         };
         let mut session = Session::new(model.clone(), probe, 0.0)?;
         let t0 = std::time::Instant::now();
-        let score = session.score(&ids[..len], ScoreOptions::decode_tail(len - steps))?;
+        let pb = bar(steps as u64, format!("frontier L={len}"));
+        let score = session.score_with_progress(
+            &ids[..len],
+            ScoreOptions::decode_tail(len - steps),
+            |d, _| pb.set_position(d as u64),
+        )?;
+        pb.finish_and_clear();
         eprintln!(
             "[frontier] {name} L={len}: {steps} steps, PPL of the tail {:.3} ({:.0}s)",
             score.perplexity(),
@@ -393,13 +399,12 @@ fn main() -> AnyResult<()> {
                 .unwrap_or(f32::NAN)
         };
         let (s10, s50, s90) = (q(0.1), q(0.5), q(0.9));
-        println!("\nL = {len} ({name}, {steps} decode steps x {} layers; false elimination: skipped pair with exact mass > {false_mass})\n", c.num_layers);
-        println!("Key-bound slack over {} candidate (page, head) pairs, ub + ln n - page lse (nats): p10 {s10:.1}, median {s50:.1}, p90 {s90:.1}\n", slack.len());
-        println!("| eliminator | parameter | skipped (of candidate page x head pairs) | mean realised mass | max realised mass | false eliminations (of skipped) |");
-        println!("|---|---|---:|---:|---:|---:|");
+        text += &format!("\nL = {len} ({name}, {steps} decode steps x {} layers; false elimination: skipped pair with exact mass > {false_mass})\n\n", c.num_layers);
+        text += &format!("Key-bound slack over {} candidate (page, head) pairs, ub + ln n - page lse (nats): p10 {s10:.1}, median {s50:.1}, p90 {s90:.1}\n\n", slack.len());
+        text += "| eliminator | parameter | skipped (of candidate page x head pairs) | mean realised mass | max realised mass | false eliminations (of skipped) |\n|---|---|---:|---:|---:|---:|\n";
         for p in &points {
-            println!(
-                "| {} | {} | {:.1}% | {:.2e} | {:.2e} | {:.2}% |",
+            text += &format!(
+                "| {} | {} | {:.1}% | {:.2e} | {:.2e} | {:.2}% |\n",
                 p.family,
                 p.label(),
                 100.0 * p.skip_rate(),
@@ -416,59 +421,38 @@ fn main() -> AnyResult<()> {
         }));
         all.push((len, points));
     }
-    if let Some(p) = m.get_one::<String>("json") {
-        let report = json!({"model": "SmolLM2-135M-Instruct Q4_1 (dense decode)", "cache": "balanced: int4 K/V, 32-token pages, 128-token f16 hot window", "runs": runs});
-        std::fs::write(p, serde_json::to_string_pretty(&report)? + "\n")?;
-    }
-    if let Some(p) = m.get_one::<String>("svg") {
-        plot(p, &all)?;
-    }
-    Ok(())
+    let report = json!({"model": "SmolLM2-135M-Instruct Q4_1 (dense decode)", "cache": "balanced: int4 K/V, 32-token pages, 128-token f16 hot window", "runs": runs});
+    let svg = plot_points(&all)?;
+    Ok(Report::new(report, text).with_plot(
+        "frontier.svg",
+        "Pages skipped vs softmax mass lost",
+        svg,
+    ))
 }
 
 /// Skip rate (x) against mean realised mass (y, log) per eliminator family and length.
-fn plot(path: &str, all: &[(usize, Vec<Point>)]) -> AnyResult<()> {
-    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "SmolLM2-135M decode: pages skipped vs softmax mass lost",
-            ("sans-serif", 20),
-        )
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(70)
-        .build_cartesian_2d(0f64..1f64, (1e-9f64..1f64).log_scale())?;
-    chart
-        .configure_mesh()
-        .x_desc("share of candidate (page, q head) pairs skipped")
-        .y_desc("mean realised skipped mass")
-        .draw()?;
-    let colors = [RED, BLUE, MAGENTA, CYAN, GREEN];
-    for (li, (len, points)) in all.iter().enumerate() {
-        for (fi, fam) in ["epsilon", "quest", "super", "sketch", "oracle"]
-            .iter()
-            .enumerate()
-        {
-            let pts: Vec<(f64, f64)> = points
-                .iter()
-                .filter(|p| p.family == *fam)
-                .map(|p| (p.skip_rate(), p.mean_mass().max(1e-9)))
-                .collect();
-            let color = colors[fi].mix(1.0 - 0.3 * li as f64);
-            chart
-                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
-                .label(format!("{fam} L={len}"))
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
-            chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+fn plot_points(all: &[(usize, Vec<Point>)]) -> AnyResult<String> {
+    let mut series = Vec::new();
+    for (len, points) in all {
+        for fam in ["epsilon", "quest", "super", "sketch", "oracle"] {
+            series.push(Series {
+                label: format!("{fam} L={len}"),
+                points: points
+                    .iter()
+                    .filter(|p| p.family == fam)
+                    .map(|p| (p.skip_rate(), p.mean_mass().max(1e-9)))
+                    .collect(),
+            });
         }
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()?;
-    root.present()?;
-    Ok(())
+    plot::lines(
+        &Axes {
+            title: "SmolLM2-135M decode: pages skipped vs softmax mass lost",
+            x: "share of candidate (page, q head) pairs skipped",
+            y: "mean realised skipped mass",
+            x_scale: Scale::Linear,
+            y_scale: Scale::Log,
+        },
+        &series,
+    )
 }

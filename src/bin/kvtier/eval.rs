@@ -1,4 +1,4 @@
-//! Evaluation harness: perplexity over long State of the Union speeches and passkey retrieval, for
+//! `kvtier eval`: perplexity over long State of the Union speeches and passkey retrieval, for
 //! any set of kvtier cache configurations, with JSON (and optionally Markdown) output.
 //!
 //! Perplexity at length L: the first `L - tail` tokens of a speech go through one exact block
@@ -14,9 +14,9 @@
 //! cache (`Session::replay`), which leaves the state a prefill in that configuration would have left.
 //!
 //! ```text
-//! cargo run --release --example eval -- --config fp --config k4v4-w128 --lengths 4096 --tail 1024 \
-//!     --speeches 2 --passkey-trials 20 --out results.json
-//! cargo run --release --example eval -- --k-bits 4 --v-bits 2 --hot-window 64 --page-size 32
+//! kvtier eval --config fp --config k4v4-w128 --lengths 4096 --tail 1024 \
+//!     --speeches 2 --passkey-trials 20 --report results.json
+//! kvtier eval --k-bits 4 --v-bits 2 --hot-window 64 --page-size 32
 //! ```
 //! Config spec: `fp` (everything hot and exact) or `k<bits>v<bits>[-w<hot window>][-p<page size>]
 //! [-s<sink tokens>][-g<value group>][-e<n>][-o<n>][-rk|-rkv]`, bits in {8, 4, 3, 2}; `-e<n>` keeps the first
@@ -28,7 +28,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::{Arg, ArgAction, ArgMatches, Command};
-use kvtier::model::corpus::{load_speeches, Assets, PasskeyBuilder, SplitMix64};
+use indicatif::ProgressBar;
+use kvtier::model::corpus::{load_speeches, PasskeyBuilder, SplitMix64};
 use kvtier::model::{
     protect_with, CapturedPrefill, ExactAttention, GenerateOptions, Llama, LoadOptions, ModelError,
     Session,
@@ -36,7 +37,8 @@ use kvtier::model::{
 use kvtier::{Bits, CacheConfig, HotDtype};
 use serde_json::{json, Value};
 
-type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
+use crate::plot::{self, Axes, Scale, Series};
+use crate::report::{assets, assets_arg, bar, get, list, spinner, AnyResult, Ctx, Report};
 
 /// A named cache configuration from the command line.
 #[derive(Debug, Clone)]
@@ -201,18 +203,7 @@ impl Spec {
     }
 }
 
-fn list<T: std::str::FromStr>(s: &str, what: &str) -> AnyResult<Vec<T>> {
-    s.split(',')
-        .filter(|x| !x.trim().is_empty())
-        .map(|x| {
-            x.trim()
-                .parse::<T>()
-                .map_err(|_| format!("--{what}: cannot parse `{x}`").into())
-        })
-        .collect()
-}
-
-fn cli() -> Command {
+pub fn command() -> Command {
     let num = |name: &'static str, default: &'static str, help: &'static str| {
         Arg::new(name).long(name).default_value(default).help(help)
     };
@@ -243,24 +234,17 @@ fn cli() -> Command {
         .arg(num("passkey-depths", "0,0.25,0.5,0.75,1", "needle depths in [0, 1]"))
         .arg(num("passkey-context", "1024", "passkey prompt tokens"))
         .arg(num("seed", "2024", "passkey seed"))
-        .arg(Arg::new("assets").long("assets").help("assets folder (default: $KVTIER_ASSETS or <crate>/assets)"))
-        .arg(Arg::new("out").long("out").help("write the JSON report here (default: stdout)"))
+        .arg(assets_arg())
+        .arg(Arg::new("report").long("report").value_name("FILE").help("write the eval report (JSON) here"))
         .arg(Arg::new("markdown").long("markdown").help("also write a Markdown table here"))
         .arg(Arg::new("render").long("render").help(
             "only re-render the Markdown table (--markdown, default stdout) from this saved JSON report",
         ))
 }
 
-fn get<T: std::str::FromStr>(m: &ArgMatches, name: &str) -> AnyResult<T> {
-    let s = m
-        .get_one::<String>(name)
-        .ok_or_else(|| format!("--{name} missing"))?;
-    s.parse::<T>()
-        .map_err(|_| format!("--{name}: cannot parse `{s}`").into())
-}
-
-fn log(msg: impl AsRef<str>) {
-    eprintln!("[eval] {}", msg.as_ref());
+/// A log line on stderr that does not tear the progress bar.
+fn log(pb: &ProgressBar, msg: impl AsRef<str>) {
+    pb.suspend(|| eprintln!("[eval] {}", msg.as_ref()));
 }
 
 /// Perplexity results of one configuration at one length.
@@ -274,26 +258,22 @@ struct PplAcc {
     runs: Vec<Value>,
 }
 
-fn main() -> AnyResult<()> {
-    let m = cli().get_matches();
+pub fn run(m: &ArgMatches, _ctx: &Ctx) -> AnyResult<Report> {
     if let Some(path) = m.get_one::<String>("render") {
-        let report: Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
-        return match m.get_one::<String>("markdown") {
-            Some(p) => write_markdown(&mut std::fs::File::create(p)?, &report),
-            None => write_markdown(&mut std::io::stdout(), &report),
-        };
+        let text = std::fs::read_to_string(path).map_err(|e| format!("--render {path}: {e}"))?;
+        let saved: Value =
+            serde_json::from_str(&text).map_err(|e| format!("--render {path}: not JSON: {e}"))?;
+        // A `kvtier eval --report` file, or a `--out` report that wraps it under `result`.
+        let report = if saved.get("result").is_some() { saved["result"].clone() } else { saved };
+        let mut md = Vec::new();
+        write_markdown(&mut md, &report)?;
+        if let Some(p) = m.get_one::<String>("markdown") {
+            std::fs::write(p, &md).map_err(|e| format!("--markdown {p}: {e}"))?;
+        }
+        let svg = plot_report(&report)?;
+        return Ok(Report::new(report, String::from_utf8(md)?).with_plot("eval-ppl.svg", "Perplexity ratio vs device bytes per token", svg));
     }
-    let assets = match m.get_one::<String>("assets") {
-        Some(p) => Assets { root: p.into() },
-        None => Assets::locate(),
-    };
-    if !assets.available() {
-        return Err(format!(
-            "assets missing in {} (run scripts/fetch-assets.sh)",
-            assets.root.display()
-        )
-        .into());
-    }
+    let assets = assets(m)?;
     let hot = match get::<String>(&m, "hot-dtype")?.as_str() {
         "f32" => HotDtype::F32,
         "f16" => HotDtype::F16,
@@ -344,6 +324,7 @@ fn main() -> AnyResult<()> {
 
     let started = Instant::now();
     let dense_decode = m.get_flag("dense-decode");
+    let sp = spinner("loading SmolLM2-135M");
     let model = Arc::new(Llama::load_with(
         assets.model(),
         LoadOptions {
@@ -357,7 +338,11 @@ fn main() -> AnyResult<()> {
         .iter()
         .map(|s| s.build(&model, hot))
         .collect::<AnyResult<_>>()?;
-    log(format!(
+    sp.finish_and_clear();
+    let ppl_steps: usize = lengths.iter().filter(|&&l| l > 0).count() * n_speeches * tail;
+    let pk_steps = if depths.is_empty() { 0 } else { trials * depths.len() };
+    let pb = bar(((ppl_steps + pk_steps) * specs.len()) as u64, "eval");
+    log(&pb, format!(
         "model loaded ({} layers); {} configs: {}",
         mc.num_layers,
         specs.len(),
@@ -437,20 +422,20 @@ fn main() -> AnyResult<()> {
             let ids = &ids[..len];
             let t0 = Instant::now();
             let cap: CapturedPrefill = oracle.capture_prefill(&ids[..len - tail])?;
-            log(format!(
+            pb.set_message(format!("L={len} exact prefill"));
+            log(&pb, format!(
                 "L={len} {name}: exact prefill of {} tokens in {:.1}s",
                 len - tail,
                 t0.elapsed().as_secs_f64()
             ));
             for (ci, sess) in sessions.iter_mut().enumerate() {
                 let t1 = Instant::now();
-                let mut last_print = Instant::now();
-                let score = sess.score_tail_with_progress(ids, &cap, |done, total| {
-                    if last_print.elapsed().as_secs() >= 30 {
-                        log(format!("    {} {done}/{total}", specs[ci].name));
-                        last_print = Instant::now();
-                    }
+                pb.set_message(format!("L={len} {}", specs[ci].name));
+                let base = pb.position();
+                let score = sess.score_tail_with_progress(ids, &cap, |done, _| {
+                    pb.set_position(base + done as u64)
                 })?;
+                pb.set_position(base + tail as u64);
                 let mem = sess.memory_report();
                 let per_token =
                     mem.device_bytes() as f64 / (mem.tokens as f64 / mc.num_layers as f64);
@@ -471,7 +456,7 @@ fn main() -> AnyResult<()> {
                         "device_bytes_per_token": per_token,
                     },
                 }));
-                log(format!(
+                log(&pb, format!(
                     "  {:<14} ppl {:>8.4}  {:>6.1} tok/s  {:>7.0} B/token  ({:.0}s)",
                     specs[ci].name,
                     score.perplexity(),
@@ -502,6 +487,7 @@ fn main() -> AnyResult<()> {
         };
         for (di, &depth) in depths.iter().enumerate() {
             let t0 = Instant::now();
+            pb.set_message(format!("passkey depth {depth}"));
             for _ in 0..trials {
                 let trial = builder.trial(tok, pk_context, depth, &mut rng)?;
                 let cap = oracle.capture_prefill(&trial.context)?;
@@ -510,9 +496,10 @@ fn main() -> AnyResult<()> {
                     let ok = trial.is_correct(&g.text);
                     pk_hits[ci][di] += ok as usize;
                     pk_runs[ci].push(json!({"depth": depth, "passkey": trial.passkey, "answer": g.text, "correct": ok}));
+                    pb.inc(1);
                 }
             }
-            log(format!(
+            log(&pb, format!(
                 "passkey depth {depth}: {} ({:.0}s)",
                 specs
                     .iter()
@@ -576,17 +563,54 @@ fn main() -> AnyResult<()> {
         "elapsed_s": started.elapsed().as_secs_f64(),
         "results": results,
     });
-    let text = serde_json::to_string_pretty(&report)?;
-    match m.get_one::<String>("out") {
-        Some(p) => std::fs::write(p, text + "\n")?,
-        None => println!("{text}"),
+    pb.finish_and_clear();
+    if let Some(p) = m.get_one::<String>("report") {
+        std::fs::write(p, serde_json::to_string_pretty(&report)? + "\n")
+            .map_err(|e| format!("--report {p}: {e}"))?;
     }
+    let mut md = Vec::new();
+    write_markdown(&mut md, &report)?;
     if let Some(p) = m.get_one::<String>("markdown") {
-        let mut f = std::fs::File::create(p)?;
-        write_markdown(&mut f, &report)?;
+        std::fs::write(p, &md).map_err(|e| format!("--markdown {p}: {e}"))?;
     }
-    log(format!("done in {:.0}s", started.elapsed().as_secs_f64()));
-    Ok(())
+    log(&pb, format!("done in {:.0}s", started.elapsed().as_secs_f64()));
+    let svg = plot_report(&report)?;
+    Ok(Report::new(report, String::from_utf8(md)?).with_plot(
+        "eval-ppl.svg",
+        "Perplexity ratio vs device bytes per token",
+        svg,
+    ))
+}
+
+/// Per config (one series each), PPL ratio against device bytes per token, one point per length;
+/// passkey accuracy has no place on this plot (it is in the table).
+fn plot_report(report: &Value) -> AnyResult<String> {
+    let series: Vec<Series> = report["results"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| Series {
+            label: r["config"]["name"].as_str().unwrap_or("?").to_string(),
+            points: r["perplexity"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|p| {
+                    Some((p["device_bytes_per_token"].as_f64()?, p["ppl_ratio_vs_first"].as_f64()?))
+                })
+                .collect(),
+        })
+        .collect();
+    plot::lines(
+        &Axes {
+            title: "SmolLM2-135M: perplexity ratio (vs the first config) by device bytes per token",
+            x: "device bytes per token (all layers)",
+            y: "PPL ratio",
+            x_scale: Scale::Log,
+            y_scale: Scale::Linear,
+        },
+        &series,
+    )
 }
 
 /// Renders the report's results as a Markdown table (from the JSON alone, so `--render` can
