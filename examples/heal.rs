@@ -7,19 +7,18 @@
 //! loss recovered, firings per 1K tokens, average device bytes per token and the loop's own time
 //! per step (monitor + heal, median and p99 of a ring of timings).
 //!
-//! Stream mode (`--stream "prompt"`): generates an answer and prints each token with its health,
-//! and every healing event as it happens.
+//! A streamed answer with each token's health and every healing event as it happens is
+//! `kvtier protect --show-health` (feature `cli`).
 //!
 //! ```text
 //! cargo run --release --features model --example heal -- --length 4096 --tail 512
-//! cargo run --release --features model --example heal -- --stream "Who wrote the constitution?"
 //! ```
 
 use std::sync::Arc;
 
 use clap::{Arg, Command};
 use kvtier::model::corpus::{latest_with_tokens, load_speeches, Assets};
-use kvtier::model::{argmax, token_nll, ExactAttention, Llama, LoadOptions, Session};
+use kvtier::model::{token_nll, ExactAttention, Llama, LoadOptions, Session};
 use kvtier::monitor::{Certifier, Healer, Monitor};
 use kvtier::protect::Healing;
 use kvtier::{Bits, CacheConfig, HotDtype, KvTierAttention};
@@ -51,7 +50,7 @@ struct Run {
 
 fn main() -> AnyResult<()> {
     let m = Command::new("heal")
-        .about("monitor + healing on SmolLM2: PPL with and without healing, or a streamed answer")
+        .about("monitor + healing on SmolLM2: PPL with and without healing")
         .arg(Arg::new("length").long("length").default_value("4096"))
         .arg(Arg::new("tail").long("tail").default_value("512"))
         .arg(Arg::new("bits").long("bits").default_value("2"))
@@ -73,11 +72,6 @@ fn main() -> AnyResult<()> {
                 .long("budget")
                 .default_value("4")
                 .help("most healed pages per layer"),
-        )
-        .arg(
-            Arg::new("stream")
-                .long("stream")
-                .help("generate an answer to this prompt instead"),
         )
         .arg(
             Arg::new("certify")
@@ -108,37 +102,6 @@ fn main() -> AnyResult<()> {
         },
     )?);
     let monitor = Monitor::new(sensitivity)?;
-
-    if let Some(prompt) = m.get_one::<String>("stream") {
-        let cfg = config(&model, Some(bits as u32), window)?;
-        let healing = Healing::new(monitor, healer).with_callback(|e| {
-            eprintln!(
-                "\n[heal] step {}: {:?}, health {:.3}: {} pages promoted (+{} B)",
-                e.step, e.reason, e.health, e.promoted_pages, e.promoted_bytes
-            )
-        });
-        let mut s = Session::new(model.clone(), KvTierAttention::new(cfg)?, sensitivity)?
-            .with_healing(healing);
-        let tok = model.tokenizer().clone();
-        let ids = tok.encode_user_prompt(prompt)?;
-        let mut logits = s.prefill(&ids)?;
-        // Each token with the health of the step that predicted it (the prefill's has none).
-        for n in 0..128 {
-            let next = argmax(&logits);
-            if tok.stop_tokens().contains(&next) {
-                break;
-            }
-            let health = s.healing().and_then(|h| h.last()).map(|v| v.health);
-            match health {
-                Some(h) if n > 0 => print!("{}[{h:.2}]", tok.decode(&[next], false)?),
-                _ => print!("{}", tok.decode(&[next], false)?),
-            }
-            logits = s.step(next)?;
-        }
-        let (steps, fired) = s.healing().map(|h| h.counts()).unwrap_or((0, 0));
-        println!("\n\n{steps} decode steps judged, {fired} healing events");
-        return Ok(());
-    }
 
     let speeches = load_speeches(&assets.sotu())?;
     let (name, ids) = latest_with_tokens(&speeches, model.tokenizer(), len)?;

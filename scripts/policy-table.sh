@@ -11,7 +11,7 @@
 #   JOBS=16 ...                            tasks in parallel, one thread each (a task is one eval
 #                                          process: one speech x a few configs, or one passkey trial
 #                                          at one depth x every config)
-#   EVAL=path ASSETS=dir ...               a prebuilt eval binary and the assets (else built / fetched)
+#   EVAL=path ASSETS=dir ...               a prebuilt kvtier binary and the assets (else built / fetched)
 #   PK1K_TRIALS=8 PK4K_TRIALS=4            passkey trials per depth (5 depths: 0, 25, 50, 75, 100 %)
 #   QUICK=1 ...                            the same pipeline at toy sizes (a smoke test of the script)
 #   CHUNK=2                                configs per PPL task
@@ -44,8 +44,8 @@ fi
 
 if [ -z "${EVAL:-}" ]; then
     scripts/fetch-assets.sh
-    cargo build --release --features model --example eval
-    EVAL=target/release/examples/eval
+    cargo build --release --features cli --bin kvtier
+    EVAL=target/release/kvtier
 fi
 asset_args=()
 if [ -n "${ASSETS:-}" ]; then asset_args=(--assets "$ASSETS"); fi
@@ -107,7 +107,7 @@ export RAYON_NUM_THREADS="$threads"
 xargs -P "$jobs" -L 1 sh -c '
     name=$0
     if [ -s "$out_dir/$name.json" ]; then echo "kept $name" >&2; exit 0; fi
-    "$EVAL" $COMMON "$@" --out "$out_dir/$name.json" >"$out_dir/$name.log" 2>&1 \
+    "$EVAL" eval $COMMON "$@" --report "$out_dir/$name.json" >"$out_dir/$name.log" 2>&1 \
         && echo "done $name" >&2 || { echo "FAILED $name (see $out_dir/$name.log)" >&2; exit 255; }
 ' <"$tasks"
 # shellcheck disable=SC2086

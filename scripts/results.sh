@@ -15,7 +15,7 @@ repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo_root"
 
 scripts/fetch-assets.sh
-cargo build --release --features model --example eval
+cargo build --release --features cli --bin kvtier
 
 configs=(fp)
 for bits in 8 4 2; do
@@ -40,12 +40,12 @@ json="$out_dir/results-4k.json"
 table="$(mktemp)"
 trap 'rm -f "$table"' EXIT
 
-cmd=(target/release/examples/eval "${config_args[@]}" "${sizes[@]}" --hot-dtype f16 --dense-decode --seed 2024)
+cmd=(target/release/kvtier eval "${config_args[@]}" "${sizes[@]}" --hot-dtype f16 --dense-decode --seed 2024)
 echo "results: ${cmd[*]}" >&2
 # Recorded before the run: the tree may change while it runs.
 commit="$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src examples Cargo.toml || echo '+dirty')"
 start=$(date +%s)
-"${cmd[@]}" --out "$json" --markdown "$table"
+"${cmd[@]}" --report "$json" --markdown "$table" >/dev/null
 elapsed=$(( $(date +%s) - start ))
 
 doc="$out_dir/results.md"
@@ -60,7 +60,7 @@ generated="$(mktemp)"
     echo "in ${elapsed} s on $(nproc) cores ($cpu). Command:"
     echo
     echo '```'
-    echo "${cmd[*]} --out $json --markdown <table>"
+    echo "${cmd[*]} --report $json --markdown <table>"
     echo '```'
     echo
     echo "Raw numbers, per speech and per passkey trial: [\`$(basename "$json")\`]($(basename "$json"))."

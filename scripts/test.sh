@@ -6,8 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --lib
-cargo test --all-targets --features model,mistralrs
-cargo test --doc --features model,mistralrs
+cargo test --all-targets --features model,mistralrs,cli
+cargo test --doc --features model,mistralrs,cli
 # The default run takes the fastest CPU kernel path this machine has (AVX-512 on CI's); the
 # attention suites run again on the other two, which CI's CPUs also have (tests/cpu_paths.rs
 # compares all three on the same inputs in the default run).

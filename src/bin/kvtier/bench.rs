@@ -69,11 +69,15 @@ fn backends(m: &ArgMatches) -> AnyResult<Vec<(String, Device, CpuKernel)>> {
     let spec: String = get(m, "cpu-paths")?;
     let paths: Vec<CpuKernel> = match spec.as_str() {
         "auto" => vec![CpuKernel::Auto.resolve()?],
-        "all" => CpuKernel::ALL.into_iter().filter(|k| k.available()).collect(),
+        "all" => CpuKernel::ALL
+            .into_iter()
+            .filter(|k| k.available())
+            .collect(),
         s => list::<String>(s, "cpu-paths")?
             .iter()
             .map(|n| {
-                let k = CpuKernel::from_name(n).ok_or_else(|| format!("--cpu-paths: unknown path `{n}`"))?;
+                let k = CpuKernel::from_name(n)
+                    .ok_or_else(|| format!("--cpu-paths: unknown path `{n}`"))?;
                 k.resolve().map_err(|e| format!("--cpu-paths: {e}").into())
             })
             .collect::<AnyResult<_>>()?,
@@ -85,7 +89,11 @@ fn backends(m: &ArgMatches) -> AnyResult<Vec<(String, Device, CpuKernel)>> {
         .collect();
     #[cfg(feature = "cuda")]
     match kvtier::backend::cuda::CudaDevice::new(0) {
-        Ok(d) => out.push((format!("cuda/{}", d.name()), Device::Cuda(d), CpuKernel::Auto)),
+        Ok(d) => out.push((
+            format!("cuda/{}", d.name()),
+            Device::Cuda(d),
+            CpuKernel::Auto,
+        )),
         Err(e) => eprintln!("kvtier bench: no CUDA device ({e}); CPU only"),
     }
     Ok(out)
@@ -95,7 +103,11 @@ fn shape(m: &ArgMatches) -> AnyResult<(usize, usize, usize)> {
     let s: String = get(m, "shape")?;
     let v: Vec<usize> = s
         .split('/')
-        .map(|x| x.trim().parse().map_err(|_| format!("--shape: cannot parse `{s}` (q/kv/d)")))
+        .map(|x| {
+            x.trim()
+                .parse()
+                .map_err(|_| format!("--shape: cannot parse `{s}` (q/kv/d)"))
+        })
         .collect::<Result<_, _>>()?;
     match v[..] {
         [q, kv, d] if q > 0 && kv > 0 && d > 0 && q % kv == 0 && d <= 512 => Ok((q, kv, d)),
@@ -103,7 +115,14 @@ fn shape(m: &ArgMatches) -> AnyResult<(usize, usize, usize)> {
     }
 }
 
-fn config(fmt: &str, q: usize, kv: usize, d: usize, path: CpuKernel, tokens: usize) -> AnyResult<CacheConfig> {
+fn config(
+    fmt: &str,
+    q: usize,
+    kv: usize,
+    d: usize,
+    path: CpuKernel,
+    tokens: usize,
+) -> AnyResult<CacheConfig> {
     let b = CacheConfig::builder(1, q, kv, d)
         .hot_dtype(HotDtype::F16)
         .archive(false)
@@ -115,8 +134,10 @@ fn config(fmt: &str, q: usize, kv: usize, d: usize, path: CpuKernel, tokens: usi
             let bits: u32 = f
                 .strip_prefix("int")
                 .and_then(|x| x.parse().ok())
-                .ok_or_else(|| format!("--formats: unknown format `{f}` (f16, int8, int4, int3, int2)"))?;
-            let bits = Bits::from_bits(bits)?;
+                .ok_or_else(|| {
+                    format!("--formats: unknown format `{f}` (f16, int8, int4, int3, int2)")
+                })?;
+            let bits = Bits::from_bits(bits).map_err(|e| format!("--formats `{f}`: {e}"))?;
             b.k_bits(bits).v_bits(bits)
         }
     };
@@ -132,7 +153,9 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn fill_rows(buf: &mut [f32], seed: u64) {
     let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     for x in buf {
-        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         *x = ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
     }
 }
@@ -182,21 +205,47 @@ fn measure(
         times.push(t0.elapsed().as_secs_f64() * 1e3);
         std::hint::black_box(&att.output);
     }
-    Ok((median(times), tokens as f64 / append_s.max(1e-12), cache.memory_report().device_bytes()))
+    Ok((
+        median(times),
+        tokens as f64 / append_s.max(1e-12),
+        cache.memory_report().device_bytes(),
+    ))
 }
 
 /// torch's decode at the same shapes (None when torch does not import or the script fails).
-fn torch_peer(device: &str, (q, kv, d): (usize, usize, usize), tokens: &[usize], reps: usize) -> Option<Value> {
+fn torch_peer(
+    device: &str,
+    (q, kv, d): (usize, usize, usize),
+    tokens: &[usize],
+    reps: usize,
+) -> Option<Value> {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/torch_peer.py");
     let toks: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
     let o = std::process::Command::new("python3")
         .arg(&script)
-        .args(["--device", device, "--q-heads", &q.to_string(), "--kv-heads", &kv.to_string()])
-        .args(["--dim", &d.to_string(), "--tokens", &toks.join(","), "--iters", &reps.to_string()])
+        .args([
+            "--device",
+            device,
+            "--q-heads",
+            &q.to_string(),
+            "--kv-heads",
+            &kv.to_string(),
+        ])
+        .args([
+            "--dim",
+            &d.to_string(),
+            "--tokens",
+            &toks.join(","),
+            "--iters",
+            &reps.to_string(),
+        ])
         .output()
         .ok()?;
     if !o.status.success() {
-        eprintln!("kvtier bench: torch peer failed: {}", String::from_utf8_lossy(&o.stderr).trim());
+        eprintln!(
+            "kvtier bench: torch peer failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
         return None;
     }
     serde_json::from_slice(&o.stdout).ok()
@@ -225,7 +274,8 @@ pub fn run(m: &ArgMatches, _ctx: &Ctx) -> AnyResult<Report> {
         for (name, dev, path) in &backends {
             for f in &formats {
                 pb.set_message(format!("{name} {f} {n}"));
-                let (decode_ms, append_tok_s, device_bytes) = measure(dev, *path, f, n, shape, reps)?;
+                let (decode_ms, append_tok_s, device_bytes) =
+                    measure(dev, *path, f, n, shape, reps)?;
                 points.push(Point {
                     backend: name.clone(),
                     format: f.clone(),
@@ -242,7 +292,11 @@ pub fn run(m: &ArgMatches, _ctx: &Ctx) -> AnyResult<Report> {
     let torch = if m.get_flag("no-peer") || torch_version().is_none() {
         None
     } else {
-        let dev = if backends.iter().any(|b| b.0.starts_with("cuda")) { "cuda" } else { "cpu" };
+        let dev = if backends.iter().any(|b| b.0.starts_with("cuda")) {
+            "cuda"
+        } else {
+            "cpu"
+        };
         torch_peer(dev, shape, &tokens, reps)
     };
     let torch_ms = |n: usize| -> Option<f64> {
@@ -283,7 +337,11 @@ pub fn run(m: &ArgMatches, _ctx: &Ctx) -> AnyResult<Report> {
             p.device_bytes as f64 / p.tokens as f64
         );
         let group = formats.iter().position(|f| *f == p.format).unwrap_or(0);
-        bars.push((format!("{} {} {}K", p.backend, p.format, p.tokens / 1024), gbs, group));
+        bars.push((
+            format!("{} {} {}K", p.backend, p.format, p.tokens / 1024),
+            gbs,
+            group,
+        ));
         rows.push(json!({
             "backend": p.backend, "format": p.format, "tokens": p.tokens, "decode_ms": p.decode_ms,
             "read_gb_per_s": gbs, "speedup_vs_f16": f16, "speedup_vs_torch": vs_torch,
@@ -293,7 +351,10 @@ pub fn run(m: &ArgMatches, _ctx: &Ctx) -> AnyResult<Report> {
     if let Some(t) = &torch {
         for n in &tokens {
             if let Some(ms) = torch_ms(*n) {
-                text += &format!("| torch | {} | {n} | {ms:.3} | - | - | 1.00x | - | - |\n", if t["device"] == "cpu" { "f32" } else { "bf16" });
+                text += &format!(
+                    "| torch | {} | {n} | {ms:.3} | - | - | 1.00x | - | - |\n",
+                    if t["device"] == "cpu" { "f32" } else { "bf16" }
+                );
             }
         }
     }
@@ -304,5 +365,9 @@ pub fn run(m: &ArgMatches, _ctx: &Ctx) -> AnyResult<Report> {
     )?;
     let json = json!({"shape": {"q_heads": q, "kv_heads": kv, "head_dim": d}, "reps": reps,
                       "rows": rows, "torch": torch});
-    Ok(Report::new(json, text).with_plot("bench-decode.svg", "Decode: cache bytes read per second", svg))
+    Ok(Report::new(json, text).with_plot(
+        "bench-decode.svg",
+        "Decode: cache bytes read per second",
+        svg,
+    ))
 }

@@ -14,7 +14,12 @@ use crate::report::{check_writable_dir, write_file, AnyResult};
 pub fn command() -> Command {
     Command::new("dashboard")
         .about("gather the reports saved with --out <dir> into one self-contained HTML page")
-        .arg(Arg::new("dir").required(true).value_name("DIR").help("the --out directory of earlier runs"))
+        .arg(
+            Arg::new("dir")
+                .required(true)
+                .value_name("DIR")
+                .help("the --out directory of earlier runs"),
+        )
         .arg(
             Arg::new("html")
                 .long("html")
@@ -30,44 +35,65 @@ fn esc(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// A report's `result.rows` (or `result.results`) as an HTML table of its scalar fields.
-fn table(rows: &[Value]) -> String {
-    let Some(first) = rows.first().and_then(|r| r.as_object()) else {
-        return String::new();
-    };
-    let cols: Vec<&String> = first
-        .iter()
-        .filter(|(_, v)| !v.is_array() && !v.is_object())
-        .map(|(k, _)| k)
-        .collect();
-    let mut h = String::from("<table><tr>");
-    for c in &cols {
-        h += &format!("<th>{}</th>", esc(c));
-    }
-    h += "</tr>";
-    for r in rows {
-        h += "<tr>";
-        for c in &cols {
-            let cell = match &r[c.as_str()] {
-                Value::Number(n) => match n.as_f64() {
-                    Some(x) if n.is_f64() => format!("{x:.4}"),
-                    _ => n.to_string(),
-                },
-                Value::String(s) => s.clone(),
-                Value::Null => "-".into(),
-                v => v.to_string(),
-            };
-            h += &format!("<td>{}</td>", esc(&cell));
+/// A report's text (Markdown tables and plain lines, as the subcommand printed it) as HTML:
+/// runs of `|` lines become tables, everything else preformatted text.
+fn text_html(text: &str) -> String {
+    let mut h = String::new();
+    let mut pre = String::new();
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    let flush_pre = |h: &mut String, pre: &mut String| {
+        if !pre.trim().is_empty() {
+            *h += &format!("<pre>{}</pre>", esc(pre.trim_end()));
         }
-        h += "</tr>";
+        pre.clear();
+    };
+    let flush_table = |h: &mut String, rows: &mut Vec<Vec<String>>| {
+        if rows.is_empty() {
+            return;
+        }
+        *h += "<table>";
+        for (i, r) in rows.iter().enumerate() {
+            let tag = if i == 0 { "th" } else { "td" };
+            *h += "<tr>";
+            for c in r {
+                *h += &format!("<{tag}>{}</{tag}>", esc(c.trim().trim_matches('`')));
+            }
+            *h += "</tr>";
+        }
+        *h += "</table>";
+        rows.clear();
+    };
+    for line in text.lines() {
+        let t = line.trim();
+        if t.starts_with('|') && t.ends_with('|') && t.len() > 1 {
+            flush_pre(&mut h, &mut pre);
+            let cells: Vec<String> = t[1..t.len() - 1].split('|').map(str::to_string).collect();
+            // The header separator row (|---|---:|).
+            if cells
+                .iter()
+                .all(|c| c.trim().chars().all(|ch| ch == '-' || ch == ':'))
+            {
+                continue;
+            }
+            rows.push(cells);
+        } else {
+            flush_table(&mut h, &mut rows);
+            pre.push_str(line);
+            pre.push('\n');
+        }
     }
-    h + "</table>"
+    flush_table(&mut h, &mut rows);
+    flush_pre(&mut h, &mut pre);
+    h
 }
 
 fn section(dir: &Path, path: &Path) -> AnyResult<String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let r: Value = serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
-    let cmd = r["command"].as_str().ok_or_else(|| format!("{}: not a kvtier report (no `command`)", path.display()))?;
+    let r: Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
+    let cmd = r["command"]
+        .as_str()
+        .ok_or_else(|| format!("{}: not a kvtier report (no `command`)", path.display()))?;
     let mut h = format!(
         "<section id=\"{0}\"><h2>kvtier {0}</h2><p class=\"meta\">kvtier {1}, commit {2}, {3:.1} s; args: <code>{4}</code></p>",
         esc(cmd),
@@ -80,44 +106,24 @@ fn section(dir: &Path, path: &Path) -> AnyResult<String> {
         let f = f.as_str().unwrap_or_default();
         // Plot names come from the report; only plain file names next to it are read.
         if f.contains('/') || f.contains('\\') || f.starts_with('.') {
-            return Err(format!("{}: plot name `{f}` is not a plain file name", path.display()).into());
+            return Err(format!(
+                "{}: plot name `{f}` is not a plain file name",
+                path.display()
+            )
+            .into());
         }
         let svg = std::fs::read_to_string(dir.join(f)).map_err(|e| format!("plot {f}: {e}"))?;
         let title = r["plot_titles"][i].as_str().unwrap_or(f);
-        h += &format!("<figure class=\"plot\" data-plot=\"{}\">{}<figcaption>{}</figcaption></figure>", esc(f), strip_prolog(&svg), esc(title));
+        h += &format!(
+            "<figure class=\"plot\" data-plot=\"{}\">{}<figcaption>{}</figcaption></figure>",
+            esc(f),
+            strip_prolog(&svg),
+            esc(title)
+        );
     }
-    let res = &r["result"];
-    if let Some(checks) = res["checks"].as_array() {
-        h += "<ul class=\"checks\">";
-        for c in checks {
-            let ok = c["ok"].as_bool().unwrap_or(false);
-            h += &format!(
-                "<li class=\"{}\"><b>{}</b> {}</li>",
-                if ok { "ok" } else { "no" },
-                esc(c["what"].as_str().unwrap_or("?")),
-                esc(c["detail"].as_str().unwrap_or(""))
-            );
-        }
-        h += "</ul>";
-    }
-    for key in ["rows", "results"] {
-        if let Some(rows) = res[key].as_array() {
-            h += &table(rows);
-        }
-    }
-    if let Some(runs) = res["runs"].as_array() {
-        for run in runs {
-            if let Some(points) = run["points"].as_array() {
-                h += &format!("<h3>L = {}</h3>", run["tokens"]);
-                h += &table(points);
-            }
-        }
-    }
-    if let Some(a) = res["answer"].as_str() {
+    h += &text_html(r["text"].as_str().unwrap_or(""));
+    if let Some(a) = r["result"]["answer"].as_str() {
         h += &format!("<h3>answer</h3><blockquote>{}</blockquote>", esc(a));
-        if let Some(mem) = res["memory"].as_object() {
-            h += &table(&[Value::Object(mem.clone())]);
-        }
     }
     Ok(h + "</section>")
 }
@@ -139,7 +145,12 @@ pub fn run(m: &ArgMatches) -> AnyResult<()> {
         .collect();
     reports.sort();
     if reports.is_empty() {
-        return Err(format!("no reports (*.json) in {}: run subcommands with --out {} first", dir.display(), dir.display()).into());
+        return Err(format!(
+            "no reports (*.json) in {}: run subcommands with --out {} first",
+            dir.display(),
+            dir.display()
+        )
+        .into());
     }
     let mut body = String::new();
     let mut nav = String::new();
@@ -166,7 +177,11 @@ pub fn run(m: &ArgMatches) -> AnyResult<()> {
         check_writable_dir(parent)?;
     }
     write_file(&out, html.as_bytes())?;
-    eprintln!("kvtier dashboard: {} reports -> {}", reports.len(), out.display());
+    eprintln!(
+        "kvtier dashboard: {} reports -> {}",
+        reports.len(),
+        out.display()
+    );
     println!("{}", out.display());
     Ok(())
 }

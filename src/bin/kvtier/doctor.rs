@@ -140,9 +140,10 @@ fn cpu_lines() -> Vec<Line> {
         Ok(k) => {
             let run = decode_once(kvtier::Device::Cpu);
             let (ok, detail) = match &run {
-                Ok((o, ms)) if o.iter().all(|x| x.is_finite()) => {
-                    (true, format!("one decode over 300 int4/hot tokens: {ms:.2} ms"))
-                }
+                Ok((o, ms)) if o.iter().all(|x| x.is_finite()) => (
+                    true,
+                    format!("one decode over 300 int4/hot tokens: {ms:.2} ms"),
+                ),
                 Ok(_) => (false, "decode produced non-finite output".to_string()),
                 Err(e) => (false, format!("decode failed: {e}")),
             };
@@ -152,7 +153,8 @@ fn cpu_lines() -> Vec<Line> {
                 format!(
                     "`auto` runs the {} path{}; {detail}",
                     k.name(),
-                    env.as_ref().map_or(String::new(), |e| format!(" (KVTIER_CPU_KERNEL={e})"))
+                    env.as_ref()
+                        .map_or(String::new(), |e| format!(" (KVTIER_CPU_KERNEL={e})"))
                 ),
                 json!({"auto": k.name(), "env": env, "paths": paths, "decode_ok": ok}),
             ));
@@ -174,7 +176,12 @@ fn cuda_lines() -> Vec<Line> {
     let dev = match CudaDevice::new(0) {
         Ok(d) => d,
         Err(e) => {
-            out.push(line("cuda", false, format!("compiled in; no device: {e}"), json!({"compiled": true, "device": null, "error": e.to_string()})));
+            out.push(line(
+                "cuda",
+                false,
+                format!("compiled in; no device: {e}"),
+                json!({"compiled": true, "device": null, "error": e.to_string()}),
+            ));
             return out;
         }
     };
@@ -187,16 +194,30 @@ fn cuda_lines() -> Vec<Line> {
     ));
     let arch = format!("sm_{maj}{min}");
     match compile_source("extern \"C\" __global__ void k() {}", &arch) {
-        Ok(()) => out.push(line("nvrtc", true, format!("compiles for {arch}"), json!({"ok": true, "arch": arch}))),
+        Ok(()) => out.push(line(
+            "nvrtc",
+            true,
+            format!("compiles for {arch}"),
+            json!({"ok": true, "arch": arch}),
+        )),
         Err(e) => {
-            out.push(line("nvrtc", false, format!("cannot compile for {arch}: {e}"), json!({"ok": false, "error": e.to_string()})));
+            out.push(line(
+                "nvrtc",
+                false,
+                format!("cannot compile for {arch}: {e}"),
+                json!({"ok": false, "error": e.to_string()}),
+            ));
             return out;
         }
     }
     let check = (|| -> AnyResult<(f32, f64)> {
         let (g, ms) = decode_once(kvtier::Device::Cuda(dev.clone()))?;
         let (c, _) = decode_once(kvtier::Device::Cpu)?;
-        let err = g.iter().zip(&c).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        let err = g
+            .iter()
+            .zip(&c)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
         Ok((err, ms))
     })();
     out.push(match check {
@@ -262,7 +283,11 @@ fn asset_line(m: &ArgMatches) -> Line {
                 "missing in {}: model {}, corpus {} (run scripts/fetch-assets.sh)",
                 assets.root.display(),
                 if size.is_some() { "present" } else { "absent" },
-                if speeches.is_some() { "present" } else { "absent" }
+                if speeches.is_some() {
+                    "present"
+                } else {
+                    "absent"
+                }
             )
         },
         json!({"root": assets.root, "model_bytes": size, "speeches": speeches}),
@@ -284,7 +309,12 @@ fn spill_line(m: &ArgMatches) -> Line {
             format!("{}: a 4 KiB page file written and read back", dir.display()),
             json!({"dir": dir, "writable": true}),
         ),
-        Ok(_) => line("disk tier dir", false, format!("{}: short read back", dir.display()), json!({"dir": dir, "writable": false})),
+        Ok(_) => line(
+            "disk tier dir",
+            false,
+            format!("{}: short read back", dir.display()),
+            json!({"dir": dir, "writable": false}),
+        ),
         Err(e) => line(
             "disk tier dir",
             false,
@@ -296,8 +326,18 @@ fn spill_line(m: &ArgMatches) -> Line {
 
 fn torch_line() -> Line {
     match crate::bench::torch_version() {
-        Some(v) => line("torch", true, format!("torch {v} imports (bench peer)"), json!({"version": v})),
-        None => line("torch", false, "python3 cannot import torch: bench runs without a peer ratio", json!({"version": null})),
+        Some(v) => line(
+            "torch",
+            true,
+            format!("torch {v} imports (bench peer)"),
+            json!({"version": v}),
+        ),
+        None => line(
+            "torch",
+            false,
+            "python3 cannot import torch: bench runs without a peer ratio",
+            json!({"version": null}),
+        ),
     }
 }
 
@@ -314,7 +354,12 @@ pub fn run(m: &ArgMatches, _ctx: &Ctx) -> AnyResult<Report> {
         crate::report::build_commit().map_or(String::new(), |c| format!(" ({c})"))
     );
     for l in &lines {
-        text += &format!("  [{}] {:<14} {}\n", if l.ok { " ok " } else { " -- " }, l.what, l.detail);
+        text += &format!(
+            "  [{}] {:<14} {}\n",
+            if l.ok { " ok " } else { " -- " },
+            l.what,
+            l.detail
+        );
     }
     let json = json!({
         "checks": lines.iter().map(|l| json!({"what": l.what, "ok": l.ok, "detail": l.detail, "data": l.data})).collect::<Vec<_>>(),

@@ -264,17 +264,25 @@ pub fn run(m: &ArgMatches, _ctx: &Ctx) -> AnyResult<Report> {
         let saved: Value =
             serde_json::from_str(&text).map_err(|e| format!("--render {path}: not JSON: {e}"))?;
         // A `kvtier eval --report` file, or a `--out` report that wraps it under `result`.
-        let report = if saved.get("result").is_some() { saved["result"].clone() } else { saved };
+        let report = if saved.get("result").is_some() {
+            saved["result"].clone()
+        } else {
+            saved
+        };
         let mut md = Vec::new();
         write_markdown(&mut md, &report)?;
         if let Some(p) = m.get_one::<String>("markdown") {
             std::fs::write(p, &md).map_err(|e| format!("--markdown {p}: {e}"))?;
         }
         let svg = plot_report(&report)?;
-        return Ok(Report::new(report, String::from_utf8(md)?).with_plot("eval-ppl.svg", "Perplexity ratio vs device bytes per token", svg));
+        return Ok(Report::new(report, String::from_utf8(md)?).with_plot(
+            "eval-ppl.svg",
+            "Perplexity ratio vs device bytes per token",
+            svg,
+        ));
     }
     let assets = assets(m)?;
-    let hot = match get::<String>(&m, "hot-dtype")?.as_str() {
+    let hot = match get::<String>(m, "hot-dtype")?.as_str() {
         "f32" => HotDtype::F32,
         "f16" => HotDtype::F16,
         "bf16" => HotDtype::BF16,
@@ -283,12 +291,12 @@ pub fn run(m: &ArgMatches, _ctx: &Ctx) -> AnyResult<Report> {
     let defaults = Spec {
         name: String::new(),
         full_precision: m.get_flag("full-precision"),
-        k_bits: get(&m, "k-bits")?,
-        v_bits: get(&m, "v-bits")?,
-        hot_window: get(&m, "hot-window")?,
-        page_size: get(&m, "page-size")?,
-        sinks: get(&m, "sinks")?,
-        group: get(&m, "value-group")?,
+        k_bits: get(m, "k-bits")?,
+        v_bits: get(m, "v-bits")?,
+        hot_window: get(m, "hot-window")?,
+        page_size: get(m, "page-size")?,
+        sinks: get(m, "sinks")?,
+        group: get(m, "value-group")?,
         rotation: kvtier::Rotation::None,
         edges: 0,
         outliers: 0,
@@ -313,14 +321,14 @@ pub fn run(m: &ArgMatches, _ctx: &Ctx) -> AnyResult<Report> {
             vec![d]
         }
     };
-    let lengths: Vec<usize> = list(&get::<String>(&m, "lengths")?, "lengths")?;
-    let tail: usize = get(&m, "tail")?;
-    let n_speeches: usize = get(&m, "speeches")?;
-    let speech_offset: usize = get(&m, "speech-offset")?;
-    let trials: usize = get(&m, "passkey-trials")?;
-    let depths: Vec<f64> = list(&get::<String>(&m, "passkey-depths")?, "passkey-depths")?;
-    let pk_context: usize = get(&m, "passkey-context")?;
-    let seed: u64 = get(&m, "seed")?;
+    let lengths: Vec<usize> = list(&get::<String>(m, "lengths")?, "lengths")?;
+    let tail: usize = get(m, "tail")?;
+    let n_speeches: usize = get(m, "speeches")?;
+    let speech_offset: usize = get(m, "speech-offset")?;
+    let trials: usize = get(m, "passkey-trials")?;
+    let depths: Vec<f64> = list(&get::<String>(m, "passkey-depths")?, "passkey-depths")?;
+    let pk_context: usize = get(m, "passkey-context")?;
+    let seed: u64 = get(m, "seed")?;
 
     let started = Instant::now();
     let dense_decode = m.get_flag("dense-decode");
@@ -336,22 +344,32 @@ pub fn run(m: &ArgMatches, _ctx: &Ctx) -> AnyResult<Report> {
     // Validate every config before spending time.
     let configs: Vec<CacheConfig> = specs
         .iter()
-        .map(|s| s.build(&model, hot))
+        .map(|s| {
+            s.build(&model, hot)
+                .map_err(|e| format!("config `{}`: {e}", s.name).into())
+        })
         .collect::<AnyResult<_>>()?;
     sp.finish_and_clear();
     let ppl_steps: usize = lengths.iter().filter(|&&l| l > 0).count() * n_speeches * tail;
-    let pk_steps = if depths.is_empty() { 0 } else { trials * depths.len() };
+    let pk_steps = if depths.is_empty() {
+        0
+    } else {
+        trials * depths.len()
+    };
     let pb = bar(((ppl_steps + pk_steps) * specs.len()) as u64, "eval");
-    log(&pb, format!(
-        "model loaded ({} layers); {} configs: {}",
-        mc.num_layers,
-        specs.len(),
-        specs
-            .iter()
-            .map(|s| s.name.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
-    ));
+    log(
+        &pb,
+        format!(
+            "model loaded ({} layers); {} configs: {}",
+            mc.num_layers,
+            specs.len(),
+            specs
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    );
 
     let speeches = load_speeches(&assets.sotu())?;
     let tok = model.tokenizer();
@@ -423,11 +441,14 @@ pub fn run(m: &ArgMatches, _ctx: &Ctx) -> AnyResult<Report> {
             let t0 = Instant::now();
             let cap: CapturedPrefill = oracle.capture_prefill(&ids[..len - tail])?;
             pb.set_message(format!("L={len} exact prefill"));
-            log(&pb, format!(
-                "L={len} {name}: exact prefill of {} tokens in {:.1}s",
-                len - tail,
-                t0.elapsed().as_secs_f64()
-            ));
+            log(
+                &pb,
+                format!(
+                    "L={len} {name}: exact prefill of {} tokens in {:.1}s",
+                    len - tail,
+                    t0.elapsed().as_secs_f64()
+                ),
+            );
             for (ci, sess) in sessions.iter_mut().enumerate() {
                 let t1 = Instant::now();
                 pb.set_message(format!("L={len} {}", specs[ci].name));
@@ -456,14 +477,17 @@ pub fn run(m: &ArgMatches, _ctx: &Ctx) -> AnyResult<Report> {
                         "device_bytes_per_token": per_token,
                     },
                 }));
-                log(&pb, format!(
-                    "  {:<14} ppl {:>8.4}  {:>6.1} tok/s  {:>7.0} B/token  ({:.0}s)",
-                    specs[ci].name,
-                    score.perplexity(),
-                    score.decode_tokens_per_sec(),
-                    per_token,
-                    t1.elapsed().as_secs_f64()
-                ));
+                log(
+                    &pb,
+                    format!(
+                        "  {:<14} ppl {:>8.4}  {:>6.1} tok/s  {:>7.0} B/token  ({:.0}s)",
+                        specs[ci].name,
+                        score.perplexity(),
+                        score.decode_tokens_per_sec(),
+                        per_token,
+                        t1.elapsed().as_secs_f64()
+                    ),
+                );
             }
         }
     }
@@ -499,16 +523,19 @@ pub fn run(m: &ArgMatches, _ctx: &Ctx) -> AnyResult<Report> {
                     pb.inc(1);
                 }
             }
-            log(&pb, format!(
-                "passkey depth {depth}: {} ({:.0}s)",
-                specs
-                    .iter()
-                    .zip(&pk_hits)
-                    .map(|(s, h)| format!("{} {}/{trials}", s.name, h[di]))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                t0.elapsed().as_secs_f64()
-            ));
+            log(
+                &pb,
+                format!(
+                    "passkey depth {depth}: {} ({:.0}s)",
+                    specs
+                        .iter()
+                        .zip(&pk_hits)
+                        .map(|(s, h)| format!("{} {}/{trials}", s.name, h[di]))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    t0.elapsed().as_secs_f64()
+                ),
+            );
         }
     }
 
@@ -573,7 +600,10 @@ pub fn run(m: &ArgMatches, _ctx: &Ctx) -> AnyResult<Report> {
     if let Some(p) = m.get_one::<String>("markdown") {
         std::fs::write(p, &md).map_err(|e| format!("--markdown {p}: {e}"))?;
     }
-    log(&pb, format!("done in {:.0}s", started.elapsed().as_secs_f64()));
+    log(
+        &pb,
+        format!("done in {:.0}s", started.elapsed().as_secs_f64()),
+    );
     let svg = plot_report(&report)?;
     Ok(Report::new(report, String::from_utf8(md)?).with_plot(
         "eval-ppl.svg",
@@ -596,7 +626,10 @@ fn plot_report(report: &Value) -> AnyResult<String> {
                 .into_iter()
                 .flatten()
                 .filter_map(|p| {
-                    Some((p["device_bytes_per_token"].as_f64()?, p["ppl_ratio_vs_first"].as_f64()?))
+                    Some((
+                        p["device_bytes_per_token"].as_f64()?,
+                        p["ppl_ratio_vs_first"].as_f64()?,
+                    ))
                 })
                 .collect(),
         })
@@ -606,7 +639,7 @@ fn plot_report(report: &Value) -> AnyResult<String> {
             title: "SmolLM2-135M: perplexity ratio (vs the first config) by device bytes per token",
             x: "device bytes per token (all layers)",
             y: "PPL ratio",
-            x_scale: Scale::Log,
+            x_scale: Scale::Linear,
             y_scale: Scale::Linear,
         },
         &series,

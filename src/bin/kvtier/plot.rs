@@ -44,17 +44,36 @@ fn range(vals: impl Iterator<Item = f64>, scale: Scale) -> (f64, f64) {
     let lo = vals.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = vals.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     if !lo.is_finite() {
-        return if scale == Scale::Log { (0.1, 10.0) } else { (0.0, 1.0) };
+        return if scale == Scale::Log {
+            (0.1, 10.0)
+        } else {
+            (0.0, 1.0)
+        };
     }
     match scale {
         Scale::Log => {
-            let (lo, hi) = if hi / lo < 1.5 { (lo / 1.5, hi * 1.5) } else { (lo, hi) };
+            let (lo, hi) = if hi / lo < 1.5 {
+                (lo / 1.5, hi * 1.5)
+            } else {
+                (lo, hi)
+            };
             (lo / 1.2, hi * 1.2)
         }
         Scale::Linear => {
             let pad = ((hi - lo) * 0.08).max(hi.abs() * 0.02).max(1e-9);
             (lo - pad, hi + pad)
         }
+    }
+}
+
+/// An axis label: powers of ten on log axes, a few significant digits otherwise.
+fn tick(v: f64, scale: Scale) -> String {
+    match scale {
+        Scale::Log => format!("{v:.0e}"),
+        Scale::Linear if v == 0.0 => "0".into(),
+        Scale::Linear if v.abs() >= 1e5 || v.abs() < 1e-3 => format!("{v:.1e}"),
+        Scale::Linear if v.abs() >= 100.0 => format!("{v:.0}"),
+        Scale::Linear => format!("{}", (v * 1e4).round() / 1e4),
     }
 }
 
@@ -80,6 +99,8 @@ pub fn lines(axes: &Axes, series: &[Series]) -> AnyResult<String> {
                     .configure_mesh()
                     .x_desc(axes.x)
                     .y_desc(axes.y)
+                    .x_label_formatter(&|v: &f64| tick(*v, axes.x_scale))
+                    .y_label_formatter(&|v: &f64| tick(*v, axes.y_scale))
                     .draw()?;
                 for (i, s) in series.iter().enumerate() {
                     let color = PALETTE[i % PALETTE.len()];

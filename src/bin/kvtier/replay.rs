@@ -22,8 +22,18 @@ use crate::simulate::{budgets, policies};
 pub fn command() -> Command {
     Command::new("replay")
         .about("retention policies over a captured real-model attention trace")
-        .arg(Arg::new("prefill").long("prefill").default_value("1024").help("exact prefill tokens of the captured run"))
-        .arg(Arg::new("decode").long("decode").default_value("256").help("decode steps traced"))
+        .arg(
+            Arg::new("prefill")
+                .long("prefill")
+                .default_value("1024")
+                .help("exact prefill tokens of the captured run"),
+        )
+        .arg(
+            Arg::new("decode")
+                .long("decode")
+                .default_value("256")
+                .help("decode steps traced"),
+        )
         .arg(
             Arg::new("trace")
                 .long("trace")
@@ -36,8 +46,18 @@ pub fn command() -> Command {
                 .value_name("FILE")
                 .help("replay this saved trace instead of capturing one (no model needed)"),
         )
-        .arg(Arg::new("budgets").long("budgets").default_value("25,12.5").help("budgets, percent, comma-separated"))
-        .arg(Arg::new("policies").long("policies").default_value("all").help("policy names, comma-separated, or `all`"))
+        .arg(
+            Arg::new("budgets")
+                .long("budgets")
+                .default_value("25,12.5")
+                .help("budgets, percent, comma-separated"),
+        )
+        .arg(
+            Arg::new("policies")
+                .long("policies")
+                .default_value("all")
+                .help("policy names, comma-separated, or `all`"),
+        )
         .arg(assets_arg())
 }
 
@@ -61,7 +81,9 @@ pub fn run(m: &ArgMatches, _ctx: &Ctx) -> AnyResult<Report> {
             let ids = model.tokenizer().encode(&speech.text)?;
             let n = (prefill + decode).min(ids.len());
             if n <= prefill {
-                return Err(format!("the speech has {} tokens: fewer than --prefill", ids.len()).into());
+                return Err(
+                    format!("the speech has {} tokens: fewer than --prefill", ids.len()).into(),
+                );
             }
             let c = model.config().clone();
             let cfg = CacheConfig::builder(c.num_layers, c.num_q_heads, c.num_kv_heads, c.head_dim)
@@ -70,11 +92,16 @@ pub fn run(m: &ArgMatches, _ctx: &Ctx) -> AnyResult<Report> {
                 .build()?;
             let file = std::fs::File::create(&path)
                 .map_err(|e| format!("cannot create the trace file {path}: {e}"))?;
-            let cache = KvTierAttention::new(cfg)?.with_trace(Box::new(std::io::BufWriter::new(file)), false)?;
+            let cache = KvTierAttention::new(cfg)?
+                .with_trace(Box::new(std::io::BufWriter::new(file)), false)?;
             let mut session = Session::new(model, cache, 0.85)?;
             sp.finish_and_clear();
             let pb = bar((n - prefill) as u64, "capturing trace");
-            let score = session.score_with_progress(&ids[..n], ScoreOptions::decode_tail(prefill), |d, _| pb.set_position(d as u64))?;
+            let score = session.score_with_progress(
+                &ids[..n],
+                ScoreOptions::decode_tail(prefill),
+                |d, _| pb.set_position(d as u64),
+            )?;
             pb.finish_and_clear();
             session.cache_mut().finish_trace()?;
             captured = json!({"speech": speech.name, "prefill": prefill, "decode_steps": n - prefill,
@@ -82,7 +109,8 @@ pub fn run(m: &ArgMatches, _ctx: &Ctx) -> AnyResult<Report> {
             path
         }
     };
-    let file = std::fs::File::open(&path).map_err(|e| format!("cannot open the trace {path}: {e}"))?;
+    let file =
+        std::fs::File::open(&path).map_err(|e| format!("cannot open the trace {path}: {e}"))?;
     let (header, steps) = read_trace(std::io::BufReader::new(file))?;
     let n = steps.iter().map(|s| s.len as usize).max().unwrap_or(0);
     if n == 0 {

@@ -87,10 +87,14 @@ impl Ctx {
             "plots": files,
             "plot_titles": titles,
             "result": r.json,
+            "text": r.text,
         });
         if let Some(dir) = &self.out {
             let path = dir.join(format!("{}.json", self.command));
-            write_file(&path, (serde_json::to_string_pretty(&envelope)? + "\n").as_bytes())?;
+            write_file(
+                &path,
+                (serde_json::to_string_pretty(&envelope)? + "\n").as_bytes(),
+            )?;
             for p in &r.plots {
                 write_file(&dir.join(&p.file), p.svg.as_bytes())?;
             }
@@ -147,7 +151,8 @@ pub fn build_commit() -> Option<String> {
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
     };
     let head = git(&["rev-parse", "--short=7", "HEAD"])?;
-    let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    let dirty =
+        git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
     Some(if dirty { format!("{head}-dirty") } else { head })
 }
 

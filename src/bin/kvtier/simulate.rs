@@ -14,8 +14,18 @@ use crate::report::{bar, get, list, AnyResult, Ctx, Report};
 pub fn command() -> Command {
     Command::new("simulate")
         .about("retention policies over the seeded attention simulator, at equal device memory")
-        .arg(Arg::new("prompt").long("prompt").default_value("4096").help("prompt tokens"))
-        .arg(Arg::new("steps").long("steps").default_value("64").help("decode steps"))
+        .arg(
+            Arg::new("prompt")
+                .long("prompt")
+                .default_value("4096")
+                .help("prompt tokens"),
+        )
+        .arg(
+            Arg::new("steps")
+                .long("steps")
+                .default_value("64")
+                .help("decode steps"),
+        )
         .arg(Arg::new("seed").long("seed").default_value("1"))
         .arg(
             Arg::new("budgets")
@@ -39,7 +49,12 @@ pub fn policies(m: &ArgMatches) -> AnyResult<Vec<String>> {
     }
     let names: Vec<String> = list(&s, "policies")?;
     for n in &names {
-        by_name(n).map_err(|_| format!("--policies: unknown policy `{n}` (known: {})", NAMES.join(", ")))?;
+        by_name(n).map_err(|_| {
+            format!(
+                "--policies: unknown policy `{n}` (known: {})",
+                NAMES.join(", ")
+            )
+        })?;
     }
     Ok(names)
 }
