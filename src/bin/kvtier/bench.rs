@@ -219,7 +219,14 @@ fn torch_peer(
     tokens: &[usize],
     reps: usize,
 ) -> Option<Value> {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/torch_peer.py");
+    // The script in the current tree (a checkout's root), else the one in the tree the binary
+    // was built from.
+    let here = std::path::PathBuf::from("scripts/torch_peer.py");
+    let script = if here.exists() {
+        here
+    } else {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/torch_peer.py")
+    };
     let toks: Vec<String> = tokens.iter().map(|t| t.to_string()).collect();
     let o = std::process::Command::new("python3")
         .arg(&script)

@@ -148,11 +148,14 @@ pub fn lines(axes: &Axes, series: &[Series]) -> AnyResult<String> {
     Ok(svg)
 }
 
-/// Labelled vertical bars (one colour per group), values printed on top.
-pub fn bars(title: &str, y: &str, bars: &[(String, f64, usize)]) -> AnyResult<String> {
+/// Labelled horizontal bars (one colour per group, first bar on top), values printed at their
+/// ends: labels stay horizontal and readable however many bars there are.
+pub fn bars(title: &str, x: &str, bars: &[(String, f64, usize)]) -> AnyResult<String> {
     let mut svg = String::new();
     {
-        let root = SVGBackend::with_string(&mut svg, (900, 540)).into_drawing_area();
+        let n = bars.len().max(1);
+        let height = (120 + 26 * n).clamp(320, 2000) as u32;
+        let root = SVGBackend::with_string(&mut svg, (900, height)).into_drawing_area();
         root.fill(&WHITE)?;
         let hi = bars
             .iter()
@@ -161,47 +164,45 @@ pub fn bars(title: &str, y: &str, bars: &[(String, f64, usize)]) -> AnyResult<St
             .fold(0.0, f64::max)
             .max(1e-9)
             * 1.15;
-        let n = bars.len().max(1);
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 20))
             .margin(14)
-            .x_label_area_size(110)
-            .y_label_area_size(78)
-            .build_cartesian_2d(0f64..n as f64, 0f64..hi)?;
+            .x_label_area_size(44)
+            .y_label_area_size(170)
+            .build_cartesian_2d(0f64..hi, 0f64..n as f64)?;
         let labels: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
+        // Row i (from the top) spans [n - i - 1, n - i].
+        let label_at = |y: &f64| {
+            let row = n as f64 - y - 0.5;
+            let i = row.round();
+            if (row - i).abs() < 0.01 && i >= 0.0 {
+                labels.get(i as usize).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        };
         chart
             .configure_mesh()
-            .disable_x_mesh()
-            .x_labels(n * 2 + 1)
-            .x_label_formatter(&|x| {
-                let i = x.floor() as usize;
-                if (x - i as f64 - 0.5).abs() < 0.01 {
-                    labels.get(i).cloned().unwrap_or_default()
-                } else {
-                    String::new()
-                }
-            })
-            .x_label_style(
-                ("sans-serif", 12)
-                    .into_font()
-                    .transform(FontTransform::Rotate90),
-            )
-            .y_desc(y)
+            .disable_y_mesh()
+            .y_labels(n * 2 + 1)
+            .y_label_formatter(&label_at)
+            .x_label_formatter(&|v: &f64| tick(*v, Scale::Linear))
+            .x_desc(x)
             .draw()?;
         for (i, (_, v, group)) in bars.iter().enumerate() {
             if !v.is_finite() {
                 continue;
             }
             let color = PALETTE[group % PALETTE.len()];
-            let x = i as f64;
+            let y = (n - i - 1) as f64;
             chart.draw_series(std::iter::once(Rectangle::new(
-                [(x + 0.15, 0.0), (x + 0.85, *v)],
+                [(0.0, y + 0.15), (*v, y + 0.85)],
                 color.filled(),
             )))?;
             chart.draw_series(std::iter::once(Text::new(
                 format!("{v:.3}"),
-                (x + 0.2, *v + hi * 0.01),
-                ("sans-serif", 11),
+                (*v + hi * 0.01, y + 0.7),
+                ("sans-serif", 12),
             )))?;
         }
         root.present()?;
