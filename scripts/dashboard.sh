@@ -21,8 +21,9 @@ $k frontier --lengths 2048 --steps 16 --out "$out"
 $k eval --config fp --config k8v8 --config k4v4 --config k4v2-rkv --config k2v2 --config k2v2-rkv \
     --lengths 1024,2048 --tail 128 --speeches 1 --passkey-trials 2 --passkey-depths 0,0.5,1 \
     --passkey-context 512 --hot-dtype f16 --dense-decode --out "$out"
+# The README's main command; its console output (answer, healing events, memory) is kept too.
 $k protect --document sotu:2002 --question "Summarise this speech in three sentences." \
-    --max-tokens 120 --out "$out"
+    --max-tokens 120 --out "$out" 2>&1 | tee "$out/protect.txt"
 $k dashboard "$out"
 browser="$(command -v chromium || command -v chromium-browser || command -v google-chrome || true)"
 if [ -n "$browser" ]; then

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use clap::{Arg, ArgMatches, Command};
 use kvtier::backend::cpu::CpuKernel;
-use kvtier::{Bits, CacheConfig, Device, HotDtype, KvCache};
+use kvtier::{Bits, CacheConfig, Device, HotDtype, KvCache, Rows, Scratch};
 use serde_json::{json, Value};
 
 use crate::plot;
@@ -176,7 +176,7 @@ fn measure(
     tokens: usize,
     (q, kv, d): (usize, usize, usize),
     reps: usize,
-) -> AnyResult<(f64, f64, usize)> {
+) -> AnyResult<Timing> {
     let mut cache = KvCache::with_device(config(fmt, q, kv, d, path, tokens)?, dev.clone())?;
     let seq = cache.add_sequence();
     let chunk = 1024;
@@ -195,21 +195,81 @@ fn measure(
     }
     let mut qv = vec![0f32; q * d];
     fill_rows(&mut qv, 77);
-    for _ in 0..3 {
-        cache.attend(0, &[seq], &qv)?;
-    }
-    let mut times = Vec::with_capacity(reps);
-    for _ in 0..reps {
+    // The engine's call: a reused scratch, queries and output on the host.
+    let mut scratch = Scratch::default();
+    let mut host = || -> AnyResult<f64> {
         let t0 = Instant::now();
-        let att = cache.attend(0, &[seq], &qv)?;
-        times.push(t0.elapsed().as_secs_f64() * 1e3);
+        let att = cache.attend_with(&mut scratch, 0, &[seq], Rows::F32(&qv), None)?;
         std::hint::black_box(&att.output);
+        Ok(t0.elapsed().as_secs_f64() * 1e3)
+    };
+    for _ in 0..3 {
+        host()?;
     }
-    Ok((
-        median(times),
-        tokens as f64 / append_s.max(1e-12),
-        cache.memory_report().device_bytes(),
-    ))
+    let times = (0..reps).map(|_| host()).collect::<AnyResult<Vec<f64>>>()?;
+    let device = device_resident(&cache, seq, &qv, reps)?;
+    Ok(Timing {
+        host_ms: median(times),
+        device_ms: device,
+        append_tok_s: tokens as f64 / append_s.max(1e-12),
+        device_bytes: cache.memory_report().device_bytes(),
+    })
+}
+
+/// What one point measured.
+struct Timing {
+    host_ms: f64,
+    /// CUDA only: `attend_device_with`, queries and output already in device memory.
+    device_ms: Option<f64>,
+    append_tok_s: f64,
+    device_bytes: usize,
+}
+
+/// On a CUDA cache: median of `attend_device_with` with the queries and output in device memory
+/// (what an engine on the GPU calls; no host copies of q or the output).
+#[cfg(feature = "cuda")]
+fn device_resident(
+    cache: &KvCache,
+    seq: kvtier::SeqId,
+    qv: &[f32],
+    reps: usize,
+) -> AnyResult<Option<f64>> {
+    use cudarc::driver::{CudaContext, DevicePtr};
+    use kvtier::backend::cuda::CudaBuffers;
+    use kvtier::{DeviceBuffers, DeviceLocation, InputDtype};
+    let DeviceLocation::Cuda { ordinal } = cache.device().location() else {
+        return Ok(None);
+    };
+    let drv = |e: cudarc::driver::DriverError| format!("CUDA driver: {e:?}");
+    let ctx = CudaContext::new(ordinal).map_err(drv)?;
+    let stream = ctx.new_stream().map_err(drv)?;
+    let qd = stream.clone_htod(qv).map_err(drv)?;
+    let od = stream.alloc_zeros::<f32>(qv.len()).map_err(drv)?;
+    let (qp, _qg) = qd.device_ptr(&stream);
+    let (op, _og) = od.device_ptr(&stream);
+    let bufs = DeviceBuffers::Cuda(CudaBuffers {
+        queries: qp,
+        query_dtype: InputDtype::F32,
+        output: op,
+        stream: stream.cu_stream() as u64,
+    });
+    let mut scratch = Scratch::default();
+    let mut one = || -> AnyResult<f64> {
+        let t0 = Instant::now();
+        let att = cache.attend_device_with(&mut scratch, 0, &[seq], &bufs, None)?;
+        std::hint::black_box(&att.heads);
+        Ok(t0.elapsed().as_secs_f64() * 1e3)
+    };
+    for _ in 0..3 {
+        one()?;
+    }
+    let t = (0..reps).map(|_| one()).collect::<AnyResult<Vec<f64>>>()?;
+    Ok(Some(median(t)))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn device_resident(_: &KvCache, _: kvtier::SeqId, _: &[f32], _: usize) -> AnyResult<Option<f64>> {
+    Ok(None)
 }
 
 /// torch's decode at the same shapes (None when torch does not import or the script fails).
@@ -281,33 +341,46 @@ pub fn run(m: &ArgMatches, _ctx: &Ctx) -> AnyResult<Report> {
         for (name, dev, path) in &backends {
             for f in &formats {
                 pb.set_message(format!("{name} {f} {n}"));
-                let (decode_ms, append_tok_s, device_bytes) =
-                    measure(dev, *path, f, n, shape, reps)?;
+                let t = measure(dev, *path, f, n, shape, reps)?;
                 points.push(Point {
                     backend: name.clone(),
                     format: f.clone(),
                     tokens: n,
-                    decode_ms,
-                    append_tok_s,
-                    device_bytes,
+                    decode_ms: t.host_ms,
+                    append_tok_s: t.append_tok_s,
+                    device_bytes: t.device_bytes,
                 });
+                if let Some(ms) = t.device_ms {
+                    points.push(Point {
+                        backend: format!("{name} (device q/out)"),
+                        format: f.clone(),
+                        tokens: n,
+                        decode_ms: ms,
+                        append_tok_s: t.append_tok_s,
+                        device_bytes: t.device_bytes,
+                    });
+                }
                 pb.inc(1);
             }
         }
     }
     pb.finish_and_clear();
-    let torch = if m.get_flag("no-peer") || torch_version().is_none() {
-        None
+    // One torch peer per kind of device measured (its rows are compared with that peer only).
+    let kinds: Vec<&str> = ["cpu", "cuda"]
+        .into_iter()
+        .filter(|k| backends.iter().any(|b| b.0.starts_with(k)))
+        .collect();
+    let torch: Vec<(&str, Value)> = if m.get_flag("no-peer") || torch_version().is_none() {
+        Vec::new()
     } else {
-        let dev = if backends.iter().any(|b| b.0.starts_with("cuda")) {
-            "cuda"
-        } else {
-            "cpu"
-        };
-        torch_peer(dev, shape, &tokens, reps)
+        kinds
+            .iter()
+            .filter_map(|k| torch_peer(k, shape, &tokens, reps).map(|v| (*k, v)))
+            .collect()
     };
-    let torch_ms = |n: usize| -> Option<f64> {
-        torch.as_ref()?["rows"]
+    let torch_ms = |backend: &str, n: usize| -> Option<f64> {
+        let (_, t) = torch.iter().find(|(k, _)| backend.starts_with(k))?;
+        t["rows"]
             .as_array()?
             .iter()
             .find(|r| r["tokens"].as_u64() == Some(n as u64))?["ms"]
@@ -319,7 +392,15 @@ pub fn run(m: &ArgMatches, _ctx: &Ctx) -> AnyResult<Report> {
          peer: {}\n\n\
          | backend | format | tokens | decode ms | GB/s of cache read | speedup vs f16 cache | speedup vs torch | append+quantise tok/s | device bytes / token |\n\
          |---|---|---:|---:|---:|---:|---:|---:|---:|\n",
-        torch.as_ref().and_then(|t| t["peer"].as_str()).unwrap_or("torch not importable: no torch ratio")
+        if torch.is_empty() {
+            "torch not importable (or --no-peer): no torch ratio".to_string()
+        } else {
+            torch
+                .iter()
+                .map(|(k, t)| format!("{k}: {}", t["peer"].as_str().unwrap_or("?")))
+                .collect::<Vec<_>>()
+                .join("; ")
+        }
     );
     let mut rows = Vec::new();
     let mut bars = Vec::new();
@@ -328,7 +409,7 @@ pub fn run(m: &ArgMatches, _ctx: &Ctx) -> AnyResult<Report> {
             .iter()
             .find(|o| o.backend == p.backend && o.tokens == p.tokens && o.format == "f16")
             .map(|o| o.decode_ms / p.decode_ms);
-        let vs_torch = torch_ms(p.tokens).map(|t| t / p.decode_ms);
+        let vs_torch = torch_ms(&p.backend, p.tokens).map(|t| t / p.decode_ms);
         let gbs = p.device_bytes as f64 / (p.decode_ms * 1e-3) / 1e9;
         let fmt_ratio = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.2}x"));
         text += &format!(
@@ -355,12 +436,12 @@ pub fn run(m: &ArgMatches, _ctx: &Ctx) -> AnyResult<Report> {
             "append_tokens_per_s": p.append_tok_s, "device_bytes": p.device_bytes,
         }));
     }
-    if let Some(t) = &torch {
+    for (kind, _) in &torch {
         for n in &tokens {
-            if let Some(ms) = torch_ms(*n) {
+            if let Some(ms) = torch_ms(kind, *n) {
+                let dtype = if *kind == "cpu" { "f32" } else { "bf16" };
                 text += &format!(
-                    "| torch | {} | {n} | {ms:.3} | - | - | 1.00x | - | - |\n",
-                    if t["device"] == "cpu" { "f32" } else { "bf16" }
+                    "| torch/{kind} | {dtype} | {n} | {ms:.3} | - | - | 1.00x | - | - |\n"
                 );
             }
         }
@@ -371,7 +452,8 @@ pub fn run(m: &ArgMatches, _ctx: &Ctx) -> AnyResult<Report> {
         &bars,
     )?;
     let json = json!({"shape": {"q_heads": q, "kv_heads": kv, "head_dim": d}, "reps": reps,
-                      "rows": rows, "torch": torch});
+                      "rows": rows,
+                      "torch": torch.iter().map(|(k, v)| (k.to_string(), v.clone())).collect::<serde_json::Map<_, _>>()});
     Ok(Report::new(json, text).with_plot(
         "bench-decode.svg",
         "Decode: cache bytes read per second",
