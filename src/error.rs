@@ -154,6 +154,12 @@ pub enum Error {
         cache: String,
     },
 
+    /// A shared page store (memory, directory or remote server) could not do `op`: connection
+    /// refused or dropped, a timeout, a server error, a directory I/O error, or a key outside the
+    /// store's alphabet. The text never carries a credential. Nothing in the cache changed.
+    #[error("page store: {op}: {reason}")]
+    Remote { op: &'static str, reason: String },
+
     /// A broken internal invariant: a bug in kvtier, never the caller's fault. Please report it.
     #[error("internal error (a kvtier bug): {0}")]
     Internal(String),

@@ -43,6 +43,7 @@ pub mod memory;
 pub mod model;
 pub mod monitor;
 pub mod policy;
+pub mod prefix;
 pub mod protect;
 pub mod quant;
 #[cfg(feature = "candle")]

@@ -139,6 +139,16 @@ impl KvCache {
         Ok(None)
     }
 
+    /// Page `p`'s exact bytes (its archive copy, or the hot page itself), `None` when only
+    /// quantised or no contents remain (warm without an archive, evicted).
+    pub(crate) fn exact_page(&self, p: PageRef) -> Result<Option<PageBytes>> {
+        let e = self.page(p)?;
+        match e.tier {
+            Tier::Hot | Tier::Warm | Tier::Cold => self.archive_copy(p, &e),
+            _ => Ok(None),
+        }
+    }
+
     /// Page `p`'s contents as hot bytes: exact (its archive copy, hot bytes, or exact cold bytes)
     /// or else dequantised from its warm codes (on the device or in the cold store).
     pub(crate) fn exact_or_dequantised(

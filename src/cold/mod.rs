@@ -14,6 +14,9 @@
 
 pub mod disk;
 pub mod prefetch;
+#[cfg(feature = "redis")]
+pub mod redis;
+pub mod store;
 
 pub use disk::{DiskRef, DiskStore, Faults};
 pub use prefetch::{DiskStats, DiskStep, Prefetcher};

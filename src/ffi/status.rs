@@ -101,6 +101,9 @@ pub enum kvtier_status {
     CorruptFile = 121,
     /// A saved sequence was written under a different cache configuration; nothing was restored.
     ConfigMismatch = 122,
+    /// A shared page store (memory, directory, Redis / Valkey) failed: connection, timeout,
+    /// server or I/O error; the cache is unchanged (prefill locally instead).
+    Remote = 123,
 
     // 200..=299: backends.
     /// The requested backend was not compiled into this library (for example CUDA without the
@@ -115,7 +118,7 @@ pub enum kvtier_status {
 }
 
 /// Every status, for tests and `kvtier_status_name`.
-pub(crate) const ALL: [kvtier_status; 33] = {
+pub(crate) const ALL: [kvtier_status; 34] = {
     use kvtier_status::*;
     [
         Ok,
@@ -147,6 +150,7 @@ pub(crate) const ALL: [kvtier_status; 33] = {
         CorruptPage,
         CorruptFile,
         ConfigMismatch,
+        Remote,
         BackendNotCompiled,
         NoDevice,
         DeviceError,
@@ -188,6 +192,7 @@ impl kvtier_status {
             CorruptPage => c"KVTIER_STATUS_CORRUPT_PAGE",
             CorruptFile => c"KVTIER_STATUS_CORRUPT_FILE",
             ConfigMismatch => c"KVTIER_STATUS_CONFIG_MISMATCH",
+            Remote => c"KVTIER_STATUS_REMOTE",
             BackendNotCompiled => c"KVTIER_STATUS_BACKEND_NOT_COMPILED",
             NoDevice => c"KVTIER_STATUS_NO_DEVICE",
             DeviceError => c"KVTIER_STATUS_DEVICE_ERROR",
@@ -229,6 +234,7 @@ pub(crate) fn status_of(e: &Error) -> kvtier_status {
         Error::CorruptPage { .. } => S::CorruptPage,
         Error::CorruptFile { .. } => S::CorruptFile,
         Error::ConfigMismatch { .. } => S::ConfigMismatch,
+        Error::Remote { .. } => S::Remote,
         Error::Cuda(c) => match c {
             CudaError::NotCompiled => S::BackendNotCompiled,
             CudaError::NoDevice(_) => S::NoDevice,
@@ -382,6 +388,7 @@ mod tests {
             122,
             "KVTIER_STATUS_CONFIG_MISMATCH",
         ),
+        (kvtier_status::Remote, 123, "KVTIER_STATUS_REMOTE"),
         (
             kvtier_status::BackendNotCompiled,
             200,
