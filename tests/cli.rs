@@ -78,6 +78,7 @@ fn help_lists_every_subcommand() {
         "frontier",
         "eval",
         "protect",
+        "share",
         "dashboard",
     ] {
         assert!(h.contains(sub), "help lacks {sub}:\n{h}");
@@ -578,4 +579,41 @@ fn protect_answers_with_memory_and_health() {
     let long = d.join("long.txt");
     std::fs::write(&long, "word ".repeat(20_000)).unwrap();
     fails_with(&["protect", "--file", long.to_str().unwrap()], 1, "context");
+}
+
+#[test]
+fn share_imports_a_published_prefix() {
+    if !assets_present() {
+        return;
+    }
+    fails_with(&["share", "--store", "ftp://x"], 1, "expected memory");
+    fails_with(&["share", "--namespace", "a:b"], 1, "namespace");
+    let d = tmp("share-dir");
+    for store in ["memory".to_string(), format!("dir:{}", d.display())] {
+        let v = json_of(&["share", "--store", &store, "--tokens", "200", "--json"]);
+        let r = &v["result"];
+        assert_eq!(
+            r["publish"]["records"],
+            6 * 30,
+            "{store}: 6 full pages x 30 layers"
+        );
+        for run in r["imports"].as_array().unwrap() {
+            // (200 - 1) / 32 = 6 pages imported; the last 8 tokens prefilled.
+            assert_eq!(run["imported_tokens"], 192, "{store}: {run}");
+            assert_eq!(run["computed_tokens"], 8);
+            assert_eq!(run["corrupt_records"], 0);
+            assert_eq!(run["same_next_token"], true, "{run}");
+        }
+    }
+    // The directory store keeps its pages for the next process.
+    let v = json_of(&[
+        "share",
+        "--store",
+        &format!("dir:{}", d.display()),
+        "--tokens",
+        "200",
+        "--json",
+    ]);
+    assert_eq!(v["result"]["stored_before"], 192);
+    assert_eq!(v["result"]["publish"]["present"], 6 * 30);
 }

@@ -28,6 +28,7 @@ pub mod gguf;
 pub mod llama;
 pub mod protect;
 pub mod session;
+pub mod share;
 #[cfg(test)]
 mod synthetic;
 pub mod tokenizer;

@@ -197,8 +197,8 @@ pub fn check_sensitivity(sensitivity: f32) -> Result<f32> {
 #[derive(Debug)]
 pub struct Session<C: AttentionCache> {
     model: Arc<Llama>,
-    cache: C,
-    history: Vec<u32>,
+    pub(super) cache: C,
+    pub(super) history: Vec<u32>,
     sensitivity: f32,
     /// The monitor-and-heal loop run after every decode step, if any.
     healing: Option<crate::protect::Healing>,

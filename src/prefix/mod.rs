@@ -341,12 +341,7 @@ impl PrefixStore {
 
     /// The records of the full pages of `tokens` held exactly by `seq` (each layer up to its
     /// first page without an exact copy), keyed.
-    fn records(
-        &self,
-        cache: &KvCache,
-        seq: SeqId,
-        tokens: &[u32],
-    ) -> Result<(Vec<Record>, usize)> {
+    fn records(&self, cache: &KvCache, seq: SeqId, tokens: &[u32]) -> Result<(Vec<Record>, usize)> {
         let cfg = cache.config();
         let mut full = tokens.len() / cfg.page_size;
         for layer in 0..cfg.num_layers {

@@ -12,7 +12,8 @@
 //! kvtier replay --prefill 1024 --decode 256
 //! kvtier frontier --lengths 2048 --steps 16
 //! kvtier eval --config fp --config k4v4 --lengths 2048 --tail 256 --passkey-trials 0
-//! kvtier protect --document sotu:2012 --question "Summarise the speech."
+//! kvtier protect --document sotu:2002 --question "Summarise the speech."
+//! kvtier share --store redis://127.0.0.1:6379 --tokens 4096
 //! kvtier dashboard report/
 //! ```
 //! Every subcommand takes `--json` (the report as JSON on stdout) and `--out <dir>` (the report as
@@ -28,6 +29,7 @@ mod plot;
 mod protect;
 mod replay;
 mod report;
+mod share;
 mod simulate;
 
 use std::process::ExitCode;
@@ -63,6 +65,7 @@ fn cli() -> Command {
         .subcommand(common(frontier::command()))
         .subcommand(common(eval::command()))
         .subcommand(common(protect::command()))
+        .subcommand(common(share::command()))
         .subcommand(dashboard::command())
 }
 
@@ -81,6 +84,7 @@ fn run() -> AnyResult<()> {
         "frontier" => frontier::run(sub, &ctx)?,
         "eval" => eval::run(sub, &ctx)?,
         "protect" => protect::run(sub, &ctx)?,
+        "share" => share::run(sub, &ctx)?,
         other => return Err(format!("unknown subcommand `{other}`").into()),
     };
     ctx.emit(&report)
