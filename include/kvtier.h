@@ -180,6 +180,11 @@ enum kvtier_status
      */
     KVTIER_STATUS_CONFIG_MISMATCH = 122,
     /*
+     A shared page store (memory, directory, Redis / Valkey) failed: connection, timeout,
+     server or I/O error; the cache is unchanged (prefill locally instead).
+     */
+    KVTIER_STATUS_REMOTE = 123,
+    /*
      The requested backend was not compiled into this library (for example CUDA without the
      `cuda` feature).
      */
@@ -408,6 +413,12 @@ typedef struct kvtier_config kvtier_config;
  serialised by an internal lock.
  */
 typedef struct kvtier_policy kvtier_policy;
+
+/*
+ A shared page store for one model in one namespace (see `kvtier::prefix`). Safe to use from
+ several threads at once.
+ */
+typedef struct kvtier_prefix_store kvtier_prefix_store;
 
 /*
  A protect session for one sequence. Opaque: `kvtier_protect_new`, `kvtier_protect_free`.
@@ -711,6 +722,40 @@ typedef struct kvtier_compaction {
      */
     uint64_t corrupt_left;
 } kvtier_compaction;
+
+/*
+ What a lookup, import, publish or flush did (fields a call does not set stay 0).
+ */
+typedef struct kvtier_prefix_report {
+    /*
+     Leading prompt tokens available (lookup) or now in the sequence (import).
+     */
+    uint64_t tokens;
+    /*
+     Pages imported (per layer).
+     */
+    uint64_t pages;
+    /*
+     Record bytes read (import) or written (publish, flush).
+     */
+    uint64_t bytes;
+    /*
+     Records that failed their check; the import stopped before the first one.
+     */
+    uint64_t corrupt;
+    /*
+     Records written, records the store already had, and full pages with no exact copy
+     (publish, flush; `queued` for an asynchronous publish).
+     */
+    uint64_t written;
+    uint64_t present;
+    uint64_t not_exact;
+    uint64_t queued;
+    /*
+     Time spent waiting for the store (import), in ns.
+     */
+    uint64_t fetch_ns;
+} kvtier_prefix_report;
 
 /*
  Settings of a protect session. Pass NULL to `kvtier_protect_new` for the defaults
@@ -1630,6 +1675,154 @@ kvtier_status kvtier_cache_sequence_save(const struct kvtier_cache *cache,
 kvtier_status kvtier_cache_sequence_restore(struct kvtier_cache *cache,
                                             const char *path,
                                             uint64_t *seq_out);
+
+/*
+ A store in this process's memory (LRU within `budget_bytes`): shares pages between caches of
+ one process. `model_fingerprint` is 32 bytes identifying the weights (see
+ `kvtier_fingerprint_file`); `namespace` is 1 to 64 of `[A-Za-z0-9_-]`. On success `*store_out`
+ holds a handle to free with `kvtier_prefix_store_free`.
+
+ Errors: `NULL_PARAMETER`, `INVALID_ARGUMENT` (a string not UTF-8), `INVALID_CONFIG` (the
+ namespace).
+
+ # Safety
+
+ `namespace` must be NULL or NUL-terminated; `model_fingerprint` NULL or 32 readable bytes;
+ `store_out` valid for a write of one pointer.
+ */
+kvtier_status kvtier_prefix_store_new_memory(uint64_t budget_bytes,
+                                             const char *namespace_,
+                                             const uint8_t *model_fingerprint,
+                                             struct kvtier_prefix_store **store_out);
+
+/*
+ A store of one file per page record in directory `path` (created if missing): shares pages
+ between processes of one machine or over a network file system.
+
+ Errors: as `kvtier_prefix_store_new_memory`, and `REMOTE` (the directory cannot be created).
+
+ # Safety
+
+ As `kvtier_prefix_store_new_memory`; `path` NULL or NUL-terminated.
+ */
+kvtier_status kvtier_prefix_store_new_dir(const char *path,
+                                          const char *namespace_,
+                                          const uint8_t *model_fingerprint,
+                                          struct kvtier_prefix_store **store_out);
+
+/*
+ A store on a Redis or Valkey server: `url` is `redis://[user:password@]host:port[/db]` or
+ `rediss://...` (TLS). Each call waits at most `connect_timeout_ms + io_timeout_ms` (0: the
+ defaults, 2000 each); `ttl_seconds > 0` makes records expire. Connects once now. Only a
+ library built with the `redis` feature has it; otherwise `BACKEND_NOT_COMPILED`.
+
+ Errors: as `kvtier_prefix_store_new_memory`, `REMOTE` (no connection, refused AUTH; the text
+ names host and port, never the password), `BACKEND_NOT_COMPILED`.
+
+ # Safety
+
+ As `kvtier_prefix_store_new_memory`; `url` NULL or NUL-terminated.
+ */
+kvtier_status kvtier_prefix_store_new_redis(const char *url,
+                                            uint32_t connect_timeout_ms,
+                                            uint32_t io_timeout_ms,
+                                            uint32_t ttl_seconds,
+                                            const char *namespace_,
+                                            const uint8_t *model_fingerprint,
+                                            struct kvtier_prefix_store **store_out);
+
+/*
+ Frees a store; waits for its background publishing first. NULL is a no-op.
+
+ # Safety
+
+ `store` must be NULL or a handle from `kvtier_prefix_store_new_*` not freed yet; no other
+ thread may use it during or after this call.
+ */
+void kvtier_prefix_store_free(struct kvtier_prefix_store *store);
+
+/*
+ SHA-256 of the file at `path` (a model's weights) into `fingerprint_out[0..32]`.
+
+ Errors: `NULL_PARAMETER`, `INVALID_ARGUMENT`, `REMOTE` (the file cannot be read).
+
+ # Safety
+
+ `path` NULL or NUL-terminated; `fingerprint_out` NULL or valid for 32 byte writes.
+ */
+kvtier_status kvtier_fingerprint_file(const char *path, uint8_t *fingerprint_out);
+
+/*
+ How many leading tokens of `tokens[0..n]` the store holds for every layer of `cache`'s shape
+ (a multiple of the page size, less than `n`), into `report_out->tokens`. Existence only:
+ `kvtier_prefix_import` verifies.
+
+ Errors: `NULL_PARAMETER`, `REMOTE`, `POISONED`.
+
+ # Safety
+
+ Handles NULL or live; `tokens` `n` readable `uint32_t` (or NULL with `n == 0`);
+ `report_out` valid for a write of one `kvtier_prefix_report`.
+ */
+kvtier_status kvtier_prefix_lookup(const struct kvtier_prefix_store *store,
+                                   const struct kvtier_cache *cache,
+                                   const uint32_t *tokens,
+                                   size_t n,
+                                   struct kvtier_prefix_report *report_out);
+
+/*
+ Imports the longest verified run of leading pages of `tokens[0..n]` into the empty sequence
+ `seq` (each page quantised and tiered by the cache's own configuration); the engine prefills
+ tokens `report_out->tokens ..` itself. A missing or damaged record ends the run (counted in
+ `corrupt`); on an error the sequence is left empty. The cache is locked for writing during
+ the store's round trips.
+
+ Errors: `NULL_PARAMETER`, `UNKNOWN_SEQUENCE`, `SHAPE` (the sequence is not empty), `REMOTE`,
+ `BUDGET_EXCEEDED`, `POISONED`.
+
+ # Safety
+
+ As `kvtier_prefix_lookup`.
+ */
+kvtier_status kvtier_prefix_import(const struct kvtier_prefix_store *store,
+                                   struct kvtier_cache *cache,
+                                   uint64_t seq,
+                                   const uint32_t *tokens,
+                                   size_t n,
+                                   struct kvtier_prefix_report *report_out);
+
+/*
+ Publishes the full pages of `seq`, whose first tokens are `tokens[0..n]`, that the store
+ lacks (each layer up to its first page with no exact copy). `background != 0` copies the
+ records now and sends them from the store's thread (`report_out->queued`; see
+ `kvtier_prefix_flush`); otherwise waits for the store.
+
+ Errors: `NULL_PARAMETER`, `UNKNOWN_SEQUENCE`, `REMOTE`, `POISONED`.
+
+ # Safety
+
+ As `kvtier_prefix_lookup`.
+ */
+kvtier_status kvtier_prefix_publish(const struct kvtier_prefix_store *store,
+                                    const struct kvtier_cache *cache,
+                                    uint64_t seq,
+                                    const uint32_t *tokens,
+                                    size_t n,
+                                    uint8_t background,
+                                    struct kvtier_prefix_report *report_out);
+
+/*
+ Waits for every background publish so far; their totals since the last flush go to
+ `*report_out`, or the first store error among them is returned.
+
+ Errors: `NULL_PARAMETER`, `REMOTE`.
+
+ # Safety
+
+ `store` NULL or live; `report_out` valid for a write of one `kvtier_prefix_report`.
+ */
+kvtier_status kvtier_prefix_flush(const struct kvtier_prefix_store *store,
+                                  struct kvtier_prefix_report *report_out);
 
 /*
  Makes the built-in policy named `name` (NUL-terminated: "keep_all", "recent", "streaming_llm",

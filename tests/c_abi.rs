@@ -252,6 +252,14 @@ fn c11_protect_session() {
     assert!(stdout(&run(&exe, &[])).contains("protect: ok"));
 }
 
+/// Prefix sharing: publish, lookup, import from memory and directory stores, bad input.
+#[test]
+fn c11_prefix_sharing() {
+    let Some(t) = toolchain() else { return };
+    let exe = t.build("tests/c/prefix.c", "prefix", &[], Link::Dynamic);
+    assert!(stdout(&run(&exe, &[])).contains("prefix: ok"));
+}
+
 /// Fork, reorder, save / restore and a pthreads stress test, through the C ABI.
 #[test]
 fn c11_sequences_and_threads() {
@@ -350,6 +358,7 @@ fn c_tests_under_sanitizers() {
         "invariance",
         "protect",
         "sequences",
+        "prefix",
     ] {
         let flags: Vec<&str> = SAN_FLAGS.iter().copied().chain(["-pthread"]).collect();
         let exe = t.build(
@@ -401,6 +410,7 @@ fn c_tests_under_valgrind() {
         "pages",
         "protect",
         "sequences",
+        "prefix",
     ] {
         let exe = t.build(
             &format!("tests/c/{name}.c"),

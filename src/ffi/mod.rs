@@ -115,6 +115,8 @@ mod disk;
 
 mod sequence;
 
+mod prefix;
+
 mod policy;
 mod protect;
 
@@ -153,6 +155,11 @@ pub use pages::{
     KVTIER_TIER_HOT, KVTIER_TIER_WARM,
 };
 pub use policy::{kvtier_cache_enforce, kvtier_policy, kvtier_policy_free, kvtier_policy_new};
+pub use prefix::{
+    kvtier_fingerprint_file, kvtier_prefix_flush, kvtier_prefix_import, kvtier_prefix_lookup,
+    kvtier_prefix_publish, kvtier_prefix_report, kvtier_prefix_store, kvtier_prefix_store_free,
+    kvtier_prefix_store_new_dir, kvtier_prefix_store_new_memory, kvtier_prefix_store_new_redis,
+};
 pub use protect::{
     kvtier_heal_event, kvtier_protect, kvtier_protect_free, kvtier_protect_new,
     kvtier_protect_next_event, kvtier_protect_options, kvtier_protect_options_default,

@@ -114,6 +114,9 @@ pub fn config_fingerprint(cfg: &CacheConfig) -> Fingerprint {
 /// What [`PrefixStore::import`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Imported {
+    /// Time spent waiting for the store (the rest of the import is checking, converting and
+    /// appending the pages).
+    pub fetch_time: std::time::Duration,
     /// Leading tokens now in the sequence (a multiple of the page size).
     pub tokens: usize,
     pub pages: usize,
@@ -292,7 +295,9 @@ impl PrefixStore {
         let res = (|| -> Result<()> {
             for chunk in keys.chunks(self.batch_pages) {
                 let flat: Vec<String> = chunk.iter().flatten().map(|(k, _)| k.clone()).collect();
+                let t = std::time::Instant::now();
                 let recs = self.store.get_many(&flat)?;
+                done.fetch_time += t.elapsed();
                 let first = done.pages;
                 let mut good = 0;
                 let mut rows: Vec<(Vec<f32>, Vec<f32>)> =
