@@ -84,8 +84,14 @@ impl Server {
     }
 
     fn spawn(port: u16, args: &[String]) -> Child {
+        // A TLS server listens on `--tls-port` only.
+        let flag = if args.iter().any(|a| a == "--tls-cert-file") {
+            "--tls-port"
+        } else {
+            "--port"
+        };
         Command::new("redis-server")
-            .arg("--port")
+            .arg(flag)
             .arg(port.to_string())
             .args(args)
             .stdout(Stdio::null())
@@ -106,6 +112,9 @@ impl Server {
     }
 
     fn url(&self) -> String {
+        if self.args.iter().any(|a| a == "--tls-cert-file") {
+            return format!("rediss://127.0.0.1:{}/", self.port);
+        }
         if self.args.iter().any(|a| a == "--requirepass") {
             format!("redis://:{PASSWORD}@127.0.0.1:{}/", self.port)
         } else {
@@ -292,6 +301,7 @@ fn records_expire_with_a_ttl_and_maxmemory_eviction_is_safe() {
             ..opts()
         },
     );
+
     let prompt = tokens(200);
     publish(&ttl, &prompt);
     assert_eq!(ttl.lookup(&cfg(), &prompt).unwrap(), 192);
@@ -423,4 +433,110 @@ fn no_server_is_a_typed_error() {
     }
     assert!(t0.elapsed() < Duration::from_secs(2));
     assert!(RedisStore::connect("not a url", opts()).is_err());
+}
+
+/// A CA and a server certificate for 127.0.0.1 signed by it (openssl), in `dir`.
+fn make_certs(dir: &std::path::Path) -> bool {
+    let run = |args: &[&str]| {
+        Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=kvtier test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]) && run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "srv.key",
+        "-out",
+        "srv.csr",
+    ]) && run(&[
+        "x509",
+        "-req",
+        "-in",
+        "srv.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "srv.pem",
+    ])
+}
+
+#[test]
+fn tls_is_passed_through() {
+    let dir = std::env::temp_dir().join(format!("kvtier-redis-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    if !make_certs(&dir) {
+        eprintln!("SKIP: openssl cannot make test certificates");
+        return;
+    }
+    let p = |f: &str| dir.join(f).to_str().unwrap().to_string();
+    let (ca, cert, key) = (p("ca.pem"), p("srv.pem"), p("srv.key"));
+    let Some(srv) = Server::start(&[
+        "--port",
+        "0",
+        "--tls-cert-file",
+        &cert,
+        "--tls-key-file",
+        &key,
+        "--tls-ca-cert-file",
+        &ca,
+        "--tls-auth-clients",
+        "no",
+    ]) else {
+        return;
+    };
+    let url = srv.url();
+    let with_ca = RedisOptions {
+        ca_pem: Some(std::fs::read(&ca).unwrap()),
+        ..opts()
+    };
+    let px = prefix(&url, with_ca.clone());
+    let prompt = tokens(200);
+    publish(&px, &prompt);
+    assert_eq!(import_and_check(&px, &prompt).unwrap(), 192);
+    // Without the private CA the server's certificate is not trusted: a typed error.
+    assert!(matches!(
+        RedisStore::connect(&url, opts()),
+        Err(Error::Remote { .. })
+    ));
+    // Plain text to the TLS port is an error, not a hang.
+    let t0 = Instant::now();
+    assert!(RedisStore::connect(&format!("redis://127.0.0.1:{}/", srv.port), opts()).is_err());
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    // A CA with a plain-text URL is a configuration error.
+    assert!(RedisStore::connect(&format!("redis://127.0.0.1:{}/", srv.port), with_ca).is_err());
+    std::fs::remove_dir_all(&dir).unwrap();
 }

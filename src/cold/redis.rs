@@ -9,8 +9,8 @@
 //! `connect_timeout + io_timeout`.
 //!
 //! AUTH: `redis://user:password@host:port/db` (or `redis://:password@...`). TLS: `rediss://...`
-//! (rustls with the webpki roots; `#insecure` at the end of the URL skips certificate checks, for
-//! self-signed test servers only).
+//! (rustls, verifying the server against the webpki roots or [`RedisOptions::ca_pem`], a private
+//! CA; certificate checks cannot be switched off).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,8 +20,8 @@ use redis::{Client, Connection, RedisResult};
 use super::store::{check_key, ColdStore};
 use crate::error::{Error, Result};
 
-/// Timeouts and limits of a [`RedisStore`].
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// Timeouts, limits and TLS trust of a [`RedisStore`].
+#[derive(Debug, Clone, PartialEq)]
 pub struct RedisOptions {
     /// Connecting (TCP, TLS, AUTH).
     pub connect_timeout: Duration,
@@ -32,6 +32,8 @@ pub struct RedisOptions {
     /// Records expire after this long on the server (`SET .. EX`); `None`: they live until the
     /// server's maxmemory policy evicts them.
     pub ttl: Option<Duration>,
+    /// `rediss://` only: trust this CA (PEM) instead of the webpki roots (a private CA).
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl Default for RedisOptions {
@@ -41,6 +43,7 @@ impl Default for RedisOptions {
             io_timeout: Duration::from_secs(2),
             pool: 4,
             ttl: None,
+            ca_pem: None,
         }
     }
 }
@@ -143,9 +146,25 @@ impl RedisStore {
             // Another component may have installed a provider already; either one serves.
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
-        let client = Client::open(url).map_err(|e| Error::Remote {
+        let client = match &opts.ca_pem {
+            Some(pem) if url.starts_with("rediss://") => Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                },
+            ),
+            Some(_) => {
+                return Err(Error::config(
+                    "redis ca_pem",
+                    "a CA certificate needs a rediss:// (TLS) URL",
+                ))
+            }
+            None => Client::open(url),
+        }
+        .map_err(|e| Error::Remote {
             op: "connect",
-            reason: format!("redis {target}: bad URL ({})", e.category()),
+            reason: format!("redis {target}: bad URL or TLS settings ({})", e.category()),
         })?;
         let s = RedisStore {
             inner: Arc::new(Inner {
