@@ -21,6 +21,12 @@ pub fn command() -> Command {
                 .help("the --out directory of earlier runs"),
         )
         .arg(
+            Arg::new("json")
+                .long("json")
+                .action(clap::ArgAction::SetTrue)
+                .help("print {\"html\": <path>, \"reports\": [...]} on stdout instead of the path"),
+        )
+        .arg(
             Arg::new("html")
                 .long("html")
                 .value_name("FILE")
