@@ -71,6 +71,8 @@ struct State {
     offsets: Vec<usize>,
     text: Vec<c_char>,
     scalar: [u64; 4],
+    stores: Vec<*mut kvtier_prefix_store>,
+    tokens: Vec<u32>,
 }
 
 /// An input array as C would pass it.
@@ -148,6 +150,8 @@ impl State {
             offsets: vec![0; 64],
             text: vec![0; 256],
             scalar: [0; 4],
+            stores: Vec::new(),
+            tokens: (0..4096u32).map(|i| i.wrapping_mul(2_654_435_761) % 50_000).collect(),
         }
     }
 
@@ -203,6 +207,10 @@ impl State {
     }
 
     fn free_all(&mut self) {
+        for p in self.stores.drain(..) {
+            // SAFETY: a live handle from kvtier_prefix_store_new_*, freed once.
+            unsafe { kvtier_prefix_store_free(p) };
+        }
         for c in self.caches.drain(..) {
             // SAFETY: a live handle from kvtier_cache_new, freed once.
             unsafe { kvtier_cache_free(c.ptr) };
@@ -561,7 +569,7 @@ fn step(s: &mut State, b: &mut Bytes) -> Option<()> {
                     assert!(!kvtier_version().is_null());
                     assert_eq!(kvtier_abi_version() >> 24, 0);
                 }
-                _ => {}
+                _ => prefix(s, b)?,
             }
         }
     }
@@ -647,6 +655,61 @@ fn save_restore(s: &mut State, b: &mut Bytes) -> Option<()> {
         if let (kvtier_status::Ok, Some(ci)) = (st, ci) {
             s.caches[ci].seqs.push(id);
         }
+    }
+    Some(())
+}
+
+/// Prefix stores in host memory: created with good and bad namespaces and fingerprints, then
+/// lookup / import / publish / flush on any cache and sequence with any token array.
+fn prefix(s: &mut State, b: &mut Bytes) -> Option<()> {
+    let fp = [7u8; 32];
+    let bad_utf8 = [0xffu8, 0xfe, 0];
+    if s.stores.is_empty() || b.u8()? % 4 == 0 {
+        let ns: *const c_char = match b.u8()? % 5 {
+            0 => null(),
+            1 => bad_utf8.as_ptr() as *const c_char,
+            2 => c"a:b".as_ptr(),
+            _ => c"fuzz".as_ptr(),
+        };
+        let fpp = if b.u8()? % 6 == 0 { null() } else { fp.as_ptr() };
+        let budget = b.pick(&[0u64, 1, 1 << 20, 1 << 26, u64::MAX])?;
+        let mut out: *mut kvtier_prefix_store = null_mut();
+        let outp = if b.u8()? % 8 == 0 { null_mut() } else { &mut out as *mut _ };
+        // SAFETY: strings NULL or NUL-terminated; `fpp` NULL or 32 bytes; `outp` NULL or a local.
+        let st = unsafe { kvtier_prefix_store_new_memory(budget, ns, fpp, outp) };
+        check(st, "kvtier_prefix_store_new_memory");
+        if st == kvtier_status::Ok {
+            assert!(!out.is_null());
+            s.stores.push(out);
+        } else {
+            assert!(out.is_null(), "a failed constructor wrote its handle");
+        }
+        return Some(());
+    }
+    let store = match b.u8()? % 8 {
+        0 => null_mut(),
+        _ => s.stores[b.u8()? as usize % s.stores.len()],
+    };
+    let (cache, ci) = s.cache(b)?;
+    let seq = s.seq(b, ci)?;
+    let n = b.pick(&[0usize, 1, 15, 16, 17, 64, 200, 4096])?;
+    let (t, tn) = in_array(b, &s.tokens, n)?;
+    let mut rep = kvtier_prefix_report::default();
+    let repp = if b.u8()? % 8 == 0 { null_mut() } else { &mut rep as *mut _ };
+    // SAFETY: handles NULL, misaligned or live; `t` NULL/misaligned with any count or within the
+    // token pool; `repp` NULL or a live local.
+    let st = unsafe {
+        match b.u8()? % 4 {
+            0 => kvtier_prefix_lookup(store, cache, t, tn, repp),
+            1 => kvtier_prefix_import(store, cache, seq, t, tn, repp),
+            2 => kvtier_prefix_publish(store, cache, seq, t, tn, b.u8()? % 2, repp),
+            _ => kvtier_prefix_flush(store, repp),
+        }
+    };
+    check(st, "kvtier_prefix_*");
+    if st == kvtier_status::Ok {
+        assert!(rep.tokens as usize <= tn, "more tokens than the prompt: {rep:?}");
+        assert!(rep.pages <= rep.tokens);
     }
     Some(())
 }
