@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use redis::{Client, Connection, RedisResult};
 
-use super::store::{check_key, ColdStore};
+use super::store::{check_keys, ColdStore};
 use crate::error::{Error, Result};
 
 /// Timeouts, limits and TLS trust of a [`RedisStore`].
@@ -218,9 +218,7 @@ impl ColdStore for RedisStore {
     }
 
     fn put_many(&self, items: &[(String, Vec<u8>)]) -> Result<()> {
-        for (k, _) in items {
-            check_key(k)?;
-        }
+        check_keys(items.iter().map(|(k, _)| k.as_str()))?;
         if items.is_empty() {
             return Ok(());
         }
@@ -246,9 +244,7 @@ impl ColdStore for RedisStore {
     }
 
     fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>> {
-        for k in keys {
-            check_key(k)?;
-        }
+        check_keys(keys.iter().map(String::as_str))?;
         if keys.is_empty() {
             return Ok(Vec::new());
         }
@@ -263,9 +259,7 @@ impl ColdStore for RedisStore {
     }
 
     fn exists_many(&self, keys: &[String]) -> Result<Vec<bool>> {
-        for k in keys {
-            check_key(k)?;
-        }
+        check_keys(keys.iter().map(String::as_str))?;
         if keys.is_empty() {
             return Ok(Vec::new());
         }

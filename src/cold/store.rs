@@ -41,7 +41,7 @@ pub fn check_key(key: &str) -> Result<()> {
     }
 }
 
-fn check_keys<'a>(keys: impl IntoIterator<Item = &'a str>) -> Result<()> {
+pub(crate) fn check_keys<'a>(keys: impl IntoIterator<Item = &'a str>) -> Result<()> {
     keys.into_iter().try_for_each(check_key)
 }
 

@@ -24,21 +24,19 @@
 //! exact (f16), `-rk` rotates keys (and queries), `-rkv` keys and values.
 
 use std::io::Write;
-use std::sync::Arc;
 use std::time::Instant;
 
 use clap::{Arg, ArgAction, ArgMatches, Command};
 use indicatif::ProgressBar;
 use kvtier::model::corpus::{load_speeches, PasskeyBuilder, SplitMix64};
 use kvtier::model::{
-    protect_with, CapturedPrefill, ExactAttention, GenerateOptions, Llama, LoadOptions, ModelError,
-    Session,
+    protect_with, CapturedPrefill, ExactAttention, GenerateOptions, Llama, ModelError, Session,
 };
 use kvtier::{Bits, CacheConfig, HotDtype};
 use serde_json::{json, Value};
 
 use crate::plot::{self, Axes, Scale, Series};
-use crate::report::{assets, assets_arg, bar, get, list, spinner, AnyResult, Ctx, Report};
+use crate::report::{assets, assets_arg, bar, get, list, load_model, AnyResult, Ctx, Report};
 
 /// A named cache configuration from the command line.
 #[derive(Debug, Clone)]
@@ -332,14 +330,7 @@ pub fn run(m: &ArgMatches, _ctx: &Ctx) -> AnyResult<Report> {
 
     let started = Instant::now();
     let dense_decode = m.get_flag("dense-decode");
-    let sp = spinner("loading SmolLM2-135M");
-    let model = Arc::new(Llama::load_with(
-        assets.model(),
-        LoadOptions {
-            dense_prefill: true,
-            dense_decode,
-        },
-    )?);
+    let model = load_model(&assets, dense_decode)?;
     let mc = model.config().clone();
     // Validate every config before spending time.
     let configs: Vec<CacheConfig> = specs
@@ -349,7 +340,6 @@ pub fn run(m: &ArgMatches, _ctx: &Ctx) -> AnyResult<Report> {
                 .map_err(|e| format!("config `{}`: {e}", s.name).into())
         })
         .collect::<AnyResult<_>>()?;
-    sp.finish_and_clear();
     let ppl_steps: usize = lengths.iter().filter(|&&l| l > 0).count() * n_speeches * tail;
     let pk_steps = if depths.is_empty() {
         0

@@ -17,22 +17,20 @@
 //! kvtier frontier --lengths 2048,4096,8192 --steps 32 --out docs/frontier
 //! ```
 
-use std::sync::Arc;
-
 use clap::{Arg, ArgMatches, Command};
 use kvtier::eliminate::{
     check, EliminationInput, EliminationScratch, Eliminator, QuestSelector, SketchEliminator,
     SuperPageEliminator,
 };
 use kvtier::model::corpus::{latest_with_tokens, load_speeches};
-use kvtier::model::{Llama, LoadOptions, ScoreOptions, Session};
+use kvtier::model::{ScoreOptions, Session};
 use kvtier::{
     AttentionCache, AttentionShape, CacheConfig, HotDtype, KvTierAttention, MemoryReport, Tier,
 };
 use serde_json::{json, Value};
 
 use crate::plot::{self, Axes, Scale, Series};
-use crate::report::{assets, assets_arg, bar, get, list, spinner, AnyResult, Ctx, Report};
+use crate::report::{assets, assets_arg, bar, get, list, load_model, AnyResult, Ctx, Report};
 
 const EPS: [f32; 4] = [1e-4, 1e-3, 1e-2, 1e-1];
 const QUEST: [usize; 5] = [64, 32, 16, 8, 4];
@@ -312,15 +310,7 @@ pub fn run(m: &ArgMatches, _ctx: &Ctx) -> AnyResult<Report> {
         return Err("--lengths: give at least one length".into());
     }
     let assets = assets(m)?;
-    let sp = spinner("loading SmolLM2-135M");
-    let model = Arc::new(Llama::load_with(
-        assets.model(),
-        LoadOptions {
-            dense_prefill: true,
-            dense_decode: true,
-        },
-    )?);
-    sp.finish_and_clear();
+    let model = load_model(&assets, true)?;
     let c = model.config().clone();
     let speeches = load_speeches(&assets.sotu())?;
     let mut runs = Vec::new();

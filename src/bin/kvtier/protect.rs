@@ -12,12 +12,12 @@ use std::time::Instant;
 
 use clap::{Arg, ArgAction, ArgMatches, Command};
 use kvtier::model::corpus::find_speech;
-use kvtier::model::{argmax, protect, Llama, LoadOptions};
+use kvtier::model::{argmax, protect};
 use kvtier::monitor::{Healer, Monitor};
 use kvtier::protect::Healing;
 use serde_json::json;
 
-use crate::report::{assets, assets_arg, get, spinner, AnyResult, Ctx, Report};
+use crate::report::{assets, assets_arg, get, load_model, spinner, AnyResult, Ctx, Report};
 
 pub fn command() -> Command {
     Command::new("protect")
@@ -96,17 +96,7 @@ pub fn run(m: &ArgMatches, ctx: &Ctx) -> AnyResult<Report> {
     let assets = assets(m)?;
     let doc = document(m, &assets.sotu())?;
 
-    let sp = spinner("loading SmolLM2-135M");
-    // Prefill through dequantised f32 weights (a long document prefills several times faster on
-    // the CPU); decode through the quantised matmuls, as `Llama::load` does.
-    let model = Arc::new(Llama::load_with(
-        assets.model(),
-        LoadOptions {
-            dense_prefill: true,
-            dense_decode: false,
-        },
-    )?);
-    sp.finish_and_clear();
+    let model = load_model(&assets, false)?;
     let events = Arc::new(Mutex::new(Vec::new()));
     let ev = events.clone();
     let monitor = Monitor::new(sensitivity)?;

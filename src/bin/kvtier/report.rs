@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use clap::{Arg, ArgMatches};
 use indicatif::{ProgressBar, ProgressStyle};
 use kvtier::model::corpus::Assets;
+use kvtier::model::{Llama, LoadOptions};
 use serde_json::{json, Value};
 
 pub type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
@@ -205,6 +206,21 @@ pub fn assets(m: &ArgMatches) -> AnyResult<Assets> {
         .into());
     }
     Ok(assets)
+}
+
+/// SmolLM2 from the assets, behind a spinner: prefill through dequantised f32 weights (no Q8_1
+/// rounding of the activations), decode through the quantised matmuls unless `dense_decode`.
+pub fn load_model(assets: &Assets, dense_decode: bool) -> AnyResult<std::sync::Arc<Llama>> {
+    let sp = spinner("loading SmolLM2-135M");
+    let model = Llama::load_with(
+        assets.model(),
+        LoadOptions {
+            dense_prefill: true,
+            dense_decode,
+        },
+    )?;
+    sp.finish_and_clear();
+    Ok(std::sync::Arc::new(model))
 }
 
 /// A parsed argument value, with the argument named in the error.

@@ -10,11 +10,11 @@ use std::time::Instant;
 use clap::{Arg, ArgMatches, Command};
 use kvtier::cold::store::{ColdStore, DirStore, MemoryStore};
 use kvtier::model::corpus::{latest_with_tokens, load_speeches};
-use kvtier::model::{argmax, protect, Llama, LoadOptions};
+use kvtier::model::{argmax, protect};
 use kvtier::prefix::{Fingerprint, PrefixStore};
 use serde_json::{json, Value};
 
-use crate::report::{assets, assets_arg, get, spinner, AnyResult, Ctx, Report};
+use crate::report::{assets, assets_arg, get, load_model, spinner, AnyResult, Ctx, Report};
 
 pub fn command() -> Command {
     Command::new("share")
@@ -121,14 +121,8 @@ pub fn run(m: &ArgMatches, _ctx: &Ctx) -> AnyResult<Report> {
     let ns: String = get(m, "namespace")?;
     let assets = assets(m)?;
     let (store, redis_hp) = open_store(&spec)?;
-    let sp = spinner("loading SmolLM2-135M and fingerprinting its weights");
-    let model = Arc::new(Llama::load_with(
-        assets.model(),
-        LoadOptions {
-            dense_prefill: true,
-            dense_decode: false,
-        },
-    )?);
+    let model = load_model(&assets, false)?;
+    let sp = spinner("fingerprinting the weights");
     let fp = Fingerprint::of_file(&assets.model())?;
     sp.finish_and_clear();
     if n < 2 || n > model.config().context_length {
