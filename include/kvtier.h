@@ -428,6 +428,14 @@ typedef struct kvtier_prefix_store kvtier_prefix_store;
 typedef struct kvtier_protect kvtier_protect;
 
 /*
+ Working memory of decode steps (the device plan and its staging), and at most one step queued by
+ `kvtier_cache_attend_device_async` and not yet finished. Keep one per layer for steps queued
+ layer after layer. Free with `kvtier_step_free`. Thread-safe (calls on one handle are
+ serialised).
+ */
+typedef struct kvtier_step kvtier_step;
+
+/*
  The sizes a caller needs to shape its buffers. Arrays of the ABI are row-major:
  keys and values `[n_tokens][num_kv_heads][head_dim]`, queries and outputs
  `[n][num_q_heads][head_dim]`.
@@ -576,7 +584,10 @@ typedef struct kvtier_head_stats {
 /*
  Where an attention call writes its statistics: any pair with a count of 0 is not wanted (its
  pointer is ignored and may be NULL); otherwise the pointer must be non-NULL and the count at
- least what the call writes. Pass NULL instead of this struct to skip all statistics.
+ least what the call writes. Pass NULL instead of this struct to skip all statistics. A call
+ that wants neither `page_mass` nor `page_offsets` skips the per-page results altogether (on a
+ GPU: the per-page fold and its copy back); one that wants them gets page masses only (on a GPU
+ folded on the device: `n_pages * num_kv_heads` floats come back).
  */
 typedef struct kvtier_attention_stats {
     /*
@@ -1401,6 +1412,74 @@ kvtier_status kvtier_cache_attend_device(const struct kvtier_cache *cache,
                                          uint64_t queries_device,
                                          uint64_t output_device,
                                          void *stream,
+                                         const struct kvtier_attention_stats *stats);
+
+/*
+ A step handle. With `page_results` false its steps return head statistics only (no per-page
+ masses: cheaper on a GPU, see `kvtier_attention_stats`). On success `*step_out` holds a new
+ handle to free with `kvtier_step_free`.
+
+ Errors: `NULL_PARAMETER` (`step_out`).
+
+ # Safety
+
+ `step_out` must be valid for a write of one pointer.
+ */
+kvtier_status kvtier_step_new(bool page_results, struct kvtier_step **step_out);
+
+/*
+ Frees a step handle (a step still queued completes on its stream; its result is dropped). NULL
+ is a no-op.
+
+ # Safety
+
+ `step` must be NULL or a handle from `kvtier_step_new` not freed yet; no other thread may use it
+ during or after this call.
+ */
+void kvtier_step_free(struct kvtier_step *step);
+
+/*
+ `kvtier_cache_attend_device` without waiting: the decode step (and, for a step handle with page
+ results, the page-mass fold) is queued on `stream` and the call returns; the output appears in
+ `output_device` when the stream gets there, and everything the cache later does on the device
+ (appends, page moves) is ordered after the step. `kvtier_cache_finish_device` with the same
+ handle and layer returns its statistics; a step never finished costs nothing more, and the next
+ step on the handle replaces it.
+
+ Errors: as `kvtier_cache_attend_device` (`UNSUPPORTED` on a CPU cache, and for a batch whose
+ sequences hold cold pages: bring them back first); on error nothing is queued.
+
+ # Safety
+
+ As `kvtier_cache_attend_device`; `step` must be NULL or a live step handle. The device buffers
+ and `stream` must stay valid until the stream has run the step.
+ */
+kvtier_status kvtier_cache_attend_device_async(const struct kvtier_cache *cache,
+                                               const struct kvtier_step *step,
+                                               size_t layer,
+                                               const uint64_t *seqs,
+                                               size_t n_seqs,
+                                               uint64_t queries_device,
+                                               uint64_t output_device,
+                                               void *stream);
+
+/*
+ Waits for the step `kvtier_cache_attend_device_async` queued on `step` in `layer` and writes
+ its statistics as `kvtier_cache_attend_device` does (`stats` may be NULL); the step is consumed.
+ Page masses can be asked for only from a step handle made with page results.
+
+ Errors: `NULL_PARAMETER`, `LAYER_OUT_OF_RANGE`, `STALE` (nothing pending on `step`, or it was
+ queued in another layer), `INVALID_ARGUMENT` (page masses asked of a handle without page
+ results), `BUFFER_TOO_SMALL`, `DEVICE_ERROR`; on error no buffer is written.
+
+ # Safety
+
+ `cache` and `step` must be NULL or live handles; the buffers named in `*stats` (when not NULL)
+ must hold their counts of writable elements.
+ */
+kvtier_status kvtier_cache_finish_device(const struct kvtier_cache *cache,
+                                         const struct kvtier_step *step,
+                                         size_t layer,
                                          const struct kvtier_attention_stats *stats);
 
 /*

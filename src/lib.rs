@@ -50,7 +50,9 @@ pub mod quant;
 pub mod tensor;
 
 pub use attention::{Attention, HeadStats, PageSelection};
-pub use backend::{Device, DeviceBuffers, DeviceLocation, InputDtype, PageBytes, Scratch};
+pub use backend::{
+    Device, DeviceBuffers, DeviceLocation, InputDtype, PageBytes, PageResults, Scratch,
+};
 pub use cache::{
     CacheCounters, KvCache, Move, PageEntry, PageMeta, PageRef, PageTable, Pins, Restored, Rows,
     SeqId, Tier, Truncation,

@@ -283,7 +283,19 @@ fn bench_measures_every_format() {
         "--json",
     ]);
     let rows = v["result"]["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 3);
+    // Per format: the call with every page result, with page masses only, and with none (same
+    // cache).
+    assert_eq!(rows.len(), 9);
+    let bare: Vec<_> = rows
+        .iter()
+        .filter(|r| {
+            r["backend"]
+                .as_str()
+                .unwrap()
+                .ends_with("(no page results)")
+        })
+        .collect();
+    assert_eq!(bare.len(), 3);
     let bytes = |f: &str| {
         rows.iter().find(|r| r["format"] == f).unwrap()["device_bytes"]
             .as_u64()

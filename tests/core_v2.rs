@@ -5,8 +5,8 @@ mod common;
 use common::{naive, Rng};
 use half::{bf16, f16};
 use kvtier::{
-    Bits, CacheConfig, Error, HotDtype, KvCache, Move, PageRef, PageSelection, Restored, Rows,
-    Scratch, SeqId, Tier, WarmFormat,
+    Bits, CacheConfig, Error, HotDtype, KvCache, Move, PageRef, PageResults, PageSelection,
+    Restored, Rows, Scratch, SeqId, Tier, WarmFormat,
 };
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -639,4 +639,94 @@ fn page_masses_stay_finite_over_a_huge_score_range() {
     );
     assert!((total - 1.0).abs() < 1e-5, "{total}");
     assert!(att.page_mass[0][6] > 0.999);
+}
+
+/// A scratch without page results: the same output and statistics as the full call (with warm,
+/// cold and selected pages), no per-page vectors, `observe` refuses the result; switched back, the
+/// same scratch gives the full result again. `kv_mass` is the per kv head mass of `page_lse`, and
+/// `page_mass` its mean over kv heads.
+#[test]
+fn page_results_can_be_skipped_and_kv_masses_agree_with_page_lse() {
+    let (mut c, s, _, _) = filled(cfg(8, 2, 64).build().unwrap(), 300, 21);
+    c.to_cold(pr(s, 1)).unwrap();
+    // The same cache again, to observe the masses-only results into.
+    let (mut twin, ts, _, _) = filled(cfg(8, 2, 64).build().unwrap(), 300, 21);
+    twin.to_cold(pr(ts, 1)).unwrap();
+    let q = Rng(22).vec(8 * 64, 2.0);
+    let n_pages = c.page_table(s, 0).unwrap().pages().len();
+    let mut sel = PageSelection::all(&[n_pages], 2);
+    sel.remove(0, 3);
+    let mut scratch = Scratch::default();
+    for selection in [None, Some(&sel)] {
+        let full = c
+            .attend_with(&mut scratch, 0, &[s], Rows::F32(&q), selection)
+            .unwrap();
+        assert!(full.has_page_results());
+        let (qh, kvh, g) = (8, 2, 4);
+        for p in 0..n_pages {
+            let mut mean = 0.0;
+            for kv in 0..kvh {
+                let want: f32 = (kv * g..(kv + 1) * g)
+                    .map(|h| {
+                        let x = full.page_lse[0][p * qh + h];
+                        if x == f32::NEG_INFINITY {
+                            0.0
+                        } else {
+                            (x - full.heads[h].log_z).exp()
+                        }
+                    })
+                    .sum::<f32>()
+                    / g as f32;
+                let got = full.kv_mass[0][p * kvh + kv];
+                assert!(
+                    (got - want).abs() < 1e-6,
+                    "page {p} kv {kv}: {got} vs {want}"
+                );
+                mean += got / kvh as f32;
+            }
+            assert!((full.page_mass[0][p] - mean).abs() < 1e-6);
+        }
+        if selection.is_some() {
+            assert_eq!(full.kv_mass[0][3 * kvh], 0.0, "unselected page has no mass");
+        }
+        // Page masses only: the same masses, no lse; observe takes it like the full result.
+        scratch.set_page_results(PageResults::Masses);
+        let masses = c
+            .attend_with(&mut scratch, 0, &[s], Rows::F32(&q), selection)
+            .unwrap();
+        assert_eq!(masses.output, full.output);
+        assert_eq!(masses.heads, full.heads);
+        assert_eq!(masses.kv_mass, full.kv_mass);
+        assert_eq!(masses.page_mass, full.page_mass);
+        assert!(masses.page_lse.is_empty() && masses.has_page_results() && !masses.has_page_lse());
+        for p in 0..n_pages {
+            for kv in 0..kvh {
+                assert_eq!(masses.attended(0, p, kv), full.attended(0, p, kv));
+            }
+        }
+        scratch.set_page_results(PageResults::None);
+        assert_eq!(scratch.page_results(), PageResults::None);
+        let bare = c
+            .attend_with(&mut scratch, 0, &[s], Rows::F32(&q), selection)
+            .unwrap();
+        assert_eq!(bare.output, full.output);
+        assert_eq!(bare.heads, full.heads);
+        assert!(bare.page_lse.is_empty() && bare.page_mass.is_empty() && bare.kv_mass.is_empty());
+        assert!(!bare.has_page_results());
+        assert!(matches!(c.observe(0, &[s], &bare), Err(Error::Stale(_))));
+        scratch.set_page_results(PageResults::All);
+        let again = c
+            .attend_with(&mut scratch, 0, &[s], Rows::F32(&q), selection)
+            .unwrap();
+        assert_eq!(again, full);
+        // Observing the masses-only result updates the page statistics as the full one does.
+        c.observe(0, &[s], &again).unwrap();
+        twin.observe(0, &[ts], &masses).unwrap();
+        assert_eq!(c.page_meta(s, 0).unwrap(), twin.page_meta(ts, 0).unwrap());
+    }
+    let mut bare = Scratch::without_page_results();
+    let a = c
+        .attend_with(&mut bare, 0, &[s], Rows::F32(&q), None)
+        .unwrap();
+    assert!(!a.has_page_results());
 }

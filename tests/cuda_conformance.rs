@@ -28,7 +28,8 @@ use kvtier::backend::{AttendInput, BackendDevice, BackendStorage, Device, Device
 use kvtier::quant::{quantize_keys, quantize_values, WarmLayout};
 use kvtier::{
     Attention, Bits, CacheConfig, CpuKernel, Error, HotDtype, InputDtype, KvCache, PageBytes,
-    PageEntry, PageSelection, PageTable, Rotation, Rows, Scratch, SeqId, Tier, WarmFormat,
+    PageEntry, PageResults, PageSelection, PageTable, Rotation, Rows, Scratch, SeqId, Tier,
+    WarmFormat,
 };
 
 fn device() -> Option<CudaDevice> {
@@ -486,7 +487,223 @@ fn compare(name: &str, a: &Attention, b: &Attention) -> (f32, f32, f32) {
         mass = mass.max(max_abs(x, y));
     }
     assert!(mass <= 1e-5, "{name}: page mass max |diff| {mass}");
+    assert_eq!(a.kv_mass.len(), b.kv_mass.len());
+    let mut kvm = 0f32;
+    for (x, y) in a.kv_mass.iter().zip(&b.kv_mass) {
+        assert_eq!(x.len(), y.len(), "{name}: kv mass lengths");
+        kvm = kvm.max(max_abs(x, y));
+    }
+    assert!(kvm <= 1e-5, "{name}: kv mass max |diff| {kvm}");
     (out, stat, mass)
+}
+
+/// `attend_device_async`: queued without a host wait, the step's result (read by `finish_device`)
+/// equals the waited-for call's although the cache appends and demotes right after queuing (those
+/// writes are ordered after the step, so the kernel never sees a reused slot); back-to-back steps
+/// need no finish; `finish_device` with nothing pending is `Stale`; selected cold pages are
+/// refused before anything is queued; a scratch without page results finishes without them.
+#[test]
+fn attend_device_async_equals_the_waited_call_and_orders_later_writes_after_it() {
+    use cudarc::driver::{CudaContext, DevicePtr};
+    let Some(dev) = device() else { return };
+    for (name, cfg) in configs().into_iter().take(3) {
+        let lens = [300usize, 1500];
+        let mut g = fill(&cfg, Device::Cuda(dev.clone()), &lens, 51);
+        let (qh, kvh, d) = (cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim);
+        let mut rng = Rng(52);
+        let q = rng.vec(lens.len() * qh * d, 2.0);
+        let ctx = CudaContext::new(0).unwrap();
+        let user = ctx.new_stream().unwrap();
+        let qd = user.clone_htod(&q).unwrap();
+        let od = user.alloc_zeros::<f32>(q.len()).unwrap();
+        let (qp, _a) = qd.device_ptr(&user);
+        let (op, _b) = od.device_ptr(&user);
+        user.synchronize().unwrap();
+        let bufs = DeviceBuffers::Cuda(CudaBuffers {
+            queries: qp,
+            query_dtype: InputDtype::F32,
+            output: op,
+            stream: user.cu_stream() as u64,
+        });
+        let want = g
+            .cache
+            .attend_device_with(&mut Scratch::default(), 0, &g.seqs, &bufs, None)
+            .unwrap();
+        let want_out = user.clone_dtoh(&od).unwrap();
+        let mut scratch = Scratch::default();
+        assert!(matches!(
+            g.cache.finish_device(&mut scratch, 0),
+            Err(Error::Stale(_))
+        ));
+        // Back-to-back steps, no finish in between.
+        for _ in 0..3 {
+            g.cache
+                .attend_device_async(&mut scratch, 0, &g.seqs, &bufs, None)
+                .unwrap();
+        }
+        // Enough appends to demote pages and reuse their hot slots, queued right after the step.
+        for &s in &g.seqs {
+            let (k, v) = (rng.vec(200 * kvh * d, 2.0), rng.vec(200 * kvh * d, 1.0));
+            g.cache.append(s, 0, &k, &v).unwrap();
+        }
+        let got = g.cache.finish_device(&mut scratch, 0).unwrap();
+        assert!(got.output.is_empty());
+        assert_eq!(got.heads, want.heads, "{name}");
+        assert_eq!(got.page_lse, want.page_lse, "{name}");
+        assert_eq!(got.kv_mass, want.kv_mass, "{name}");
+        assert_eq!(got.page_mass, want.page_mass, "{name}");
+        assert_eq!(user.clone_dtoh(&od).unwrap(), want_out, "{name}");
+        assert!(matches!(
+            g.cache.finish_device(&mut scratch, 0),
+            Err(Error::Stale(_))
+        ));
+        // Without page results.
+        scratch.set_page_results(PageResults::None);
+        g.cache
+            .attend_device_async(&mut scratch, 0, &g.seqs, &bufs, None)
+            .unwrap();
+        let now = g
+            .cache
+            .attend_device_with(&mut Scratch::default(), 0, &g.seqs, &bufs, None)
+            .unwrap();
+        let bare = g.cache.finish_device(&mut scratch, 0).unwrap();
+        assert_eq!(bare.heads, now.heads, "{name}");
+        assert!(!bare.has_page_results());
+        // A selected cold page is refused before anything is queued.
+        let first = kvtier::PageRef {
+            seq: g.seqs[1],
+            layer: 0,
+            page: 2,
+        };
+        g.cache.to_cold(first).unwrap();
+        assert!(matches!(
+            g.cache
+                .attend_device_async(&mut scratch, 0, &g.seqs, &bufs, None),
+            Err(Error::Unsupported(_))
+        ));
+        assert!(matches!(
+            g.cache.finish_device(&mut scratch, 0),
+            Err(Error::Stale(_))
+        ));
+        // Left out of the selection, it is fine.
+        let n: Vec<usize> = g
+            .seqs
+            .iter()
+            .map(|s| g.cache.page_table(*s, 0).unwrap().pages().len())
+            .collect();
+        let mut sel = PageSelection::all(&n, kvh);
+        sel.remove(1, 2);
+        g.cache
+            .attend_device_async(&mut scratch, 0, &g.seqs, &bufs, Some(&sel))
+            .unwrap();
+        let sel_att = g.cache.finish_device(&mut scratch, 0).unwrap();
+        assert!(sel_att.heads.iter().all(|h| h.log_z.is_finite()));
+        drop((_a, _b));
+    }
+}
+
+/// The device's page-mass fold (`mass.cu`) against the host's (`Attention::finish_masses`) on the
+/// device's own page lse, with and without a selection, on the host and device-buffer paths; and a
+/// scratch without page results: the same output and statistics, no per-page vectors, `observe`
+/// refuses the result, and the same scratch switched back gives the full result again.
+#[test]
+fn page_masses_fold_on_device_and_page_results_can_be_skipped() {
+    use cudarc::driver::{CudaContext, DevicePtr};
+    let Some(dev) = device() else { return };
+    for (name, cfg) in configs().into_iter().take(4) {
+        let lens = [1usize, 40, 700, 2100];
+        let mut g = fill(&cfg, Device::Cuda(dev.clone()), &lens, 41);
+        let (qh, d) = (cfg.num_q_heads, cfg.head_dim);
+        let mut rng = Rng(43);
+        let q = rng.vec(lens.len() * qh * d, 2.0);
+        let sel = random_selection(&g, &cfg, &mut rng, false);
+        let ctx = CudaContext::new(0).unwrap();
+        let user = ctx.new_stream().unwrap();
+        let qd = user.clone_htod(&q).unwrap();
+        let od = user.alloc_zeros::<f32>(q.len()).unwrap();
+        let (qp, _a) = qd.device_ptr(&user);
+        let (op, _b) = od.device_ptr(&user);
+        user.synchronize().unwrap();
+        let bufs = DeviceBuffers::Cuda(CudaBuffers {
+            queries: qp,
+            query_dtype: InputDtype::F32,
+            output: op,
+            stream: user.cu_stream() as u64,
+        });
+        let mut scratch = Scratch::default();
+        for selection in [None, Some(&sel)] {
+            let full = g
+                .cache
+                .attend_with(&mut scratch, 0, &g.seqs, Rows::F32(&q), selection)
+                .unwrap();
+            assert!(full.has_page_results());
+            let mut host = full.clone();
+            host.finish_masses();
+            let (mut dm, mut dp) = (0f32, 0f32);
+            for (x, y) in full.kv_mass.iter().zip(&host.kv_mass) {
+                dm = dm.max(max_abs(x, y));
+            }
+            for (x, y) in full.page_mass.iter().zip(&host.page_mass) {
+                dp = dp.max(max_abs(x, y));
+            }
+            eprintln!(
+                "{name} selection {}: device vs host fold: kv mass {dm:.1e}, page mass {dp:.1e}",
+                selection.is_some()
+            );
+            assert!(dm <= 1e-6 && dp <= 1e-6, "{name}: {dm} {dp}");
+            let dev_full = g
+                .cache
+                .attend_device_with(&mut scratch, 0, &g.seqs, &bufs, selection)
+                .unwrap();
+            assert_eq!(dev_full.kv_mass, full.kv_mass, "{name}");
+            assert_eq!(dev_full.page_lse, full.page_lse, "{name}");
+            // Page masses only: the same masses, no lse, on both paths.
+            scratch.set_page_results(PageResults::Masses);
+            let masses = g
+                .cache
+                .attend_with(&mut scratch, 0, &g.seqs, Rows::F32(&q), selection)
+                .unwrap();
+            let dev_masses = g
+                .cache
+                .attend_device_with(&mut scratch, 0, &g.seqs, &bufs, selection)
+                .unwrap();
+            for m in [&masses, &dev_masses] {
+                assert_eq!(m.heads, full.heads, "{name}");
+                assert_eq!(m.kv_mass, full.kv_mass, "{name}");
+                assert_eq!(m.page_mass, full.page_mass, "{name}");
+                assert!(m.page_lse.is_empty() && m.has_page_results(), "{name}");
+            }
+            assert_eq!(masses.output, full.output, "{name}");
+            scratch.set_page_results(PageResults::None);
+            let bare = g
+                .cache
+                .attend_with(&mut scratch, 0, &g.seqs, Rows::F32(&q), selection)
+                .unwrap();
+            assert_eq!(bare.output, full.output, "{name}");
+            assert_eq!(bare.heads, full.heads, "{name}");
+            assert!(
+                bare.page_lse.is_empty() && bare.page_mass.is_empty() && bare.kv_mass.is_empty()
+            );
+            assert!(!bare.has_page_results());
+            let dev_bare = g
+                .cache
+                .attend_device_with(&mut scratch, 0, &g.seqs, &bufs, selection)
+                .unwrap();
+            assert_eq!(dev_bare.heads, full.heads, "{name}");
+            assert!(dev_bare.page_lse.is_empty() && dev_bare.kv_mass.is_empty());
+            assert!(matches!(
+                g.cache.observe(0, &g.seqs, &bare),
+                Err(kvtier::Error::Stale(_))
+            ));
+            scratch.set_page_results(PageResults::All);
+            let again = g
+                .cache
+                .attend_with(&mut scratch, 0, &g.seqs, Rows::F32(&q), selection)
+                .unwrap();
+            assert_eq!(again, full, "{name}");
+        }
+        drop((_a, _b));
+    }
 }
 
 #[test]
@@ -775,17 +992,21 @@ fn compare_lse(name: &str, a: &Attention, b: &Attention) {
 /// `att` over tables of only the pages `keep[i]` of each sequence, re-indexed to the full tables
 /// (`n_pages[i]` pages): unselected pages get mass 0 and lse `-inf`.
 fn expand(att: &Attention, keep: &[Vec<u32>], n_pages: &[usize]) -> Attention {
-    let qh = att.num_q_heads;
+    let (qh, kvh) = (att.num_q_heads, att.num_kv_heads);
     let mut out = att.clone();
     for (i, k) in keep.iter().enumerate() {
         let mut mass = vec![0.0; n_pages[i]];
+        let mut kv_mass = vec![0.0; n_pages[i] * kvh];
         let mut lse = vec![f32::NEG_INFINITY; n_pages[i] * qh];
         for (j, &p) in k.iter().enumerate() {
             let p = p as usize;
             mass[p] = att.page_mass[i][j];
+            kv_mass[p * kvh..(p + 1) * kvh]
+                .copy_from_slice(&att.kv_mass[i][j * kvh..(j + 1) * kvh]);
             lse[p * qh..(p + 1) * qh].copy_from_slice(&att.page_lse[i][j * qh..(j + 1) * qh]);
         }
         out.page_mass[i] = mass;
+        out.kv_mass[i] = kv_mass;
         out.page_lse[i] = lse;
     }
     out
@@ -1220,4 +1441,122 @@ fn out_of_memory_loses_nothing() {
     assert_eq!(gpu.read_page(&e).unwrap(), before);
     let w = gpu.demote(s, 32, format).unwrap().expect("demotes");
     assert!(gpu.warm_bytes(w).is_ok());
+}
+
+/// The C calls of queued steps on a CUDA cache: `kvtier_cache_attend_device_async` then
+/// `kvtier_cache_finish_device` give the statistics, page masses and output of
+/// `kvtier_cache_attend_device`; finishing twice is `STALE`; a step handle without page results
+/// gives head statistics and refuses page masses with `INVALID_ARGUMENT`.
+#[test]
+fn c_abi_queued_steps_match_the_waited_call() {
+    use cudarc::driver::{CudaContext, DevicePtr};
+    use kvtier::ffi::*;
+    use std::ptr::null_mut;
+    let Some(_dev) = device() else { return };
+    let (qh, kvh, d, len) = (8usize, 2usize, 64usize, 700usize);
+    // SAFETY (whole test): every pointer passed below is a live handle made here or a buffer of
+    // the stated length; device addresses are allocations of the context's stream.
+    unsafe {
+        let mut cfg = null_mut();
+        assert_eq!(
+            kvtier_config_new(1, qh, kvh, d, &mut cfg),
+            kvtier_status::Ok
+        );
+        let mut cache = null_mut();
+        assert_eq!(kvtier_cache_new_cuda(cfg, 0, &mut cache), kvtier_status::Ok);
+        kvtier_config_free(cfg);
+        let mut seq = 0u64;
+        assert_eq!(
+            kvtier_cache_sequence_add(cache, &mut seq),
+            kvtier_status::Ok
+        );
+        let mut rng = Rng(61);
+        let (k, v) = (rng.vec(len * kvh * d, 2.0), rng.vec(len * kvh * d, 1.0));
+        assert_eq!(
+            kvtier_cache_append(cache, seq, 0, k.as_ptr(), k.len(), v.as_ptr(), v.len()),
+            kvtier_status::Ok
+        );
+        let mut pages = 0usize;
+        assert_eq!(
+            kvtier_cache_sequence_pages(cache, seq, 0, &mut pages),
+            kvtier_status::Ok
+        );
+        let q = rng.vec(qh * d, 2.0);
+        let ctx = CudaContext::new(0).unwrap();
+        let user = ctx.new_stream().unwrap();
+        let qd = user.clone_htod(&q).unwrap();
+        let od = user.alloc_zeros::<f32>(q.len()).unwrap();
+        let (qp, _a) = qd.device_ptr(&user);
+        let (op, _b) = od.device_ptr(&user);
+        user.synchronize().unwrap();
+        let stream = user.cu_stream() as *mut std::ffi::c_void;
+        let run = |f: &mut dyn FnMut(*const kvtier_attention_stats) -> kvtier_status| {
+            let mut heads = vec![kvtier_head_stats::default(); qh];
+            let mut mass = vec![0f32; pages];
+            let mut offs = vec![0usize; 2];
+            let stats = kvtier_attention_stats {
+                heads: heads.as_mut_ptr(),
+                heads_len: qh,
+                page_mass: mass.as_mut_ptr(),
+                page_mass_len: pages,
+                page_offsets: offs.as_mut_ptr(),
+                page_offsets_len: 2,
+            };
+            let st = f(&stats);
+            (st, heads, mass, offs)
+        };
+        let (st, want_heads, want_mass, want_offs) =
+            run(&mut |s| kvtier_cache_attend_device(cache, 0, &seq, 1, qp, op, stream, s));
+        assert_eq!(st, kvtier_status::Ok);
+        let want_out = user.clone_dtoh(&od).unwrap();
+        let mut step = null_mut();
+        assert_eq!(kvtier_step_new(true, &mut step), kvtier_status::Ok);
+        assert_eq!(
+            kvtier_cache_attend_device_async(cache, step, 0, &seq, 1, qp, op, stream),
+            kvtier_status::Ok
+        );
+        let (st, heads, mass, offs) = run(&mut |s| kvtier_cache_finish_device(cache, step, 0, s));
+        assert_eq!(st, kvtier_status::Ok);
+        assert_eq!(
+            (heads, mass, offs),
+            (want_heads.clone(), want_mass, want_offs)
+        );
+        assert_eq!(user.clone_dtoh(&od).unwrap(), want_out);
+        assert_eq!(
+            kvtier_cache_finish_device(cache, step, 0, std::ptr::null()),
+            kvtier_status::Stale
+        );
+        kvtier_step_free(step);
+        // Without page results: heads only; page masses refused.
+        let mut bare = null_mut();
+        assert_eq!(kvtier_step_new(false, &mut bare), kvtier_status::Ok);
+        for ask_pages in [true, false] {
+            assert_eq!(
+                kvtier_cache_attend_device_async(cache, bare, 0, &seq, 1, qp, op, stream),
+                kvtier_status::Ok
+            );
+            if ask_pages {
+                let (st, ..) = run(&mut |s| kvtier_cache_finish_device(cache, bare, 0, s));
+                assert_eq!(st, kvtier_status::InvalidArgument);
+            } else {
+                let mut heads = vec![kvtier_head_stats::default(); qh];
+                let stats = kvtier_attention_stats {
+                    heads: heads.as_mut_ptr(),
+                    heads_len: qh,
+                    page_mass: null_mut(),
+                    page_mass_len: 0,
+                    page_offsets: null_mut(),
+                    page_offsets_len: 0,
+                };
+                assert_eq!(
+                    kvtier_cache_finish_device(cache, bare, 0, &stats),
+                    kvtier_status::Ok
+                );
+                assert_eq!(heads, want_heads);
+            }
+        }
+        kvtier_step_free(bare);
+        drop((_a, _b));
+        kvtier_cache_free(cache);
+    }
 }

@@ -778,6 +778,26 @@ fn attend(s: &mut State, b: &mut Bytes) -> Option<()> {
                 stats_ptr,
                 if b.u8()? % 2 == 0 { null_mut() } else { &mut rep },
             )
+        } else if device && b.u8()? % 2 == 0 {
+            // A queued step and its finish: refused on a CPU cache, the step handle freed.
+            let mut step = null_mut();
+            assert_eq!(kvtier_step_new(b.u8()? % 2 == 0, &mut step), kvtier_status::Ok);
+            let st = kvtier_cache_attend_device_async(
+                cache,
+                step,
+                layer,
+                seqs,
+                n_seqs,
+                0x1000,
+                0x2000,
+                null_mut(),
+            );
+            check(st, "kvtier_cache_attend_device_async");
+            assert_ne!(st, kvtier_status::Ok, "a CPU cache cannot queue a device step");
+            let fin = kvtier_cache_finish_device(cache, step, layer, stats_ptr);
+            check(fin, "kvtier_cache_finish_device");
+            kvtier_step_free(step);
+            fin
         } else if device {
             kvtier_cache_attend_device(
                 cache,

@@ -42,6 +42,11 @@ pub struct Attention {
     /// head; `-inf` where the page was not attended (not selected, cold-skipped, evicted). The mass
     /// of page `p` for head `h` is `exp(page_lse - heads[h].log_z)`.
     pub page_lse: Vec<Vec<f32>>,
+    /// Per sequence, `[n_pages][num_kv_heads]`: the page's mass averaged over the q heads of each
+    /// kv head's GQA group (see [`Attention::kv_page_mass`]); `page_mass` is its mean over the kv
+    /// heads. Derived from `page_lse` ([`Attention::finish_masses`]; the CUDA backend folds it on
+    /// the device).
+    pub kv_mass: Vec<Vec<f32>>,
     pub num_q_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
@@ -62,6 +67,10 @@ impl Attention {
             output: vec![0.0; n_pages.len() * num_q_heads * head_dim],
             heads: vec![OnlineSoftmax::default().stats(); n_pages.len() * num_q_heads],
             page_mass: n_pages.iter().map(|&n| vec![0.0; n]).collect(),
+            kv_mass: n_pages
+                .iter()
+                .map(|&n| vec![0.0; n * num_kv_heads])
+                .collect(),
             page_lse: n_pages
                 .iter()
                 .map(|&n| vec![f32::NEG_INFINITY; n * num_q_heads])
@@ -73,56 +82,89 @@ impl Attention {
         }
     }
 
-    /// Recomputes `page_mass` from `page_lse` and the heads' `log_z`.
+    /// Recomputes `kv_mass` and `page_mass` from `page_lse` and the heads' `log_z`.
     pub fn finish_masses(&mut self) {
-        let qh = self.num_q_heads;
-        for (i, (mass, lse)) in self.page_mass.iter_mut().zip(&self.page_lse).enumerate() {
+        let (qh, kvh) = (self.num_q_heads, self.num_kv_heads.max(1));
+        let g = qh / kvh;
+        self.kv_mass.resize(self.page_lse.len(), Vec::new());
+        for (i, (kvm, lse)) in self.kv_mass.iter_mut().zip(&self.page_lse).enumerate() {
             let heads = &self.heads[i * qh..(i + 1) * qh];
-            for (p, m) in mass.iter_mut().enumerate() {
-                let mut sum = 0.0f32;
-                for (h, hs) in heads.iter().enumerate() {
-                    let x = lse[p * qh + h];
-                    if x > f32::NEG_INFINITY && hs.log_z > f32::NEG_INFINITY {
-                        sum += (x - hs.log_z).exp();
+            let n = lse.len() / qh.max(1);
+            kvm.clear();
+            kvm.resize(n * kvh, 0.0);
+            for p in 0..n {
+                for kv in 0..kvh {
+                    let mut sum = 0.0f32;
+                    for h in kv * g..(kv + 1) * g {
+                        let x = lse[p * qh + h];
+                        if x > f32::NEG_INFINITY && heads[h].log_z > f32::NEG_INFINITY {
+                            sum += (x - heads[h].log_z).exp();
+                        }
                     }
+                    kvm[p * kvh + kv] = sum / g as f32;
                 }
-                *m = sum / qh as f32;
             }
         }
+        self.masses_from_kv();
+    }
+
+    /// `page_mass` from `kv_mass`: the mean over kv heads (each GQA group has the same number of q
+    /// heads, so this is the mean over q heads).
+    pub(crate) fn masses_from_kv(&mut self) {
+        let kvh = self.num_kv_heads.max(1);
+        self.page_mass.resize(self.kv_mass.len(), Vec::new());
+        for (m, kvm) in self.page_mass.iter_mut().zip(&self.kv_mass) {
+            m.clear();
+            m.extend(
+                kvm.chunks_exact(kvh)
+                    .map(|c| c.iter().sum::<f32>() / kvh as f32),
+            );
+        }
+    }
+
+    /// Keeps only the per-page results `what` asks for (output and heads always stay).
+    pub(crate) fn keep_page_results(&mut self, what: crate::backend::PageResults) {
+        if !what.lse() {
+            self.page_lse = Vec::new();
+        }
+        if !what.masses() {
+            self.page_mass = Vec::new();
+            self.kv_mass = Vec::new();
+        }
+    }
+
+    /// Whether the result carries page masses (`page_mass` and `kv_mass`); a call with a scratch
+    /// without page results ([`crate::backend::PageResults::None`]) leaves them empty.
+    pub fn has_page_results(&self) -> bool {
+        self.kv_mass.len() * self.num_q_heads == self.heads.len()
+            && self.page_mass.len() == self.kv_mass.len()
+    }
+
+    /// Whether the result carries the per-page log-sum-exps ([`crate::backend::PageResults::All`]).
+    pub fn has_page_lse(&self) -> bool {
+        self.page_lse.len() * self.num_q_heads == self.heads.len()
     }
 
     /// Per kv head masses of sequence `i`, `[n_pages][num_kv_heads]`: the mass of each page averaged
     /// over the q heads of that kv head's GQA group (each kv head's masses sum to 1 over the pages
-    /// it attended). This is what per-head policies (SnapKV, PyramidKV) read.
+    /// it attended). This is what per-head policies (SnapKV, PyramidKV) read. Empty when the result
+    /// has no per-page results.
     pub fn kv_page_mass(&self, i: usize) -> Vec<f32> {
-        let (qh, kvh) = (self.num_q_heads, self.num_kv_heads.max(1));
-        let g = qh / kvh;
-        let heads = &self.heads[i * qh..(i + 1) * qh];
-        let lse = &self.page_lse[i];
-        let n = lse.len() / qh.max(1);
-        let mut out = vec![0.0f32; n * kvh];
-        for p in 0..n {
-            for kv in 0..kvh {
-                let mut sum = 0.0;
-                for h in kv * g..(kv + 1) * g {
-                    let x = lse[p * qh + h];
-                    if x > f32::NEG_INFINITY && heads[h].log_z > f32::NEG_INFINITY {
-                        sum += (x - heads[h].log_z).exp();
-                    }
-                }
-                out[p * kvh + kv] = sum / g as f32;
-            }
-        }
-        out
+        self.kv_mass.get(i).cloned().unwrap_or_default()
     }
 
-    /// Whether any q head of kv head `kv` attended page `page` of sequence `i`.
+    /// Whether any q head of kv head `kv` attended page `page` of sequence `i`: from `page_lse`
+    /// when the result has it, else from `kv_mass` (a positive mass; a page whose mass underflows
+    /// f32, about 104 nats below the step's log Z, then counts as not attended).
     pub fn attended(&self, i: usize, page: usize, kv: usize) -> bool {
         let (qh, kvh) = (self.num_q_heads, self.num_kv_heads.max(1));
         let g = qh / kvh;
-        self.page_lse[i][page * qh + kv * g..page * qh + (kv + 1) * g]
-            .iter()
-            .any(|&x| x > f32::NEG_INFINITY)
+        match self.page_lse.get(i).filter(|l| !l.is_empty()) {
+            Some(lse) => lse[page * qh + kv * g..page * qh + (kv + 1) * g]
+                .iter()
+                .any(|&x| x > f32::NEG_INFINITY),
+            None => self.kv_mass[i][page * kvh + kv] > 0.0,
+        }
     }
 
     /// Folds `other`, attention of the same batch and queries over a disjoint set of pages (pages

@@ -118,11 +118,44 @@ pub struct DeviceRotation<'a> {
     pub values: bool,
 }
 
-/// Caller-owned, reusable working memory for [`BackendStorage::attend`]. Each backend keeps its own
-/// variant and replaces another backend's, so one `Scratch` can serve any storage. A fresh
-/// `Scratch::default()` is always valid; reusing one saves allocations (and device uploads).
+/// Caller-owned, reusable working memory for [`BackendStorage::attend`], and what the caller wants
+/// back. Each backend keeps its own state and replaces another backend's, so one `Scratch` can serve
+/// any storage. A fresh `Scratch::default()` is always valid; reusing one saves allocations (and
+/// device uploads).
 #[derive(Default)]
-pub enum Scratch {
+pub struct Scratch {
+    /// What the calls return per page (see [`PageResults`]).
+    page_results: PageResults,
+    state: ScratchState,
+}
+
+/// What a decode call returns per page besides the output and the head statistics, set on the
+/// [`Scratch`] it is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PageResults {
+    /// `page_lse` (per page and q head), `page_mass` and `kv_mass`: the default.
+    #[default]
+    All,
+    /// `page_mass` and `kv_mass`, `page_lse` left empty: what [`crate::KvCache::observe`] and the
+    /// policies read, without the `n_pages * q_heads` log-sum-exps (which a GPU copies back).
+    Masses,
+    /// No per-page results: output and head statistics only.
+    None,
+}
+
+impl PageResults {
+    /// Whether page masses are returned.
+    pub fn masses(self) -> bool {
+        self != PageResults::None
+    }
+    /// Whether the per-page log-sum-exps are returned.
+    pub fn lse(self) -> bool {
+        self == PageResults::All
+    }
+}
+
+#[derive(Default)]
+enum ScratchState {
     #[default]
     Empty,
     Cpu(cpu::CpuScratch),
@@ -130,25 +163,55 @@ pub enum Scratch {
 }
 
 impl Scratch {
-    pub(crate) fn cpu(&mut self) -> &mut cpu::CpuScratch {
-        if !matches!(self, Scratch::Cpu(_)) {
-            *self = Scratch::Cpu(cpu::CpuScratch::default());
+    /// A scratch whose calls return output and head statistics only ([`PageResults::None`]): the
+    /// per-page results (`page_lse`, `page_mass`, `kv_mass`) stay empty, which spares the backend
+    /// computing and (on a GPU) folding and copying them back. For decode steps whose caller does
+    /// not `observe` or select pages from masses; [`crate::KvCache::observe`] refuses such a
+    /// result with [`crate::Error::Stale`].
+    pub fn without_page_results() -> Self {
+        Self::with_page_results(PageResults::None)
+    }
+    /// A scratch whose calls return `what` per page.
+    pub fn with_page_results(what: PageResults) -> Self {
+        Scratch {
+            page_results: what,
+            state: ScratchState::Empty,
         }
-        match self {
-            Scratch::Cpu(s) => s,
+    }
+    /// Sets what calls with this scratch return per page (the default: [`PageResults::All`]).
+    pub fn set_page_results(&mut self, what: PageResults) {
+        self.page_results = what;
+    }
+    /// What calls with this scratch return per page.
+    pub fn page_results(&self) -> PageResults {
+        self.page_results
+    }
+    pub(crate) fn cpu(&mut self) -> &mut cpu::CpuScratch {
+        if !matches!(self.state, ScratchState::Cpu(_)) {
+            self.state = ScratchState::Cpu(cpu::CpuScratch::default());
+        }
+        match &mut self.state {
+            ScratchState::Cpu(s) => s,
             // Set just above.
             _ => unreachable!(),
         }
     }
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) fn cuda(&mut self) -> &mut cuda::CudaScratch {
-        if !matches!(self, Scratch::Cuda(_)) {
-            *self = Scratch::Cuda(cuda::CudaScratch::default());
+        if !matches!(self.state, ScratchState::Cuda(_)) {
+            self.state = ScratchState::Cuda(cuda::CudaScratch::default());
         }
-        match self {
-            Scratch::Cuda(s) => s,
+        match &mut self.state {
+            ScratchState::Cuda(s) => s,
             // Set just above.
             _ => unreachable!(),
+        }
+    }
+    /// The CUDA state of the last call (`None` before a CUDA call), for plan inspection.
+    pub fn cuda_state(&self) -> Option<&cuda::CudaScratch> {
+        match &self.state {
+            ScratchState::Cuda(s) => Some(s),
+            _ => None,
         }
     }
 }
@@ -218,6 +281,23 @@ pub trait BackendStorage: Send + Sync {
         _bufs: &DeviceBuffers,
     ) -> Result<Attention> {
         unsupported("attend_device needs an accelerator backend")
+    }
+    /// [`BackendStorage::attend_device`] without waiting for it: the work is queued on the
+    /// buffers' stream and the call returns; everything this storage does afterwards is ordered
+    /// after it. [`BackendStorage::finish_device`] with the same scratch reads the statistics (and
+    /// page results); a later call with the scratch replaces the pending one.
+    fn attend_device_async(
+        &self,
+        _scratch: &mut Scratch,
+        _input: &AttendInput,
+        _bufs: &DeviceBuffers,
+    ) -> Result<()> {
+        unsupported("attend_device_async needs an accelerator backend")
+    }
+    /// Waits for the pending [`BackendStorage::attend_device_async`] of `scratch` (queued on
+    /// this storage) and returns its result, `output` empty.
+    fn finish_device(&self, _scratch: &mut Scratch) -> Result<Attention> {
+        unsupported("finish_device needs an accelerator backend")
     }
     /// Causal attention of `n` new tokens over the cached pages of `table` (as stored) plus the
     /// new tokens themselves (exact). `queries` is `[n, num_q_heads, head_dim]`, keys and values
@@ -341,6 +421,17 @@ impl BackendStorage for Storage {
         bufs: &DeviceBuffers,
     ) -> Result<Attention> {
         dispatch!(self, s => s.attend_device(scratch, input, bufs))
+    }
+    fn attend_device_async(
+        &self,
+        scratch: &mut Scratch,
+        input: &AttendInput,
+        bufs: &DeviceBuffers,
+    ) -> Result<()> {
+        dispatch!(self, s => s.attend_device_async(scratch, input, bufs))
+    }
+    fn finish_device(&self, scratch: &mut Scratch) -> Result<Attention> {
+        dispatch!(self, s => s.finish_device(scratch))
     }
     fn prefill(
         &self,

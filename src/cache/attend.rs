@@ -4,14 +4,17 @@
 //! (the caller's selection minus cold and evicted pages), the synchronous read of cold pages (they
 //! are imported into a transient storage of the same device and attended there; the two partial
 //! results merge exactly, see [`crate::attention::Attention::merge_disjoint`]), the finiteness
-//! guarantee of results, what reading spilled pages cost each call ([`Attention::disk`]), and
-//! `observe`, which folds a step's page masses into `PageMeta`.
+//! guarantee of results, what reading spilled pages cost each call ([`Attention::disk`]), queued
+//! device steps (`attend_device_async` / `finish_device`), and `observe`, which folds a step's
+//! page masses into `PageMeta` (and refuses a result without page results).
 //! Must never: mutate the cache in `attend` (it is `&self`, callable from several threads), or
 //! return non-finite attention from finite input.
 
 use super::{KvCache, PageRef, PageTable, SeqId, Tier};
 use crate::attention::{Attention, PageSelection};
-use crate::backend::{AttendInput, BackendStorage, DeviceBuffers, DeviceRotation, Scratch};
+use crate::backend::{
+    AttendInput, BackendStorage, DeviceBuffers, DeviceRotation, PageResults, Scratch,
+};
 use crate::error::{Error, Result};
 
 use super::append::Rows;
@@ -123,13 +126,90 @@ impl KvCache {
         selection: Option<&PageSelection>,
     ) -> Result<Attention> {
         let tables = self.batch_tables(layer, seqs)?;
-        let rotation = self.cfg.rotation.keys().then(|| DeviceRotation {
+        let device = Some((bufs, self.device_rotation(layer)));
+        self.in_pool(|| self.attend_tables(scratch, layer, seqs, &tables, &[], selection, device))
+    }
+
+    /// [`KvCache::attend_device_with`] without waiting for the step: the decode (and, when the
+    /// scratch wants page results, the page-mass fold) is queued on the buffers' stream and the
+    /// call returns without a host synchronisation; the output appears in the caller's buffer when
+    /// the stream gets there. Everything the cache later does on the device (appends, demotions,
+    /// frees) is ordered after the step. [`KvCache::finish_device`] with the same scratch and layer
+    /// returns the statistics; a step that is never finished costs nothing more, and a later call
+    /// with the scratch replaces it. The device buffers (and the stream) must stay valid until the
+    /// stream has run the step. Selected cold pages are refused before anything is queued.
+    pub fn attend_device_async(
+        &self,
+        scratch: &mut Scratch,
+        layer: usize,
+        seqs: &[SeqId],
+        bufs: &DeviceBuffers,
+        selection: Option<&PageSelection>,
+    ) -> Result<()> {
+        let tables = self.batch_tables(layer, seqs)?;
+        let n_pages: Vec<usize> = tables.iter().map(|t| t.pages().len()).collect();
+        if let Some(sel) = selection {
+            sel.validate(&n_pages, self.cfg.num_kv_heads)?;
+        }
+        let on_dev = self.device_only(&tables, selection)?;
+        let input = AttendInput {
+            tables: &tables,
+            queries: &[],
+            selection: on_dev.as_ref().or(selection),
+            rotation: self.device_rotation(layer),
+        };
+        self.in_pool(|| self.layers[layer].attend_device_async(scratch, &input, bufs))
+    }
+
+    /// Waits for the step [`KvCache::attend_device_async`] left pending on `scratch` in `layer`
+    /// and returns its result (statistics, and page results if the scratch wants them; `output`
+    /// empty). [`Error::Stale`] when nothing is pending there.
+    pub fn finish_device(&self, scratch: &mut Scratch, layer: usize) -> Result<Attention> {
+        self.check_layer(layer)?;
+        self.layers[layer].finish_device(scratch)
+    }
+
+    /// The rotation a device applies to `layer`'s queries (and output) for a rotated cache.
+    fn device_rotation(&self, layer: usize) -> Option<DeviceRotation<'_>> {
+        self.cfg.rotation.keys().then(|| DeviceRotation {
             signs: self.rotator.signs(layer),
             norm: self.rotator.norm(),
             values: self.cfg.rotation.values(),
-        });
-        let device = Some((bufs, rotation));
-        self.in_pool(|| self.attend_tables(scratch, layer, seqs, &tables, &[], selection, device))
+        })
+    }
+
+    /// The selection of device pages for a call that cannot read cold pages: `None` when no table
+    /// holds a cold or evicted page (the caller's selection stands), else the caller's selection
+    /// (default: all) without evicted pages; selected cold pages are an error.
+    fn device_only(
+        &self,
+        tables: &[&PageTable],
+        selection: Option<&PageSelection>,
+    ) -> Result<Option<PageSelection>> {
+        let kvh = self.cfg.num_kv_heads;
+        let off = |e: &super::PageEntry| matches!(e.tier, Tier::Cold | Tier::Evicted);
+        if !tables.iter().any(|t| t.pages().iter().any(off)) {
+            return Ok(None);
+        }
+        let n_pages: Vec<usize> = tables.iter().map(|t| t.pages().len()).collect();
+        let mut on_dev = selection
+            .cloned()
+            .unwrap_or_else(|| PageSelection::all(&n_pages, kvh));
+        for (i, t) in tables.iter().enumerate() {
+            for (p, e) in t.pages().iter().enumerate() {
+                if e.tier == Tier::Cold
+                    && (0..kvh).any(|kv| on_dev.pages(i, kv).binary_search(&(p as u32)).is_ok())
+                {
+                    return Err(Error::Unsupported(
+                        "attend_device over cold pages: bring them back with from_cold first",
+                    ));
+                }
+                if off(e) {
+                    on_dev.remove(i, p as u32);
+                }
+            }
+        }
+        Ok(Some(on_dev))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -206,24 +286,35 @@ impl KvCache {
             selection: Some(&on_dev),
             rotation,
         };
-        let mut att = match device {
-            Some(b) => storage.attend_device(scratch, &input, b)?,
-            None => storage.attend(scratch, &input)?,
+        // Merging with the cold part needs the per-page lse: asked for here, dropped after.
+        let what = scratch.page_results();
+        let merge = if any_cold && what.masses() {
+            PageResults::All
+        } else {
+            what
         };
+        scratch.set_page_results(merge);
+        let r = match device {
+            Some(b) => storage.attend_device(scratch, &input, b),
+            None => storage.attend(scratch, &input),
+        };
+        scratch.set_page_results(what);
+        let mut att = r?;
         if any_cold {
             if device.is_some() {
                 return Err(Error::Unsupported(
                     "attend_device over cold pages: bring them back with from_cold first",
                 ));
             }
-            let cold = self.attend_cold(layer, seqs, tables, queries, &cold_sel)?;
+            let cold = self.attend_cold(layer, seqs, tables, queries, &cold_sel, merge)?;
             att.merge_disjoint(&cold);
+            att.keep_page_results(what);
         }
         Ok(att)
     }
 
     /// Attention over the selected cold pages: imported into a transient storage of this cache's
-    /// device for this step only, then freed with it.
+    /// device for this step only, then freed with it (`what`: its per-page results).
     fn attend_cold(
         &self,
         layer: usize,
@@ -231,6 +322,7 @@ impl KvCache {
         tables: &[&PageTable],
         queries: &[f32],
         sel: &PageSelection,
+        what: PageResults,
     ) -> Result<Attention> {
         let mut tmp = self.device.storage(&self.cfg, layer)?;
         let kvh = self.cfg.num_kv_heads;
@@ -262,7 +354,9 @@ impl KvCache {
             selection: Some(sel),
             rotation: None,
         };
-        let mut att = tmp.attend(&mut Scratch::default(), &input)?;
+        let mut scratch = Scratch::default();
+        scratch.set_page_results(what);
+        let mut att = tmp.attend(&mut scratch, &input)?;
         att.disk = disk;
         Ok(att)
     }
@@ -274,25 +368,32 @@ impl KvCache {
     pub fn observe(&mut self, layer: usize, seqs: &[SeqId], att: &Attention) -> Result<()> {
         let (qh, kvh) = (self.cfg.num_q_heads, self.cfg.num_kv_heads);
         let tables = self.batch_tables(layer, seqs)?;
-        if att.page_lse.len() != seqs.len()
+        if !att.has_page_results() {
+            return Err(Error::Stale(
+                "the result has no per-page results (it came from a Scratch without page results)"
+                    .into(),
+            ));
+        }
+        if att.kv_mass.len() != seqs.len()
             || att.num_q_heads != qh
             || att.num_kv_heads != kvh
             || att.heads.len() != seqs.len() * qh
         {
             return Err(Error::Stale(format!(
                 "result for {} sequences x {} q heads, batch of {} x {qh}",
-                att.page_lse.len(),
+                att.kv_mass.len(),
                 att.num_q_heads,
                 seqs.len()
             )));
         }
         for (i, t) in tables.iter().enumerate() {
-            if att.page_lse[i].len() != t.pages().len() * qh {
+            let lse_ok = !att.has_page_lse() || att.page_lse[i].len() == t.pages().len() * qh;
+            if att.kv_mass[i].len() != t.pages().len() * kvh || !lse_ok {
                 return Err(Error::Stale(format!(
                     "sequence {} has {} pages in layer {layer}, the result {}",
                     seqs[i],
                     t.pages().len(),
-                    att.page_lse[i].len() / qh.max(1)
+                    att.kv_mass[i].len() / kvh.max(1)
                 )));
             }
         }

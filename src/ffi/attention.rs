@@ -12,7 +12,8 @@ use super::cache::kvtier_cache;
 use super::status::{kvtier_status, FfiError};
 use crate::attention::Attention;
 use crate::backend::cuda::CudaBuffers;
-use crate::backend::{DeviceBuffers, InputDtype};
+use crate::backend::{DeviceBuffers, InputDtype, PageResults, Scratch};
+use crate::cache::Rows;
 use crate::cache::{KvCache, SeqId};
 use std::ffi::c_void;
 
@@ -32,7 +33,10 @@ pub struct kvtier_head_stats {
 
 /// Where an attention call writes its statistics: any pair with a count of 0 is not wanted (its
 /// pointer is ignored and may be NULL); otherwise the pointer must be non-NULL and the count at
-/// least what the call writes. Pass NULL instead of this struct to skip all statistics.
+/// least what the call writes. Pass NULL instead of this struct to skip all statistics. A call
+/// that wants neither `page_mass` nor `page_offsets` skips the per-page results altogether (on a
+/// GPU: the per-page fold and its copy back); one that wants them gets page masses only (on a GPU
+/// folded on the device: `n_pages * num_kv_heads` floats come back).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct kvtier_attention_stats {
@@ -93,6 +97,21 @@ impl StatsOut {
         })
     }
 
+    /// A scratch for the call: page masses only when the caller asked for them or for page
+    /// offsets, never the per-page lse (the C calls do not return it).
+    pub(super) fn scratch(&self) -> Scratch {
+        Scratch::with_page_results(if self.wants_pages() {
+            PageResults::Masses
+        } else {
+            PageResults::None
+        })
+    }
+
+    /// Whether the caller asked for page masses or page offsets.
+    pub(super) fn wants_pages(&self) -> bool {
+        self.page_mass.is_some() || self.page_offsets.is_some()
+    }
+
     /// Writes what was asked for.
     ///
     /// # Safety
@@ -130,6 +149,28 @@ impl StatsOut {
         }
         Ok(())
     }
+}
+
+/// The device buffers of a device attention call: f32 queries and output at device addresses
+/// (non-zero for a non-empty batch), on `stream` (NULL: the default stream).
+pub(super) fn device_buffers(
+    n_seqs: usize,
+    queries_device: u64,
+    output_device: u64,
+    stream: *mut c_void,
+) -> Result<DeviceBuffers, FfiError> {
+    if n_seqs > 0 && queries_device == 0 {
+        return Err(FfiError::null("queries_device"));
+    }
+    if n_seqs > 0 && output_device == 0 {
+        return Err(FfiError::null("output_device"));
+    }
+    Ok(DeviceBuffers::Cuda(CudaBuffers {
+        queries: queries_device,
+        query_dtype: InputDtype::F32,
+        output: output_device,
+        stream: stream as usize as u64,
+    }))
 }
 
 /// Reads the batch's sequence ids and the pages each occupies in `layer` (which also checks that
@@ -233,7 +274,7 @@ pub unsafe extern "C" fn kvtier_cache_attend(
         let att = {
             // SAFETY: `queries` holds `queries_len` readable floats (this function's contract).
             let q = unsafe { input(queries, queries_len, "queries") }?;
-            c.attend(layer, &ids, q)?
+            c.attend_with(&mut stats_out.scratch(), layer, &ids, Rows::F32(q), None)?
         };
         // The input borrow has ended: `output` may alias `queries`.
         // SAFETY: `out` was checked for `needed == att.output.len()` elements; the stats buffers
@@ -277,21 +318,10 @@ pub unsafe extern "C" fn kvtier_cache_attend_device(
         let c = unsafe { handle(cache, "cache") }?.read()?;
         // SAFETY: `seqs` holds `n_seqs` readable ids (this function's contract).
         let (ids, pages) = unsafe { batch(&c, layer, seqs, n_seqs) }?;
-        if n_seqs > 0 && queries_device == 0 {
-            return Err(FfiError::null("queries_device"));
-        }
-        if n_seqs > 0 && output_device == 0 {
-            return Err(FfiError::null("output_device"));
-        }
+        let bufs = device_buffers(n_seqs, queries_device, output_device, stream)?;
         // SAFETY: `stats` is NULL or initialised (this function's contract).
         let stats_out = unsafe { StatsOut::check(stats, n_seqs, c.config().num_q_heads, &pages) }?;
-        let bufs = DeviceBuffers::Cuda(CudaBuffers {
-            queries: queries_device,
-            query_dtype: InputDtype::F32,
-            output: output_device,
-            stream: stream as usize as u64,
-        });
-        let att = c.attend_device(layer, &ids, bufs)?;
+        let att = c.attend_device_with(&mut stats_out.scratch(), layer, &ids, &bufs, None)?;
         // SAFETY: the stats buffers were checked for their counts; writable (this function's
         // contract).
         unsafe { stats_out.write(&att) }

@@ -52,6 +52,13 @@
 //! st = kvtier_cache_page_info(cache, seq, layer, 3, &info);
 //! st = kvtier_cache_move(cache, seq, layer, 3, KVTIER_MOVE_OP_DEMOTE, 4, 2, NULL);
 //!
+//! // 4c. On a GPU, steps queued without a host wait (one step handle per layer); finishing one
+//! //     (optional) waits for it and writes its statistics.
+//! kvtier_step *step = NULL;
+//! st = kvtier_step_new(false, &step);
+//! st = kvtier_cache_attend_device_async(cache, step, layer, &seq, 1, q_dev, out_dev, stream);
+//! st = kvtier_cache_finish_device(cache, step, layer, &stats);
+//!
 //! // 5. Observe: bytes per tier, counters.
 //! kvtier_memory_report report;
 //! st = kvtier_cache_memory_report(cache, &report);
@@ -106,6 +113,8 @@ mod quant;
 mod cache;
 
 mod attention;
+
+mod step;
 
 mod eliminate;
 
@@ -175,4 +184,8 @@ pub use sequence::{
     kvtier_cache_sequence_save,
 };
 pub use status::{kvtier_status, kvtier_status_name};
+pub use step::{
+    kvtier_cache_attend_device_async, kvtier_cache_finish_device, kvtier_step, kvtier_step_free,
+    kvtier_step_new,
+};
 pub use version::{kvtier_abi_version, kvtier_version};

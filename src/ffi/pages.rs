@@ -12,7 +12,6 @@ use super::boundary::{handle, input, Out, OutParam};
 use super::cache::kvtier_cache;
 use super::status::{kvtier_status, FfiError};
 use crate::attention::PageSelection;
-use crate::backend::Scratch;
 use crate::cache::{KvCache, PageRef, Pins, Restored, Rows, SeqId, Tier};
 use crate::config::Bits;
 use crate::quant::WarmFormat;
@@ -309,7 +308,12 @@ pub unsafe extern "C" fn kvtier_cache_attend_selected(
         let att = {
             // SAFETY: `queries` holds `queries_len` readable elements of `dtype` (contract).
             let q = unsafe { rows(dtype, queries, queries_len, "queries") }?;
-            c.attend_with(&mut Scratch::default(), layer, &ids, q, selection.as_ref())?
+            // `observe` needs the per-page results even when the caller did not ask for them.
+            let mut scratch = stats_out.scratch();
+            if wg.is_some() {
+                scratch.set_page_results(crate::backend::PageResults::Masses);
+            }
+            c.attend_with(&mut scratch, layer, &ids, q, selection.as_ref())?
         };
         if let Some(w) = wg.as_mut() {
             w.observe(layer, &ids, &att)?;

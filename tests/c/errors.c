@@ -352,6 +352,31 @@ static void attend_errors(void) {
     EXPECT_STATUS(KVTIER_STATUS_BUFFER_TOO_SMALL,
                   kvtier_cache_attend_device(cache, 0, s, 2, 0x1000, 0x2000, NULL, &st));
 
+    /* Queued steps: the same checks, and a CPU cache refuses them (nothing queued). */
+    kvtier_step *step = NULL;
+    EXPECT_STATUS(KVTIER_STATUS_NULL_PARAMETER, kvtier_step_new(true, NULL));
+    EXPECT_OK(kvtier_step_new(true, &step));
+    EXPECT_STATUS(KVTIER_STATUS_UNSUPPORTED,
+                  kvtier_cache_attend_device_async(cache, step, 0, s, 2, 0x1000, 0x2000, NULL));
+    EXPECT(kvt_last_error_has("accelerator"));
+    EXPECT_STATUS(KVTIER_STATUS_NULL_PARAMETER,
+                  kvtier_cache_attend_device_async(cache, NULL, 0, s, 2, 0x1000, 0x2000, NULL));
+    EXPECT(kvt_last_error_has("step"));
+    EXPECT_STATUS(KVTIER_STATUS_NULL_PARAMETER,
+                  kvtier_cache_attend_device_async(cache, step, 0, s, 2, 0, 0x2000, NULL));
+    EXPECT_STATUS(KVTIER_STATUS_LAYER_OUT_OF_RANGE,
+                  kvtier_cache_attend_device_async(cache, step, 5, s, 2, 0x1000, 0x2000, NULL));
+    EXPECT_STATUS(KVTIER_STATUS_UNKNOWN_SEQUENCE,
+                  kvtier_cache_attend_device_async(cache, step, 0, unknown, 2, 0x1000, 0x2000,
+                                                   NULL));
+    EXPECT_STATUS(KVTIER_STATUS_UNSUPPORTED, kvtier_cache_finish_device(cache, step, 0, NULL));
+    EXPECT_STATUS(KVTIER_STATUS_LAYER_OUT_OF_RANGE,
+                  kvtier_cache_finish_device(cache, step, 5, NULL));
+    EXPECT_STATUS(KVTIER_STATUS_NULL_PARAMETER, kvtier_cache_finish_device(cache, NULL, 0, NULL));
+    EXPECT_STATUS(KVTIER_STATUS_NULL_PARAMETER, kvtier_cache_finish_device(NULL, step, 0, NULL));
+    kvtier_step_free(step);
+    kvtier_step_free(NULL);
+
     /* And the good call still works. */
     kvtier_attention_stats all = {heads, 2 * QH, masses, 3, offsets, 3};
     EXPECT_OK(kvtier_cache_attend(cache, 0, s, 2, q, 2 * ROWQ, out, 2 * ROWQ, &all));

@@ -462,7 +462,8 @@ impl BackendStorage for CpuStorage {
     }
 
     fn attend(&self, scratch: &mut Scratch, input: &AttendInput) -> Result<Attention> {
-        kernel::attend(self, scratch.cpu(), input)
+        let what = scratch.page_results();
+        kernel::attend(self, scratch.cpu(), input, what)
     }
 
     fn prefill(

@@ -47,6 +47,8 @@ pub(crate) struct Kernels {
     /// f16 / bf16 queries to f32 (`attend_device`).
     pub queries_f16: CudaFunction,
     pub queries_bf16: CudaFunction,
+    /// Per (page, kv head) masses from a decode's page lse (`mass.cu`).
+    pub page_mass: CudaFunction,
     pub decode_smem: u32,
     /// Decode CTAs resident per SM (occupancy), at least 1.
     pub decode_blocks_per_sm: u32,
@@ -196,6 +198,7 @@ impl CudaDevice {
         let (append, quantize, decode) = (f("kvt_append")?, f("kvt_quantize")?, f("kvt_decode")?);
         let read_probe = f("kvt_read_probe")?;
         let (queries_f16, queries_bf16) = (f("kvt_queries_f16")?, f("kvt_queries_bf16")?);
+        let page_mass = f("kvt_page_mass")?;
         let smem = spec.decode_smem() as u32;
         decode
             .set_attribute(
@@ -220,6 +223,7 @@ impl CudaDevice {
             read_probe,
             queries_f16,
             queries_bf16,
+            page_mass,
             decode_smem: smem,
             decode_blocks_per_sm: blocks,
             decode_regs: regs,

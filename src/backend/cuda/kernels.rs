@@ -1,7 +1,7 @@
 //! Kernel sources, their compile-time geometry, and NVRTC compilation.
 //!
 //! Owns: the `.cu` sources (embedded with `include_str!`: append, quantise, decode, query
-//! conversion), [`KernelSpec`] (every constant a kernel
+//! conversion, page masses), [`KernelSpec`] (every constant a kernel
 //! is specialised on, written as a block of `#define`s in front of the sources) and [`compile`]
 //! (NVRTC, for the device's own architecture). Loading the result into a context and caching it per
 //! device is `device.rs`'s job. Must never: touch device memory, or guess a layout offset — every
@@ -16,6 +16,7 @@ const APPEND: &str = include_str!("kernels/append.cu");
 const QUANT: &str = include_str!("kernels/quant.cu");
 const DECODE: &str = include_str!("kernels/decode.cu");
 const CONVERT: &str = include_str!("kernels/convert.cu");
+const MASS: &str = include_str!("kernels/mass.cu");
 const DECODE_MMA: &str = include_str!("kernels/decode_mma.cuh");
 
 /// Most partials one (sequence, kv head, head subgroup) may be split into (`MAXSPLIT` in decode.cu).
@@ -304,7 +305,7 @@ impl KernelSpec {
             ("OUT_IDX", self.out_layout[0]),
             ("OUT_VAL", self.out_layout[1]),
             ("RB", crate::quant::rotate::block_size(self.d)),
-            ("KVT_SPEC_VERSION", 5),
+            ("KVT_SPEC_VERSION", 6),
         ];
         let mut s = String::from("// kvtier kernel specialisation\n");
         for (k, v) in vals {
@@ -316,7 +317,7 @@ impl KernelSpec {
     /// Full NVRTC source of the module.
     pub fn source(&self) -> String {
         format!(
-            "{}\n{COMMON}\n{APPEND}\n{QUANT}\n{DECODE_MMA}\n{DECODE}\n{CONVERT}\n",
+            "{}\n{COMMON}\n{APPEND}\n{QUANT}\n{DECODE_MMA}\n{DECODE}\n{CONVERT}\n{MASS}\n",
             self.defines()
         )
     }

@@ -10,9 +10,10 @@
 
 use super::device::drv;
 use super::plan::DecodePlan;
+use super::pool::PinnedBuf;
 use super::storage::CudaStorage;
 use crate::attention::{Attention, HeadStats};
-use crate::backend::InputDtype;
+use crate::backend::{InputDtype, PageResults};
 use crate::error::{Error, Result};
 use cudarc::driver::{result as cu, sys, LaunchConfig, PushKernelArg};
 
@@ -70,14 +71,15 @@ impl CudaStorage {
         // SAFETY: a borrowed wrapper of a live stream of this context (the caller's, by the
         // contract above, or ours); dropping it does not destroy the stream.
         let s = unsafe { st.context().wrap_borrowed_stream(cu_stream) };
-        let (items, pages) = (plan.items.ptr(), plan.pages.ptr());
+        let items = plan.upload.ptr();
+        let pages = items + plan.up_pages as u64;
         let (hot, warm) = (self.hot.base(), self.warm.base());
         let (ps, pa, pl) = (
             plan.part_state.ptr(),
             plan.part_acc.ptr(),
-            plan.page_lse.ptr(),
+            plan.res_ptr(plan.res_lse),
         );
-        let (cnt, stats) = (plan.counters.ptr(), plan.stats.ptr());
+        let (cnt, stats) = (plan.counters.ptr(), plan.res_ptr(0));
         let (lse_stride, lse_kvcol) = (plan.lse_stride, plan.lse_kvcol);
         let cfg = LaunchConfig {
             grid_dim: (plan.n_items as u32, 1, 1),
@@ -181,50 +183,126 @@ impl CudaStorage {
         Ok(())
     }
 
-    /// Reads statistics, (with `want_output`) the plan's own output buffer and (with `lse`, reusable
-    /// host scratch) the per-page lse and masses after the last launch of `plan`, ordered on
-    /// `stream`, which is synchronised. Without `lse` the result's `page_lse` and `page_mass` are
-    /// empty (prefill needs neither, and they are `n_seqs * n_pages * q_heads` floats).
+    /// Per (page, kv head) masses of the last launch of `plan` into its results buffer, on
+    /// `stream` (after the launch): `mass.cu`. [`CudaStorage::collect`] with page masses reads
+    /// them.
+    pub(super) fn fold_masses(&self, plan: &DecodePlan, stream: sys::CUstream) -> Result<()> {
+        let (entries, total) = (plan.entries, plan.total_pages());
+        if entries == 0 || plan.n_items == 0 {
+            return Ok(());
+        }
+        let mass = plan.res_ptr(plan.res_mass);
+        if plan.per_head {
+            // Unselected (page, kv head) pairs keep mass 0.
+            // SAFETY: the mass region holds `total * kv_heads` f32 (sized by `upload`), ordered
+            // on `stream`.
+            unsafe { cu::memset_d8_async(mass, 0, total * self.kvh * 4, stream) }.map_err(drv)?;
+        }
+        // SAFETY: a borrowed wrapper of a live stream of this context (the caller's contract).
+        let s = unsafe { self.stream().context().wrap_borrowed_stream(stream) };
+        let threads = if plan.per_head {
+            entries
+        } else {
+            entries * self.kvh
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (threads.div_ceil(256).min(4096) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (lse, stats) = (plan.res_ptr(plan.res_lse), plan.res_ptr(0));
+        let emap = plan.upload.ptr() + plan.up_emap as u64;
+        let (n, stride, per_head) = (entries as u32, plan.lse_stride, u32::from(plan.per_head));
+        let mut b = s.launch_builder(&self.k.page_mass);
+        b.arg(&lse)
+            .arg(&stats)
+            .arg(&emap)
+            .arg(&mass)
+            .arg(&n)
+            .arg(&stride)
+            .arg(&per_head);
+        // SAFETY: matches `kvt_page_mass`: the lse and statistics regions were written by the
+        // decode launch before it on `stream`; the entry map holds `entries` pairs (uploaded by
+        // `upload`) whose page indices are below the batch's page count, so every write lands in
+        // the mass region (`total * kv_heads` f32).
+        unsafe { b.launch(cfg) }.map_err(drv)?;
+        Ok(())
+    }
+
+    /// Reads statistics, (with `want_output`) the plan's own output and the per-page results
+    /// `what` asks for (masses folded by [`CudaStorage::fold_masses`] first) after the last launch
+    /// of `plan`, ordered on `stream`, which is synchronised. Prefill and callers that asked for no
+    /// page results get empty per-page vectors; the lse (`n_seqs * n_pages * q_heads` floats) is
+    /// copied only for [`PageResults::All`]. Everything comes back through the plan's page-locked
+    /// buffer in one copy (two with both the output and the pages).
     pub(super) fn collect(
         &self,
-        plan: &DecodePlan,
+        plan: &mut DecodePlan,
         stream: sys::CUstream,
         want_output: bool,
-        lse: Option<&mut Vec<f32>>,
+        what: PageResults,
     ) -> Result<Attention> {
-        let want_pages = lse.is_some();
-        let mut none = Vec::new();
-        let lse = lse.unwrap_or(&mut none);
+        // The page-locked buffer is taken out of the plan while it is filled and read (the plan
+        // itself is read alongside), and put back whatever happens.
+        let mut pinned = std::mem::take(&mut plan.host_res);
+        let r = self.read_results(plan, &mut pinned, stream, want_output, what);
+        if r.is_err() {
+            // A copy may still be in flight into `pinned`: let it land before the buffer is reused.
+            // SAFETY: `stream` is live (the caller's contract).
+            let _ = unsafe { cu::stream::synchronize(stream) };
+        }
+        plan.host_res = pinned;
+        r
+    }
+
+    /// The copies and the host side of [`CudaStorage::collect`].
+    fn read_results(
+        &self,
+        plan: &DecodePlan,
+        pinned: &mut PinnedBuf,
+        stream: sys::CUstream,
+        want_output: bool,
+        what: PageResults,
+    ) -> Result<Attention> {
         let (n, qh, d, kvh) = (plan.n_seqs, self.qh, self.d, self.kvh);
         let g = self.k.spec.gfull;
-        let mut stats = vec![0f32; n * qh * 4];
-        let mut out = vec![0f32; if want_output { n * qh * d } else { 0 }];
-        let lse_len = if want_pages {
-            plan.entries * plan.lse_stride as usize
+        // Copy ranges of the results buffer (in f32): the prefix up to the end of what is wanted
+        // (statistics; then masses; then the lse) and the output.
+        let head = match what {
+            PageResults::All => plan.res_out,
+            PageResults::Masses => plan.res_lse,
+            PageResults::None => plan.res_mass,
+        };
+        let out_len = if want_output {
+            plan.res_len - plan.res_out
         } else {
             0
         };
-        lse.clear();
-        lse.resize(lse_len, f32::NEG_INFINITY);
+        let host = pinned.ensure_f32(self.stream().context(), head + out_len)?;
         if plan.n_items > 0 {
-            // SAFETY: each plan buffer holds at least as many f32 as copied (sized by
-            // `plan_pages_into` for this plan); the copies are ordered after the launch on
-            // `stream`, which is synchronised before any host vector is read.
+            // SAFETY: the results buffer holds `res_len` f32 (sized by `upload` for this plan) and
+            // the host buffer `head + out_len`; the copies are ordered after the launch on
+            // `stream`, which is synchronised before the host buffer is read.
             unsafe {
-                if !stats.is_empty() {
-                    cu::memcpy_dtoh_async(&mut stats, plan.stats.ptr(), stream).map_err(drv)?;
-                }
-                if !lse.is_empty() {
-                    cu::memcpy_dtoh_async(&mut lse[..], plan.page_lse.ptr(), stream)
+                if head > 0 {
+                    cu::memcpy_dtoh_async(&mut host[..head], plan.res_ptr(0), stream)
                         .map_err(drv)?;
                 }
-                if !out.is_empty() {
-                    cu::memcpy_dtoh_async(&mut out, plan.out.ptr(), stream).map_err(drv)?;
+                if out_len > 0 {
+                    cu::memcpy_dtoh_async(
+                        &mut host[head..head + out_len],
+                        plan.res_ptr(plan.res_out),
+                        stream,
+                    )
+                    .map_err(drv)?;
                 }
                 cu::stream::synchronize(stream).map_err(drv)?;
             }
+        } else {
+            // No items: an empty batch (every sequence has at least one item), nothing to read.
+            host.fill(0.0);
         }
-        let heads: Vec<HeadStats> = stats
+        let heads: Vec<HeadStats> = host[..n * qh * 4]
             .chunks_exact(4)
             .map(|s| HeadStats {
                 entropy: s[0],
@@ -233,65 +311,65 @@ impl CudaStorage {
                 log_z: s[3],
             })
             .collect();
-        if !want_pages {
-            return Ok(Attention {
-                output: out,
-                heads,
-                page_mass: Vec::new(),
-                page_lse: Vec::new(),
-                num_q_heads: qh,
-                num_kv_heads: kvh,
-                head_dim: d,
-                disk: Default::default(),
-            });
+        let mut att = Attention {
+            output: host[head..head + out_len].to_vec(),
+            heads,
+            page_mass: Vec::new(),
+            kv_mass: Vec::new(),
+            page_lse: Vec::new(),
+            num_q_heads: qh,
+            num_kv_heads: kvh,
+            head_dim: d,
+            disk: Default::default(),
+        };
+        if !what.masses() {
+            return Ok(att);
         }
-        let mut page_lse: Vec<Vec<f32>> = plan
-            .page_counts
-            .iter()
-            .map(|&np| vec![f32::NEG_INFINITY; np * qh])
-            .collect();
-        for (si, dst) in page_lse.iter_mut().enumerate() {
+        let mass = &host[plan.res_mass..plan.res_lse];
+        let mut first = 0;
+        for &np in &plan.page_counts {
+            att.kv_mass
+                .push(mass[first * kvh..(first + np) * kvh].to_vec());
+            first += np;
+        }
+        att.masses_from_kv();
+        if !what.lse() {
+            return Ok(att);
+        }
+        let lse = &host[plan.res_lse..plan.res_out];
+        for (si, &np) in plan.page_counts.iter().enumerate() {
+            let mut dst = vec![f32::NEG_INFINITY; np * qh];
             if plan.per_head {
                 // Rows [entry][gfull]: kv head `kv`'s heads of the entry's page.
                 for kv in 0..kvh {
-                    let (off, np) = plan.list(si, kv, kvh);
-                    for e in off..off + np {
+                    let (off, len) = plan.list(si, kv, kvh);
+                    for e in off..off + len {
                         let at = plan.sel_pages[e] as usize * qh + kv * g;
                         dst[at..at + g].copy_from_slice(&lse[e * g..(e + 1) * g]);
                     }
                 }
             } else {
                 // Rows [entry][q_heads], the sequence's pages in order.
-                let (off, np) = plan.list(si, 0, kvh);
-                dst.copy_from_slice(&lse[off * qh..(off + np) * qh]);
+                let (off, len) = plan.list(si, 0, kvh);
+                dst.copy_from_slice(&lse[off * qh..(off + len) * qh]);
             }
+            att.page_lse.push(dst);
         }
-        let mut att = Attention {
-            output: out,
-            heads,
-            page_mass: plan.page_counts.iter().map(|&np| vec![0.0; np]).collect(),
-            page_lse,
-            num_q_heads: qh,
-            num_kv_heads: kvh,
-            head_dim: d,
-            disk: Default::default(),
-        };
-        att.finish_masses();
         Ok(att)
     }
 
     /// Decode over `plan` with host queries; uses the plan's own query and output buffers.
-    pub fn attend_plan(&self, plan: &DecodePlan, queries: &[f32]) -> Result<Attention> {
-        self.attend_plan_with(plan, queries, Some(&mut Vec::new()))
+    pub fn attend_plan(&self, plan: &mut DecodePlan, queries: &[f32]) -> Result<Attention> {
+        self.attend_plan_with(plan, queries, PageResults::All)
     }
 
-    /// [`CudaStorage::attend_plan`] with reusable host scratch for the per-page lse (`None`: no
-    /// per-page results, see [`CudaStorage::collect`]).
+    /// [`CudaStorage::attend_plan`] with the per-page results `what` asks for (see
+    /// [`CudaStorage::collect`]).
     pub(super) fn attend_plan_with(
         &self,
-        plan: &DecodePlan,
+        plan: &mut DecodePlan,
         queries: &[f32],
-        lse: Option<&mut Vec<f32>>,
+        what: PageResults,
     ) -> Result<Attention> {
         self.check_plan(plan)?;
         let want = plan.n_seqs * self.qh * self.d;
@@ -308,7 +386,10 @@ impl CudaStorage {
         }
         // SAFETY: the plan's own query and output buffers (sized for this plan), this device's
         // stream.
-        unsafe { self.launch(plan, plan.queries.ptr(), plan.out.ptr(), None, None)? };
-        self.collect(plan, st.cu_stream(), true, lse)
+        unsafe { self.launch(plan, plan.queries.ptr(), plan.output_ptr(), None, None)? };
+        if what.masses() {
+            self.fold_masses(plan, st.cu_stream())?;
+        }
+        self.collect(plan, st.cu_stream(), true, what)
     }
 }

@@ -62,6 +62,8 @@ mod pool;
 #[cfg(feature = "cuda")]
 mod probe;
 #[cfg(feature = "cuda")]
+mod resident;
+#[cfg(feature = "cuda")]
 mod storage;
 #[cfg(feature = "cuda")]
 mod transfer;

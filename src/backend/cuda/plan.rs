@@ -2,8 +2,14 @@
 //!
 //! Owns: [`Item`] (one work item, one CTA of the decode kernel; mirrors `struct Item` in
 //! decode.cu), [`DecodePlan`] (device page lists and items, the kernel's scratch: partials,
-//! per-page log-sum-exp, combine counters, statistics, and plan-owned query and output buffers) and
-//! building a plan from page tables and an optional [`PageSelection`] (`CudaStorage::plan_*`).
+//! combine counters, and one results buffer holding statistics, per-page masses and log-sum-exp
+//! and the plan-owned output; a plan-owned query buffer; the page-locked host staging of uploads
+//! and read-backs, and the event that says when they are free) and building a plan from page
+//! tables and an optional [`PageSelection`] (`CudaStorage::plan_*`).
+//!
+//! One plan costs one host-to-device copy (items, page list and the entry map of `mass.cu`, from
+//! page-locked memory, so the driver does not stage it) and its read-back one or two copies into
+//! page-locked memory (`launch.rs`).
 //!
 //! Without a selection each sequence has one page list (its pages in order) that every kv head
 //! reads, exactly the layout the kernel was tuned on. With a selection each (sequence, kv head)
@@ -16,12 +22,12 @@
 
 use super::device::drv;
 use super::kernels::MAX_SPLIT;
-use super::pool::GrowBuf;
+use super::pool::{GrowBuf, PinnedBuf};
 use super::storage::CudaStorage;
 use crate::attention::PageSelection;
 use crate::cache::{PageEntry, PageTable, Tier};
 use crate::error::{Error, Result};
-use cudarc::driver::{result as cu, CudaStream};
+use cudarc::driver::{result as cu, CudaEvent, CudaStream};
 use std::sync::Arc;
 
 /// One decode work item; mirrors `struct Item` in decode.cu.
@@ -67,17 +73,45 @@ pub struct DecodePlan {
     pub(super) n_items: usize,
     host_pages: Vec<[u32; 2]>,
     host_items: Vec<Item>,
-    pub(super) items: GrowBuf,
-    pub(super) pages: GrowBuf,
+    /// Per device list entry: its list group and its page's index over the batch (`mass.cu`).
+    host_emap: Vec<[u32; 2]>,
+    /// Items, then the page list, then the entry map, at `up_pages` / `up_emap` bytes.
+    pub(super) upload: GrowBuf,
+    pub(super) up_pages: usize,
+    pub(super) up_emap: usize,
     pub(super) part_state: GrowBuf,
     pub(super) part_acc: GrowBuf,
-    pub(super) page_lse: GrowBuf,
     pub(super) counters: GrowBuf,
-    pub(super) stats: GrowBuf,
+    /// f32 results: `[n_seqs][q_heads][4]` statistics at 0, `[total pages][kv_heads]` masses at
+    /// `res_mass`, page lse (`entries * lse_stride`) at `res_lse`, the plan-owned output
+    /// `[n_seqs][q_heads][head_dim]` at `res_out`; `res_len` in all (offsets in f32).
+    pub(super) results: GrowBuf,
+    pub(super) res_mass: usize,
+    pub(super) res_lse: usize,
+    pub(super) res_out: usize,
+    pub(super) res_len: usize,
     pub(super) queries: GrowBuf,
-    pub(super) out: GrowBuf,
     /// The rotation's sign vector (`attend_device` of a rotated cache).
     pub(super) rot_signs: GrowBuf,
+    /// Page-locked staging of the upload and of the read-back.
+    pub(super) host_up: PinnedBuf,
+    pub(super) host_res: PinnedBuf,
+    /// Recorded on this plan's storage stream after its last upload (and, for `attend_device`,
+    /// waited on by the caller's stream): once it completes, `host_up` is free again.
+    pub(super) ev: Option<CudaEvent>,
+    /// Recorded on the caller's stream after an asynchronous step (`resident.rs`); this plan's
+    /// storage stream waits on it.
+    pub(super) done: Option<CudaEvent>,
+}
+
+impl Drop for DecodePlan {
+    fn drop(&mut self) {
+        // The page-locked buffers must not be freed under a copy in flight, nor the plan's device
+        // buffers while a queued step still reads them.
+        for ev in [&self.ev, &self.done].into_iter().flatten() {
+            let _ = ev.synchronize();
+        }
+    }
 }
 
 impl DecodePlan {
@@ -104,20 +138,25 @@ impl DecodePlan {
     }
     /// Device address of the plan's own output buffer (`[n_seqs, q_heads, head_dim]` f32).
     pub fn output_ptr(&self) -> u64 {
-        self.out.ptr()
+        self.res_ptr(self.res_out)
+    }
+    /// Device address of f32 `at` of the results buffer.
+    pub(super) fn res_ptr(&self, at: usize) -> u64 {
+        self.results.ptr() + 4 * at as u64
+    }
+    /// Host bytes of page-locked staging the plan holds.
+    pub fn pinned_bytes(&self) -> usize {
+        self.host_up.bytes() + self.host_res.bytes()
     }
     /// Device bytes the plan holds.
     pub fn device_bytes(&self) -> usize {
         [
-            &self.items,
-            &self.pages,
+            &self.upload,
             &self.part_state,
             &self.part_acc,
-            &self.page_lse,
             &self.counters,
-            &self.stats,
+            &self.results,
             &self.queries,
-            &self.out,
             &self.rot_signs,
         ]
         .iter()
@@ -130,7 +169,9 @@ impl DecodePlan {
             + self.list_off.capacity() * 8
             + self.sel_pages.capacity() * 4
             + self.host_pages.capacity() * 8
+            + self.host_emap.capacity() * 8
             + self.host_items.capacity() * std::mem::size_of::<Item>()
+            + self.pinned_bytes()
     }
     /// `(offset, length)` of the device list that kv head `kv` of sequence `seq` reads.
     pub(super) fn list(&self, seq: usize, kv: usize, kv_heads: usize) -> (usize, usize) {
@@ -232,17 +273,23 @@ impl CudaStorage {
         plan.n_seqs = tables.len();
         plan.page_counts.clear();
         plan.page_counts.extend(tables.iter().map(|t| t.len()));
+        if plan.page_counts.iter().sum::<usize>() > u32::MAX as usize / 2 {
+            return Err(Error::Unsupported("more than 2^31 pages in one batch"));
+        }
         plan.host_pages.clear();
+        plan.host_emap.clear();
         plan.list_off.clear();
         plan.sel_pages.clear();
         plan.per_head = selection.is_some();
         match selection {
             None => {
-                for t in tables {
+                for (si, t) in tables.iter().enumerate() {
                     plan.list_off.push(plan.host_pages.len());
                     for p in t.iter() {
                         self.check_entry(p)?;
+                        let at = plan.host_pages.len() as u32;
                         plan.host_pages.push(entry(p));
+                        plan.host_emap.push([si as u32, at]);
                     }
                 }
                 plan.lse_stride = self.qh as u32;
@@ -250,16 +297,20 @@ impl CudaStorage {
             }
             Some(sel) => {
                 sel.validate(&plan.page_counts, self.kvh)?;
+                let mut first = 0u32;
                 for (si, t) in tables.iter().enumerate() {
                     for kv in 0..self.kvh {
                         plan.list_off.push(plan.host_pages.len());
+                        let group = (si * self.kvh + kv) as u32;
                         for &pi in sel.pages(si, kv) {
                             let p = &t[pi as usize];
                             self.check_entry(p)?;
                             plan.host_pages.push(entry(p));
+                            plan.host_emap.push([group, first + pi]);
                             plan.sel_pages.push(pi);
                         }
                     }
+                    first += t.len() as u32;
                 }
                 plan.lse_stride = self.k.spec.gfull as u32;
                 plan.lse_kvcol = 0;
@@ -346,7 +397,8 @@ impl CudaStorage {
         plan.host_items = items;
     }
 
-    /// Sizes the device buffers for the plan and uploads its items and page lists.
+    /// Sizes the device buffers for the plan and uploads its items, page lists and entry map in
+    /// one copy from page-locked memory.
     fn upload(&self, plan: &mut DecodePlan, st: &Arc<CudaStream>) -> Result<()> {
         let (gs, nsub) = (self.k.spec.gs, self.k.spec.nsub());
         let (n_items, entries, n) = (plan.n_items, plan.entries, plan.n_seqs);
@@ -356,30 +408,52 @@ impl CudaStorage {
         let groups = n * self.kvh * nsub;
         let f = 4usize;
         let item_bytes = n_items * std::mem::size_of::<Item>();
-        plan.items.ensure(st, item_bytes, false)?;
-        plan.pages.ensure(st, entries.max(1) * 8, false)?;
+        let list_bytes = entries * 8;
+        plan.up_pages = item_bytes;
+        plan.up_emap = item_bytes + list_bytes;
+        let up_bytes = item_bytes + 2 * list_bytes;
+        plan.upload.ensure(st, up_bytes.max(1), false)?;
         plan.part_state.ensure(st, n_items * gs * 4 * f, false)?;
         plan.part_acc.ensure(st, n_items * gs * self.d * f, false)?;
-        plan.page_lse
-            .ensure(st, entries.max(1) * plan.lse_stride as usize * f, false)?;
         plan.counters.ensure(st, groups * 4, true)?;
-        plan.stats.ensure(st, n * self.qh * 4 * f, false)?;
+        let total_pages: usize = plan.page_counts.iter().sum();
+        plan.res_mass = n * self.qh * 4;
+        plan.res_lse = plan.res_mass + total_pages * self.kvh;
+        plan.res_out = plan.res_lse + entries * plan.lse_stride as usize;
+        plan.res_len = plan.res_out + n * self.qh * self.d;
+        plan.results.ensure(st, plan.res_len * f, false)?;
         plan.queries.ensure(st, n * self.qh * self.d * f, false)?;
-        plan.out.ensure(st, n * self.qh * self.d * f, false)?;
-        st.context().bind_to_thread().map_err(drv)?;
-        // SAFETY: `Item` is `repr(C)` plain u32s and `[u32; 2]` has no padding, so the driver may
-        // copy them as bytes; the destination buffers were just sized for these byte counts.
-        // Copies from pageable host memory are staged by the driver before the call returns, so
-        // the host vectors may change afterwards.
-        unsafe {
-            if n_items > 0 {
-                cu::memcpy_htod_async(plan.items.ptr(), &plan.host_items[..], st.cu_stream())
+        let ctx = st.context().clone();
+        ctx.bind_to_thread().map_err(drv)?;
+        // The last upload from the staging buffer must be done before it is written again.
+        if let Some(ev) = &plan.ev {
+            ev.synchronize().map_err(drv)?;
+        }
+        if up_bytes > 0 {
+            let host = plan.host_up.ensure(&ctx, up_bytes)?;
+            fn bytes_of<T>(v: &[T]) -> &[u8] {
+                // SAFETY: only called on `Item` (`repr(C)`, ten u32, no padding) and `[u32; 2]`
+                // (no padding): every byte is initialised.
+                unsafe {
+                    std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v))
+                }
+            }
+            host[..item_bytes].copy_from_slice(bytes_of(&plan.host_items));
+            host[plan.up_pages..plan.up_emap].copy_from_slice(bytes_of(&plan.host_pages));
+            host[plan.up_emap..up_bytes].copy_from_slice(bytes_of(&plan.host_emap));
+            // SAFETY: the device buffer was just sized for `up_bytes`; the page-locked source stays
+            // untouched until `plan.ev` (recorded right after) completes, which every later write
+            // to it, its growth and its drop wait for.
+            unsafe {
+                cu::memcpy_htod_async(plan.upload.ptr(), &host[..up_bytes], st.cu_stream())
                     .map_err(drv)?;
             }
-            if entries > 0 {
-                cu::memcpy_htod_async(plan.pages.ptr(), &plan.host_pages[..], st.cu_stream())
-                    .map_err(drv)?;
-            }
+        }
+        if plan.ev.is_none() {
+            plan.ev = Some(ctx.new_event(None).map_err(drv)?);
+        }
+        if let Some(ev) = &plan.ev {
+            ev.record(st).map_err(drv)?;
         }
         Ok(())
     }

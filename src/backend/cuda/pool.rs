@@ -1,7 +1,8 @@
 //! Device memory: single allocations, grow-only scratch buffers and slot pools.
 //!
 //! Owns: [`DevBuf`] (one device allocation of bytes, freed stream-ordered on drop), [`GrowBuf`] (a
-//! scratch buffer that is replaced by a larger one when a call needs more, contents not kept) and
+//! scratch buffer that is replaced by a larger one when a call needs more, contents not kept),
+//! [`PinnedBuf`] (its page-locked host counterpart, for asynchronous copies) and
 //! [`Pool`] (the slots of one tier: one device buffer of `cap * slot_bytes`, a live map and a free
 //! list). Must never: shrink a pool (a slot index below `cap` always addresses memory of the current
 //! buffer, which is what makes a stale page table memory-safe), lose a pool's contents when a grow
@@ -9,8 +10,91 @@
 
 use super::device::{drv, drv_alloc};
 use super::CudaError;
-use cudarc::driver::{result as cu, CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{result as cu, CudaContext, CudaSlice, CudaStream, DevicePtr};
 use std::sync::Arc;
+
+/// Page-locked host memory that grows (contents not kept) when a call needs more: the staging of
+/// plan uploads and result read-backs, which the driver copies asynchronously (a copy from
+/// pageable memory is staged through a driver buffer first, and one to it is synchronous).
+///
+/// The owner must make sure no copy to or from the buffer is in flight when it is written, read,
+/// grown or dropped (the decode plan synchronises its event first).
+#[derive(Default)]
+pub(crate) struct PinnedBuf {
+    ptr: Option<(std::ptr::NonNull<u8>, usize, Arc<CudaContext>)>,
+}
+
+// SAFETY: the buffer is plain host memory owned by this value alone (no aliasing handle exists);
+// moving or sharing it between threads is as safe as for a `Vec<u8>`.
+unsafe impl Send for PinnedBuf {}
+// SAFETY: as above; `&PinnedBuf` only reads the pointer and length.
+unsafe impl Sync for PinnedBuf {}
+
+impl PinnedBuf {
+    /// Makes the buffer hold at least `bytes` (rounded up to a power of two, 4096 minimum) of
+    /// `ctx` and returns it as a byte slice.
+    pub(crate) fn ensure(
+        &mut self,
+        ctx: &Arc<CudaContext>,
+        bytes: usize,
+    ) -> std::result::Result<&mut [u8], CudaError> {
+        let fits = self
+            .ptr
+            .as_ref()
+            .is_some_and(|(_, len, c)| *len >= bytes && Arc::ptr_eq(c, ctx));
+        if !fits {
+            self.free();
+            let len = bytes.max(4096).next_power_of_two();
+            ctx.bind_to_thread().map_err(drv)?;
+            // SAFETY: a plain page-locked allocation (no flags: cached, readable from the host);
+            // freed in `free`.
+            let p = unsafe { cu::malloc_host(len, 0) }.map_err(|e| drv_alloc(e, len))?;
+            let p = std::ptr::NonNull::new(p.cast::<u8>())
+                .ok_or_else(|| CudaError::Driver("cuMemHostAlloc returned NULL".into()))?;
+            self.ptr = Some((p, len, ctx.clone()));
+        }
+        Ok(self.slice_mut())
+    }
+    /// [`PinnedBuf::ensure`] for `n` f32, as f32.
+    pub(crate) fn ensure_f32(
+        &mut self,
+        ctx: &Arc<CudaContext>,
+        n: usize,
+    ) -> std::result::Result<&mut [f32], CudaError> {
+        let bytes = self.ensure(ctx, n * 4)?;
+        // SAFETY: the allocation is page-aligned (hence 4-aligned) and holds at least `4 * n`
+        // bytes; every bit pattern is a valid f32; the borrow of `self` carries over.
+        Ok(unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast::<f32>(), n) })
+    }
+    /// The whole buffer (empty before the first `ensure`).
+    pub(crate) fn slice_mut(&mut self) -> &mut [u8] {
+        match &self.ptr {
+            // SAFETY: `p` points to `len` bytes allocated by `ensure` and owned by `self`, which is
+            // borrowed mutably for the slice's lifetime.
+            Some((p, len, _)) => unsafe { std::slice::from_raw_parts_mut(p.as_ptr(), *len) },
+            None => &mut [],
+        }
+    }
+    /// Bytes allocated.
+    pub(crate) fn bytes(&self) -> usize {
+        self.ptr.as_ref().map_or(0, |(_, len, _)| *len)
+    }
+    fn free(&mut self) {
+        if let Some((p, _, ctx)) = self.ptr.take() {
+            // Nothing to report to from a drop; a failure leaks the buffer.
+            let _ = ctx.bind_to_thread();
+            // SAFETY: `p` came from `cuMemHostAlloc` in `ensure` and is freed once (taken out of
+            // `self`); the owner guarantees no copy is in flight.
+            let _ = unsafe { cu::free_host(p.as_ptr().cast()) };
+        }
+    }
+}
+
+impl Drop for PinnedBuf {
+    fn drop(&mut self) {
+        self.free();
+    }
+}
 
 /// A device allocation of bytes.
 pub(crate) struct DevBuf {

@@ -15,17 +15,16 @@ use super::device::{drv, CudaDevice, Kernels};
 use super::kernels::KernelSpec;
 use super::plan::DecodePlan;
 use super::pool::{GrowBuf, Pool};
-use super::CudaBuffers;
 use crate::attention::{combine_parts, Attention, OnlineSoftmax, PageSelection};
 use crate::backend::{
-    hot_page_bytes, AttendInput, BackendStorage, DeviceBuffers, DeviceLocation, PageBytes, Scratch,
-    StorageBytes,
+    hot_page_bytes, AttendInput, BackendStorage, DeviceBuffers, DeviceLocation, PageBytes,
+    PageResults, Scratch, StorageBytes,
 };
 use crate::cache::{PageEntry, PageTable, Tier};
 use crate::config::{CacheConfig, HotDtype};
 use crate::error::{Error, Result};
 use crate::quant::{WarmFormat, WarmLayout};
-use cudarc::driver::{result as cu, sys, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{result as cu, CudaStream, LaunchConfig, PushKernelArg};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -49,7 +48,8 @@ pub(super) fn next_id() -> u64 {
 pub struct CudaScratch {
     /// Boxed: a plan is some 700 bytes, and `Scratch` is an enum over every backend's scratch.
     pub(super) plan: Box<DecodePlan>,
-    pub(super) lse: Vec<f32>,
+    /// The last `attend_device_async` not yet finished, and what it returns per page.
+    pub(super) pending: Option<PageResults>,
 }
 
 impl CudaScratch {
@@ -63,7 +63,7 @@ impl CudaScratch {
     }
     /// Host bytes held.
     pub fn host_bytes(&self) -> usize {
-        self.plan.host_bytes() + self.lse.capacity() * 4
+        self.plan.host_bytes()
     }
 }
 
@@ -157,6 +157,14 @@ impl CudaStorage {
             sel.set_all_heads(i, &keep)?;
         }
         Ok(Some(sel))
+    }
+}
+
+impl Drop for CudaStorage {
+    fn drop(&mut self) {
+        // A step queued with `attend_device_async` may still read these pools (and run this
+        // module's kernels): this stream waits for it, so let it drain before they go.
+        let _ = self.stream().synchronize();
     }
 }
 
@@ -334,9 +342,10 @@ impl BackendStorage for CudaStorage {
         if input.queries.len() != want {
             return Err(Error::shape("queries", want, input.queries.len()));
         }
+        let pages = scratch.page_results();
         let s = scratch.cuda();
         self.plan_into(&mut s.plan, input.tables, input.selection)?;
-        self.attend_plan_with(&s.plan, input.queries, Some(&mut s.lse))
+        self.attend_plan_with(&mut s.plan, input.queries, pages)
     }
 
     fn attend_device(
@@ -345,64 +354,25 @@ impl BackendStorage for CudaStorage {
         input: &AttendInput,
         bufs: &DeviceBuffers,
     ) -> Result<Attention> {
-        let b: CudaBuffers = match bufs {
-            DeviceBuffers::Cuda(b) => *b,
-            _ => {
-                return Err(Error::Unsupported(
-                    "attend_device on a CUDA storage takes CUDA device buffers",
-                ))
-            }
-        };
-        let es = b.query_dtype.size() as u64;
-        if b.queries == 0
-            || b.output == 0
-            || !b.queries.is_multiple_of(es)
-            || !b.output.is_multiple_of(4)
-        {
-            return Err(Error::shape(
-                "device buffers",
-                format!("non-null queries aligned to {es} bytes and output aligned to 4"),
-                format!("queries {:#x}, output {:#x}", b.queries, b.output),
-            ));
-        }
+        let pages = scratch.page_results();
         let s = scratch.cuda();
-        self.plan_into(&mut s.plan, input.tables, input.selection)?;
-        if let Some(r) = input.rotation {
-            self.upload_signs(&mut s.plan, r.signs)?;
-        }
-        let st = self.stream();
-        // 0 is the legacy default stream, which a non-blocking stream does not order against.
-        let user = b.stream as sys::CUstream;
-        // Order the caller's stream after our pending work (page writes, demotions, the plan).
-        let ev = st.context().new_event(None).map_err(drv)?;
-        ev.record(st).map_err(drv)?;
-        // SAFETY: `user` is the caller's live stream (or the legacy default stream) and `ev` is a
-        // live event of the same context; waiting adds only a dependency.
-        unsafe {
-            cu::stream::wait_event(
-                user,
-                ev.cu_event(),
-                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
-            )
-        }
-        .map_err(drv)?;
-        // SAFETY: the caller guarantees `queries` / `output` are device buffers of this context
-        // holding `n_seqs * q_heads * head_dim` elements of `query_dtype` / f32, usable on
-        // `user`, which is ordered after our stream above.
-        // A rotated cache's queries are rotated by the decode kernel as it loads them (the
-        // caller's buffer stays as it is) and, with rotated values, its output before it stores
-        // it: one launch, as without rotation.
-        unsafe {
-            let q = self.convert_queries(&s.plan, b.queries, b.query_dtype, b.stream)?;
-            let rot = input.rotation.map(|r| super::launch::FusedRotation {
-                norm: r.norm,
-                queries: true,
-                output: r.values,
-            });
-            self.launch(&s.plan, q, b.output, Some(b.stream), rot)?;
-        }
+        let user = self.enqueue_device(s, input, bufs, pages)?;
         // Collecting synchronises `user`, so our later work cannot overtake this launch.
-        self.collect(&s.plan, user, false, Some(&mut s.lse))
+        self.collect(&mut s.plan, user, false, pages)
+    }
+
+    fn attend_device_async(
+        &self,
+        scratch: &mut Scratch,
+        input: &AttendInput,
+        bufs: &DeviceBuffers,
+    ) -> Result<()> {
+        let pages = scratch.page_results();
+        self.enqueue_device_async(scratch.cuda(), input, bufs, pages)
+    }
+
+    fn finish_device(&self, scratch: &mut Scratch) -> Result<Attention> {
+        self.finish_pending(scratch.cuda())
     }
 
     fn prefill(
@@ -441,7 +411,7 @@ impl BackendStorage for CudaStorage {
             let mut scratch = CudaScratch::default();
             self.plan_into(&mut scratch.plan, input.tables, input.selection)?;
             // Output and statistics only: the per-page results would be n * pages * q_heads floats.
-            Some(self.attend_plan_with(&scratch.plan, input.queries, None)?)
+            Some(self.attend_plan_with(&mut scratch.plan, input.queries, PageResults::None)?)
         };
         let g = qh / kvh;
         let mut out = vec![0f32; n * qh * d];

@@ -426,9 +426,9 @@ fn main() {
                     };
                     let fill_s = t0.elapsed().as_secs_f64();
                     let lists: Vec<&[PageEntry]> = f.seqs.iter().map(|v| v.as_slice()).collect();
-                    let plan = f.st.plan_pages(&lists, None).expect("plan");
+                    let mut plan = f.st.plan_pages(&lists, None).expect("plan");
                     let qv: Vec<f32> = (0..b * q * d).map(|_| rng.f32()).collect();
-                    let att = f.st.attend_plan(&plan, &qv).expect("attend");
+                    let att = f.st.attend_plan(&mut plan, &qv).expect("attend");
                     let mass: f32 = att
                         .page_mass
                         .iter()
@@ -464,8 +464,8 @@ fn main() {
                         if ti > 0 && f.st.retune(*t, &cfg).is_err() {
                             continue;
                         }
-                        let plan = f.st.plan_pages(&lists, None).expect("plan");
-                        let _ = f.st.attend_plan(&plan, &qv).expect("attend");
+                        let mut plan = f.st.plan_pages(&lists, None).expect("plan");
+                        let _ = f.st.attend_plan(&mut plan, &qv).expect("attend");
                         let _ = f.st.time_decode(&plan, 5, 256 << 20).expect("warmup");
                         let times = f.st.time_decode(&plan, a.iters, 256 << 20).expect("time");
                         let ms = median(times);
@@ -574,10 +574,10 @@ fn selection_bench(dev: &CudaDevice, a: &Args, read_bw: f64) -> String {
             }
         }
         let qv: Vec<f32> = (0..batch * q * d).map(|_| rng.f32()).collect();
-        let plan_all = f.st.plan_pages(&lists, None).expect("plan");
-        let plan_sel = f.st.plan_pages(&lists, Some(&sel)).expect("plan");
-        let att_all = f.st.attend_plan(&plan_all, &qv).expect("attend");
-        let att_sel = f.st.attend_plan(&plan_sel, &qv).expect("attend");
+        let mut plan_all = f.st.plan_pages(&lists, None).expect("plan");
+        let mut plan_sel = f.st.plan_pages(&lists, Some(&sel)).expect("plan");
+        let att_all = f.st.attend_plan(&mut plan_all, &qv).expect("attend");
+        let att_sel = f.st.attend_plan(&mut plan_sel, &qv).expect("attend");
         let mass = |att: &kvtier::Attention| {
             att.page_mass
                 .iter()

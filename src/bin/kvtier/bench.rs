@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use clap::{Arg, ArgMatches, Command};
 use kvtier::backend::cpu::CpuKernel;
-use kvtier::{Bits, CacheConfig, Device, HotDtype, KvCache, Rows, Scratch};
+use kvtier::{Bits, CacheConfig, Device, HotDtype, KvCache, PageResults, Rows, Scratch};
 use serde_json::{json, Value};
 
 use crate::plot;
@@ -195,45 +195,77 @@ fn measure(
     }
     let mut qv = vec![0f32; q * d];
     fill_rows(&mut qv, 77);
-    // The engine's call: a reused scratch, queries and output on the host.
-    let mut scratch = Scratch::default();
-    let mut host = || -> AnyResult<f64> {
+    // The engine's call: a reused scratch, queries and output on the host; with every per-page
+    // result, with page masses only, and with none (interleaved).
+    let mut scratches = modes();
+    let mut host = |s: &mut Scratch| -> AnyResult<f64> {
         let t0 = Instant::now();
-        let att = cache.attend_with(&mut scratch, 0, &[seq], Rows::F32(&qv), None)?;
+        let att = cache.attend_with(s, 0, &[seq], Rows::F32(&qv), None)?;
         std::hint::black_box(&att.output);
         Ok(t0.elapsed().as_secs_f64() * 1e3)
     };
-    for _ in 0..3 {
-        host()?;
-    }
-    let times = (0..reps).map(|_| host()).collect::<AnyResult<Vec<f64>>>()?;
+    let host_ms = interleaved(reps, &mut scratches, &mut host)?;
     let device = device_resident(&cache, seq, &qv, reps)?;
     Ok(Timing {
-        host_ms: median(times),
+        host_ms,
         device_ms: device,
         append_tok_s: tokens as f64 / append_s.max(1e-12),
         device_bytes: cache.memory_report().device_bytes(),
     })
 }
 
+/// The per-page results the bench measures, with the words their rows carry.
+const MODES: [(PageResults, &str); 3] = [
+    (PageResults::All, ""),
+    (PageResults::Masses, "page masses only"),
+    (PageResults::None, "no page results"),
+];
+
+fn modes() -> [Scratch; 3] {
+    MODES.map(|(m, _)| Scratch::with_page_results(m))
+}
+
+/// Medians of `reps` calls of `f` with each scratch, the calls alternating (after 3 warm-up calls
+/// each).
+fn interleaved<const N: usize>(
+    reps: usize,
+    scratches: &mut [Scratch; N],
+    f: &mut dyn FnMut(&mut Scratch) -> AnyResult<f64>,
+) -> AnyResult<[f64; N]> {
+    let mut t: [Vec<f64>; N] = std::array::from_fn(|_| Vec::with_capacity(reps));
+    for i in 0..reps + 3 {
+        for (s, ts) in scratches.iter_mut().zip(&mut t) {
+            let ms = f(s)?;
+            if i >= 3 {
+                ts.push(ms);
+            }
+        }
+    }
+    Ok(t.map(median))
+}
+
 /// What one point measured.
 struct Timing {
-    host_ms: f64,
-    /// CUDA only: `attend_device_with`, queries and output already in device memory.
-    device_ms: Option<f64>,
+    /// Per [`MODES`] entry.
+    host_ms: [f64; 3],
+    /// CUDA only: `attend_device_with`, queries and output already in device memory (per
+    /// [`MODES`] entry), and the mean per step of `attend_device_async` steps (no page results)
+    /// queued back to back.
+    device_ms: Option<([f64; 3], f64)>,
     append_tok_s: f64,
     device_bytes: usize,
 }
 
-/// On a CUDA cache: median of `attend_device_with` with the queries and output in device memory
-/// (what an engine on the GPU calls; no host copies of q or the output).
+/// On a CUDA cache: medians of `attend_device_with` with the queries and output in device memory
+/// (what an engine on the GPU calls; no host copies of q or the output), with and without the
+/// per-page results.
 #[cfg(feature = "cuda")]
 fn device_resident(
     cache: &KvCache,
     seq: kvtier::SeqId,
     qv: &[f32],
     reps: usize,
-) -> AnyResult<Option<f64>> {
+) -> AnyResult<Option<([f64; 3], f64)>> {
     use cudarc::driver::{CudaContext, DevicePtr};
     use kvtier::backend::cuda::CudaBuffers;
     use kvtier::{DeviceBuffers, DeviceLocation, InputDtype};
@@ -253,22 +285,37 @@ fn device_resident(
         output: op,
         stream: stream.cu_stream() as u64,
     });
-    let mut scratch = Scratch::default();
-    let mut one = || -> AnyResult<f64> {
+    let mut scratches = modes();
+    let mut one = |s: &mut Scratch| -> AnyResult<f64> {
         let t0 = Instant::now();
-        let att = cache.attend_device_with(&mut scratch, 0, &[seq], &bufs, None)?;
+        let att = cache.attend_device_with(s, 0, &[seq], &bufs, None)?;
         std::hint::black_box(&att.heads);
         Ok(t0.elapsed().as_secs_f64() * 1e3)
     };
-    for _ in 0..3 {
-        one()?;
-    }
-    let t = (0..reps).map(|_| one()).collect::<AnyResult<Vec<f64>>>()?;
-    Ok(Some(median(t)))
+    let waited = interleaved(reps, &mut scratches, &mut one)?;
+    // Steps queued back to back with `attend_device_async` (no host wait per step, no page
+    // results), one stream synchronisation at the end: the mean time per step.
+    let mut s = Scratch::without_page_results();
+    let mut queued = |n: usize| -> AnyResult<f64> {
+        let t0 = Instant::now();
+        for _ in 0..n {
+            cache.attend_device_async(&mut s, 0, &[seq], &bufs, None)?;
+        }
+        stream.synchronize().map_err(drv)?;
+        Ok(t0.elapsed().as_secs_f64() * 1e3 / n as f64)
+    };
+    queued(3)?;
+    let asynchronous = queued(reps)?;
+    Ok(Some((waited, asynchronous)))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn device_resident(_: &KvCache, _: kvtier::SeqId, _: &[f32], _: usize) -> AnyResult<Option<f64>> {
+fn device_resident(
+    _: &KvCache,
+    _: kvtier::SeqId,
+    _: &[f32],
+    _: usize,
+) -> AnyResult<Option<([f64; 3], f64)>> {
     Ok(None)
 }
 
@@ -342,17 +389,24 @@ pub fn run(m: &ArgMatches, _ctx: &Ctx) -> AnyResult<Report> {
             for f in &formats {
                 pb.set_message(format!("{name} {f} {n}"));
                 let t = measure(dev, *path, f, n, shape, reps)?;
-                points.push(Point {
-                    backend: name.clone(),
-                    format: f.clone(),
-                    tokens: n,
-                    decode_ms: t.host_ms,
-                    append_tok_s: t.append_tok_s,
-                    device_bytes: t.device_bytes,
-                });
-                if let Some(ms) = t.device_ms {
+                let mut rows: Vec<(String, f64)> = MODES
+                    .iter()
+                    .zip(t.host_ms)
+                    .map(|((_, w), ms)| match *w {
+                        "" => (name.clone(), ms),
+                        w => (format!("{name} ({w})"), ms),
+                    })
+                    .collect();
+                if let Some((waited, queued)) = t.device_ms {
+                    for ((_, w), ms) in MODES.iter().zip(waited) {
+                        let sep = if w.is_empty() { "" } else { ", " };
+                        rows.push((format!("{name} (device q/out{sep}{w})"), ms));
+                    }
+                    rows.push((format!("{name} (device q/out, async steps)"), queued));
+                }
+                for (backend, ms) in rows {
                     points.push(Point {
-                        backend: format!("{name} (device q/out)"),
+                        backend,
                         format: f.clone(),
                         tokens: n,
                         decode_ms: ms,
@@ -378,12 +432,18 @@ pub fn run(m: &ArgMatches, _ctx: &Ctx) -> AnyResult<Report> {
             .filter_map(|k| torch_peer(k, shape, &tokens, reps).map(|v| (*k, v)))
             .collect()
     };
+    // Rows of queued steps compare with torch's calls queued the same way.
     let torch_ms = |backend: &str, n: usize| -> Option<f64> {
         let (_, t) = torch.iter().find(|(k, _)| backend.starts_with(k))?;
+        let key = if backend.ends_with("async steps)") {
+            "queued_ms"
+        } else {
+            "ms"
+        };
         t["rows"]
             .as_array()?
             .iter()
-            .find(|r| r["tokens"].as_u64() == Some(n as u64))?["ms"]
+            .find(|r| r["tokens"].as_u64() == Some(n as u64))?[key]
             .as_f64()
     };
     let (q, kv, d) = shape;
@@ -442,6 +502,12 @@ pub fn run(m: &ArgMatches, _ctx: &Ctx) -> AnyResult<Report> {
                 let dtype = if *kind == "cpu" { "f32" } else { "bf16" };
                 text += &format!(
                     "| torch/{kind} | {dtype} | {n} | {ms:.3} | - | - | 1.00x | - | - |\n"
+                );
+            }
+            let queued = torch_ms(&format!("{kind} (async steps)"), *n);
+            if let (Some(ms), "cuda") = (queued, *kind) {
+                text += &format!(
+                    "| torch/cuda (queued calls) | bf16 | {n} | {ms:.3} | - | - | 1.00x | - | - |\n"
                 );
             }
         }

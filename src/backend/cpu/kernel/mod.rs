@@ -102,6 +102,8 @@ struct Kernel<'a> {
     k_int: [bool; 4],
     /// Per value width: the 16-lane value loop, accumulating in the 16-byte lane order.
     v16: [bool; 4],
+    /// Decode items record per-page (max, sum) for the page results.
+    record_pages: bool,
 }
 
 impl<'a> Kernel<'a> {
@@ -121,6 +123,7 @@ impl<'a> Kernel<'a> {
             groups: s.layouts[0][0].groups(),
             k_int,
             v16,
+            record_pages: true,
         }
     }
 
@@ -683,7 +686,7 @@ fn decode_item_generic<const FMA: bool, const WIDE: bool>(
     let (d, g) = (k.geo.head_dim, k.g);
     let q0 = (it.seq * k.geo.q_heads + it.kv * g) * d;
     let qg = &q[q0..q0 + g * d];
-    let mut a = k.acc(true);
+    let mut a = k.acc(k.record_pages);
     let mut sc = k.scratch();
     let all = input.tables[it.seq].pages();
     sc.entries.clear();
@@ -741,11 +744,14 @@ fn decode_item(k: &Kernel, input: &AttendInput, q: &[f32], it: &Item) -> Result<
     decode_item_generic::<false, false>(k, input, q, it)
 }
 
+/// Decode attention over `input`, with the per-page results `what` asks for.
 pub(super) fn attend(
     s: &CpuStorage,
     scratch: &mut CpuScratch,
     input: &AttendInput,
+    what: crate::backend::PageResults,
 ) -> Result<Attention> {
+    let pages = what.masses();
     let geo = s.geo;
     let (d, qh, kvh) = (geo.head_dim, geo.q_heads, geo.kv_heads);
     let tables = input.tables;
@@ -761,7 +767,10 @@ pub(super) fn attend(
     scratch
         .q
         .extend(input.queries.iter().map(|x| x * geo.scale));
-    let k = Kernel::new(s);
+    let k = Kernel {
+        record_pages: pages,
+        ..Kernel::new(s)
+    };
     scratch.items.clear();
     for (si, &np) in n_pages.iter().enumerate() {
         for kv in 0..kvh {
@@ -814,6 +823,9 @@ pub(super) fn attend(
                     }
                 }
             }
+            if !pages {
+                continue;
+            }
             for (it, p) in items[start..i].iter().zip(&partials[start..i]) {
                 for j in 0..it.n {
                     let page = page_index(input.selection, si, kv, it.first + j);
@@ -827,7 +839,10 @@ pub(super) fn attend(
             }
         }
     }
-    att.finish_masses();
+    if pages {
+        att.finish_masses();
+    }
+    att.keep_page_results(what);
     Ok(att)
 }
 
