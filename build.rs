@@ -2,7 +2,8 @@
 //!
 //! Owns: the one definition of `KVTIER_ABI_VERSION` (derived from the package version in Cargo.toml,
 //! handed to the crate as the `KVTIER_ABI_VERSION` compile-time variable and written into the header),
-//! and the cbindgen run that turns `src/ffi` into `include/kvtier.h`.
+//! the cbindgen run that turns `src/ffi` into `include/kvtier.h`, and (feature `metal-emu`) the C++
+//! build of the Metal kernels' host emulator.
 //! Must never: write into the source tree unless the `generate-header` feature is on, or hand-keep a
 //! version number (every number here comes from Cargo's `CARGO_PKG_VERSION_*`).
 //!
@@ -61,6 +62,36 @@ fn main() {
     println!("cargo:rustc-env=KVTIER_ABI_VERSION={}", version.abi());
     #[cfg(feature = "generate-header")]
     header::generate(&version);
+    #[cfg(feature = "metal-emu")]
+    metal_emu();
+}
+
+/// The Metal emulator (feature `metal-emu`): the `.metal` kernels compiled as C++17 against
+/// `emu/shim.h`, IEEE f32 without contraction (as the Metal library is compiled: fast math off).
+#[cfg(feature = "metal-emu")]
+fn metal_emu() {
+    let dir = "src/backend/metal";
+    for f in [
+        "emu/runtime.cpp",
+        "emu/shim.h",
+        "kernels/common.metal",
+        "kernels/append.metal",
+        "kernels/quant.metal",
+        "kernels/decode.metal",
+    ] {
+        println!("cargo:rerun-if-changed={dir}/{f}");
+    }
+    cc::Build::new()
+        .cpp(true)
+        .file(format!("{dir}/emu/runtime.cpp"))
+        .std("c++17")
+        .opt_level(2)
+        .flag("-ffp-contract=off")
+        .flag("-fno-fast-math")
+        .flag_if_supported("-Wno-attributes")
+        .flag_if_supported("-Wno-unused-parameter")
+        .warnings(true)
+        .compile("kvtier_metal_emu");
 }
 
 #[cfg(feature = "generate-header")]

@@ -925,6 +925,7 @@ fn attend_device_f16_and_bf16_queries_match_f32() {
     }
     let metal = DeviceBuffers::Metal(MetalBuffers {
         queries: 1,
+        query_dtype: InputDtype::F32,
         output: 1,
     });
     match st.attend_device(&mut scratch, &input, &metal) {

@@ -19,6 +19,7 @@
 pub mod cpu;
 pub mod cuda;
 pub mod metal;
+pub(crate) mod prefill;
 mod stub;
 
 use crate::attention::{Attention, PageSelection};
@@ -160,6 +161,7 @@ enum ScratchState {
     Empty,
     Cpu(cpu::CpuScratch),
     Cuda(cuda::CudaScratch),
+    Metal(metal::MetalScratch),
 }
 
 impl Scratch {
@@ -203,6 +205,20 @@ impl Scratch {
         }
         match &mut self.state {
             ScratchState::Cuda(s) => s,
+            // Set just above.
+            _ => unreachable!(),
+        }
+    }
+    #[cfg_attr(
+        not(any(all(feature = "metal", target_vendor = "apple"), feature = "metal-emu")),
+        allow(dead_code)
+    )]
+    pub(crate) fn metal(&mut self) -> &mut metal::MetalScratch {
+        if !matches!(self.state, ScratchState::Metal(_)) {
+            self.state = ScratchState::Metal(metal::MetalScratch::default());
+        }
+        match &mut self.state {
+            ScratchState::Metal(s) => s,
             // Set just above.
             _ => unreachable!(),
         }

@@ -245,6 +245,9 @@ pub(crate) fn status_of(e: &Error) -> kvtier_status {
         Error::Metal(m) => match m {
             MetalError::NotCompiled => S::BackendNotCompiled,
             MetalError::NoDevice(_) => S::NoDevice,
+            MetalError::OutOfMemory { .. } => S::OutOfMemory,
+            MetalError::Compile { .. } => S::KernelCompile,
+            MetalError::Command(_) => S::DeviceError,
         },
     }
 }

@@ -149,38 +149,47 @@ impl Rotator {
 
     /// `x ← R x` for every head vector in `x` (a multiple of `head_dim` long).
     pub fn forward(&self, layer: usize, x: &mut [f32]) {
-        let s = self.signs(layer);
-        if s.is_empty() {
-            return;
-        }
-        let norm = self.norm();
-        for row in x.chunks_exact_mut(self.head_dim) {
-            for (v, &sg) in row.iter_mut().zip(s) {
-                *v *= sg;
-            }
-            for blk in row.chunks_exact_mut(self.block) {
-                fwht(blk);
-                for v in blk.iter_mut() {
-                    *v *= norm;
-                }
-            }
-        }
+        forward_with(self.signs(layer), self.norm(), self.head_dim, x);
     }
 
     /// `x ← Rᵀ x` for every head vector in `x`.
     pub fn inverse(&self, layer: usize, x: &mut [f32]) {
-        let s = self.signs(layer);
-        if s.is_empty() {
-            return;
+        inverse_with(self.signs(layer), self.norm(), self.head_dim, x);
+    }
+}
+
+/// [`Rotator::forward`] from a layer's `signs` and `norm` (as [`crate::backend::DeviceRotation`]
+/// carries them); empty `signs`: no rotation.
+pub(crate) fn forward_with(signs: &[f32], norm: f32, head_dim: usize, x: &mut [f32]) {
+    if signs.is_empty() {
+        return;
+    }
+    let block = block_size(head_dim);
+    for row in x.chunks_exact_mut(head_dim) {
+        for (v, &sg) in row.iter_mut().zip(signs) {
+            *v *= sg;
         }
-        let norm = self.norm();
-        for row in x.chunks_exact_mut(self.head_dim) {
-            for blk in row.chunks_exact_mut(self.block) {
-                fwht(blk);
+        for blk in row.chunks_exact_mut(block) {
+            fwht(blk);
+            for v in blk.iter_mut() {
+                *v *= norm;
             }
-            for (v, &sg) in row.iter_mut().zip(s) {
-                *v *= sg * norm;
-            }
+        }
+    }
+}
+
+/// [`Rotator::inverse`] from a layer's `signs` and `norm`.
+pub(crate) fn inverse_with(signs: &[f32], norm: f32, head_dim: usize, x: &mut [f32]) {
+    if signs.is_empty() {
+        return;
+    }
+    let block = block_size(head_dim);
+    for row in x.chunks_exact_mut(head_dim) {
+        for blk in row.chunks_exact_mut(block) {
+            fwht(blk);
+        }
+        for (v, &sg) in row.iter_mut().zip(signs) {
+            *v *= sg * norm;
         }
     }
 }

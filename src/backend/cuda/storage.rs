@@ -15,7 +15,7 @@ use super::device::{drv, CudaDevice, Kernels};
 use super::kernels::KernelSpec;
 use super::plan::DecodePlan;
 use super::pool::{GrowBuf, Pool};
-use crate::attention::{combine_parts, Attention, OnlineSoftmax, PageSelection};
+use crate::attention::{Attention, PageSelection};
 use crate::backend::{
     hot_page_bytes, AttendInput, BackendStorage, DeviceBuffers, DeviceLocation, PageBytes,
     PageResults, Scratch, StorageBytes,
@@ -137,26 +137,6 @@ impl CudaStorage {
             return Err(Error::internal(format!("hot slot {slot} is not allocated")));
         }
         Ok(())
-    }
-
-    /// A selection of the device pages (hot and warm) of `n` copies of `table`, or `None` when
-    /// every page is one.
-    fn device_pages(&self, table: &PageTable, n: usize) -> Result<Option<PageSelection>> {
-        let pages = table.pages();
-        if pages
-            .iter()
-            .all(|p| matches!(p.tier, Tier::Hot | Tier::Warm))
-        {
-            return Ok(None);
-        }
-        let keep: Vec<u32> = (0..pages.len() as u32)
-            .filter(|&i| matches!(pages[i as usize].tier, Tier::Hot | Tier::Warm))
-            .collect();
-        let mut sel = PageSelection::none(n, self.kvh);
-        for i in 0..n {
-            sel.set_all_heads(i, &keep)?;
-        }
-        Ok(Some(sel))
     }
 }
 
@@ -384,16 +364,7 @@ impl BackendStorage for CudaStorage {
         n: usize,
     ) -> Result<Vec<f32>> {
         let (qh, kvh, d) = (self.qh, self.kvh, self.d);
-        if queries.len() != n * qh * d {
-            return Err(Error::shape("queries", n * qh * d, queries.len()));
-        }
-        if keys.len() != n * kvh * d || values.len() != n * kvh * d {
-            return Err(Error::shape(
-                "keys/values",
-                n * kvh * d,
-                keys.len().max(values.len()),
-            ));
-        }
+        crate::backend::prefill::check_shapes(queries, keys, values, n, qh, kvh, d)?;
         // Cached part on the device (one query per new token, all over the same table; pages
         // without device bytes are not attended), causal block of new tokens exact on the host,
         // merged by the shared combine. The trait gives prefill no scratch: the plan is per call.
@@ -401,7 +372,7 @@ impl BackendStorage for CudaStorage {
             None
         } else {
             let tabs = vec![table; n];
-            let sel = self.device_pages(table, n)?;
+            let sel = crate::backend::prefill::device_pages(table, n, kvh)?;
             let input = AttendInput {
                 tables: &tabs,
                 queries,
@@ -413,55 +384,15 @@ impl BackendStorage for CudaStorage {
             // Output and statistics only: the per-page results would be n * pages * q_heads floats.
             Some(self.attend_plan_with(&mut scratch.plan, input.queries, PageResults::None)?)
         };
-        let g = qh / kvh;
-        let mut out = vec![0f32; n * qh * d];
-        use rayon::prelude::*;
-        out.par_chunks_mut(d).enumerate().for_each_init(
-            || (Vec::new(), vec![0f32; d], vec![0f32; d], vec![0f32; d]),
-            |(s, q, acc, cacc), (i, o)| {
-                let (tok, kv) = (i / qh, (i % qh) / g);
-                for (x, y) in q.iter_mut().zip(&queries[i * d..(i + 1) * d]) {
-                    *x = y * self.scale;
-                }
-                s.clear();
-                s.extend((0..=tok).map(|j| {
-                    let k = &keys[(j * kvh + kv) * d..(j * kvh + kv + 1) * d];
-                    q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>()
-                }));
-                // The new tokens' part: softmax state relative to its own max, unnormalised sum.
-                let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut blk = OnlineSoftmax {
-                    m,
-                    ..OnlineSoftmax::default()
-                };
-                acc.fill(0.0);
-                for (j, &sj) in s.iter().enumerate() {
-                    let x = sj - m;
-                    let e = x.exp();
-                    blk.l += e;
-                    blk.s1 += e * x;
-                    blk.s2 += e * x * x;
-                    let v = &values[(j * kvh + kv) * d..(j * kvh + kv + 1) * d];
-                    for (a, vv) in acc.iter_mut().zip(v) {
-                        *a += e * vv;
-                    }
-                }
-                match &cached {
-                    Some(a) => {
-                        // The cached part's state and unnormalised sum (output times l).
-                        let cst = OnlineSoftmax::from_stats(&a.heads[i]);
-                        for (c, &x) in cacc.iter_mut().zip(&a.output[i * d..(i + 1) * d]) {
-                            *c = x * cst.l;
-                        }
-                        combine_parts([(cst, &cacc[..]), (blk, &acc[..])], o);
-                    }
-                    None => {
-                        combine_parts([(blk, &acc[..])], o);
-                    }
-                }
-            },
-        );
-        Ok(out)
+        Ok(crate::backend::prefill::merge_causal(
+            cached.as_ref(),
+            queries,
+            keys,
+            values,
+            n,
+            (qh, kvh, d),
+            self.scale,
+        ))
     }
 
     fn bytes(&self) -> StorageBytes {

@@ -1,0 +1,461 @@
+//! Backend conformance, written once and run on every compiled backend (`test_device!`, as
+//! candle's `test_device!` does): each body takes a [`Device`] and checks it against the CPU
+//! oracle (the f32-score path) and a naive f64 reference on the same inputs.
+//!
+//! - CPU: always.
+//! - CUDA (`--features cuda`): when a device is present (skips with a message otherwise).
+//! - Metal: on macOS with `--features metal`, the GPU; with `--features metal-emu` (any host, as in
+//!   CI) the emulator, which runs the same Metal storage code and the same `.metal` kernels
+//!   compiled as C++ on the CPU.
+//!
+//! Tolerances (data amplitude ~1, f32 with different summation orders): hot and warm page bytes
+//! identical to the CPU's (demotion included); attention output max |Δ| <= 2e-5 and entropy,
+//! max score, log Z |Δ| <= 1e-4, varentropy |Δ| <= 1e-3 (1 + V), page masses |Δ| <= 1e-5 against
+//! the CPU; against the f64 reference over the dequantised pages, output max |Δ| <= 1e-4.
+
+mod common;
+use common::{naive, Rng};
+use kvtier::backend::cpu::CpuDevice;
+use kvtier::backend::{BackendDevice, BackendStorage, Device};
+use kvtier::quant::{quantize_keys, quantize_values, WarmLayout};
+use kvtier::{
+    Attention, Bits, CacheConfig, CpuKernel, HotDtype, KvCache, PageEntry, PageResults,
+    PageSelection, Rows, Scratch, SeqId, Tier, WarmFormat,
+};
+
+/// `test_device!(body, cpu_name, cuda_name, metal_name)`: one `#[test]` per compiled backend.
+macro_rules! test_device {
+    ($body:ident, $cpu:ident, $cuda:ident, $metal:ident) => {
+        #[test]
+        fn $cpu() {
+            $body(&Device::Cpu);
+        }
+
+        #[cfg(feature = "cuda")]
+        #[test]
+        fn $cuda() {
+            match kvtier::backend::cuda::CudaDevice::new(0) {
+                Ok(d) => $body(&Device::Cuda(d)),
+                Err(e) => eprintln!("skipping {}: no CUDA device ({e})", stringify!($cuda)),
+            }
+        }
+
+        #[cfg(any(feature = "metal", feature = "metal-emu"))]
+        #[test]
+        fn $metal() {
+            match metal_device() {
+                Some(d) => $body(&Device::Metal(d)),
+                None => eprintln!("skipping {}: no Metal device", stringify!($metal)),
+            }
+        }
+    };
+}
+
+/// The Metal device: the GPU where there is one (macOS, `metal`), else the emulator
+/// (`metal-emu`).
+#[cfg(any(feature = "metal", feature = "metal-emu"))]
+fn metal_device() -> Option<kvtier::backend::metal::MetalDevice> {
+    use kvtier::backend::metal::MetalDevice;
+    match MetalDevice::new() {
+        Ok(d) => Some(d),
+        #[cfg(feature = "metal-emu")]
+        Err(_) => Some(MetalDevice::emulated()),
+        #[cfg(not(feature = "metal-emu"))]
+        Err(e) => {
+            eprintln!("no Metal device: {e}");
+            None
+        }
+    }
+}
+
+/// The CPU oracle's config: the f32-score path (AVX2, or portable), never AVX-512's integer key
+/// scores, whose bounded extra error is not what other backends are held to.
+fn oracle(cfg: &CacheConfig) -> CacheConfig {
+    let mut c = cfg.clone();
+    c.cpu_kernel = if CpuKernel::Avx2.available() {
+        CpuKernel::Avx2
+    } else {
+        CpuKernel::Portable
+    };
+    c
+}
+
+fn configs() -> Vec<(&'static str, CacheConfig)> {
+    let b = |q, kv, d| CacheConfig::builder(1, q, kv, d);
+    vec![
+        (
+            "9/3/64 f16 k4v2",
+            b(9, 3, 64).v_bits(Bits::B2).hot_window(32).build().unwrap(),
+        ),
+        (
+            "8/2/128 bf16 k2v2",
+            b(8, 2, 128)
+                .hot_dtype(HotDtype::BF16)
+                .k_bits(Bits::B2)
+                .v_bits(Bits::B2)
+                .hot_window(32)
+                .build()
+                .unwrap(),
+        ),
+        (
+            "8/1/64 f32 k8v8 g64",
+            b(8, 1, 64)
+                .hot_dtype(HotDtype::F32)
+                .k_bits(Bits::B8)
+                .v_bits(Bits::B8)
+                .value_group(64)
+                .hot_window(32)
+                .build()
+                .unwrap(),
+        ),
+        (
+            "4/4/32 bf16 k3v3 ps16",
+            b(4, 4, 32)
+                .hot_dtype(HotDtype::BF16)
+                .k_bits(Bits::B3)
+                .v_bits(Bits::B3)
+                .page_size(16)
+                .hot_window(16)
+                .build()
+                .unwrap(),
+        ),
+    ]
+}
+
+fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn storage_cfg(dev: &Device, cfg: &CacheConfig) -> CacheConfig {
+    if matches!(dev, Device::Cpu) {
+        oracle(cfg)
+    } else {
+        cfg.clone()
+    }
+}
+
+/// Hot pages as written, and demotion: outcome and warm bytes identical to the CPU's reference
+/// quantiser (repeated values, tiny steps, constant channels, a short page, f16 overflow), read
+/// back identical; export from one backend and import into the other keeps every byte.
+fn page_bytes_match_cpu(dev: &Device) {
+    for (name, cfg) in configs() {
+        let layout = WarmLayout::of(&cfg);
+        let (kvh, d, ps) = (cfg.num_kv_heads, cfg.head_dim, cfg.page_size);
+        let mut cpu = CpuDevice.storage(&oracle(&cfg), 0).unwrap();
+        let mut st = dev.storage(&storage_cfg(dev, &cfg), 0).unwrap();
+        let mut rng = Rng(0x5eed + d as u64);
+        let format = WarmFormat::of(&cfg);
+        let mut demoted = 0;
+        for case in 0..7 {
+            let n = if case == 3 { ps - 5 } else { ps };
+            let mut k = rng.vec(n * kvh * d, 2.0);
+            let mut v = rng.vec(n * kvh * d, 1.0);
+            match case {
+                1 => k.iter_mut().step_by(7).for_each(|x| *x = 0.25),
+                2 => v.iter_mut().for_each(|x| *x *= 1e-3),
+                4 => k.iter_mut().for_each(|x| *x *= 3_000.0),
+                5 => v[3] = 70_000.0, // beyond f16: the page stays hot
+                6 => (0..n).for_each(|t| (0..kvh).for_each(|h| k[(t * kvh + h) * d] = -1.5)),
+                _ => {}
+            }
+            let (sc, sd) = (cpu.alloc_hot().unwrap(), st.alloc_hot().unwrap());
+            cpu.write_hot(sc, 0, &k, &v, n).unwrap();
+            st.write_hot(sd, 0, &k, &v, n).unwrap();
+            let e = |tier, slot| PageEntry {
+                tier,
+                slot,
+                n_tokens: n as u32,
+                format,
+            };
+            let hc = cpu.read_page(&e(Tier::Hot, sc)).unwrap();
+            assert_eq!(
+                hc,
+                st.read_page(&e(Tier::Hot, sd)).unwrap(),
+                "{name} case {case}: hot page"
+            );
+            assert_eq!(
+                cpu.export_page(&e(Tier::Hot, sc)).unwrap(),
+                st.export_page(&e(Tier::Hot, sd)).unwrap(),
+                "{name} case {case}: hot bytes"
+            );
+            let mut want = vec![0u8; layout.head_bytes * kvh];
+            let mut ok = true;
+            for h in 0..kvh {
+                let blk = &mut want[h * layout.head_bytes..(h + 1) * layout.head_bytes];
+                let (kk, vv) = (
+                    &hc.0[h * n * d..(h + 1) * n * d],
+                    &hc.1[h * n * d..(h + 1) * n * d],
+                );
+                ok &= quantize_keys(kk, n, &layout, blk) && quantize_values(vv, n, &layout, blk);
+            }
+            let rc = cpu.demote(sc, n, format).unwrap();
+            let rd = st.demote(sd, n, format).unwrap();
+            assert_eq!(rc.is_some(), ok, "{name} case {case}: CPU outcome");
+            assert_eq!(rd.is_some(), ok, "{name} case {case}: demotion outcome");
+            let Some(wd) = rd else {
+                assert_eq!(
+                    st.read_page(&e(Tier::Hot, sd)).unwrap(),
+                    hc,
+                    "{name}: a refused demotion lost the hot page"
+                );
+                continue;
+            };
+            demoted += 1;
+            let got = st.export_page(&e(Tier::Warm, wd)).unwrap();
+            let nd = got.data.iter().zip(&want).filter(|(a, b)| a != b).count();
+            assert_eq!(got.data.len(), want.len(), "{name}: warm page length");
+            assert_eq!(nd, 0, "{name} case {case}: {nd} warm bytes differ");
+            let wc = e(Tier::Warm, rc.unwrap());
+            assert_eq!(
+                cpu.read_page(&wc).unwrap(),
+                st.read_page(&e(Tier::Warm, wd)).unwrap(),
+                "{name} case {case}: dequantised read-back"
+            );
+            // Across backends in both directions.
+            let back = st.import_page(&cpu.export_page(&wc).unwrap()).unwrap();
+            assert_eq!(st.export_page(&e(Tier::Warm, back)).unwrap(), got);
+            let there = cpu.import_page(&got).unwrap();
+            assert_eq!(cpu.export_page(&e(Tier::Warm, there)).unwrap(), got);
+            let (mut lo, mut hi) = (vec![0f32; kvh * d], vec![0f32; kvh * d]);
+            let (mut lo2, mut hi2) = (vec![0f32; kvh * d], vec![0f32; kvh * d]);
+            cpu.warm_key_bounds(&wc, &mut lo, &mut hi).unwrap();
+            st.warm_key_bounds(&e(Tier::Warm, wd), &mut lo2, &mut hi2)
+                .unwrap();
+            assert_eq!((lo, hi), (lo2, hi2), "{name}: key bounds");
+        }
+        assert!(demoted >= 4, "{name}: only {demoted} demotions ran");
+    }
+}
+test_device!(
+    page_bytes_match_cpu,
+    page_bytes_match_cpu_on_cpu,
+    page_bytes_match_cpu_on_cuda,
+    page_bytes_match_cpu_on_metal
+);
+
+struct Filled {
+    cache: KvCache,
+    seqs: Vec<SeqId>,
+}
+
+/// A cache on `device` holding sequences of `lens` tokens (appended in uneven chunks, so pages
+/// demote as they leave the hot window).
+fn fill(cfg: &CacheConfig, device: Device, lens: &[usize], seed: u64) -> Filled {
+    let mut cache = KvCache::with_device(cfg.clone(), device).unwrap();
+    let (kvh, d) = (cfg.num_kv_heads, cfg.head_dim);
+    let mut rng = Rng(seed);
+    let mut seqs = Vec::new();
+    for &len in lens {
+        let s = cache.add_sequence();
+        let k = rng.vec(len * kvh * d, 2.0);
+        let v = rng.vec(len * kvh * d, 1.0);
+        let r = kvh * d;
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(1 + (at * 7 + 13) % 50);
+            cache
+                .append(s, 0, &k[at * r..(at + n) * r], &v[at * r..(at + n) * r])
+                .unwrap();
+            at += n;
+        }
+        seqs.push(s);
+    }
+    Filled { cache, seqs }
+}
+
+fn compare(name: &str, a: &Attention, b: &Attention) {
+    let out = max_abs(&a.output, &b.output);
+    assert!(out <= 2e-5, "{name}: output max |diff| {out}");
+    for (x, y) in a.heads.iter().zip(&b.heads) {
+        let ok = (x.entropy - y.entropy).abs() <= 1e-4
+            && (x.varentropy - y.varentropy).abs() <= 1e-3 * (1.0 + x.varentropy.abs())
+            && (x.max_score == y.max_score || (x.max_score - y.max_score).abs() <= 1e-4)
+            && (x.log_z == y.log_z || (x.log_z - y.log_z).abs() <= 1e-4);
+        assert!(ok, "{name}: stats {x:?} vs {y:?}");
+    }
+    assert_eq!(a.page_mass.len(), b.page_mass.len(), "{name}");
+    for (x, y) in a.page_mass.iter().zip(&b.page_mass) {
+        assert!(max_abs(x, y) <= 1e-5, "{name}: page mass");
+    }
+    for (x, y) in a.kv_mass.iter().zip(&b.kv_mass) {
+        assert!(max_abs(x, y) <= 1e-5, "{name}: kv mass");
+    }
+    for (x, y) in a.page_lse.iter().zip(&b.page_lse) {
+        assert_eq!(x.len(), y.len(), "{name}: page lse length");
+        for (p, q) in x.iter().zip(y) {
+            assert!(
+                p == q || (p - q).abs() <= 1e-4 * (1.0 + p.abs()),
+                "{name}: page lse {p} vs {q}"
+            );
+        }
+    }
+}
+
+/// Batched decode over hot and warm pages against the CPU oracle and against the f64 reference
+/// over each page as stored (read back dequantised); every page-results mode; a random page
+/// selection against the CPU over the same selection.
+fn attention_matches_cpu(dev: &Device) {
+    for (name, cfg) in configs() {
+        let (qh, kvh, d) = (cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim);
+        let lens = [1, 37, 300, 129];
+        let ours = fill(&storage_cfg(dev, &cfg), dev.clone(), &lens, 7);
+        let cpu = fill(&oracle(&cfg), Device::Cpu, &lens, 7);
+        let mut rng = Rng(99);
+        let q = rng.vec(lens.len() * qh * d, 1.0);
+        let want = cpu.cache.attend(0, &cpu.seqs, &q).unwrap();
+        let got = ours.cache.attend(0, &ours.seqs, &q).unwrap();
+        compare(name, &want, &got);
+        // The f64 reference over the pages as stored.
+        for (i, &s) in ours.seqs.iter().enumerate() {
+            let (ks, vs) = ours.cache.read_tokens(s, 0).unwrap();
+            let len = ours.cache.page_table(s, 0).unwrap().len();
+            let (out, stats, _) =
+                naive(&q[i * qh * d..(i + 1) * qh * d], &ks, &vs, len, qh, kvh, d);
+            let err = max_abs(&out, got.output_of(i));
+            assert!(err <= 1e-4, "{name} seq {i}: output vs f64 reference {err}");
+            for (h, st) in stats.iter().enumerate() {
+                let e = (st.0 - got.heads_of(i)[h].entropy as f64).abs();
+                assert!(e <= 1e-3, "{name} seq {i} head {h}: entropy off by {e}");
+            }
+        }
+        for what in [PageResults::Masses, PageResults::None] {
+            let mut sc = Scratch::with_page_results(what);
+            let a = ours
+                .cache
+                .attend_with(&mut sc, 0, &ours.seqs, Rows::F32(&q), None)
+                .unwrap();
+            assert!(max_abs(&a.output, &got.output) <= 1e-6, "{name} {what:?}");
+            assert_eq!(a.page_lse.is_empty(), !what.lse(), "{name} {what:?}");
+            assert_eq!(a.has_page_results(), what.masses(), "{name} {what:?}");
+        }
+        // A random selection: every other page, and the last page always.
+        let n_pages: Vec<usize> = ours
+            .seqs
+            .iter()
+            .map(|&s| ours.cache.page_table(s, 0).unwrap().pages().len())
+            .collect();
+        let mut sel = PageSelection::none(lens.len(), kvh);
+        for (i, &n) in n_pages.iter().enumerate() {
+            for kv in 0..kvh {
+                let keep = (0..n as u32)
+                    .filter(|p| (p + kv as u32 + i as u32) % 2 == 0 || *p + 1 == n as u32);
+                sel.set(i, kv, keep).unwrap();
+            }
+        }
+        let mut s1 = Scratch::default();
+        let mut s2 = Scratch::default();
+        let want = cpu
+            .cache
+            .attend_with(&mut s1, 0, &cpu.seqs, Rows::F32(&q), Some(&sel))
+            .unwrap();
+        let got = ours
+            .cache
+            .attend_with(&mut s2, 0, &ours.seqs, Rows::F32(&q), Some(&sel))
+            .unwrap();
+        compare(&format!("{name} selected"), &want, &got);
+    }
+}
+test_device!(
+    attention_matches_cpu,
+    attention_matches_cpu_on_cpu,
+    attention_matches_cpu_on_cuda,
+    attention_matches_cpu_on_metal
+);
+
+/// Chunked prefill (cached pages on the device, the causal block on the host) against the CPU.
+fn prefill_matches_cpu(dev: &Device) {
+    for (name, cfg) in configs() {
+        let (qh, kvh, d) = (cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim);
+        let mut ours = fill(&storage_cfg(dev, &cfg), dev.clone(), &[70], 3);
+        let mut cpu = fill(&oracle(&cfg), Device::Cpu, &[70], 3);
+        let mut rng = Rng(5);
+        let n = 9;
+        let (q, k, v) = (
+            rng.vec(n * qh * d, 1.0),
+            rng.vec(n * kvh * d, 2.0),
+            rng.vec(n * kvh * d, 1.0),
+        );
+        let a = cpu.cache.prefill(cpu.seqs[0], 0, &q, &k, &v).unwrap();
+        let b = ours.cache.prefill(ours.seqs[0], 0, &q, &k, &v).unwrap();
+        let err = max_abs(&a, &b);
+        assert!(err <= 2e-5, "{name}: prefill max |diff| {err}");
+    }
+}
+test_device!(
+    prefill_matches_cpu,
+    prefill_matches_cpu_on_cpu,
+    prefill_matches_cpu_on_cuda,
+    prefill_matches_cpu_on_metal
+);
+
+/// Queries and output in Metal buffers (f32, f16, bf16 queries) equal the host call's result.
+#[cfg(feature = "metal-emu")]
+#[test]
+fn metal_attend_device_matches_attend() {
+    use kvtier::backend::metal::{MetalBuffers, MetalDevice};
+    use kvtier::backend::DeviceBuffers;
+    use kvtier::InputDtype;
+    let dev = metal_device().unwrap_or_else(MetalDevice::emulated);
+    let (_, cfg) = configs().remove(0);
+    let (qh, d) = (cfg.num_q_heads, cfg.head_dim);
+    let ours = fill(&cfg, Device::Metal(dev.clone()), &[40, 200], 11);
+    let mut rng = Rng(4);
+    let q = rng.vec(2 * qh * d, 1.0);
+    for dtype in [InputDtype::F32, InputDtype::F16, InputDtype::BF16] {
+        // The same rounded values on the host.
+        let (bytes, qr): (Vec<u8>, Vec<f32>) = match dtype {
+            InputDtype::F32 => (bytemuck_f32(&q), q.clone()),
+            InputDtype::F16 => {
+                let h: Vec<half::f16> = q.iter().map(|&x| half::f16::from_f32(x)).collect();
+                (
+                    h.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    h.iter().map(|x| x.to_f32()).collect(),
+                )
+            }
+            InputDtype::BF16 => {
+                let h: Vec<half::bf16> = q.iter().map(|&x| half::bf16::from_f32(x)).collect();
+                (
+                    h.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    h.iter().map(|x| x.to_f32()).collect(),
+                )
+            }
+        };
+        let want = ours.cache.attend(0, &ours.seqs, &qr).unwrap();
+        let mut qb = dev.buffer(bytes.len()).unwrap();
+        qb.write(0, &bytes).unwrap();
+        let ob = dev.buffer(2 * qh * d * 4).unwrap();
+        let bufs = DeviceBuffers::Metal(MetalBuffers {
+            queries: qb.handle(),
+            query_dtype: dtype,
+            output: ob.handle(),
+        });
+        let got = ours.cache.attend_device(0, &ours.seqs, bufs).unwrap();
+        assert!(got.output.is_empty());
+        let out: Vec<f32> = ob
+            .bytes(0, 2 * qh * d * 4)
+            .unwrap()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        assert!(max_abs(&out, &want.output) <= 1e-6, "{dtype:?} output");
+        assert_eq!(got.heads, want.heads, "{dtype:?} statistics");
+        assert_eq!(got.page_mass, want.page_mass, "{dtype:?} masses");
+    }
+    // Buffers too small for the batch are refused before anything runs.
+    let small = dev.buffer(16).unwrap();
+    let bufs = DeviceBuffers::Metal(MetalBuffers {
+        queries: small.handle(),
+        query_dtype: InputDtype::F32,
+        output: small.handle(),
+    });
+    assert!(ours.cache.attend_device(0, &ours.seqs, bufs).is_err());
+}
+
+#[cfg(feature = "metal-emu")]
+fn bytemuck_f32(x: &[f32]) -> Vec<u8> {
+    x.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
