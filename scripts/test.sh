@@ -15,3 +15,8 @@ cargo test --doc --features model,mistralrs,cli,redis
 for path in avx2 portable; do
     KVTIER_CPU_KERNEL=$path cargo test --features model,mistralrs --test attention --test core_v2 --test certify --test truncate
 done
+# Backend conformance (tests/conformance.rs: one body per check, run on every compiled backend)
+# with the Metal backend through its host emulator: the Metal storage code and the `.metal`
+# kernels, compiled as C++, on the CPU (no Apple GPU here).
+cargo test --features metal-emu --lib backend::metal
+cargo test --features metal-emu --test conformance

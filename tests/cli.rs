@@ -220,7 +220,11 @@ fn doctor_reports_what_it_checked() {
         assert_eq!(get("cuda")["ok"], false);
         assert_eq!(get("cuda")["data"]["compiled"], false);
     }
-    assert_eq!(get("metal")["ok"], false, "no Metal kernels exist yet");
+    assert_eq!(
+        get("metal")["ok"],
+        false,
+        "no Metal device on this (Linux) machine"
+    );
     assert_eq!(get("disk tier dir")["ok"], true);
     // A directory that does not exist is reported as not writable.
     let v = json_of(&[

@@ -342,7 +342,7 @@ fn attention_matches_cpu(dev: &Device) {
         for (i, &n) in n_pages.iter().enumerate() {
             for kv in 0..kvh {
                 let keep = (0..n as u32)
-                    .filter(|p| (p + kv as u32 + i as u32) % 2 == 0 || *p + 1 == n as u32);
+                    .filter(|p| (p + kv as u32 + i as u32).is_multiple_of(2) || *p + 1 == n as u32);
                 sel.set(i, kv, keep).unwrap();
             }
         }

@@ -19,6 +19,11 @@
 pub mod cpu;
 pub mod cuda;
 pub mod metal;
+#[cfg(any(
+    feature = "cuda",
+    all(feature = "metal", target_vendor = "apple"),
+    feature = "metal-emu"
+))]
 pub(crate) mod prefill;
 mod stub;
 
@@ -161,7 +166,8 @@ enum ScratchState {
     Empty,
     Cpu(cpu::CpuScratch),
     Cuda(cuda::CudaScratch),
-    Metal(metal::MetalScratch),
+    /// Boxed: its buffers are several times the other variants.
+    Metal(Box<metal::MetalScratch>),
 }
 
 impl Scratch {
@@ -215,7 +221,7 @@ impl Scratch {
     )]
     pub(crate) fn metal(&mut self) -> &mut metal::MetalScratch {
         if !matches!(self.state, ScratchState::Metal(_)) {
-            self.state = ScratchState::Metal(metal::MetalScratch::default());
+            self.state = ScratchState::Metal(Box::default());
         }
         match &mut self.state {
             ScratchState::Metal(s) => s,

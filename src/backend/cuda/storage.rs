@@ -15,7 +15,7 @@ use super::device::{drv, CudaDevice, Kernels};
 use super::kernels::KernelSpec;
 use super::plan::DecodePlan;
 use super::pool::{GrowBuf, Pool};
-use crate::attention::{Attention, PageSelection};
+use crate::attention::Attention;
 use crate::backend::{
     hot_page_bytes, AttendInput, BackendStorage, DeviceBuffers, DeviceLocation, PageBytes,
     PageResults, Scratch, StorageBytes,

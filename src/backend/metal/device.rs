@@ -109,3 +109,18 @@ impl BackendDevice for MetalDevice {
         MetalStorage::new(self.clone(), cfg)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::gpu::Kernel;
+    use super::SOURCES;
+
+    #[test]
+    fn every_kernel_is_defined_once_in_the_sources() {
+        let all = SOURCES.concat();
+        for k in Kernel::ALL {
+            let def = format!("kernel void {}(", k.name());
+            assert_eq!(all.matches(&def).count(), 1, "{}", k.name());
+        }
+    }
+}

@@ -63,6 +63,13 @@ mod stubs {
     use super::MetalError;
     crate::backend::stub::stub_backend!(MetalDevice, MetalStorage, MetalError, "metal", ());
 
+    impl MetalDevice {
+        /// The device's name (stub: no value of this type exists).
+        pub fn name(&self) -> &str {
+            match self._never {}
+        }
+    }
+
     /// Reusable decode plan (stub: holds nothing without the backend).
     #[derive(Default)]
     pub struct MetalScratch {
