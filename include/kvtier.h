@@ -1194,6 +1194,23 @@ kvtier_status kvtier_cache_new_cuda(const struct kvtier_config *config,
                                     struct kvtier_cache **cache_out);
 
 /*
+ A cache whose pages live on the system's default Metal device (macOS). Only a library built
+ for macOS with the `metal` feature can make one; otherwise this returns
+ `KVTIER_STATUS_BACKEND_NOT_COMPILED`. `kvtier_cache_attend_device` on it takes `id<MTLBuffer>`
+ handles (shared storage) and a NULL stream.
+
+ Errors: `NULL_PARAMETER`, `BACKEND_NOT_COMPILED`, `NO_DEVICE`, `KERNEL_COMPILE`,
+ `UNSUPPORTED` (a config the Metal kernels do not handle: key outlier channels, head_dim above
+ 256), `OUT_OF_MEMORY`.
+
+ # Safety
+
+ As `kvtier_cache_new`.
+ */
+kvtier_status kvtier_cache_new_metal(const struct kvtier_config *config,
+                                     struct kvtier_cache **cache_out);
+
+/*
  Frees a cache and every page it holds. NULL is a no-op.
 
  # Safety
@@ -1389,9 +1406,9 @@ kvtier_status kvtier_cache_attend(const struct kvtier_cache *cache,
 
 /*
  `kvtier_cache_attend` with the queries and the output in device memory: `queries_device` and
- `output_device` are device addresses (`CUdeviceptr` for CUDA) of
- `n_seqs * num_q_heads * head_dim` floats each, on the cache's device; `stream` is the backend's stream (`CUstream`),
- NULL for the default stream. Statistics are written to host buffers as for
+ `output_device` are device addresses of `n_seqs * num_q_heads * head_dim` floats each, on the
+ cache's device: `CUdeviceptr`s for CUDA, with `stream` the `CUstream` (NULL for the default
+ stream); `id<MTLBuffer>` handles of shared-storage buffers for Metal, with `stream` NULL. Statistics are written to host buffers as for
  `kvtier_cache_attend`.
 
  A CPU cache returns `KVTIER_STATUS_UNSUPPORTED` (use `kvtier_cache_attend`).

@@ -14,13 +14,13 @@
 //! the CPU; against the f64 reference over the dequantised pages, output max |Δ| <= 1e-4.
 
 mod common;
-use common::{naive, Rng};
+use common::{max_abs, naive, oracle, Rng};
 use kvtier::backend::cpu::CpuDevice;
 use kvtier::backend::{BackendDevice, BackendStorage, Device};
 use kvtier::quant::{quantize_keys, quantize_values, WarmLayout};
 use kvtier::{
-    Attention, Bits, CacheConfig, CpuKernel, HotDtype, KvCache, PageEntry, PageResults,
-    PageSelection, Rows, Scratch, SeqId, Tier, WarmFormat,
+    Attention, Bits, CacheConfig, HotDtype, KvCache, PageEntry, PageResults, PageSelection, Rows,
+    Scratch, SeqId, Tier, WarmFormat,
 };
 
 /// `test_device!(body, cpu_name, cuda_name, metal_name)`: one `#[test]` per compiled backend.
@@ -68,18 +68,6 @@ fn metal_device() -> Option<kvtier::backend::metal::MetalDevice> {
     }
 }
 
-/// The CPU oracle's config: the f32-score path (AVX2, or portable), never AVX-512's integer key
-/// scores, whose bounded extra error is not what other backends are held to.
-fn oracle(cfg: &CacheConfig) -> CacheConfig {
-    let mut c = cfg.clone();
-    c.cpu_kernel = if CpuKernel::Avx2.available() {
-        CpuKernel::Avx2
-    } else {
-        CpuKernel::Portable
-    };
-    c
-}
-
 fn configs() -> Vec<(&'static str, CacheConfig)> {
     let b = |q, kv, d| CacheConfig::builder(1, q, kv, d);
     vec![
@@ -122,14 +110,6 @@ fn configs() -> Vec<(&'static str, CacheConfig)> {
     ]
 }
 
-fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
 fn storage_cfg(dev: &Device, cfg: &CacheConfig) -> CacheConfig {
     if matches!(dev, Device::Cpu) {
         oracle(cfg)
@@ -139,7 +119,8 @@ fn storage_cfg(dev: &Device, cfg: &CacheConfig) -> CacheConfig {
 }
 
 /// Hot pages as written, and demotion: outcome and warm bytes identical to the CPU's reference
-/// quantiser (repeated values, tiny steps, constant channels, a short page, f16 overflow), read
+/// quantiser (repeated values, tiny steps, constant channels, a short page, f16 overflow, f16
+/// subnormals), read
 /// back identical; export from one backend and import into the other keeps every byte.
 fn page_bytes_match_cpu(dev: &Device) {
     for (name, cfg) in configs() {
@@ -150,7 +131,7 @@ fn page_bytes_match_cpu(dev: &Device) {
         let mut rng = Rng(0x5eed + d as u64);
         let format = WarmFormat::of(&cfg);
         let mut demoted = 0;
-        for case in 0..7 {
+        for case in 0..8 {
             let n = if case == 3 { ps - 5 } else { ps };
             let mut k = rng.vec(n * kvh * d, 2.0);
             let mut v = rng.vec(n * kvh * d, 1.0);
@@ -160,6 +141,8 @@ fn page_bytes_match_cpu(dev: &Device) {
                 4 => k.iter_mut().for_each(|x| *x *= 3_000.0),
                 5 => v[3] = 70_000.0, // beyond f16: the page stays hot
                 6 => (0..n).for_each(|t| (0..kvh).for_each(|h| k[(t * kvh + h) * d] = -1.5)),
+                // f16 subnormals (below 6.1e-5): exact conversions, not flushed ones.
+                7 => k.iter_mut().chain(v.iter_mut()).for_each(|x| *x *= 2e-5),
                 _ => {}
             }
             let (sc, sd) = (cpu.alloc_hot().unwrap(), st.alloc_hot().unwrap());

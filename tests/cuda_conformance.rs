@@ -18,7 +18,7 @@
 #![cfg(feature = "cuda")]
 
 mod common;
-use common::Rng;
+use common::{max_abs, oracle, Rng};
 use kvtier::backend::cpu::CpuDevice;
 use kvtier::backend::cuda::{
     compile_for_arch, compile_source, CudaBuffers, CudaDevice, CudaError, CudaStorage,
@@ -59,14 +59,6 @@ fn nvrtc_present() -> bool {
             false
         }
     }
-}
-
-fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -416,18 +408,6 @@ fn page_bytes_match_cpu() {
 struct Filled {
     cache: KvCache,
     seqs: Vec<SeqId>,
-}
-
-/// The CPU oracle's config: the f32-score path (AVX2, or portable), never AVX-512's integer key
-/// scores, whose bounded extra error is not what the CUDA kernels are held to.
-fn oracle(cfg: &CacheConfig) -> CacheConfig {
-    let mut c = cfg.clone();
-    c.cpu_kernel = if CpuKernel::Avx2.available() {
-        CpuKernel::Avx2
-    } else {
-        CpuKernel::Portable
-    };
-    c
 }
 
 fn fill(cfg: &CacheConfig, device: Device, lens: &[usize], seed: u64) -> Filled {

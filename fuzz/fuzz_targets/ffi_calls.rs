@@ -365,8 +365,11 @@ fn step(s: &mut State, b: &mut Bytes) -> Option<()> {
             };
             // SAFETY: `cfg` is NULL, misaligned or live; `out_ptr` NULL or a live local.
             let st = unsafe {
-                if b.u8()? % 8 == 0 {
+                let pick = b.u8()?;
+                if pick % 8 == 0 {
                     kvtier_cache_new_cuda(cfg, 0, out_ptr)
+                } else if pick % 8 == 1 {
+                    kvtier_cache_new_metal(cfg, out_ptr)
                 } else {
                     kvtier_cache_new(cfg, out_ptr)
                 }

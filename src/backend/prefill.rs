@@ -6,11 +6,51 @@
 //! Must never: read page storage (the device part arrives as an [`Attention`]).
 
 use crate::attention::{combine_parts, Attention, OnlineSoftmax, PageSelection};
+use crate::backend::AttendInput;
 use crate::cache::{PageTable, Tier};
 use crate::error::{Error, Result};
 
+/// [`crate::backend::BackendStorage::prefill`] on an accelerator: the cached part through
+/// `attend` (one decode query per new token, every one over `table`; pages without device bytes
+/// are not attended; output and statistics only), the causal block of the new tokens exact on the
+/// host, merged by the shared combine. The trait gives prefill no scratch: `attend` plans per call.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn prefill_with(
+    table: &PageTable,
+    queries: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    n: usize,
+    (qh, kvh, d): (usize, usize, usize),
+    scale: f32,
+    attend: impl FnOnce(&AttendInput) -> Result<Attention>,
+) -> Result<Vec<f32>> {
+    check_shapes(queries, keys, values, n, qh, kvh, d)?;
+    let cached = if table.pages().is_empty() || n == 0 {
+        None
+    } else {
+        let tabs = vec![table; n];
+        let sel = device_pages(table, n, kvh)?;
+        Some(attend(&AttendInput {
+            tables: &tabs,
+            queries,
+            selection: sel.as_ref(),
+            rotation: None,
+        })?)
+    };
+    Ok(merge_causal(
+        cached.as_ref(),
+        queries,
+        keys,
+        values,
+        n,
+        (qh, kvh, d),
+        scale,
+    ))
+}
+
 /// Checks prefill's `[n, qh, d]` queries and `[n, kvh, d]` keys and values.
-pub(crate) fn check_shapes(
+fn check_shapes(
     queries: &[f32],
     keys: &[f32],
     values: &[f32],
@@ -34,11 +74,7 @@ pub(crate) fn check_shapes(
 
 /// For `n` queries over `table`: `None` when every page is on the device, else a selection of
 /// the hot and warm pages only (cold and evicted pages have no device bytes).
-pub(crate) fn device_pages(
-    table: &PageTable,
-    n: usize,
-    kvh: usize,
-) -> Result<Option<PageSelection>> {
+fn device_pages(table: &PageTable, n: usize, kvh: usize) -> Result<Option<PageSelection>> {
     let pages = table.pages();
     if pages
         .iter()
@@ -59,7 +95,7 @@ pub(crate) fn device_pages(
 /// Prefill's output `[n, qh, d]`: for new token `tok` and q head `h`, the softmax over the cached
 /// pages (`cached`: one decode query per new token, `None` without cached pages) and the new
 /// tokens `0..=tok` (exact), merged with the shared combine.
-pub(crate) fn merge_causal(
+fn merge_causal(
     cached: Option<&Attention>,
     queries: &[f32],
     keys: &[f32],

@@ -12,7 +12,10 @@ use super::cache::kvtier_cache;
 use super::status::{kvtier_status, FfiError};
 use crate::attention::Attention;
 use crate::backend::cuda::CudaBuffers;
-use crate::backend::{DeviceBuffers, InputDtype, PageResults, Scratch};
+use crate::backend::metal::MetalBuffers;
+use crate::backend::{
+    BackendStorage, DeviceBuffers, DeviceLocation, InputDtype, PageResults, Scratch,
+};
 use crate::cache::Rows;
 use crate::cache::{KvCache, SeqId};
 use std::ffi::c_void;
@@ -151,9 +154,12 @@ impl StatsOut {
     }
 }
 
-/// The device buffers of a device attention call: f32 queries and output at device addresses
-/// (non-zero for a non-empty batch), on `stream` (NULL: the default stream).
+/// The device buffers of a device attention call on `cache`'s device: f32 queries and output at
+/// device addresses (non-zero for a non-empty batch). CUDA: `CUdeviceptr`s on `stream` (NULL: the
+/// default stream). Metal: `id<MTLBuffer>` handles of shared-storage buffers (`stream` must be
+/// NULL: the cache waits for its own command queue).
 pub(super) fn device_buffers(
+    cache: &KvCache,
     n_seqs: usize,
     queries_device: u64,
     output_device: u64,
@@ -164,6 +170,21 @@ pub(super) fn device_buffers(
     }
     if n_seqs > 0 && output_device == 0 {
         return Err(FfiError::null("output_device"));
+    }
+    if cache.layer_storage(0)?.location() == DeviceLocation::Metal {
+        if !stream.is_null() {
+            return Err(crate::Error::shape(
+                "stream",
+                "NULL for a Metal cache (it has no caller stream)",
+                "a stream",
+            )
+            .into());
+        }
+        return Ok(DeviceBuffers::Metal(MetalBuffers {
+            queries: queries_device,
+            query_dtype: InputDtype::F32,
+            output: output_device,
+        }));
     }
     Ok(DeviceBuffers::Cuda(CudaBuffers {
         queries: queries_device,
@@ -287,9 +308,9 @@ pub unsafe extern "C" fn kvtier_cache_attend(
 }
 
 /// `kvtier_cache_attend` with the queries and the output in device memory: `queries_device` and
-/// `output_device` are device addresses (`CUdeviceptr` for CUDA) of
-/// `n_seqs * num_q_heads * head_dim` floats each, on the cache's device; `stream` is the backend's stream (`CUstream`),
-/// NULL for the default stream. Statistics are written to host buffers as for
+/// `output_device` are device addresses of `n_seqs * num_q_heads * head_dim` floats each, on the
+/// cache's device: `CUdeviceptr`s for CUDA, with `stream` the `CUstream` (NULL for the default
+/// stream); `id<MTLBuffer>` handles of shared-storage buffers for Metal, with `stream` NULL. Statistics are written to host buffers as for
 /// `kvtier_cache_attend`.
 ///
 /// A CPU cache returns `KVTIER_STATUS_UNSUPPORTED` (use `kvtier_cache_attend`).
@@ -318,7 +339,7 @@ pub unsafe extern "C" fn kvtier_cache_attend_device(
         let c = unsafe { handle(cache, "cache") }?.read()?;
         // SAFETY: `seqs` holds `n_seqs` readable ids (this function's contract).
         let (ids, pages) = unsafe { batch(&c, layer, seqs, n_seqs) }?;
-        let bufs = device_buffers(n_seqs, queries_device, output_device, stream)?;
+        let bufs = device_buffers(&c, n_seqs, queries_device, output_device, stream)?;
         // SAFETY: `stats` is NULL or initialised (this function's contract).
         let stats_out = unsafe { StatsOut::check(stats, n_seqs, c.config().num_q_heads, &pages) }?;
         let att = c.attend_device_with(&mut stats_out.scratch(), layer, &ids, &bufs, None)?;

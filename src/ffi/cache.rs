@@ -10,6 +10,7 @@ use super::boundary::{handle, input, Out, OutParam};
 use super::config::{kvtier_config, kvtier_shape};
 use super::status::{kvtier_status, FfiError};
 use crate::backend::cuda::CudaDevice;
+use crate::backend::metal::MetalDevice;
 use crate::backend::Device;
 use crate::cache::{KvCache, SeqId};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -152,6 +153,33 @@ pub unsafe extern "C" fn kvtier_cache_new_cuda(
         let cfg = unsafe { handle(config, "config") }?.lock().clone();
         let out = OutParam::new(cache_out, "cache_out")?;
         let device = Device::Cuda(CudaDevice::new(ordinal)?);
+        hand_out(KvCache::with_device(cfg, device)?, out);
+        Ok(())
+    })
+}
+
+/// A cache whose pages live on the system's default Metal device (macOS). Only a library built
+/// for macOS with the `metal` feature can make one; otherwise this returns
+/// `KVTIER_STATUS_BACKEND_NOT_COMPILED`. `kvtier_cache_attend_device` on it takes `id<MTLBuffer>`
+/// handles (shared storage) and a NULL stream.
+///
+/// Errors: `NULL_PARAMETER`, `BACKEND_NOT_COMPILED`, `NO_DEVICE`, `KERNEL_COMPILE`,
+/// `UNSUPPORTED` (a config the Metal kernels do not handle: key outlier channels, head_dim above
+/// 256), `OUT_OF_MEMORY`.
+///
+/// # Safety
+///
+/// As `kvtier_cache_new`.
+#[no_mangle]
+pub unsafe extern "C" fn kvtier_cache_new_metal(
+    config: *const kvtier_config,
+    cache_out: *mut *mut kvtier_cache,
+) -> kvtier_status {
+    ffi_panic_boundary!("kvtier_cache_new_metal", {
+        // SAFETY: `config` is NULL or live (this function's contract).
+        let cfg = unsafe { handle(config, "config") }?.lock().clone();
+        let out = OutParam::new(cache_out, "cache_out")?;
+        let device = Device::Metal(MetalDevice::new()?);
         hand_out(KvCache::with_device(cfg, device)?, out);
         Ok(())
     })

@@ -103,7 +103,7 @@ pub unsafe extern "C" fn kvtier_cache_attend_device_async(
         let step = unsafe { handle(step, "step") }?;
         // SAFETY: `seqs` holds `n_seqs` readable ids (this function's contract).
         let (ids, _) = unsafe { batch(&c, layer, seqs, n_seqs) }?;
-        let bufs = device_buffers(n_seqs, queries_device, output_device, stream)?;
+        let bufs = device_buffers(&c, n_seqs, queries_device, output_device, stream)?;
         let mut s = step.inner.lock().unwrap_or_else(PoisonError::into_inner);
         c.attend_device_async(&mut s, layer, &ids, &bufs, None)?;
         Ok(())

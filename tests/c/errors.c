@@ -108,6 +108,10 @@ static void config_errors(void) {
     EXPECT_STATUS(KVTIER_STATUS_BACKEND_NOT_COMPILED, kvtier_cache_new_cuda(cfg, 0, &cache));
     EXPECT(cache == NULL && kvt_last_error_has("cuda"));
     EXPECT_STATUS(KVTIER_STATUS_NULL_PARAMETER, kvtier_cache_new_cuda(NULL, 0, &cache));
+    EXPECT_STATUS(KVTIER_STATUS_BACKEND_NOT_COMPILED, kvtier_cache_new_metal(cfg, &cache));
+    EXPECT(cache == NULL && kvt_last_error_has("metal"));
+    EXPECT_STATUS(KVTIER_STATUS_NULL_PARAMETER, kvtier_cache_new_metal(NULL, &cache));
+    EXPECT_STATUS(KVTIER_STATUS_NULL_PARAMETER, kvtier_cache_new_metal(cfg, NULL));
     kvtier_config_free(cfg);
 }
 

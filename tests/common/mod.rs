@@ -74,3 +74,24 @@ pub fn naive(
     }
     (out, stats, probs)
 }
+
+/// Largest |a - b| over two equally long slices.
+pub fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// The CPU oracle's config: the f32-score path (AVX2, or portable), never AVX-512's integer key
+/// scores, whose bounded extra error is not what other backends are held to.
+pub fn oracle(cfg: &kvtier::CacheConfig) -> kvtier::CacheConfig {
+    let mut c = cfg.clone();
+    c.cpu_kernel = if kvtier::CpuKernel::Avx2.available() {
+        kvtier::CpuKernel::Avx2
+    } else {
+        kvtier::CpuKernel::Portable
+    };
+    c
+}

@@ -363,36 +363,23 @@ impl BackendStorage for CudaStorage {
         values: &[f32],
         n: usize,
     ) -> Result<Vec<f32>> {
-        let (qh, kvh, d) = (self.qh, self.kvh, self.d);
-        crate::backend::prefill::check_shapes(queries, keys, values, n, qh, kvh, d)?;
-        // Cached part on the device (one query per new token, all over the same table; pages
-        // without device bytes are not attended), causal block of new tokens exact on the host,
-        // merged by the shared combine. The trait gives prefill no scratch: the plan is per call.
-        let cached = if table.pages().is_empty() || n == 0 {
-            None
-        } else {
-            let tabs = vec![table; n];
-            let sel = crate::backend::prefill::device_pages(table, n, kvh)?;
-            let input = AttendInput {
-                tables: &tabs,
-                queries,
-                selection: sel.as_ref(),
-                rotation: None,
-            };
-            let mut scratch = CudaScratch::default();
-            self.plan_into(&mut scratch.plan, input.tables, input.selection)?;
-            // Output and statistics only: the per-page results would be n * pages * q_heads floats.
-            Some(self.attend_plan_with(&mut scratch.plan, input.queries, PageResults::None)?)
-        };
-        Ok(crate::backend::prefill::merge_causal(
-            cached.as_ref(),
+        let shape = (self.qh, self.kvh, self.d);
+        crate::backend::prefill::prefill_with(
+            table,
             queries,
             keys,
             values,
             n,
-            (qh, kvh, d),
+            shape,
             self.scale,
-        ))
+            |input| {
+                let mut scratch = CudaScratch::default();
+                self.plan_into(&mut scratch.plan, input.tables, input.selection)?;
+                // Output and statistics only: the per-page results would be n * pages * q_heads
+                // floats.
+                self.attend_plan_with(&mut scratch.plan, input.queries, PageResults::None)
+            },
+        )
     }
 
     fn bytes(&self) -> StorageBytes {

@@ -563,38 +563,19 @@ impl BackendStorage for MetalStorage {
         values: &[f32],
         n: usize,
     ) -> Result<Vec<f32>> {
-        let (qh, kvh, d) = (self.qh, self.kvh, self.d);
-        crate::backend::prefill::check_shapes(queries, keys, values, n, qh, kvh, d)?;
-        // Cached part on the device (one query per new token over the same table), the causal
-        // block of new tokens exact on the host, merged by the shared combine.
-        let cached = if table.pages().is_empty() || n == 0 {
-            None
-        } else {
-            let tabs = vec![table; n];
-            let sel = crate::backend::prefill::device_pages(table, n, kvh)?;
-            let input = AttendInput {
-                tables: &tabs,
-                queries,
-                selection: sel.as_ref(),
-                rotation: None,
-            };
-            let mut scratch = super::MetalScratch::default();
-            Some(self.attend_with(
-                &mut scratch,
-                &input,
-                None,
-                crate::backend::PageResults::None,
-            )?)
-        };
-        Ok(crate::backend::prefill::merge_causal(
-            cached.as_ref(),
+        crate::backend::prefill::prefill_with(
+            table,
             queries,
             keys,
             values,
             n,
-            (qh, kvh, d),
+            (self.qh, self.kvh, self.d),
             self.scale,
-        ))
+            |input| {
+                let mut scratch = super::MetalScratch::default();
+                self.attend_with(&mut scratch, input, None, crate::backend::PageResults::None)
+            },
+        )
     }
 
     fn bytes(&self) -> StorageBytes {

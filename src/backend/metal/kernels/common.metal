@@ -3,16 +3,20 @@
 // same way), dtype codes and conversions, and the warm-page code reader.
 //
 // The library is compiled with fast math off: demotion must produce the CPU's bytes exactly, so
-// every float operation here is a plain IEEE f32 operation and products are kept in their own
-// statements (no multiply-add contraction across statements).
+// every float operation there is a plain IEEE f32 operation (division through `KVT_DIV`,
+// correctly rounded), products are kept in their own statements, contraction is off in
+// quant.metal, and f16 conversions are integer code (`kvt_f2h`, `kvt_h2f`).
 #ifndef KVT_EMU
 #include <metal_stdlib>
 using namespace metal;
 // Threadgroup memory binding 0 (a macro: the emulator's `threadgroup` qualifier is a no-op and
 // would empty the attribute).
 #define KVT_TG0 [[threadgroup(0)]]
+// Correctly rounded f32 division in every math mode.
+#define KVT_DIV(a, b) metal::precise::divide((a), (b))
 #else
 #define KVT_TG0
+#define KVT_DIV(a, b) ((a) / (b))
 #endif
 
 // Element types (`HotDtype` / `InputDtype` on the Rust side).
@@ -65,15 +69,63 @@ inline ushort kvt_f2bf(float x) {
 
 inline float kvt_bf2f(ushort b) { return as_type<float>(uint(b) << 16); }
 
-inline ushort kvt_f2h(float x) { return as_type<ushort>(half(x)); }
+// f32 -> f16 bits, round to nearest even, in integer operations (`half::f16::from_f32`): exact
+// whatever the GPU does with subnormals (hardware conversions may flush them), for every byte the
+// CPU must reproduce (appends and demotion).
+inline ushort kvt_f2h(float x) {
+    const uint u = as_type<uint>(x);
+    const uint sign = (u & 0x80000000u) >> 16;
+    const uint ex = u & 0x7f800000u, man = u & 0x007fffffu;
+    if (ex == 0x7f800000u) return ushort(sign | 0x7c00u | (man != 0u ? 0x200u : 0u) | (man >> 13));
+    const int he = int(ex >> 23) - 127 + 15;
+    if (he >= 0x1f) return ushort(sign | 0x7c00u);
+    if (he <= 0) {
+        if (14 - he > 24) return ushort(sign);
+        const uint m = man | 0x00800000u;
+        uint hm = m >> uint(14 - he);
+        const uint rb = 1u << uint(13 - he);
+        if ((m & rb) != 0u && (m & (3u * rb - 1u)) != 0u) hm += 1u;
+        return ushort(sign | hm);
+    }
+    const uint h = sign | (uint(he) << 10) | (man >> 13);
+    const uint rb = 0x1000u;
+    return ushort((man & rb) != 0u && (man & (3u * rb - 1u)) != 0u ? h + 1u : h);
+}
 
-inline float kvt_h2f(ushort b) { return float(as_type<half>(b)); }
+// f16 bits -> f32, exactly (subnormals included), in integer operations.
+inline float kvt_h2f(ushort b) {
+    const uint sign = (uint(b) & 0x8000u) << 16;
+    uint e = (uint(b) >> 10) & 0x1fu, m = uint(b) & 0x3ffu;
+    if (e == 0x1fu) return as_type<float>(sign | 0x7f800000u | (m << 13));
+    if (e == 0u) {
+        if (m == 0u) return as_type<float>(sign);
+        e = 1u;
+        while ((m & 0x400u) == 0u) {
+            m <<= 1;
+            e -= 1u;
+        }
+        m &= 0x3ffu;
+        return as_type<float>(sign | ((e + 112u) << 23) | (m << 13));
+    }
+    return as_type<float>(sign | ((e + 112u) << 23) | (m << 13));
+}
 
-// Element `i` of a buffer of `dtype` elements.
+// f16 bits -> f32 by the hardware conversion: for attention reads, where a flushed subnormal
+// changes nothing beyond the kernels' tolerance.
+inline float kvt_h2f_fast(ushort b) { return float(as_type<half>(b)); }
+
+// Element `i` of a buffer of `dtype` elements (exact: appends and demotion).
 inline float kvt_load(device const uchar* base, ulong i, uint dtype) {
     if (dtype == KVT_F32) return ((device const float*)base)[i];
     const ushort b = ((device const ushort*)base)[i];
     return dtype == KVT_F16 ? kvt_h2f(b) : kvt_bf2f(b);
+}
+
+// Element `i` of a buffer of `dtype` elements (attention reads).
+inline float kvt_load_fast(device const uchar* base, ulong i, uint dtype) {
+    if (dtype == KVT_F32) return ((device const float*)base)[i];
+    const ushort b = ((device const ushort*)base)[i];
+    return dtype == KVT_F16 ? kvt_h2f_fast(b) : kvt_bf2f(b);
 }
 
 // Stores `x` as element `i` of a `dtype` buffer (rounded to nearest even).

@@ -13,11 +13,11 @@ inline float kvt_key(device const uchar* hot, device const uchar* warm, constant
     const DecodeItem w = items[it];
     if (w.tier == 0u) {
         device const uchar* page = hot + ulong(w.slot) * ulong(p.hot_page_bytes);
-        return kvt_load(page, (ulong(w.kv) * p.ps + t) * p.d + c, p.hot_dtype);
+        return kvt_load_fast(page, (ulong(w.kv) * p.ps + t) * p.d + c, p.hot_dtype);
     }
     device const uchar* blk = warm + ulong(w.slot) * ulong(p.warm_page_bytes) + ulong(w.kv) * ulong(w.head_bytes);
-    const float mn = kvt_h2f(((device const ushort*)(blk + w.k_min))[c]);
-    const float st = kvt_h2f(((device const ushort*)(blk + w.k_step))[c]);
+    const float mn = kvt_h2f_fast(((device const ushort*)(blk + w.k_min))[c]);
+    const float st = kvt_h2f_fast(((device const ushort*)(blk + w.k_step))[c]);
     const uint code = kvt_code_at(blk + w.k_codes + t * kvt_row_bytes(w.k_bits, p.d), c, w.k_bits, p.d);
     const float q = st * float(code);
     return mn + q;
@@ -30,12 +30,12 @@ inline float kvt_value(device const uchar* hot, device const uchar* warm, consta
     if (w.tier == 0u) {
         device const uchar* page = hot + ulong(w.slot) * ulong(p.hot_page_bytes);
         const ulong half_elems = ulong(p.kvh) * p.ps * p.d;
-        return kvt_load(page, half_elems + (ulong(w.kv) * p.ps + t) * p.d + c, p.hot_dtype);
+        return kvt_load_fast(page, half_elems + (ulong(w.kv) * p.ps + t) * p.d + c, p.hot_dtype);
     }
     device const uchar* blk = warm + ulong(w.slot) * ulong(p.warm_page_bytes) + ulong(w.kv) * ulong(w.head_bytes);
     const uint i = t * (p.d / p.value_group) + c / p.value_group;
-    const float mn = kvt_h2f(((device const ushort*)(blk + w.v_min))[i]);
-    const float st = kvt_h2f(((device const ushort*)(blk + w.v_step))[i]);
+    const float mn = kvt_h2f_fast(((device const ushort*)(blk + w.v_min))[i]);
+    const float st = kvt_h2f_fast(((device const ushort*)(blk + w.v_step))[i]);
     const uint code = kvt_code_at(blk + w.v_codes + t * kvt_row_bytes(w.v_bits, p.d), c, w.v_bits, p.d);
     const float q = st * float(code);
     return mn + q;
@@ -62,7 +62,7 @@ kernel void kvt_decode(device const uchar* hot [[buffer(0)]],
     // Queries of the group, scaled.
     for (uint i = tid; i < g * d; i += nthreads) {
         const ulong at = (ulong(w.seq) * p.qh + ulong(w.kv) * g + i / d) * d + i % d;
-        q[i] = kvt_load(queries, at, p.q_dtype) * p.scale;
+        q[i] = kvt_load_fast(queries, at, p.q_dtype) * p.scale;
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
     // Scores: one (head, token) pair per thread.

@@ -3,6 +3,10 @@
 // outlier channels are not supported by this backend). One threadgroup per kv head writes that
 // head's whole block, padding included (zeros), so a reused warm slot never leaks old bytes.
 // A range that does not fit f16 sets `fail[0]` and the block is not written.
+// No multiply-add contraction here (the host computes every product and sum rounded).
+#ifndef KVT_EMU
+#pragma clang fp contract(off)
+#endif
 
 // `quant::min_and_step`: f16 minimum and f16 step, rounded up until min + max_code * step >= hi.
 inline bool kvt_min_and_step(float lo, float hi, uint max_code, thread ushort& mn, thread ushort& st) {
@@ -12,7 +16,7 @@ inline bool kvt_min_and_step(float lo, float hi, uint max_code, thread ushort& m
     float span = hi - m;
     span = span > 0.0f ? span : 0.0f;
     const float mc = float(max_code);
-    ushort s16 = kvt_f2h(span / mc);
+    ushort s16 = kvt_f2h(KVT_DIV(span, mc));
     while (true) {
         const float top = kvt_h2f(s16) * mc;  // its own statement: no contraction with the add
         const float reach = top + m;
@@ -29,7 +33,7 @@ inline bool kvt_min_and_step(float lo, float hi, uint max_code, thread ushort& m
 // `quant::code_of` with `quant::inv`: round half away from zero, clamp to [0, max].
 inline uint kvt_code(float x, ushort mn, ushort st, uint max_code) {
     const float s = kvt_h2f(st);
-    const float inv = s > 0.0f ? 1.0f / s : 0.0f;
+    const float inv = s > 0.0f ? KVT_DIV(1.0f, s) : 0.0f;
     const float rel = x - kvt_h2f(mn);
     const float scaled = rel * inv;
     float c = round(scaled);
@@ -191,3 +195,6 @@ kernel void kvt_quantize(device const uchar* hot [[buffer(0)]],
         blk[b] = out;
     }
 }
+#ifndef KVT_EMU
+#pragma clang fp contract(on)
+#endif
