@@ -415,6 +415,8 @@ fn metal_attend_device_matches_attend() {
             queries: qb.handle(),
             query_dtype: dtype,
             output: ob.handle(),
+            queries_offset: 0,
+            output_offset: 0,
         });
         let got = ours.cache.attend_device(0, &ours.seqs, bufs).unwrap();
         assert!(got.output.is_empty());
@@ -428,12 +430,47 @@ fn metal_attend_device_matches_attend() {
         assert_eq!(got.heads, want.heads, "{dtype:?} statistics");
         assert_eq!(got.page_mass, want.page_mass, "{dtype:?} masses");
     }
-    // Buffers too small for the batch are refused before anything runs.
+    // Queries and output at offsets inside larger buffers.
+    let want = ours.cache.attend(0, &ours.seqs, &q).unwrap();
+    let mut qb = dev.buffer(64 + q.len() * 4).unwrap();
+    qb.write(64, &bytemuck_f32(&q)).unwrap();
+    let ob = dev.buffer(32 + q.len() * 4).unwrap();
+    let bufs = DeviceBuffers::Metal(MetalBuffers {
+        queries: qb.handle(),
+        query_dtype: InputDtype::F32,
+        output: ob.handle(),
+        queries_offset: 64,
+        output_offset: 32,
+    });
+    let got = ours.cache.attend_device(0, &ours.seqs, bufs).unwrap();
+    let out: Vec<f32> = ob
+        .bytes(32, q.len() * 4)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    assert!(max_abs(&out, &want.output) <= 1e-6, "output at an offset");
+    assert_eq!(got.heads, want.heads);
+    assert!(
+        ob.bytes(0, 32).unwrap().iter().all(|&b| b == 0),
+        "bytes before the offset kept"
+    );
+    // Buffers too small for the batch (or misaligned offsets) are refused before anything runs.
+    let misaligned = DeviceBuffers::Metal(MetalBuffers {
+        queries_offset: 2,
+        ..match bufs {
+            DeviceBuffers::Metal(b) => b,
+            _ => unreachable!(),
+        }
+    });
+    assert!(ours.cache.attend_device(0, &ours.seqs, misaligned).is_err());
     let small = dev.buffer(16).unwrap();
     let bufs = DeviceBuffers::Metal(MetalBuffers {
         queries: small.handle(),
         query_dtype: InputDtype::F32,
         output: small.handle(),
+        queries_offset: 0,
+        output_offset: 0,
     });
     assert!(ours.cache.attend_device(0, &ours.seqs, bufs).is_err());
 }

@@ -907,6 +907,8 @@ fn attend_device_f16_and_bf16_queries_match_f32() {
         queries: 1,
         query_dtype: InputDtype::F32,
         output: 1,
+        queries_offset: 0,
+        output_offset: 0,
     });
     match st.attend_device(&mut scratch, &input, &metal) {
         Err(Error::Unsupported(_)) => {}

@@ -184,6 +184,8 @@ pub(super) fn device_buffers(
             queries: queries_device,
             query_dtype: InputDtype::F32,
             output: output_device,
+            queries_offset: 0,
+            output_offset: 0,
         }));
     }
     Ok(DeviceBuffers::Cuda(CudaBuffers {

@@ -197,31 +197,45 @@ impl MetalStorage {
             Some(b) => unsafe {
                 let q = dv.gpu().wrap(b.queries)?;
                 let o = dv.gpu().wrap(b.output)?;
-                if q.len() < out_len * b.query_dtype.size() || o.len() < out_len * 4 {
+                let qb = out_len * b.query_dtype.size();
+                let fits =
+                    |len: usize, off: usize, n: usize| off.checked_add(n).is_some_and(|e| e <= len);
+                if !fits(q.len(), b.queries_offset, qb)
+                    || !fits(o.len(), b.output_offset, out_len * 4)
+                    || b.queries_offset % b.query_dtype.size() != 0
+                    || b.output_offset % 4 != 0
+                {
                     return Err(Error::shape(
                         "metal query / output buffers",
-                        format!("{} / {} bytes", out_len * b.query_dtype.size(), out_len * 4),
-                        format!("{} / {} bytes", q.len(), o.len()),
+                        format!("{qb} / {} bytes at aligned offsets", out_len * 4),
+                        format!(
+                            "{} / {} bytes at offsets {} / {}",
+                            q.len(),
+                            o.len(),
+                            b.queries_offset,
+                            b.output_offset
+                        ),
                     ));
                 }
                 (Some(q), Some(o))
             },
             None => (None, None),
         };
+        let (q_off, o_off) = dev.map_or((0, 0), |b| (b.queries_offset, b.output_offset));
         let rot_q;
-        let qsrc: &MetalBuffer = match (&qbuf, input.rotation) {
-            (Some(q), None) => q,
+        let (qsrc, q_off): (&MetalBuffer, usize) = match (&qbuf, input.rotation) {
+            (Some(q), None) => (q, q_off),
             (Some(q), Some(r)) => {
                 // Unified memory: the host rotates the caller's queries into a buffer of ours.
-                let raw = q.bytes(0, out_len * q_dtype.size())?;
+                let raw = q.bytes(q_off, out_len * q_dtype.size())?;
                 let mut x = to_f32(raw, q_dtype);
                 crate::quant::rotate::forward_with(r.signs, r.norm, d, &mut x);
                 let mut b = dv.gpu().alloc(out_len * 4)?;
                 b.write(0, bytemuck::cast_slice(&x))?;
                 rot_q = b;
-                &rot_q
+                (&rot_q, 0)
             }
-            (None, _) => sc.buf(QUERIES)?,
+            (None, _) => (sc.buf(QUERIES)?, 0),
         };
         let q_code = if qbuf.is_some() && input.rotation.is_some() {
             0
@@ -266,9 +280,9 @@ impl MetalStorage {
                 (h.as_ref().unwrap_or(&spare), w.as_ref().unwrap_or(&spare))
             }
         };
-        let out = match &obuf {
-            Some(o) => o,
-            None => sc.buf(OUT)?,
+        let (out, o_off) = match &obuf {
+            Some(o) => (o, o_off),
+            None => (sc.buf(OUT)?, 0),
         };
         let ranges = sc.buf(RANGES)?;
         dv.gpu().run(&[
@@ -280,7 +294,7 @@ impl MetalStorage {
                 bufs: &[
                     (hot, 0),
                     (warm, 0),
-                    (qsrc, 0),
+                    (qsrc, q_off),
                     (sc.buf(ITEMS)?, 0),
                     (sc.buf(PARTS)?, 0),
                 ],
@@ -295,7 +309,7 @@ impl MetalStorage {
                     (sc.buf(PARTS)?, 0),
                     (ranges, 0),
                     (sc.buf(ITEMS)?, 0),
-                    (out, 0),
+                    (out, o_off),
                     (sc.buf(HEADS)?, 0),
                     (sc.buf(LSE)?, 0),
                     (ranges, nr),
@@ -319,10 +333,10 @@ impl MetalStorage {
                 if let (Some(r), true) = (input.rotation, input.rotation.is_some_and(|r| r.values))
                 {
                     // The output back out of the rotated basis, in the caller's buffer.
-                    let mut x: Vec<f32> = f32s(o.bytes(0, out_len * 4)?).collect();
+                    let mut x: Vec<f32> = f32s(o.bytes(o_off, out_len * 4)?).collect();
                     crate::quant::rotate::inverse_with(r.signs, r.norm, d, &mut x);
                     let mut o2 = o_as_mut(o)?;
-                    o2.write(0, bytemuck::cast_slice(&x))?;
+                    o2.write(o_off, bytemuck::cast_slice(&x))?;
                 }
                 att.output = Vec::new();
             }

@@ -23,15 +23,19 @@ mod error;
 pub use error::MetalError;
 
 /// Query and output buffers in Metal memory for [`crate::KvCache::attend_device`]: `queries` is
-/// `[n_seqs, num_q_heads, head_dim]` in `query_dtype`, `output` the same shape in f32, each a
-/// buffer handle (`id<MTLBuffer>` in shared storage on Metal; see `MetalBuffer::handle`). The
-/// caller keeps both alive, and does not touch them, until the call returns (it waits for the
-/// device).
+/// `[n_seqs, num_q_heads, head_dim]` in `query_dtype` at byte `queries_offset`, `output` the same
+/// shape in f32 at byte `output_offset`, each a buffer handle (`id<MTLBuffer>` in shared storage
+/// on Metal; see `MetalBuffer::handle`). The caller keeps both alive, and does not touch them,
+/// until the call returns (it waits for the device).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MetalBuffers {
     pub queries: u64,
     pub query_dtype: crate::backend::InputDtype,
     pub output: u64,
+    /// Byte offset of the queries in their buffer (a multiple of the element size).
+    pub queries_offset: usize,
+    /// Byte offset of the output in its buffer (a multiple of 4).
+    pub output_offset: usize,
 }
 
 #[cfg(all(feature = "metal", target_vendor = "apple"))]
@@ -49,6 +53,8 @@ mod params;
 #[cfg(any(all(feature = "metal", target_vendor = "apple"), feature = "metal-emu"))]
 mod storage;
 
+#[cfg(all(feature = "metal", target_vendor = "apple"))]
+pub(crate) use apple::{handle_of, shared_len};
 #[cfg(any(all(feature = "metal", target_vendor = "apple"), feature = "metal-emu"))]
 pub use attend::MetalScratch;
 #[cfg(any(all(feature = "metal", target_vendor = "apple"), feature = "metal-emu"))]
