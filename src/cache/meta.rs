@@ -100,17 +100,29 @@ impl KeyBounds {
         }
     }
 
-    /// Widens the bounds by `rows` of `kv_heads * head_dim` keys each.
+    /// Widens the bounds by `rows` of `kv_heads * head_dim` keys each. The rows' per-channel
+    /// minimum and maximum come first, in f32, then one f16 comparison per channel: the same
+    /// bounds as widening row by row (rounding down / up is monotone), with one f16 conversion per
+    /// channel instead of one per key.
     pub(crate) fn extend(&mut self, rows: &[f32]) {
         let n = self.lo.len();
-        for row in rows.chunks_exact(n) {
-            for (c, &x) in row.iter().enumerate() {
-                if x < self.lo[c].to_f32() {
-                    self.lo[c] = f16_down(x);
-                }
-                if x > self.hi[c].to_f32() {
-                    self.hi[c] = f16_up(x);
-                }
+        let mut chunks = rows.chunks_exact(n);
+        let Some(first) = chunks.next() else {
+            return;
+        };
+        let (mut mn, mut mx) = (first.to_vec(), first.to_vec());
+        for row in chunks {
+            for ((a, b), &x) in mn.iter_mut().zip(mx.iter_mut()).zip(row) {
+                *a = a.min(x);
+                *b = b.max(x);
+            }
+        }
+        for c in 0..n {
+            if mn[c] < self.lo[c].to_f32() {
+                self.lo[c] = f16_down(mn[c]);
+            }
+            if mx[c] > self.hi[c].to_f32() {
+                self.hi[c] = f16_up(mx[c]);
             }
         }
     }

@@ -411,13 +411,15 @@ impl KvCache {
             e.n_tokens as usize,
         );
         let mut b = KeyBounds::empty(kvh * d);
-        let mut row = vec![0f32; kvh * d];
+        // Token-major rows `[n][kvh * d]` from the head-major page, widened in one call.
+        let mut rows = vec![0f32; n * kvh * d];
         for t in 0..n {
             for h in 0..kvh {
-                row[h * d..(h + 1) * d].copy_from_slice(&k[(h * n + t) * d..(h * n + t + 1) * d]);
+                rows[(t * kvh + h) * d..(t * kvh + h + 1) * d]
+                    .copy_from_slice(&k[(h * n + t) * d..(h * n + t + 1) * d]);
             }
-            b.extend(&row);
         }
+        b.extend(&rows);
         self.meta_mut(p)?.bounds = Some(b);
         Ok(())
     }

@@ -45,13 +45,16 @@ pub fn quantize_keys(keys: &[f32], n_tokens: usize, layout: &WarmLayout, block: 
             None => return false,
         }
     }
+    // Per channel once (the same values `code_of` took per element before).
+    let mins32: Vec<f32> = mins.iter().map(|m| m.to_f32()).collect();
+    let invs: Vec<f32> = steps.iter().map(|s| inv(s.to_f32())).collect();
     let mut codes = vec![0u8; d];
     let row = layout.k_row_bytes();
     for t in 0..layout.page_size {
         if t < n_tokens {
-            for c in 0..d {
-                let (m, s) = (mins[c].to_f32(), steps[c].to_f32());
-                codes[c] = code_of(keys[t * d + c], m, inv(s), max_code);
+            let x = &keys[t * d..(t + 1) * d];
+            for (c, code) in codes.iter_mut().enumerate() {
+                *code = code_of(x[c], mins32[c], invs[c], max_code);
             }
             for &c in &outliers {
                 codes[c] = 0;

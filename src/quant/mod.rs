@@ -53,8 +53,20 @@ pub(crate) fn min_and_step(lo: f32, hi: f32, max_code: u32) -> Option<(f16, f16)
 /// Nearest code for `x` given min and reciprocal step, clamped to `[0, max_code]`.
 #[inline(always)]
 pub(crate) fn code_of(x: f32, min: f32, inv_step: f32, max_code: u32) -> u8 {
-    let c = ((x - min) * inv_step).round();
+    let c = round_half_away((x - min) * inv_step);
     c.clamp(0.0, max_code as f32) as u8
+}
+
+/// `f32::round` (half away from zero) for finite `x`, without the libm call that keeps loops
+/// scalar: `x - trunc(x)` is exact, so the comparison decides exactly as `round` does.
+#[inline(always)]
+pub(crate) fn round_half_away(x: f32) -> f32 {
+    let t = x.trunc();
+    if (x - t).abs() >= 0.5 {
+        t + 1f32.copysign(x)
+    } else {
+        t
+    }
 }
 
 #[inline(always)]
@@ -63,5 +75,57 @@ pub(crate) fn inv(step: f32) -> f32 {
         1.0 / step
     } else {
         0.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::round_half_away;
+
+    #[test]
+    fn round_half_away_equals_round() {
+        let mut special = vec![
+            0.0f32,
+            -0.0,
+            0.5,
+            -0.5,
+            1.5,
+            2.5,
+            -2.5,
+            0.499_999_97,
+            -0.499_999_97,
+            8_388_607.5,
+            8_388_608.0,
+            16_777_217.0,
+            1e30,
+            -1e30,
+            f32::MIN_POSITIVE,
+        ];
+        // Every f32 in [0, 300) on a fine grid and the neighbours of each half-integer.
+        for i in 0..600 {
+            let h = i as f32 * 0.5;
+            special.extend([h, f32::from_bits(h.to_bits() + 1), -h]);
+            if h > 0.0 {
+                special.push(f32::from_bits(h.to_bits() - 1));
+            }
+        }
+        let mut s = 0x1234_5678u32;
+        for _ in 0..200_000 {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            let x = f32::from_bits(s);
+            if x.is_finite() {
+                special.push(x);
+            }
+        }
+        for x in special {
+            assert_eq!(
+                round_half_away(x).to_bits(),
+                x.round().to_bits(),
+                "{x} ({:#x})",
+                x.to_bits()
+            );
+        }
     }
 }

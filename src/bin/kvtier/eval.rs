@@ -557,9 +557,31 @@ pub fn run(m: &ArgMatches, _ctx: &Ctx) -> AnyResult<Report> {
         let hits: usize = pk_hits[ci].iter().sum();
         let (cand, skipped) = sessions[ci].cache().elimination_totals();
         let (judged, fired) = sessions[ci].healing().map_or((0, 0), |h| h.counts());
+        // The monitor-and-heal loop's own time (its ring of the last 4096 steps) against the
+        // decode time of the perplexity runs, which include it.
+        let mut loop_ns: Vec<u32> = sessions[ci]
+            .healing()
+            .map_or(Vec::new(), |h| h.timings_ns().to_vec());
+        loop_ns.sort_unstable();
+        let q = |p: f64| {
+            loop_ns
+                .get(((loop_ns.len() as f64 - 1.0) * p).round() as usize)
+                .copied()
+        };
+        let ppl_steps: usize = ppl[ci].iter().map(|a| a.decode_steps).sum();
+        let ppl_secs: f64 = ppl[ci].iter().map(|a| a.decode_secs).sum();
+        let loop_mean_s = if loop_ns.is_empty() {
+            0.0
+        } else {
+            loop_ns.iter().map(|&x| x as f64).sum::<f64>() / loop_ns.len() as f64 * 1e-9
+        };
+        let step_s = ppl_secs / ppl_steps.max(1) as f64;
         results.push(json!({
             "healing": {"steps_judged": judged, "fired": fired,
-                        "fired_per_1k": if judged > 0 { 1000.0 * fired as f64 / judged as f64 } else { 0.0 }},
+                        "fired_per_1k": if judged > 0 { 1000.0 * fired as f64 / judged as f64 } else { 0.0 },
+                        "loop_ns_median": q(0.5), "loop_ns_p99": q(0.99),
+                        "loop_ns_mean": loop_mean_s * 1e9,
+                        "loop_share_of_decode_step": if step_s > 0.0 { loop_mean_s / step_s } else { 0.0 }},
             "config": spec.to_json(),
             "page_choice": format!("{:?}", spec.choice),
             "pages_skipped_fraction": if cand > 0 { skipped as f64 / cand as f64 } else { 0.0 },
@@ -661,14 +683,14 @@ fn write_markdown(f: &mut impl Write, report: &Value) -> AnyResult<()> {
     }
     writeln!(
         f,
-        " passkey (correct of {pk_trials} at depth {} %) | pages skipped | healing fired / 1K steps |",
+        " passkey (correct of {pk_trials} at depth {} %) | pages skipped | healing fired / 1K steps | monitor + healing per step (mean; share of the decode step) |",
         depths.join("/")
     )?;
     write!(f, "|---|---|---|---|")?;
     for _ in &lengths {
         write!(f, "---:|---:|---:|")?;
     }
-    writeln!(f, "---|---:|---:|")?;
+    writeln!(f, "---|---:|---:|---:|")?;
     for r in results {
         let c = &r["config"];
         let name = c["name"].as_str().unwrap_or("?");
@@ -709,13 +731,16 @@ fn write_markdown(f: &mut impl Write, report: &Value) -> AnyResult<()> {
             }
             _ => write!(f, " - |")?,
         }
-        match r["healing"]["steps_judged"].as_u64() {
+        let h = &r["healing"];
+        match h["steps_judged"].as_u64() {
             Some(n) if n > 0 => writeln!(
                 f,
-                " {:.0} |",
-                r["healing"]["fired_per_1k"].as_f64().unwrap_or(f64::NAN)
+                " {:.0} | {:.0} µs; {:.1}% |",
+                h["fired_per_1k"].as_f64().unwrap_or(f64::NAN),
+                h["loop_ns_mean"].as_f64().unwrap_or(f64::NAN) / 1e3,
+                100.0 * h["loop_share_of_decode_step"].as_f64().unwrap_or(f64::NAN)
             )?,
-            _ => writeln!(f, " - |")?,
+            _ => writeln!(f, " - | - |")?,
         }
     }
     Ok(())
