@@ -27,9 +27,8 @@ use kvtier::backend::metal::MetalBuffers;
 use kvtier::backend::{AttendInput, BackendDevice, BackendStorage, Device, DeviceBuffers};
 use kvtier::quant::{quantize_keys, quantize_values, WarmLayout};
 use kvtier::{
-    Attention, Bits, CacheConfig, CpuKernel, Error, HotDtype, InputDtype, KvCache, PageBytes,
-    PageEntry, PageResults, PageSelection, PageTable, Rotation, Rows, Scratch, SeqId, Tier,
-    WarmFormat,
+    Attention, Bits, CacheConfig, Error, HotDtype, InputDtype, KvCache, PageBytes, PageEntry,
+    PageResults, PageSelection, PageTable, Rotation, Rows, Scratch, SeqId, Tier, WarmFormat,
 };
 
 fn device() -> Option<CudaDevice> {
