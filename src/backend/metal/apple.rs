@@ -279,6 +279,7 @@ pub(crate) fn handle_of(b: &Buffer) -> u64 {
 
 /// The length of `b` when its contents are host-visible (shared storage), else `None`: what
 /// candle tensor interop reads in place.
+#[cfg(feature = "candle")]
 pub(crate) fn shared_len(b: &Buffer) -> Option<usize> {
     let raw: &ProtocolObject<dyn MTLBuffer> = b.as_ref();
     (raw.storageMode() == MTLStorageMode::Shared).then(|| b.length())

@@ -53,7 +53,8 @@ mod params;
 #[cfg(any(all(feature = "metal", target_vendor = "apple"), feature = "metal-emu"))]
 mod storage;
 
-#[cfg(all(feature = "metal", target_vendor = "apple"))]
+// The candle tensor interop (src/tensor/metal.rs) reads Metal tensors' buffers in place.
+#[cfg(all(feature = "metal", feature = "candle", target_vendor = "apple"))]
 pub(crate) use apple::{handle_of, shared_len};
 #[cfg(any(all(feature = "metal", target_vendor = "apple"), feature = "metal-emu"))]
 pub use attend::MetalScratch;
