@@ -1092,20 +1092,6 @@ kvtier_status kvtier_config_set_rotation(struct kvtier_config *config,
 kvtier_status kvtier_config_set_key_outliers(struct kvtier_config *config, size_t channels);
 
 /*
- Turns the clipped value encoder on or off (off by default): each value group's range is the
- least-squared-error shrink of its min/max range that keeps every value within one step of its
- code. Same page format; the value error bound becomes one step instead of half a step. CPU
- caches only: `kvtier_cache_new_cuda` / `_metal` refuse a config with it (`UNSUPPORTED`).
-
- Errors: `NULL_PARAMETER` (`config`).
-
- # Safety
-
- `config` must be NULL or a live handle from `kvtier_config_new*`.
- */
-kvtier_status kvtier_config_set_value_clip(struct kvtier_config *config, bool on);
-
-/*
  Sets the warm code widths of one layer (each 8, 4, 3 or 2), overriding `kvtier_config_set_bits`
  there; a second call for the same layer replaces the first.
 

@@ -195,13 +195,6 @@ pub struct CacheConfig {
     /// Key outlier channels per warm page and kv head kept exact (f16) beside the codes: the
     /// page's widest-range channels (0, the default: none). At most `head_dim / 4`.
     pub key_outliers: usize,
-    /// Clipped value ranges (off by default): each value group's range is chosen, among shrinks
-    /// of its min/max range in steps of 1/32 (up to 1/4 from each end), to minimise the squared
-    /// error, subject to no value being more than one step from its code (so the certified
-    /// bound stays one step instead of half a step; [`crate::quant::values::value_error_bound`]).
-    /// The page format is unchanged. At 2 bits it removes about 40% of the value error of
-    /// rotated values. CPU only: the CUDA and Metal storages refuse it (typed `Unsupported`).
-    pub value_clip: bool,
     /// Spill the archive and cold pages to disk past a RAM budget (`None`, the default: RAM only).
     pub spill: Option<SpillConfig>,
     /// Worker threads of the cache's own pool for attention and prefill (`None`, the default:
@@ -244,7 +237,6 @@ impl CacheConfig {
                 rotation_seed: 0x6b76_7469_6572,
                 layer_bits: Vec::new(),
                 key_outliers: 0,
-                value_clip: false,
                 spill: None,
                 threads: None,
                 cpu_kernel: CpuKernel::Auto,
@@ -521,8 +513,6 @@ impl CacheConfigBuilder {
         rotation_seed: u64);
     setter!(/// Key outlier channels kept exact per warm page and kv head (default 0).
         key_outliers: usize);
-    setter!(/// Clipped (MSE-chosen) value ranges within one step (default off; CPU only).
-        value_clip: bool);
     setter!(/// Spill host pages to disk past a RAM budget (default none).
         spill: Option<SpillConfig>);
     setter!(/// Threads of the cache's own pool (default: rayon's global pool).

@@ -80,8 +80,7 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
     /// The value half: every dequantised value is within its page's `page_value_error` of the
-    /// value stored, in every tier, for random widths, scales and offsets, with either value
-    /// encoder; the certifier's value
+    /// value stored, in every tier, for random widths, scales and offsets; the certifier's value
     /// tolerance picks exactly the warm pages above it.
     #[test]
     fn quantised_values_stay_within_the_bound(
@@ -92,13 +91,11 @@ proptest! {
         pages in 2usize..6,
         scale in 0.001f32..100.0,
         offset in -1000.0f32..1000.0,
-        clip in any::<bool>(),
     ) {
         let cfg = CacheConfig::builder(1, kvh, kvh, d)
             .hot_dtype(HotDtype::F32)
             .hot_window(0)
             .sink_tokens(0)
-            .value_clip(clip)
             .v_bits(Bits::from_bits(bits).unwrap())
             .build()
             .unwrap();

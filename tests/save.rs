@@ -199,44 +199,6 @@ fn another_config_or_a_damaged_file_restores_nothing() {
             ..
         })
     ));
-    let clip = CacheConfig {
-        value_clip: true,
-        ..cfg()
-    };
-    assert!(matches!(
-        KvCache::new(clip.clone()).unwrap().restore_sequence(&path),
-        Err(Error::ConfigMismatch {
-            field: "value_clip",
-            ..
-        })
-    ));
-    // A version-1 file (before `value_clip` was written) still restores into a cache without it,
-    // and is refused by one with it.
-    let v1 = dir.join("v1.kvts");
-    let fields_end = 4 + 2 + 2 + 11 * 8;
-    let mut old = [
-        &good[..4],
-        &1u16.to_le_bytes(),
-        &good[6..fields_end - 8],
-        &good[fields_end..good.len() - 4],
-    ]
-    .concat();
-    let crc = crc32fast::hash(&old);
-    old.extend_from_slice(&crc.to_le_bytes());
-    std::fs::write(&v1, &old).unwrap();
-    let mut o = KvCache::new(cfg()).unwrap();
-    let so = o.restore_sequence(&v1).unwrap();
-    assert_eq!(
-        o.attend(0, &[so], &q).unwrap().output,
-        a.attend(0, &[sa], &q).unwrap().output
-    );
-    assert!(matches!(
-        KvCache::new(clip).unwrap().restore_sequence(&v1),
-        Err(Error::ConfigMismatch {
-            field: "value_clip",
-            ..
-        })
-    ));
     // Other differences (windows, budgets, bits of future pages) are fine.
     let wider = CacheConfig {
         hot_window: 256,

@@ -30,9 +30,8 @@ use crate::quant::WarmFormat;
 use std::io::{Read, Write};
 use std::path::Path;
 
-/// Version of the sequence file format. Version 2 added the `value_clip` config field; version 1
-/// files (without it) are read as `value_clip = false`.
-pub const SEQUENCE_FORMAT_VERSION: u16 = 2;
+/// Version of the sequence file format.
+pub const SEQUENCE_FORMAT_VERSION: u16 = 1;
 const MAGIC: &[u8; 4] = b"KVTS";
 /// Largest record the reader accepts (a hot f32 page of the largest shape is far below).
 const MAX_RECORD: u64 = 1 << 32;
@@ -56,9 +55,8 @@ fn tier_code(t: Tier) -> u8 {
     t as u8
 }
 
-/// The config fields a file must match, as written by format `version`.
-fn config_fields(c: &crate::config::CacheConfig, version: u16) -> Vec<(&'static str, u64)> {
-    let mut f = vec![
+fn config_fields(c: &crate::config::CacheConfig) -> [(&'static str, u64); 10] {
+    [
         ("num_layers", c.num_layers as u64),
         ("num_q_heads", c.num_q_heads as u64),
         ("num_kv_heads", c.num_kv_heads as u64),
@@ -69,11 +67,7 @@ fn config_fields(c: &crate::config::CacheConfig, version: u16) -> Vec<(&'static 
         ("rotation", c.rotation as u64),
         ("rotation_seed", c.rotation_seed),
         ("key_outliers", c.key_outliers as u64),
-    ];
-    if version >= 2 {
-        f.push(("value_clip", u64::from(c.value_clip)));
-    }
-    f
+    ]
 }
 
 /// A writer that checksums what passes through it.
@@ -206,7 +200,7 @@ impl KvCache {
         out.put(MAGIC)?;
         out.put(&SEQUENCE_FORMAT_VERSION.to_le_bytes())?;
         out.put(&u16::from(archive).to_le_bytes())?;
-        for (_, v) in config_fields(&self.cfg, SEQUENCE_FORMAT_VERSION) {
+        for (_, v) in config_fields(&self.cfg) {
             out.put(&v.to_le_bytes())?;
         }
         for (layer, sl) in s.layers.iter().enumerate() {
@@ -294,20 +288,13 @@ impl KvCache {
             return Err(corrupt("not a kvtier sequence file (bad magic)"));
         }
         let version = rd.u16()?;
-        if !(1..=SEQUENCE_FORMAT_VERSION).contains(&version) {
+        if version != SEQUENCE_FORMAT_VERSION {
             return Err(corrupt(format!(
-                "format version {version}, this build reads 1..={SEQUENCE_FORMAT_VERSION}"
+                "format version {version}, this build reads {SEQUENCE_FORMAT_VERSION}"
             )));
         }
-        if version < 2 && self.cfg.value_clip {
-            return Err(Error::ConfigMismatch {
-                field: "value_clip",
-                file: "0 (format version 1)".into(),
-                cache: "1".into(),
-            });
-        }
         let with_archive = rd.u16()? & 1 != 0;
-        for (field, here) in config_fields(&self.cfg, version) {
+        for (field, here) in config_fields(&self.cfg) {
             let there = rd.u64()?;
             if there != here {
                 return Err(Error::ConfigMismatch {

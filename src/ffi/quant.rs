@@ -78,27 +78,6 @@ pub unsafe extern "C" fn kvtier_config_set_key_outliers(
     })
 }
 
-/// Turns the clipped value encoder on or off (off by default): each value group's range is the
-/// least-squared-error shrink of its min/max range that keeps every value within one step of its
-/// code. Same page format; the value error bound becomes one step instead of half a step. CPU
-/// caches only: `kvtier_cache_new_cuda` / `_metal` refuse a config with it (`UNSUPPORTED`).
-///
-/// Errors: `NULL_PARAMETER` (`config`).
-///
-/// # Safety
-///
-/// `config` must be NULL or a live handle from `kvtier_config_new*`.
-#[no_mangle]
-pub unsafe extern "C" fn kvtier_config_set_value_clip(
-    config: *mut kvtier_config,
-    on: bool,
-) -> kvtier_status {
-    ffi_panic_boundary!("kvtier_config_set_value_clip", {
-        // SAFETY: `config` is NULL or live (this function's contract).
-        unsafe { update(config, |c| c.value_clip = on) }
-    })
-}
-
 /// Sets the warm code widths of one layer (each 8, 4, 3 or 2), overriding `kvtier_config_set_bits`
 /// there; a second call for the same layer replaces the first.
 ///

@@ -77,9 +77,6 @@ pub struct WarmLayout {
     pub out_val: usize,
     /// Bytes of one head block (aligned).
     pub head_bytes: usize,
-    /// Value ranges chosen by the clipped search (`CacheConfig::value_clip`): same bytes, a
-    /// value may be up to one step (not half) from its code.
-    pub value_clip: bool,
 }
 
 impl WarmLayout {
@@ -100,7 +97,6 @@ impl WarmLayout {
         let v_codes = align(k_codes + page_size * head_dim * k_bits.bits() / 8);
         let head_bytes = align(v_codes + page_size * head_dim * v_bits.bits() / 8);
         WarmLayout {
-            value_clip: false,
             outliers: 0,
             out_idx: head_bytes,
             out_val: head_bytes,
@@ -134,12 +130,6 @@ impl WarmLayout {
         self
     }
 
-    /// This layout with the clipped value encoder on or off.
-    pub fn with_value_clip(mut self, on: bool) -> Self {
-        self.value_clip = on;
-        self
-    }
-
     /// Layout for a config (its default warm format).
     pub fn of(cfg: &CacheConfig) -> Self {
         Self::of_format(cfg, WarmFormat::of(cfg))
@@ -155,7 +145,6 @@ impl WarmLayout {
             cfg.value_group,
         )
         .with_outliers(cfg.key_outliers)
-        .with_value_clip(cfg.value_clip)
     }
 
     /// The code widths of this layout.

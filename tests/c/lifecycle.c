@@ -208,8 +208,6 @@ int main(void) {
     EXPECT_OK(kvtier_config_set_layer_bits(qc, 1, 4, 3));
     EXPECT_OK(kvtier_config_set_layer_bits(qc, 1, 8, 3));
     EXPECT_OK(kvtier_config_set_key_outliers(qc, 2));
-    EXPECT_OK(kvtier_config_set_value_clip(qc, true));
-    EXPECT_STATUS(KVTIER_STATUS_NULL_PARAMETER, kvtier_config_set_value_clip(NULL, true));
     EXPECT_OK(kvtier_config_set_threads(qc, 2));
     EXPECT_STATUS(KVTIER_STATUS_INVALID_CONFIG, kvtier_config_set_threads(qc, 100000));
     EXPECT_STATUS(KVTIER_STATUS_NULL_PARAMETER, kvtier_config_set_threads(NULL, 1));

@@ -92,11 +92,6 @@ pub struct CudaStorage {
 impl CudaStorage {
     /// Empty pools for a validated config; compiles the config's kernels on first use.
     pub fn new(dev: CudaDevice, cfg: &CacheConfig) -> Result<Self> {
-        if cfg.value_clip {
-            return Err(Error::Unsupported(
-                "clipped value ranges (value_clip) on the CUDA backend: its quantise kernel writes the min/max encoding",
-            ));
-        }
         let spec = KernelSpec::new(cfg, dev.tuning(), dev.smem_optin())?;
         let k = dev.kernels(&spec)?;
         let layout = WarmLayout::of(cfg);

@@ -19,10 +19,9 @@
 //! kvtier eval --k-bits 4 --v-bits 2 --hot-window 64 --page-size 32
 //! ```
 //! Config spec: `fp` (everything hot and exact) or `k<bits>v<bits>[-w<hot window>][-p<page size>]
-//! [-s<sink tokens>][-g<value group>][-e<n>][-o<n>][-rk|-rkv][-vc]`, bits in {8, 4, 3, 2}; `-e<n>`
-//! keeps the first and last `n` layers at int4 keys and values, `-o<n>` keeps `n` key outlier
-//! channels per page exact (f16), `-rk` rotates keys (and queries), `-rkv` keys and values, `-vc`
-//! clips value ranges (`CacheConfig::value_clip`).
+//! [-s<sink tokens>][-g<value group>][-e<n>][-o<n>][-rk|-rkv]`, bits in {8, 4, 3, 2}; `-e<n>` keeps the first
+//! and last `n` layers at int4 keys and values, `-o<n>` keeps `n` key outlier channels per page
+//! exact (f16), `-rk` rotates keys (and queries), `-rkv` keys and values.
 
 use std::io::Write;
 use std::time::Instant;
@@ -52,8 +51,6 @@ struct Spec {
     group: usize,
     /// Rotation before storage (`-rk` keys, `-rkv` keys and values).
     rotation: kvtier::Rotation,
-    /// Clipped value ranges (`-vc`).
-    value_clip: bool,
     /// First and last `edges` layers at int4 keys and values (`-e<n>`).
     edges: usize,
     /// Key outlier channels kept exact per page and kv head (`-o<n>`).
@@ -146,10 +143,6 @@ impl Spec {
                     spec.rotation = kvtier::Rotation::KeysValues;
                     continue;
                 }
-                "vc" => {
-                    spec.value_clip = true;
-                    continue;
-                }
                 _ => {}
             }
             let (key, num) = p.split_at(1.min(p.len()));
@@ -165,7 +158,7 @@ impl Spec {
                 "o" => spec.outliers = num,
                 _ => {
                     return Err(format!(
-                        "config `{s}`: unknown field `{p}` (w, p, s, g, e, o, rk, rkv, vc)"
+                        "config `{s}`: unknown field `{p}` (w, p, s, g, e, o, rk, rkv)"
                     )
                     .into())
                 }
@@ -184,7 +177,6 @@ impl Spec {
             .value_group(self.group)
             .rotation(self.rotation)
             .key_outliers(self.outliers)
-            .value_clip(self.value_clip)
             .k_bits(Bits::from_bits(self.k_bits)?)
             .v_bits(Bits::from_bits(self.v_bits)?)
             .edge_layers(self.edges, Bits::B4, Bits::B4);
@@ -202,7 +194,7 @@ impl Spec {
             "k_bits": self.k_bits, "v_bits": self.v_bits, "hot_window": self.hot_window,
             "page_size": self.page_size, "sink_tokens": self.sinks, "value_group": self.group,
             "rotation": format!("{:?}", self.rotation), "edge_layers_int4": self.edges,
-            "key_outliers": self.outliers, "value_clip": self.value_clip,
+            "key_outliers": self.outliers,
             "policy": self.policy.as_ref().map(|(n, f)| json!({"name": n, "f16_fraction": f})),
             "heal_pages_per_layer": self.heal,
         })
@@ -216,7 +208,7 @@ pub fn command() -> Command {
     Command::new("eval")
         .about("kvtier real-model evaluation: SOTU perplexity and passkey retrieval")
         .arg(Arg::new("config").long("config").action(ArgAction::Append).help(
-            "cache config spec, repeatable: fp | k<bits>v<bits>[-w<hot>][-p<page>][-s<sinks>][-g<group>][-rk|-rkv (rotate keys, or keys and values)][-e<n> (first and last n layers at int4)][-o<n> (n key outlier channels per page kept exact)][-vc (clipped value ranges)], bits in {8, 4, 3, 2}, optionally ~eps:<epsilon> (query-time elimination with skipped mass <= epsilon), ~quest:<pages> (Quest-style top pages by bound) or ~heal:<pages> (the monitor at sensitivity 0.85 and healing of at most that many pages per layer after every decode step), and @<policy>:<percent> (a retention policy run after each decode step, its device budget that percent of the f16 bytes)",
+            "cache config spec, repeatable: fp | k<bits>v<bits>[-w<hot>][-p<page>][-s<sinks>][-g<group>][-rk|-rkv (rotate keys, or keys and values)][-e<n> (first and last n layers at int4)][-o<n> (n key outlier channels per page kept exact)], bits in {8, 4, 3, 2}, optionally ~eps:<epsilon> (query-time elimination with skipped mass <= epsilon), ~quest:<pages> (Quest-style top pages by bound) or ~heal:<pages> (the monitor at sensitivity 0.85 and healing of at most that many pages per layer after every decode step), and @<policy>:<percent> (a retention policy run after each decode step, its device budget that percent of the f16 bytes)",
         ))
         .arg(num("k-bits", "4", "key bits (8, 4, 3, 2) when no --config is given"))
         .arg(num("v-bits", "4", "value bits (8, 4, 3, 2) when no --config is given"))
@@ -306,7 +298,6 @@ pub fn run(m: &ArgMatches, _ctx: &Ctx) -> AnyResult<Report> {
         rotation: kvtier::Rotation::None,
         edges: 0,
         outliers: 0,
-        value_clip: false,
         policy: None,
         choice: kvtier::PageChoice::All,
         heal: None,
