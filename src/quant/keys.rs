@@ -21,7 +21,9 @@ pub fn quantize_keys(keys: &[f32], n_tokens: usize, layout: &WarmLayout, block: 
         }
     }
     // The widest channels (ties to the lower index) are kept exact instead of coded.
-    let outliers = {
+    let outliers = if layout.outliers == 0 {
+        Vec::new()
+    } else {
         let mut by_width: Vec<usize> = (0..d).collect();
         by_width.sort_by(|&a, &b| {
             let w = |c: usize| range[c].1 - range[c].0;

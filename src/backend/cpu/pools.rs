@@ -40,18 +40,20 @@ impl HotBuf {
         }
     }
 
-    /// Appends the elements' little-endian bytes to `out`.
+    /// Appends the elements' little-endian bytes to `out` (one resize, then fixed-size chunks: a
+    /// copy on little-endian targets, where per-element `extend_from_slice` was not).
     pub fn append_le_bytes(&self, out: &mut Vec<u8>) {
+        fn put<const N: usize, T: Copy>(out: &mut Vec<u8>, src: &[T], le: impl Fn(T) -> [u8; N]) {
+            let start = out.len();
+            out.resize(start + src.len() * N, 0);
+            for (c, &x) in out[start..].chunks_exact_mut(N).zip(src) {
+                c.copy_from_slice(&le(x));
+            }
+        }
         match self {
-            HotBuf::F32(b) => b
-                .iter()
-                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            HotBuf::F16(b) => b
-                .iter()
-                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            HotBuf::BF16(b) => b
-                .iter()
-                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+            HotBuf::F32(b) => put(out, b, f32::to_le_bytes),
+            HotBuf::F16(b) => put(out, b, f16::to_le_bytes),
+            HotBuf::BF16(b) => put(out, b, bf16::to_le_bytes),
         }
     }
 
