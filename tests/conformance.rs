@@ -208,7 +208,15 @@ fn page_bytes_match_cpu(dev: &Device) {
             cpu.warm_key_bounds(&wc, &mut lo, &mut hi).unwrap();
             st.warm_key_bounds(&e(Tier::Warm, wd), &mut lo2, &mut hi2)
                 .unwrap();
-            assert_eq!((lo, hi), (lo2, hi2), "{name}: key bounds");
+            assert_eq!((&lo, &hi), (&lo2, &hi2), "{name}: key bounds");
+            let (mut ve, mut ve2) = (vec![0f32; kvh], vec![0f32; kvh]);
+            cpu.warm_value_error(&wc, &mut ve).unwrap();
+            st.warm_value_error(&e(Tier::Warm, wd), &mut ve2).unwrap();
+            assert_eq!(ve, ve2, "{name}: value error bounds");
+            // A hot page has no warm parameters: a typed error, not a read of the wrong slot.
+            assert!(st
+                .warm_key_bounds(&e(Tier::Hot, sd), &mut lo, &mut hi)
+                .is_err());
         }
         assert!(demoted >= 4, "{name}: only {demoted} demotions ran");
     }
@@ -228,15 +236,25 @@ struct Filled {
 /// A cache on `device` holding sequences of `lens` tokens (appended in uneven chunks, so pages
 /// demote as they leave the hot window).
 fn fill(cfg: &CacheConfig, device: Device, lens: &[usize], seed: u64) -> Filled {
-    let mut cache = KvCache::with_device(cfg.clone(), device).unwrap();
     let (kvh, d) = (cfg.num_kv_heads, cfg.head_dim);
     let mut rng = Rng(seed);
+    let data: Vec<_> = lens
+        .iter()
+        .map(|&len| (rng.vec(len * kvh * d, 2.0), rng.vec(len * kvh * d, 1.0)))
+        .collect();
+    fill_from(cfg, device, &data)
+}
+
+/// A cache on `device` holding one sequence per `(keys, values)` (`[tokens][kv_heads][head_dim]`
+/// each), appended as [`fill`] does.
+fn fill_from(cfg: &CacheConfig, device: Device, data: &[(Vec<f32>, Vec<f32>)]) -> Filled {
+    let mut cache = KvCache::with_device(cfg.clone(), device).unwrap();
+    let (kvh, d) = (cfg.num_kv_heads, cfg.head_dim);
     let mut seqs = Vec::new();
-    for &len in lens {
+    for (k, v) in data {
         let s = cache.add_sequence();
-        let k = rng.vec(len * kvh * d, 2.0);
-        let v = rng.vec(len * kvh * d, 1.0);
         let r = kvh * d;
+        let len = k.len() / r;
         let mut at = 0;
         while at < len {
             let n = (len - at).min(1 + (at * 7 + 13) % 50);
@@ -347,6 +365,107 @@ test_device!(
     attention_matches_cpu_on_cpu,
     attention_matches_cpu_on_cuda,
     attention_matches_cpu_on_metal
+);
+
+/// Query-time elimination and certified attention read each warm page's key bounds and value
+/// error bounds from the backend: on every backend they equal the CPU's, so the same pages are
+/// skipped or read exactly, and the eliminated attention matches the CPU's.
+fn elimination_and_certification_match_cpu(dev: &Device) {
+    use kvtier::eliminate::{EliminationInput, EliminationScratch, Eliminator};
+    use kvtier::monitor::Certifier;
+    for (name, cfg) in configs() {
+        let (qh, d) = (cfg.num_q_heads, cfg.head_dim);
+        let (kvh, ps) = (cfg.num_kv_heads, cfg.page_size);
+        let lens = [700usize, 260];
+        // Every key near a level c (uniform in [-1, 1]) shared by the channels of its page and kv
+        // head, and queries in [0.5, 1.5]: page scores near c·Σq/√d, apart by several nats, with
+        // tight boxes (noise 0.1), so that ε-bounded elimination has pages to skip.
+        let mut rng = Rng(11);
+        let data: Vec<_> = lens
+            .iter()
+            .map(|&len| {
+                let levels = rng.vec(len.div_ceil(ps) * kvh, 1.0);
+                let noise = rng.vec(len * kvh * d, 0.1);
+                let k = (0..len * kvh * d)
+                    .map(|i| {
+                        let (t, h) = (i / (kvh * d), (i / d) % kvh);
+                        levels[(t / ps) * kvh + h] + noise[i]
+                    })
+                    .collect();
+                (k, rng.vec(len * kvh * d, 1.0))
+            })
+            .collect();
+        let ours = fill_from(&storage_cfg(dev, &cfg), dev.clone(), &data);
+        let cpu = fill_from(&oracle(&cfg), Device::Cpu, &data);
+        let q: Vec<f32> = Rng(5)
+            .vec(lens.len() * qh * d, 0.5)
+            .iter()
+            .map(|x| x + 1.0)
+            .collect();
+        let input = |c: &Filled| (c.seqs.clone(), q.clone());
+        let mut skipped = 0;
+        for eps in [1e-3f32, 1e-2, 0.1] {
+            let e = Eliminator::new(eps).unwrap();
+            let run = |c: &Filled| {
+                let (seqs, queries) = input(c);
+                e.attend(
+                    &c.cache,
+                    &mut EliminationScratch::default(),
+                    &EliminationInput {
+                        layer: 0,
+                        seqs: &seqs,
+                        queries: &queries,
+                    },
+                )
+                .unwrap()
+            };
+            let (want, wr) = run(&cpu);
+            let (got, gr) = run(&ours);
+            assert_eq!(wr.candidates, gr.candidates, "{name} eps {eps}: candidates");
+            assert!(wr.candidates > 0, "{name}: no warm candidates");
+            assert_eq!(
+                wr.skipped_pages, gr.skipped_pages,
+                "{name} eps {eps}: skipped"
+            );
+            assert!(
+                max_abs(&wr.mass_bound, &gr.mass_bound) <= 1e-5,
+                "{name}: mass bound"
+            );
+            assert!(
+                gr.mass_bound.iter().all(|&m| m <= eps),
+                "{name}: bound above eps"
+            );
+            compare(&format!("{name} eliminated eps {eps}"), &want, &got);
+            skipped += gr.skipped_pages;
+        }
+        assert!(
+            skipped > 0,
+            "{name}: no page was ever skipped: the test checks nothing"
+        );
+        // Certified attention: the pages whose bounds exceed the tolerance are the same.
+        let cert = Certifier::new(0.05)
+            .unwrap()
+            .with_value_tolerance(0.02)
+            .unwrap();
+        for i in 0..lens.len() {
+            let qi = &q[i * qh * d..(i + 1) * qh * d];
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            let wa = cert
+                .uncertain_pages(&cpu.cache, 0, cpu.seqs[i], qi, &mut a)
+                .unwrap();
+            let wb = cert
+                .uncertain_pages(&ours.cache, 0, ours.seqs[i], qi, &mut b)
+                .unwrap();
+            assert_eq!(a, b, "{name} seq {i}: uncertain pages");
+            assert_eq!(wa, wb, "{name} seq {i}: largest score bound");
+        }
+    }
+}
+test_device!(
+    elimination_and_certification_match_cpu,
+    elimination_and_certification_match_cpu_on_cpu,
+    elimination_and_certification_match_cpu_on_cuda,
+    elimination_and_certification_match_cpu_on_metal
 );
 
 /// Chunked prefill (cached pages on the device, the causal block on the host) against the CPU.

@@ -309,6 +309,14 @@ impl BackendStorage for CudaStorage {
         self.read_page_f32(entry)
     }
 
+    fn warm_key_bounds(&self, entry: &PageEntry, lo: &mut [f32], hi: &mut [f32]) -> Result<()> {
+        self.key_bounds(entry, lo, hi)
+    }
+
+    fn warm_value_error(&self, entry: &PageEntry, out: &mut [f32]) -> Result<()> {
+        self.value_error(entry, out)
+    }
+
     fn export_page(&self, entry: &PageEntry) -> Result<PageBytes> {
         self.export(entry)
     }

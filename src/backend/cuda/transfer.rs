@@ -1,7 +1,8 @@
 //! Page bytes across the host boundary: reading pages back, and the portable page format.
 //!
 //! Owns: raw slot reads and writes (`hot_bytes`, `warm_bytes`), decoding hot elements, and the
-//! bodies of `read_page`, `export_page` and `import_page` for [`CudaStorage`]. Exported bytes are
+//! bodies of `read_page`, `export_page`, `import_page`, `warm_key_bounds` and `warm_value_error`
+//! for [`CudaStorage`]. Exported bytes are
 //! exactly the [`PageBytes`] format of `backend/mod.rs`, which is how the device stores them, so
 //! pages move between the CPU and CUDA backends byte for byte. Must never: accept bytes whose
 //! tier, format or length differ from what the storage holds (typed errors instead), import a hot
@@ -26,6 +27,58 @@ impl CudaStorage {
             )));
         }
         self.read_bytes(self.warm.slot_ptr(slot), self.warm.slot_bytes)
+    }
+
+    /// The bytes of warm page `entry` (its kv heads' blocks in this storage's layout), checked to
+    /// be a warm page of this storage's format. One copy of the whole page: the page's parameters
+    /// are spread over its head blocks, and one transfer costs less than `kv_heads` small ones.
+    pub(super) fn warm_page_blocks(&self, entry: &PageEntry) -> Result<Vec<u8>> {
+        if entry.tier != Tier::Warm {
+            return Err(Error::internal(format!(
+                "warm page bytes of a {:?} page",
+                entry.tier
+            )));
+        }
+        if entry.format != self.layout.format() {
+            return Err(Error::internal(format!(
+                "warm page {entry:?} is not in this storage's format"
+            )));
+        }
+        self.warm_bytes(entry.slot)
+    }
+
+    /// See [`crate::backend::BackendStorage::warm_key_bounds`]: the bounds come from the page's
+    /// own parameters, decoded on the host by the same code as the CPU backend's.
+    pub(super) fn key_bounds(
+        &self,
+        entry: &PageEntry,
+        lo: &mut [f32],
+        hi: &mut [f32],
+    ) -> Result<()> {
+        let (kvh, d) = (self.kvh, self.d);
+        if lo.len() != kvh * d || hi.len() != kvh * d {
+            return Err(Error::shape("key bounds", kvh * d, lo.len().min(hi.len())));
+        }
+        let b = self.warm_page_blocks(entry)?;
+        for (h, blk) in b.chunks_exact(self.layout.head_bytes).enumerate() {
+            let (l_h, h_h) = quant::keys::key_bounds(blk, &self.layout);
+            lo[h * d..(h + 1) * d].copy_from_slice(&l_h);
+            hi[h * d..(h + 1) * d].copy_from_slice(&h_h);
+        }
+        Ok(())
+    }
+
+    /// See [`crate::backend::BackendStorage::warm_value_error`].
+    pub(super) fn value_error(&self, entry: &PageEntry, out: &mut [f32]) -> Result<()> {
+        if out.len() != self.kvh {
+            return Err(Error::shape("value steps", self.kvh, out.len()));
+        }
+        let b = self.warm_page_blocks(entry)?;
+        let n = entry.n_tokens as usize;
+        for (o, blk) in out.iter_mut().zip(b.chunks_exact(self.layout.head_bytes)) {
+            *o = quant::values::value_error_bound(blk, n, &self.layout);
+        }
+        Ok(())
     }
 
     /// The raw bytes of hot page `slot`: K then V, each `[kv_heads][page_size][head_dim]`.
@@ -134,12 +187,7 @@ impl CudaStorage {
                 Ok((ks, vs))
             }
             Tier::Warm => {
-                if entry.format != self.layout.format() {
-                    return Err(Error::internal(format!(
-                        "warm page {entry:?} is not in this storage's format"
-                    )));
-                }
-                let b = self.warm_bytes(entry.slot)?;
+                let b = self.warm_page_blocks(entry)?;
                 let hb = self.layout.head_bytes;
                 let (mut ks, mut vs) = (Vec::new(), Vec::new());
                 for h in 0..self.kvh {
