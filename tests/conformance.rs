@@ -19,8 +19,8 @@ use kvtier::backend::cpu::CpuDevice;
 use kvtier::backend::{BackendDevice, BackendStorage, Device};
 use kvtier::quant::{quantize_keys, quantize_values, WarmLayout};
 use kvtier::{
-    Attention, Bits, CacheConfig, HotDtype, KvCache, PageEntry, PageResults, PageSelection, Rows,
-    Scratch, SeqId, Tier, WarmFormat,
+    Attention, Bits, CacheConfig, HotDtype, KvCache, PageEntry, PageRef, PageResults,
+    PageSelection, Rows, Scratch, SeqId, Tier, WarmFormat,
 };
 
 /// `test_device!(body, cpu_name, cuda_name, metal_name)`: one `#[test]` per compiled backend.
@@ -441,6 +441,57 @@ fn elimination_and_certification_match_cpu(dev: &Device) {
         assert!(
             skipped > 0,
             "{name}: no page was ever skipped: the test checks nothing"
+        );
+        // Every page's bounds equal the CPU's, also after a page went hot and came back (its
+        // host copy of the bounds on a device backend must not outlive the bytes it was read
+        // from); on device backends the copy is held and counted as metadata.
+        let mut ours = ours;
+        let mut cpu = cpu;
+        let before = ours.cache.memory_report().metadata_bytes;
+        let all_bounds = |c: &Filled| {
+            let mut v = Vec::new();
+            for &s in &c.seqs {
+                for p in 0..c.cache.page_table(s, 0).unwrap().pages().len() {
+                    let (mut lo, mut hi) = (vec![0f32; kvh * d], vec![0f32; kvh * d]);
+                    let b = c.cache.page_key_bounds(s, 0, p, &mut lo, &mut hi).unwrap();
+                    let mut ve = vec![0f32; kvh];
+                    c.cache.page_value_error(s, 0, p, &mut ve).unwrap();
+                    v.push((b, lo, hi, ve));
+                }
+            }
+            v
+        };
+        assert_eq!(all_bounds(&cpu), all_bounds(&ours), "{name}: page bounds");
+        let held = ours.cache.memory_report().metadata_bytes;
+        if !matches!(dev, Device::Cpu) {
+            assert!(
+                held > before,
+                "{name}: no host copy of device bounds counted"
+            );
+        }
+        let fmt = WarmFormat::of(&cfg);
+        for c in [&mut ours, &mut cpu] {
+            let p = PageRef {
+                seq: c.seqs[0],
+                layer: 0,
+                page: 3,
+            };
+            assert_eq!(
+                c.cache.page_table(p.seq, 0).unwrap().pages()[3].tier,
+                Tier::Warm
+            );
+            c.cache.promote(p).unwrap();
+            c.cache.demote(p, fmt).unwrap();
+        }
+        assert_eq!(
+            all_bounds(&cpu),
+            all_bounds(&ours),
+            "{name}: bounds after a move"
+        );
+        let after = ours.cache.memory_report().metadata_bytes;
+        assert!(
+            after <= held + 64,
+            "{name}: copies pile up ({held} -> {after})"
         );
         // Certified attention: the pages whose bounds exceed the tolerance are the same.
         let cert = Certifier::new(0.05)

@@ -6,7 +6,7 @@
 //! stored key can fall outside of (callers build a guarantee on them).
 
 use super::{KvCache, PageRef, SeqId, Tier};
-use crate::backend::BackendStorage;
+use crate::backend::{BackendStorage, DeviceLocation};
 use crate::error::{Error, Result};
 use crate::quant::{keys::key_bounds, values::value_error_bound, WarmLayout};
 
@@ -17,7 +17,9 @@ impl KvCache {
     /// copies of exact pages without a summary): callers must then attend it, not skip it.
     ///
     /// Hot pages: the outward-rounded f16 summary kept since append. Warm pages: their own
-    /// quantisation parameters (`min`, `min + step * max_code`). Cold pages: the summary when they
+    /// quantisation parameters (`min`, `min + step * max_code`), read from the device once per
+    /// page on device backends and kept on the host (in the page's metadata, counted in
+    /// `metadata_bytes`: `8 * kv_heads * head_dim` bytes per warm page that was asked). Cold pages: the summary when they
     /// left the hot tier with one, else the parameters in their cold or archive bytes.
     pub fn page_key_bounds(
         &self,
@@ -54,7 +56,17 @@ impl KvCache {
         match e.tier {
             Tier::Hot => summary(lo, hi),
             Tier::Warm => {
-                self.layer_storage(layer)?.warm_key_bounds(&e, lo, hi)?;
+                let st = self.layer_storage(layer)?;
+                if st.location() == DeviceLocation::Cpu {
+                    st.warm_key_bounds(&e, lo, hi)?;
+                    return Ok(true);
+                }
+                // A device page's parameters cross to the host once (see WarmBoundsCache).
+                let cached = &self.page_meta(seq, layer)?[page].warm_bounds;
+                if !cached.keys(&e, lo, hi) {
+                    st.warm_key_bounds(&e, lo, hi)?;
+                    cached.put_keys(&e, lo, hi);
+                }
                 Ok(true)
             }
             Tier::Cold => {
@@ -104,7 +116,14 @@ impl KvCache {
         match e.tier {
             Tier::Hot => out.fill(0.0),
             Tier::Warm => {
-                self.layer_storage(layer)?.warm_value_error(&e, out)?;
+                let st = self.layer_storage(layer)?;
+                let cached = &self.page_meta(seq, layer)?[page].warm_bounds;
+                if st.location() == DeviceLocation::Cpu {
+                    st.warm_value_error(&e, out)?;
+                } else if !cached.values(&e, out) {
+                    st.warm_value_error(&e, out)?;
+                    cached.put_values(&e, out);
+                }
             }
             Tier::Cold => {
                 let bytes = self.cold_bytes(p, &e)?;

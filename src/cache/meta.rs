@@ -1,7 +1,8 @@
 //! Per-page metadata: the side table that policies, eliminators and the monitor read.
 //!
 //! Owns: [`PageMeta`] (accumulated attention mass per kv head, last attended step, the key bounds
-//! summary of exact pages, pins, the archive entry) and [`KeyBounds`]. The cache keeps one
+//! summary of exact pages, pins, the archive entry, a host copy of a device warm page's bounds)
+//! and [`KeyBounds`]. The cache keeps one
 //! `PageMeta` per page, parallel to the page table. Must never: hold page payload (bounds are a
 //! summary: two f16 per channel per kv head) or change a page's tier.
 
@@ -153,6 +154,121 @@ pub struct PageMeta {
     pub promoted: bool,
     /// The share group when other sequences name the same page ([`crate::KvCache::fork`]).
     pub shared: Option<u32>,
+    /// Host copy of a device-resident warm page's bounds, read from the device once.
+    pub(crate) warm_bounds: WarmBoundsCache,
+}
+
+/// A host copy of the key bounds and value error bounds of a warm page whose bytes live on a
+/// device (CUDA, Metal), so that elimination and certification read the page's parameters from
+/// the device once, not at every step. Exactly the values the backend reports (f32), keyed by
+/// the entry they were read for (slot, format, tokens): an entry that changed since (demoted
+/// again, moved, truncated, synced from a sharer) misses and is read again. A cache, not page
+/// state: it takes no part in equality and is not saved.
+#[derive(Debug, Default)]
+pub(crate) struct WarmBoundsCache(std::sync::Mutex<Option<Box<CachedBounds>>>);
+// Boxed: every page carries the (usually empty) cache, so it costs one pointer until filled.
+
+#[derive(Debug, Clone)]
+struct CachedBounds {
+    slot: u32,
+    format: crate::quant::WarmFormat,
+    n_tokens: u32,
+    /// `(lo, hi)`, `[kv_heads][head_dim]` each.
+    keys: Option<[Box<[f32]>; 2]>,
+    values: Option<Box<[f32]>>,
+}
+
+impl CachedBounds {
+    fn bytes(&self) -> usize {
+        4 * (self.keys.as_ref().map_or(0, |[l, h]| l.len() + h.len())
+            + self.values.as_ref().map_or(0, |v| v.len()))
+    }
+}
+
+impl WarmBoundsCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Box<CachedBounds>>> {
+        // A panic while holding the lock cannot leave a torn entry (each update is one store).
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The entry's slot for `e`, reset when it was read for another entry.
+    fn entry<'a>(
+        g: &'a mut Option<Box<CachedBounds>>,
+        e: &crate::cache::PageEntry,
+    ) -> &'a mut CachedBounds {
+        let fresh =
+            |g: &CachedBounds| g.slot == e.slot && g.format == e.format && g.n_tokens == e.n_tokens;
+        if !g.as_deref().is_some_and(fresh) {
+            *g = Some(Box::new(CachedBounds {
+                slot: e.slot,
+                format: e.format,
+                n_tokens: e.n_tokens,
+                keys: None,
+                values: None,
+            }));
+        }
+        g.as_mut().expect("set above")
+    }
+
+    /// Copies the key bounds read for entry `e` into `lo` / `hi`; false when none are held.
+    pub(crate) fn keys(&self, e: &crate::cache::PageEntry, lo: &mut [f32], hi: &mut [f32]) -> bool {
+        let mut g = self.lock();
+        match &Self::entry(&mut g, e).keys {
+            Some([l, h]) if l.len() == lo.len() && h.len() == hi.len() => {
+                lo.copy_from_slice(l);
+                hi.copy_from_slice(h);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub(crate) fn put_keys(&self, e: &crate::cache::PageEntry, lo: &[f32], hi: &[f32]) {
+        let mut g = self.lock();
+        Self::entry(&mut g, e).keys = Some([lo.into(), hi.into()]);
+    }
+
+    /// Copies the value error bounds read for entry `e` into `out`; false when none are held.
+    pub(crate) fn values(&self, e: &crate::cache::PageEntry, out: &mut [f32]) -> bool {
+        let mut g = self.lock();
+        match &Self::entry(&mut g, e).values {
+            Some(v) if v.len() == out.len() => {
+                out.copy_from_slice(v);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub(crate) fn put_values(&self, e: &crate::cache::PageEntry, v: &[f32]) {
+        let mut g = self.lock();
+        Self::entry(&mut g, e).values = Some(v.into());
+    }
+
+    /// Drops what is held (the page left the tier or changed).
+    pub(crate) fn clear(&mut self) {
+        *self.0.get_mut().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Heap bytes held.
+    pub(crate) fn bytes(&self) -> usize {
+        self.lock()
+            .as_deref()
+            .map_or(0, |c| std::mem::size_of::<CachedBounds>() + c.bytes())
+    }
+}
+
+impl Clone for WarmBoundsCache {
+    fn clone(&self) -> Self {
+        WarmBoundsCache(std::sync::Mutex::new(self.lock().clone()))
+    }
+}
+
+impl PartialEq for WarmBoundsCache {
+    /// Always equal: what a cache holds is not part of the page's state.
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 impl PageMeta {
@@ -166,12 +282,15 @@ impl PageMeta {
             archive: None,
             promoted: false,
             shared: None,
+            warm_bounds: WarmBoundsCache::default(),
         }
     }
 
     /// Heap bytes held by this entry (the entry itself is counted by its table).
     pub fn heap_bytes(&self) -> usize {
-        self.mass.len() * 4 + self.bounds.as_ref().map_or(0, KeyBounds::bytes)
+        self.mass.len() * 4
+            + self.bounds.as_ref().map_or(0, KeyBounds::bytes)
+            + self.warm_bounds.bytes()
     }
 
     /// Total accumulated mass over kv heads.

@@ -207,7 +207,9 @@ impl KvCache {
                 format: fmt,
                 ..e
             },
-        )
+        )?;
+        self.meta_mut(p)?.warm_bounds.clear();
+        Ok(())
     }
 
     /// Quantises page `p` (hot) to warm format `fmt`, or requantises a warm page to fewer bits.
@@ -395,6 +397,7 @@ impl KvCache {
         )?;
         self.unarchive(p)?;
         self.refresh_bounds(p)?;
+        self.meta_mut(p)?.warm_bounds.clear();
         self.meta_mut(p)?.promoted = true;
         self.counters.promotions += 1;
         self.sync_sharers(p)?;
@@ -459,6 +462,7 @@ impl KvCache {
         m.archive = None;
         m.bounds = None;
         m.shared = None;
+        m.warm_bounds.clear();
         self.counters.evictions += 1;
         Ok(())
     }
