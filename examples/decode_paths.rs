@@ -1,7 +1,8 @@
 //! Decode attention time per CPU kernel path, interleaved in one run (medians of rounds), for
 //! quick A/B work on a noisy machine; the criterion bench `decode` is the reported figure.
 //!
-//! `cargo run --release --example decode_paths -- [tokens] [rounds] [int8|int4|int2] [avx512|avx2]`
+//! `cargo run --release --example decode_paths -- [tokens] [rounds] [int8|int4|int2] [avx512|avx2]
+//! [32/8/128|9/3/64]`
 
 use kvtier::{Bits, CacheConfig, CpuKernel, KvCache};
 use std::time::Instant;
@@ -28,6 +29,9 @@ fn main() {
         })
         .collect();
     for (shape, qh, kvh, d) in [("32/8/128", 32, 8, 128), ("9/3/64", 9, 3, 64)] {
+        if words.iter().any(|w| w.contains('/')) && !want(shape) {
+            continue;
+        }
         for (mode, kb, vb) in [
             ("int8", Bits::B8, Bits::B8),
             ("int4", Bits::B4, Bits::B4),

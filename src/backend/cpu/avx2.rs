@@ -237,9 +237,15 @@ pub unsafe fn softmax_block(s: &[f32], m: f32, e: &mut [f32], n: usize) -> (f32,
     let mut t0 = 0;
     while t0 < n {
         let k = (n - t0).min(8);
-        let mut buf = [f32::NEG_INFINITY; 8];
-        buf[..k].copy_from_slice(&s[t0..t0 + k]);
-        let x = _mm256_loadu_ps(buf.as_ptr());
+        // Whole vectors load directly; only a page's partial tail goes through the padded buffer
+        // (a variable-length copy is a memcpy call, which cost more than the exponentials).
+        let x = if k == 8 {
+            _mm256_loadu_ps(s.as_ptr().add(t0))
+        } else {
+            let mut buf = [f32::NEG_INFINITY; 8];
+            buf[..k].copy_from_slice(&s[t0..t0 + k]);
+            _mm256_loadu_ps(buf.as_ptr())
+        };
         let xj = _mm256_max_ps(_mm256_sub_ps(x, vm), _mm256_set1_ps(-87.0));
         let xc = _mm256_max_ps(xj, _mm256_set1_ps(-87.0));
         let t = _mm256_add_ps(
@@ -266,9 +272,13 @@ pub unsafe fn softmax_block(s: &[f32], m: f32, e: &mut [f32], n: usize) -> (f32,
         let wx = _mm256_mul_ps(w, xj);
         s1 = _mm256_add_ps(s1, wx);
         s2 = _mm256_add_ps(s2, _mm256_mul_ps(wx, xj));
-        let mut out = [0f32; 8];
-        _mm256_storeu_ps(out.as_mut_ptr(), w);
-        e[t0..t0 + k].copy_from_slice(&out[..k]);
+        if k == 8 {
+            _mm256_storeu_ps(e.as_mut_ptr().add(t0), w);
+        } else {
+            let mut out = [0f32; 8];
+            _mm256_storeu_ps(out.as_mut_ptr(), w);
+            e[t0..t0 + k].copy_from_slice(&out[..k]);
+        }
         t0 += k;
     }
     let (mut al, mut a1, mut a2) = ([0f32; 8], [0f32; 8], [0f32; 8]);
