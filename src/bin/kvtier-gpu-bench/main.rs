@@ -13,8 +13,12 @@
 //!
 //! `--quant` times the quantisation-quality options through the cache instead (`quant.rs`).
 //!
+//! `--eliminate` times query-time elimination against the full decode through the cache
+//! (`eliminate.rs`).
+//!
 //! Run with `--help` for the flags.
 
+mod eliminate;
 mod quant;
 
 use kvtier::backend::cuda::{CudaDevice, CudaStorage, CudaTuning};
@@ -25,7 +29,8 @@ use std::fmt::Write as _;
 
 const USAGE: &str = "\
 usage: kvtier-gpu-bench [--json OUT] [--torch T.json] [--torch-small T.json] [--iters N]
-                        [--quick] [--sweep] [--selection] [--quant] [--ab] [--batches B,..]
+                        [--quick] [--sweep] [--selection] [--quant] [--eliminate] [--ab]
+                        [--batches B,..]
                         [--only-mode M] [--only-batch B]
                         [--only-seq S] [--only-dim D]
 
@@ -43,6 +48,9 @@ usage: kvtier-gpu-bench [--json OUT] [--torch T.json] [--torch-small T.json] [--
   --quant             instead of the table: attend_device through the cache for int4, int4 with
                       the rotation of keys and values, k3v3 and int4 with 4 key outlier channels
                       (--batches, --seqs; default 1,8 x 8192,32768), times and ratios to int4
+  --eliminate         instead of the table: Eliminator::attend (eps 1e-3, 1e-2) vs the full
+                      decode through a CUDA cache, 32/8/128, B1, int4, synthetic keys of three
+                      page-score spreads (--seqs; default 32768,131072), times and skip rates
   --only-mode M       bf16 | int8 | int4 | int2 | k4v2, or a comma list (table only)
   --batches B,..      batch sizes of the table (default 1,8)
   --seqs S,..         context lengths of the table (default 8192,32768,131072)
@@ -62,6 +70,7 @@ struct Args {
     sweep: bool,
     selection: bool,
     quant: bool,
+    eliminate: bool,
     only_mode: Option<String>,
     only_batch: Option<usize>,
     only_seq: Option<usize>,
@@ -81,6 +90,7 @@ fn args() -> Args {
         sweep: false,
         selection: false,
         quant: false,
+        eliminate: false,
         only_mode: None,
         only_batch: None,
         only_seq: None,
@@ -134,6 +144,11 @@ fn args() -> Args {
             }
             "--quant" => {
                 a.quant = true;
+                i += 1;
+                continue;
+            }
+            "--eliminate" => {
+                a.eliminate = true;
                 i += 1;
                 continue;
             }
@@ -360,6 +375,25 @@ fn main() {
         read_bw
     );
 
+    if a.eliminate {
+        let seqs: Vec<usize> = if a.seqs == [8192, 32768, 131072] {
+            vec![32768, 131072]
+        } else {
+            a.seqs.clone()
+        };
+        let rows = eliminate::eliminate_bench(&dev, a.iters, &seqs);
+        let json = format!(
+            "{{\"device\":\"{}\",\"eliminate_rows\":[{rows}]}}\n",
+            dev.name()
+        );
+        if let Some(p) = &a.json {
+            if let Err(e) = std::fs::write(p, &json) {
+                eprintln!("cannot write {p}: {e}");
+            }
+        }
+        println!("total {:.1} s", t_all.elapsed().as_secs_f64());
+        return;
+    }
     if a.quant {
         let seqs: Vec<usize> = a.seqs.iter().copied().filter(|&s| s <= 32768).collect();
         let rows = quant::quant_bench(&dev, a.iters, &a.batches, &seqs);
