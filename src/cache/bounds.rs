@@ -117,12 +117,14 @@ impl KvCache {
             Tier::Hot => out.fill(0.0),
             Tier::Warm => {
                 let st = self.layer_storage(layer)?;
-                let cached = &self.page_meta(seq, layer)?[page].warm_bounds;
                 if st.location() == DeviceLocation::Cpu {
                     st.warm_value_error(&e, out)?;
-                } else if !cached.values(&e, out) {
-                    st.warm_value_error(&e, out)?;
-                    cached.put_values(&e, out);
+                } else {
+                    let cached = &self.page_meta(seq, layer)?[page].warm_bounds;
+                    if !cached.values(&e, out) {
+                        st.warm_value_error(&e, out)?;
+                        cached.put_values(&e, out);
+                    }
                 }
             }
             Tier::Cold => {

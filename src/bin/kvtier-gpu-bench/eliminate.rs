@@ -23,13 +23,7 @@ fn filled(dev: &CudaDevice, len: usize, spread: f32) -> (KvCache, kvtier::SeqId)
         .expect("cfg");
     let (kvh, d, ps) = (cfg.num_kv_heads, cfg.head_dim, cfg.page_size);
     let mut cache = KvCache::with_device(cfg, Device::Cuda(dev.clone())).expect("cache");
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    };
+    let mut next = super::uniform();
     let s = cache.add_sequence();
     let row = kvh * d;
     let chunk = 1024;

@@ -166,6 +166,27 @@ fn args() -> Args {
     a
 }
 
+/// Writes `json` to `path` when one was given, then prints the run's total time.
+fn finish(path: &Option<String>, json: &str, t_all: std::time::Instant) {
+    if let Some(p) = path {
+        if let Err(e) = std::fs::write(p, json) {
+            eprintln!("cannot write {p}: {e}");
+        }
+    }
+    println!("total {:.1} s", t_all.elapsed().as_secs_f64());
+}
+
+/// The benches' seeded xorshift source of values uniform in [-1, 1).
+pub(crate) fn uniform() -> impl FnMut() -> f32 {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+}
+
 /// Minimal extraction of (batch, seq) -> (sdpa_flash_ms, int4_deq_ms) from torch_decode.py JSON.
 fn torch_rows(path: &Option<String>) -> HashMap<(usize, usize), (f64, f64)> {
     let mut m = HashMap::new();
@@ -386,12 +407,7 @@ fn main() {
             "{{\"device\":\"{}\",\"eliminate_rows\":[{rows}]}}\n",
             dev.name()
         );
-        if let Some(p) = &a.json {
-            if let Err(e) = std::fs::write(p, &json) {
-                eprintln!("cannot write {p}: {e}");
-            }
-        }
-        println!("total {:.1} s", t_all.elapsed().as_secs_f64());
+        finish(&a.json, &json, t_all);
         return;
     }
     if a.quant {
@@ -401,12 +417,7 @@ fn main() {
             "{{\"device\":\"{}\",\"quant_rows\":[{rows}]}}\n",
             dev.name()
         );
-        if let Some(p) = &a.json {
-            if let Err(e) = std::fs::write(p, &json) {
-                eprintln!("cannot write {p}: {e}");
-            }
-        }
-        println!("total {:.1} s", t_all.elapsed().as_secs_f64());
+        finish(&a.json, &json, t_all);
         return;
     }
     if a.selection {
@@ -415,12 +426,7 @@ fn main() {
             "{{\"device\":\"{}\",\"read_probe_GBps\":{read_bw:.1},\"selection_rows\":[{rows}]}}\n",
             dev.name()
         );
-        if let Some(p) = &a.json {
-            if let Err(e) = std::fs::write(p, &json) {
-                eprintln!("cannot write {p}: {e}");
-            }
-        }
-        println!("total {:.1} s", t_all.elapsed().as_secs_f64());
+        finish(&a.json, &json, t_all);
         return;
     }
 

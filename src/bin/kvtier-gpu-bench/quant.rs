@@ -23,13 +23,7 @@ struct Variant {
 fn filled(dev: &CudaDevice, cfg: CacheConfig, batch: usize, len: usize) -> (KvCache, Vec<SeqId>) {
     let mut cache = KvCache::with_device(cfg, Device::Cuda(dev.clone())).expect("cache");
     let row = cache.config().num_kv_heads * cache.config().head_dim;
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    };
+    let mut next = super::uniform();
     let chunk = 1024;
     let (mut k, mut v) = (vec![0f32; chunk * row], vec![0f32; chunk * row]);
     let mut seqs = Vec::with_capacity(batch);
