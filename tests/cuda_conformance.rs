@@ -149,6 +149,27 @@ fn configs() -> Vec<(&'static str, CacheConfig)> {
                 .build()
                 .unwrap(),
         ),
+        // Hot-only bf16 on tensor cores (decode_hmma.cuh): head_dim 64 with 3 heads per kv head and
+        // 16-token pages (partial last pages), one head per kv head with rotated keys and values.
+        (
+            "9/3/64 bf16 full ps16",
+            b(9, 3, 64)
+                .hot_dtype(HotDtype::BF16)
+                .page_size(16)
+                .full_precision()
+                .build()
+                .unwrap(),
+        ),
+        (
+            "8/8/128 bf16 full ps48 rkv",
+            b(8, 8, 128)
+                .hot_dtype(HotDtype::BF16)
+                .page_size(48)
+                .rotation(Rotation::KeysValues)
+                .full_precision()
+                .build()
+                .unwrap(),
+        ),
         (
             "12/4/96 f16 k4v4",
             b(12, 4, 96).hot_window(32).build().unwrap(),
@@ -232,21 +253,28 @@ fn configs() -> Vec<(&'static str, CacheConfig)> {
     ]
 }
 
-/// Which configs decode warm pages on tensor cores: the bench shapes and the MMA configs above
-/// must, shapes outside the fragment mapping must fall back to the CUDA-core path.
+/// Which configs decode on tensor cores: warm pages of the bench shapes and the MMA configs
+/// above, and the hot pages of hot-only bf16 configs, must; shapes outside the fragment mappings
+/// must fall back to the CUDA-core path.
 #[test]
 fn tensor_core_path_covers_the_bench_shapes() {
     let Some(dev) = device() else { return };
     for (name, cfg) in configs() {
-        let want = cfg.warm_enabled
-            && cfg.k_bits != Bits::B3
-            && cfg.v_bits != Bits::B3
-            && cfg.key_outliers == 0
+        let hot_mma = !cfg.warm_enabled
+            && cfg.hot_dtype == HotDtype::BF16
             && cfg.group_size() <= 4
             && matches!(cfg.head_dim, 64 | 128)
-            && cfg.page_size % 16 == 0
-            && cfg.page_size <= 64
-            && cfg.value_group == 32;
+            && cfg.page_size % 16 == 0;
+        let want = hot_mma
+            || cfg.warm_enabled
+                && cfg.k_bits != Bits::B3
+                && cfg.v_bits != Bits::B3
+                && cfg.key_outliers == 0
+                && cfg.group_size() <= 4
+                && matches!(cfg.head_dim, 64 | 128)
+                && cfg.page_size % 16 == 0
+                && cfg.page_size <= 64
+                && cfg.value_group == 32;
         let st = dev.storage(&cfg, 0).unwrap();
         assert_eq!(st.decode_uses_tensor_cores(), want, "{name}");
     }
@@ -289,6 +317,9 @@ fn kernels_compile_for_sm90() {
                         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
                         .collect();
                     std::fs::write(std::path::Path::new(d).join(format!("{file}.ptx")), ptx)
+                        .unwrap();
+                    let src = kvtier::backend::cuda::module_source(&cfg).unwrap();
+                    std::fs::write(std::path::Path::new(d).join(format!("{file}.cu")), src)
                         .unwrap();
                 }
             }

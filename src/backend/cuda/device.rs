@@ -258,6 +258,12 @@ pub fn compile_for_arch(cfg: &CacheConfig, arch: &str) -> Result<String> {
     Ok(kernels::compile(&spec.source(), arch, "kvtier_kernels")?.to_src())
 }
 
+/// The NVRTC source of the module `cfg` compiles to (defines and kernels), for offline checks.
+#[doc(hidden)]
+pub fn module_source(cfg: &CacheConfig) -> Result<String> {
+    Ok(KernelSpec::new(cfg, CudaTuning::default(), 227 * 1024)?.source())
+}
+
 /// Compiles arbitrary CUDA source with NVRTC (for testing the compile-error path).
 #[doc(hidden)]
 pub fn compile_source(src: &str, arch: &str) -> Result<()> {

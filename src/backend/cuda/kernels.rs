@@ -18,6 +18,7 @@ const DECODE: &str = include_str!("kernels/decode.cu");
 const CONVERT: &str = include_str!("kernels/convert.cu");
 const MASS: &str = include_str!("kernels/mass.cu");
 const DECODE_MMA: &str = include_str!("kernels/decode_mma.cuh");
+const DECODE_HMMA: &str = include_str!("kernels/decode_hmma.cuh");
 
 /// Most partials one (sequence, kv head, head subgroup) may be split into (`MAXSPLIT` in decode.cu).
 pub(crate) const MAX_SPLIT: usize = 256;
@@ -33,8 +34,9 @@ pub struct CudaTuning {
     pub channels_per_lane: u32,
     /// CTAs per SM the register allocation must allow (`__launch_bounds__` second argument).
     pub min_blocks: u32,
-    /// Keep warm pages on the CUDA-core (f32 FMA) path even where the tensor-core path applies
-    /// (for A/B measurements; the default is the tensor-core path wherever it applies).
+    /// Keep warm pages (and bf16 hot pages of hot-only modules) on the CUDA-core (f32 FMA) path
+    /// even where a tensor-core path applies (for A/B measurements; the default is the
+    /// tensor-core path wherever it applies).
     pub cuda_cores: bool,
     /// cp.async stages per warp on the tensor-core path (2..=4; 0 picks 2). The CUDA-core path
     /// always double-buffers.
@@ -67,6 +69,8 @@ pub(crate) struct KernelSpec {
     pub minb: usize,
     /// Warm pages on tensor cores (`decode_mma.cuh`).
     pub mma: bool,
+    /// Hot bf16 pages of a hot-only module on tensor cores (`decode_hmma.cuh`).
+    pub hmma: bool,
     /// Shared-memory row strides of staged key and value codes (padded against bank conflicts).
     pub kstride: usize,
     pub vstride: usize,
@@ -104,7 +108,23 @@ impl KernelSpec {
             && cfg.page_size <= 64
             && (d == 64 || d == 128)
             && cfg.value_group == 32;
-        let tuning = if tuning.warps == 0 && mma {
+        // Hot bf16 pages on tensor cores (decode_hmma.cuh): hot-only modules (with a warm tier
+        // the hot pages are the few of the hot window), the same head and page shapes.
+        let hmma = !cfg.warm_enabled
+            && cfg.hot_dtype == HotDtype::BF16
+            && !tuning.cuda_cores
+            && gfull <= 4
+            && cfg.page_size.is_multiple_of(16)
+            && (d == 64 || d == 128);
+        let tuning = if tuning.warps == 0 && hmma {
+            CudaTuning {
+                warps: 8,
+                channels_per_lane: 8,
+                min_blocks: 1,
+                cuda_cores: false,
+                stages: 0,
+            }
+        } else if tuning.warps == 0 && mma {
             // Tensor-core path, measured on the H200 (32/8/128, B1 S128K and B8 S32K): 16 warps
             // per SM in one CTA with double buffering beat 8-warp CTAs (1 or 2 per SM, 2..4
             // stages) by 5-20%; it is issue-bound, so more warps hide more latency.
@@ -206,6 +226,7 @@ impl KernelSpec {
             cpl,
             minb: tuning.min_blocks as usize,
             mma,
+            hmma,
             kstride: k_stride(l_k_row, mma),
             vstride: v_stride(l_v_row, mma),
             nstage: match (mma, tuning.stages) {
@@ -250,7 +271,15 @@ impl KernelSpec {
             0
         };
         // Scaled queries [D][GP] floats; with MMA also the lane query table (QE_BYTES).
-        let qsm = self.d * gp * 4 + if self.mma { self.d / 8 * 256 + 256 } else { 0 };
+        // With HMMA the score A fragments ([D / 16][32] uint4, HQA_BYTES).
+        let qsm = self.d * gp * 4
+            + if self.mma {
+                self.d / 8 * 256 + 256
+            } else if self.hmma {
+                self.d / 16 * 512
+            } else {
+                0
+            };
         // Per warp: [park (statistics + output) | softmax weights | 2 stages]; the CUDA-core
         // path also keeps q * step there ([D][GP] floats, which the park area overlaps).
         let park = self.gs * 4 * 4 + self.gs * self.d * 4;
@@ -273,7 +302,7 @@ impl KernelSpec {
     /// The `#define` block in front of the sources.
     pub fn defines(&self) -> String {
         let [k_min, k_step, v_min, v_step, k_codes, v_codes, head_bytes] = self.layout;
-        let vals: [(&str, usize); 32] = [
+        let vals: [(&str, usize); 33] = [
             ("D", self.d),
             ("GS", self.gs),
             ("GFULL", self.gfull),
@@ -297,6 +326,7 @@ impl KernelSpec {
             ("CPL", self.cpl),
             ("MINB", self.minb),
             ("MMA", self.mma as usize),
+            ("HMMA", self.hmma as usize),
             ("KSTRIDE", self.kstride),
             ("VSTRIDE", self.vstride),
             ("NSTAGE", self.nstage),
@@ -305,7 +335,7 @@ impl KernelSpec {
             ("OUT_IDX", self.out_layout[0]),
             ("OUT_VAL", self.out_layout[1]),
             ("RB", crate::quant::rotate::block_size(self.d)),
-            ("KVT_SPEC_VERSION", 6),
+            ("KVT_SPEC_VERSION", 7),
         ];
         let mut s = String::from("// kvtier kernel specialisation\n");
         for (k, v) in vals {
@@ -317,7 +347,7 @@ impl KernelSpec {
     /// Full NVRTC source of the module.
     pub fn source(&self) -> String {
         format!(
-            "{}\n{COMMON}\n{APPEND}\n{QUANT}\n{DECODE_MMA}\n{DECODE}\n{CONVERT}\n{MASS}\n",
+            "{}\n{COMMON}\n{APPEND}\n{QUANT}\n{DECODE_MMA}\n{DECODE_HMMA}\n{DECODE}\n{CONVERT}\n{MASS}\n",
             self.defines()
         )
     }

@@ -68,7 +68,7 @@ mod storage;
 #[cfg(feature = "cuda")]
 mod transfer;
 #[cfg(feature = "cuda")]
-pub use device::{compile_for_arch, compile_source, CudaDevice};
+pub use device::{compile_for_arch, compile_source, module_source, CudaDevice};
 #[cfg(feature = "cuda")]
 pub use kernels::CudaTuning;
 #[cfg(feature = "cuda")]

@@ -31,10 +31,11 @@ impl CudaStorage {
         )
     }
 
-    /// True when warm pages of this storage decode on tensor cores (see `kernels/decode_mma.cuh`).
+    /// True when warm pages of this storage decode on tensor cores (see `kernels/decode_mma.cuh`),
+    /// or, in a hot-only bf16 module, its hot pages (`kernels/decode_hmma.cuh`).
     #[doc(hidden)]
     pub fn decode_uses_tensor_cores(&self) -> bool {
-        self.k.spec.mma
+        self.k.spec.mma || self.k.spec.hmma
     }
 
     /// Recompiles the decode kernel with other launch-shape knobs; pools and pages are kept

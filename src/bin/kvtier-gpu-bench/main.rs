@@ -39,8 +39,8 @@ usage: kvtier-gpu-bench [--json OUT] [--torch T.json] [--torch-small T.json] [--
   --torch-small T     torch_decode.py results for 9/3/64
   --iters N           timed launches per row (median reported; default 50)
   --quick             batch 1, 8K tokens only
-  --sweep             also time other launch shapes (warps, CTAs per SM, stages) for the warm
-                      modes at B1 S128K and B8 S32K
+  --sweep             also time other launch shapes (warps, CTAs per SM, stages) at B1 S128K
+                      and B8 S32K
   --selection         instead of the table: decode over all pages vs over a 50% page selection
                       (random half of the pages per kv head), 32/8/128, 32K tokens (--only-seq
                       overrides), batch 1 (--only-batch overrides), int4 warm pages, bf16 and f16
@@ -54,7 +54,7 @@ usage: kvtier-gpu-bench [--json OUT] [--torch T.json] [--torch-small T.json] [--
   --only-mode M       bf16 | int8 | int4 | int2 | k4v2, or a comma list (table only)
   --batches B,..      batch sizes of the table (default 1,8)
   --seqs S,..         context lengths of the table (default 8192,32768,131072)
-  --ab                also time each warm mode on the CUDA-core path (tensor cores off), same run
+  --ab                also time each mode on the CUDA-core path (tensor cores off), same run
   --only-batch B      one batch size
   --only-seq S        one context length
   --only-dim D        128 | 64 (table only)
@@ -477,19 +477,19 @@ fn main() {
                         / b as f32;
                     let finite = att.output.iter().all(|x| x.is_finite());
                     let mut tunings = vec![dev.tuning()];
-                    if a.ab && mode != Mode::Bf16 {
+                    if a.ab {
                         tunings.push(CudaTuning {
                             cuda_cores: true,
                             ..CudaTuning::default()
                         });
                     }
-                    if a.sweep
-                        && mode != Mode::Bf16
-                        && ((b == 1 && s == 131072) || (b == 8 && s == 32768))
-                    {
-                        for (warps, min_blocks, stages) in
-                            [(8, 1, 2), (8, 2, 2), (8, 1, 3), (16, 1, 3), (4, 4, 2)]
-                        {
+                    if a.sweep && ((b == 1 && s == 131072) || (b == 8 && s == 32768)) {
+                        let shapes: &[(u32, u32, u32)] = if mode == Mode::Bf16 {
+                            &[(16, 1, 0), (8, 2, 0), (4, 2, 0), (4, 3, 0), (4, 4, 0)]
+                        } else {
+                            &[(8, 1, 2), (8, 2, 2), (8, 1, 3), (16, 1, 3), (4, 4, 2)]
+                        };
+                        for &(warps, min_blocks, stages) in shapes {
                             let t = CudaTuning {
                                 warps,
                                 channels_per_lane: 8,

@@ -99,3 +99,108 @@ __device__ __forceinline__ void kvt_cp_async16(void* smem, const void* gmem) {
 __device__ __forceinline__ void kvt_cp_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void kvt_cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Tensor-core helpers shared by decode_mma.cuh and decode_hmma.cuh.
+__device__ __forceinline__ u32 kvt_prmt(u32 a, u32 b, u32 sel) {
+    u32 d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+    return d;
+}
+// Sums / maxima over the 4 lanes of a quad (lane & 3).
+__device__ __forceinline__ float kvt_quad_sum(float v) {
+    v += __shfl_xor_sync(KVT_FULL, v, 1);
+    return v + __shfl_xor_sync(KVT_FULL, v, 2);
+}
+__device__ __forceinline__ float kvt_quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(KVT_FULL, v, 1));
+    return fmaxf(v, __shfl_xor_sync(KVT_FULL, v, 2));
+}
+// Element h (runtime, < GS) of a warp-uniform per-head array.
+__device__ __forceinline__ float kvt_pick(const float (&a)[GS], int h) {
+    float v = a[0];
+#pragma unroll
+    for (int i = 1; i < GS; ++i)
+        if (h == i) v = a[i];
+    return v;
+}
+
+// Merges a warp's softmax statistics into its parked ones (wst [GS][4] = m, l, s1, s2): m is
+// warp-uniform; l, s1, s2 are partial sums that the quad of lanes 4h .. 4h + 3 holds for head h
+// (quad-summed here). Returns the factors that rescale the parked output (fa) and the warp's
+// own (fb) to the merged maximum.
+__device__ __forceinline__ void kvt_park_stats(const float (&m)[GS], float l, float s1, float s2,
+                                               float* wst, float (&fa)[GS], float (&fb)[GS],
+                                               int lane) {
+    l = kvt_quad_sum(l);
+    s1 = kvt_quad_sum(s1);
+    s2 = kvt_quad_sum(s2);
+    float L[GS], S1[GS], S2[GS];
+#pragma unroll
+    for (int h = 0; h < GS; ++h) {
+        L[h] = __shfl_sync(KVT_FULL, l, 4 * h);
+        S1[h] = __shfl_sync(KVT_FULL, s1, 4 * h);
+        S2[h] = __shfl_sync(KVT_FULL, s2, 4 * h);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int h = 0; h < GS; ++h) {
+        const float mh = wst[h * 4], lh = wst[h * 4 + 1], s1h = wst[h * 4 + 2], s2h = wst[h * 4 + 3];
+        const float mm = m[h];
+        const float M = fmaxf(mh, mm);
+        float nl = 0.0f, n1 = 0.0f, n2 = 0.0f;
+        fa[h] = 0.0f;
+        fb[h] = 0.0f;
+        if (lh > 0.0f) {
+            const float d = mh - M;
+            fa[h] = __expf(d);
+            nl += fa[h] * lh;
+            n1 += fa[h] * (s1h + d * lh);
+            n2 += fa[h] * (s2h + 2.0f * d * s1h + d * d * lh);
+        }
+        if (L[h] > 0.0f) {
+            const float d = mm - M;
+            fb[h] = __expf(d);
+            nl += fb[h] * L[h];
+            n1 += fb[h] * (S1[h] + d * L[h]);
+            n2 += fb[h] * (S2[h] + 2.0f * d * S1[h] + d * d * L[h]);
+        }
+        __syncwarp();
+        if (lane == 0) {
+            wst[h * 4] = M;
+            wst[h * 4 + 1] = nl;
+            wst[h * 4 + 2] = n1;
+            wst[h * 4 + 3] = n2;
+        }
+    }
+}
+
+// Running-max step of a page in the quad layout (lane (r, j) holds tokens of head r & 3; mloc is
+// this lane's maximum): the new maxima go to m (warp-uniform), with, per head, the factor alpha =
+// exp(m_old - m_new) that rescales what was accumulated and dl = m_old - m_new (both neutral
+// where the maximum did not move). Returns whether any head's maximum moved (warp-uniform).
+__device__ __forceinline__ bool kvt_quad_newmax(float (&m)[GS], float mloc, float (&alpha)[GS],
+                                                float (&dl)[GS]) {
+    mloc = kvt_quad_max(mloc);
+    bool moved = false;
+#pragma unroll
+    for (int h = 0; h < GS; ++h) {
+        const float mn = fmaxf(m[h], __shfl_sync(KVT_FULL, mloc, 4 * h));
+        alpha[h] = 1.0f;
+        dl[h] = 0.0f;
+        if (mn > m[h]) {
+            alpha[h] = m[h] == -KVT_INF ? 0.0f : __expf(m[h] - mn);
+            dl[h] = m[h] == -KVT_INF ? 0.0f : m[h] - mn;
+            m[h] = mn;
+            moved = true;
+        }
+    }
+    return moved;
+}
+
+// log(exp(a) + exp(b)), exact at -inf.
+__device__ __forceinline__ float kvt_logaddexp(float a, float b) {
+    if (a == -KVT_INF) return b;
+    if (b == -KVT_INF) return a;
+    const float mx = fmaxf(a, b), mn = fminf(a, b);
+    return mx + __logf(1.0f + __expf(mn - mx));
+}

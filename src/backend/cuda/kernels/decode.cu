@@ -46,6 +46,8 @@
 // The warps' areas follow the scaled queries (and, with MMA, the lane query table).
 #if MMA
 #define WARPS_OFF (QSM_BYTES + QE_BYTES)
+#elif HMMA
+#define WARPS_OFF (QSM_BYTES + HQA_BYTES)
 #else
 #define WARPS_OFF QSM_BYTES
 #endif
@@ -66,12 +68,6 @@ __device__ __forceinline__ float kvt_warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(KVT_FULL, v, o);
     return v;
-}
-__device__ __forceinline__ float kvt_logaddexp(float a, float b) {
-    if (a == -KVT_INF) return b;
-    if (b == -KVT_INF) return a;
-    const float mx = fmaxf(a, b), mn = fminf(a, b);
-    return mx + __logf(1.0f + __expf(mn - mx));
 }
 
 // 1 + code * 2^-BITS, where code is field `i` (BITS wide) of `w`.
@@ -311,6 +307,11 @@ kvt_decode(const Item* __restrict__ items, const uint2* __restrict__ pages,
     if (warp == 0) kvt_fill_qes(qes, qsm, lane);
     __syncthreads();
 #endif
+#if HMMA
+    uint4* hqa = (uint4*)(smem + QSM_BYTES);
+    if (warp == 0) kvt_fill_hqa(hqa, qsm, lane);
+    __syncthreads();
+#endif
 
     WarpState st;
 #pragma unroll
@@ -344,7 +345,8 @@ kvt_decode(const Item* __restrict__ items, const uint2* __restrict__ pages,
     uint2 e;
     while (kvt_walk_next(hw, pages + it.page_off, pb, pe, false, lane, p, e)) {
 #else
-    for (u32 p = pb; p < pe; p += NWARPS) {
+    // With HMMA hot pages run on tensor cores below instead.
+    for (u32 p = pb; !HMMA && p < pe; p += NWARPS) {
         const uint2 e = pages[it.page_off + p];
 #endif
         const u32 pn = p + NWARPS;
@@ -699,6 +701,29 @@ kvt_decode(const Item* __restrict__ items, const uint2* __restrict__ pages,
         }
         kvt_cp_wait<0>();
         kvt_mma_merge(ms, wst, wacc, lane);
+    }
+#endif
+#if HMMA
+    {
+        // Hot pages on tensor cores, merged into the (empty) parked partial.
+        HmmaState hs;
+#pragma unroll
+        for (int h = 0; h < GS; ++h) hs.m[h] = -KVT_INF;
+        hs.l = 0.0f;
+        hs.s1 = 0.0f;
+        hs.s2 = 0.0f;
+#pragma unroll
+        for (int nv = 0; nv < HNV; ++nv)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) hs.acc[nv][k] = 0.0f;
+        for (u32 p = pb; p < pe; p += NWARPS) {
+            const uint2 e = pages[it.page_off + p];
+            const hot_t* hk = (const hot_t*)(hot_pool + (u64)e.x * HOT_PAGE_BYTES) + (u64)it.kv * PS * D;
+            const float lse = kvt_hmma_page(hs, hk, (int)(e.y & 0xffffu), hqa, lane);
+            if (lane < GS)
+                page_lse[((u64)it.page_off + p) * lse_stride + it.kv * lse_kvcol + it.sub * GS + lane] = lse;
+        }
+        kvt_hmma_merge(hs, wst, wacc, lane);
     }
 #endif
     __syncthreads();

@@ -86,11 +86,6 @@ __device__ __forceinline__ void kvt_mma16816(float (&c)[4], u32 a0, u32 a1, u32 
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
-__device__ __forceinline__ u32 kvt_prmt(u32 a, u32 b, u32 sel) {
-    u32 d;
-    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
-    return d;
-}
 // (a & mask) | magic
 __device__ __forceinline__ u32 kvt_lop_or(u32 a, u32 mask, u32 magic) {
     u32 d;
@@ -125,14 +120,6 @@ __device__ __forceinline__ u32 kvt_hmax2(u32 a, u32 b) {
     u32 d;
     asm("max.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
     return d;
-}
-__device__ __forceinline__ float kvt_quad_sum(float v) {
-    v += __shfl_xor_sync(KVT_FULL, v, 1);
-    return v + __shfl_xor_sync(KVT_FULL, v, 2);
-}
-__device__ __forceinline__ float kvt_quad_max(float v) {
-    v = fmaxf(v, __shfl_xor_sync(KVT_FULL, v, 1));
-    return fmaxf(v, __shfl_xor_sync(KVT_FULL, v, 2));
 }
 
 // Field-position factor of register i of a code word (see kvt_codes_h2): the register holds
@@ -232,14 +219,6 @@ struct MmaState {
     float accb[NGV];     // sum_t p_t vmin_t for head r & 3, this lane's tokens
 };
 
-// Softmax factor of head h from a warp-uniform array (GS <= 4, h runtime).
-__device__ __forceinline__ float kvt_pick(const float (&a)[GS], int h) {
-    float v = a[0];
-#pragma unroll
-    for (int i = 1; i < GS; ++i)
-        if (h == i) v = a[i];
-    return v;
-}
 
 // One warm (page, kv head) staged at `sg`, holding `n` tokens: folds it into `st` and returns, in
 // lanes h < GS, the page's log-sum-exp for head h (other lanes: unspecified).
@@ -373,22 +352,8 @@ __device__ __forceinline__ float kvt_mma_page(MmaState& st, const u8* sg, int n,
             sc[nt][e] = valid ? fmaf(sc[nt][e], cscale, qmin) * qinv : -KVT_INF;
             mloc = fmaxf(mloc, sc[nt][e]);
         }
-    mloc = kvt_quad_max(mloc);
-    float mb[GS], alpha[GS], dl[GS];
-    bool moved = false;
-#pragma unroll
-    for (int h = 0; h < GS; ++h) {
-        mb[h] = __shfl_sync(KVT_FULL, mloc, 4 * h);
-        const float mn = fmaxf(st.m[h], mb[h]);
-        alpha[h] = 1.0f;
-        dl[h] = 0.0f;
-        if (mn > st.m[h]) {
-            alpha[h] = st.m[h] == -KVT_INF ? 0.0f : __expf(st.m[h] - mn);
-            dl[h] = st.m[h] == -KVT_INF ? 0.0f : st.m[h] - mn;
-            st.m[h] = mn;
-            moved = true;
-        }
-    }
+    float alpha[GS], dl[GS];
+    const bool moved = kvt_quad_newmax(st.m, mloc, alpha, dl);
     const int hs = hv ? hh : 0;
     if (moved) {  // warp-uniform
         const float ar = kvt_pick(alpha, hs), dr = kvt_pick(dl, hs);
@@ -494,14 +459,6 @@ __device__ __forceinline__ float kvt_mma_page(MmaState& st, const u8* sg, int n,
 // wacc [GS][D]), which holds the hot pages' partial (or an empty one).
 __device__ __forceinline__ void kvt_mma_merge(MmaState& st, float* wst, float* wacc, int lane) {
     const int r = lane >> 2, j = lane & 3;
-    float L[GS], S1[GS], S2[GS];
-    const float l = kvt_quad_sum(st.l), s1 = kvt_quad_sum(st.s1), s2 = kvt_quad_sum(st.s2);
-#pragma unroll
-    for (int h = 0; h < GS; ++h) {
-        L[h] = __shfl_sync(KVT_FULL, l, 4 * h);
-        S1[h] = __shfl_sync(KVT_FULL, s1, 4 * h);
-        S2[h] = __shfl_sync(KVT_FULL, s2, 4 * h);
-    }
 #pragma unroll
     for (int mt = 0; mt < MTV; ++mt)
 #pragma unroll
@@ -513,37 +470,7 @@ __device__ __forceinline__ void kvt_mma_merge(MmaState& st, float* wst, float* w
         st.accb[g] += __shfl_xor_sync(KVT_FULL, st.accb[g], 16);
     }
     float fa[GS], fb[GS];
-    __syncwarp();
-#pragma unroll
-    for (int h = 0; h < GS; ++h) {
-        const float mh = wst[h * 4], lh = wst[h * 4 + 1], s1h = wst[h * 4 + 2], s2h = wst[h * 4 + 3];
-        const float mm = st.m[h];
-        const float M = fmaxf(mh, mm);
-        float nl = 0.0f, n1 = 0.0f, n2 = 0.0f;
-        fa[h] = 0.0f;
-        fb[h] = 0.0f;
-        if (lh > 0.0f) {
-            const float d = mh - M;
-            fa[h] = __expf(d);
-            nl += fa[h] * lh;
-            n1 += fa[h] * (s1h + d * lh);
-            n2 += fa[h] * (s2h + 2.0f * d * s1h + d * d * lh);
-        }
-        if (L[h] > 0.0f) {
-            const float d = mm - M;
-            fb[h] = __expf(d);
-            nl += fb[h] * L[h];
-            n1 += fb[h] * (S1[h] + d * L[h]);
-            n2 += fb[h] * (S2[h] + 2.0f * d * S1[h] + d * d * L[h]);
-        }
-        __syncwarp();
-        if (lane == 0) {
-            wst[h * 4] = M;
-            wst[h * 4 + 1] = nl;
-            wst[h * 4 + 2] = n1;
-            wst[h * 4 + 3] = n2;
-        }
-    }
+    kvt_park_stats(st.m, st.l, st.s1, st.s2, wst, fa, fb, lane);
     const int ha = 2 * (j & 1);
 #pragma unroll
     for (int g = 0; g < NGV; ++g) {
