@@ -716,13 +716,9 @@ kvt_decode(const Item* __restrict__ items, const uint2* __restrict__ pages,
         for (int nv = 0; nv < HNV; ++nv)
 #pragma unroll
             for (int k = 0; k < 4; ++k) hs.acc[nv][k] = 0.0f;
-        for (u32 p = pb; p < pe; p += NWARPS) {
-            const uint2 e = pages[it.page_off + p];
-            const hot_t* hk = (const hot_t*)(hot_pool + (u64)e.x * HOT_PAGE_BYTES) + (u64)it.kv * PS * D;
-            const float lse = kvt_hmma_page(hs, hk, (int)(e.y & 0xffffu), hqa, lane);
-            if (lane < GS)
-                page_lse[((u64)it.page_off + p) * lse_stride + it.kv * lse_kvcol + it.sub * GS + lane] = lse;
-        }
+        kvt_hmma_pages(hs, pages + it.page_off, pb, pe, hot_pool, it.kv, hqa, lane, [&](u32 p, float lse) {
+            page_lse[((u64)it.page_off + p) * lse_stride + it.kv * lse_kvcol + it.sub * GS + lane] = lse;
+        });
         kvt_hmma_merge(hs, wst, wacc, lane);
     }
 #endif
@@ -779,26 +775,31 @@ kvt_decode(const Item* __restrict__ items, const uint2* __restrict__ pages,
     for (u32 i = tid; i < ni * GS; i += NT)
         fac[i] = __ldcg(part_state + ((u64)(it.first_item + i / GS) * GS + i % GS) * 4);
     __syncthreads();
-    if (tid < GS) {
-        const int h = tid;
+    // One warp per head, its lanes over the partials: a loop over ni partials in one thread is a
+    // chain of ni dependent L2 round trips, which dominated small batches with many splits.
+    for (int h = warp; h < GS; h += NWARPS) {
         float M = -KVT_INF;
-        for (u32 i = 0; i < ni; ++i) M = fmaxf(M, fac[i * GS + h]);
+        for (u32 i = lane; i < ni; i += 32) M = fmaxf(M, fac[i * GS + h]);
+        M = kvt_warp_max(M);
         float L = 0.0f, S1 = 0.0f, S2 = 0.0f;
-        for (u32 i = 0; i < ni; ++i) {
-            const float* ps = part_state + ((u64)(it.first_item + i) * GS + h) * 4;
-            const float l = __ldcg(ps + 1);
-            if (l > 0.0f) {
-                const float d = fac[i * GS + h] - M, a = __expf(d);
-                const float s1 = __ldcg(ps + 2), s2 = __ldcg(ps + 3);
-                L += a * l;
-                S1 += a * (s1 + d * l);
-                S2 += a * (s2 + 2.0f * d * s1 + d * d * l);
+        for (u32 i = lane; i < ni; i += 32) {
+            const float4 ps = __ldcg((const float4*)(part_state + ((u64)(it.first_item + i) * GS + h) * 4));
+            if (ps.y > 0.0f) {
+                const float d = ps.x - M, a = __expf(d);
+                L += a * ps.y;
+                S1 += a * (ps.z + d * ps.y);
+                S2 += a * (ps.w + 2.0f * d * ps.z + d * d * ps.y);
             }
         }
-        cstat[h][0] = M;
-        cstat[h][1] = L;
-        cstat[h][2] = S1;
-        cstat[h][3] = S2;
+        L = kvt_warp_sum(L);
+        S1 = kvt_warp_sum(S1);
+        S2 = kvt_warp_sum(S2);
+        if (lane == 0) {
+            cstat[h][0] = M;
+            cstat[h][1] = L;
+            cstat[h][2] = S1;
+            cstat[h][3] = S2;
+        }
     }
     __syncthreads();
     for (u32 i = tid; i < ni * GS; i += NT) {
@@ -814,6 +815,8 @@ kvt_decode(const Item* __restrict__ items, const uint2* __restrict__ pages,
     for (int x = tid; x < GS * D; x += NT) {
         const int h = x / D, c = x % D;
         float sum = 0.0f;
+        // Unrolled so that several partials' loads are in flight at once.
+#pragma unroll 8
         for (u32 i = 0; i < ni; ++i)
             sum += fac[i * GS + h] * __ldcg(part_acc + ((u64)(it.first_item + i) * GS + h) * D + c);
         const float L = cstat[h][1];

@@ -90,113 +90,164 @@ struct HmmaState {
     float acc[HNV][4];  // output fragments: rows (part, head), columns channels
 };
 
-// One hot (page, kv head) of n tokens, keys at hk: folds it into st and returns, in lanes h < GS,
-// the page's log-sum-exp for head h (other lanes: unspecified).
-__device__ __forceinline__ float kvt_hmma_page(HmmaState& st, const hot_t* hk, int n,
-                                               const uint4* hqa, int lane) {
+// One 16-token chunk's operands as loaded: keys of tokens t0 + 8 nt + r, values of tokens
+// t0 + {2j, 2j+1, 2j+8, 2j+9} (zeros past n: p = 0 must not meet whatever the slot holds there).
+struct HChunk {
+    uint4 k[2][HKW];
+    uint4 v[4][HVW];
+};
+
+__device__ __forceinline__ void kvt_hmma_load(HChunk& c, const hot_t* hk, int n, int t0, int lane) {
+    const int r = lane >> 2, j = lane & 3;
+    const hot_t* hvp = hk + HOT_HALF_ELEMS;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int i = 0; i < HKW; ++i)
+            c.k[nt][i] = *(const uint4*)(hk + (u64)(t0 + 8 * nt + r) * D + 8 * (j + 4 * i));
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        const int t = t0 + 2 * j + (q & 1) + 8 * (q >> 1);
+#pragma unroll
+        for (int a = 0; a < HVW; ++a)
+            c.v[q][a] = t < n ? *(const uint4*)(hvp + (u64)t * D + 8 * (r + 8 * a))
+                              : make_uint4(0u, 0u, 0u, 0u);
+    }
+}
+
+// The warp's chunk stream: (page p, tokens t0 .. t0 + 15) for p = pb, pb + NWARPS, .. < pe and
+// t0 = 0, 16, .. < n (one empty chunk for a page without tokens, so its lse is still written).
+struct HWalk {
+    u32 p;
+    int t0, n;
+    const hot_t* hk;
+};
+__device__ __forceinline__ bool kvt_hwalk_page(HWalk& w, const uint2* list, u32 pe,
+                                               const u8* hot_pool, u32 kv) {
+    if (w.p >= pe) return false;
+    const uint2 e = list[w.p];
+    w.t0 = 0;
+    w.n = (int)(e.y & 0xffffu);
+    w.hk = (const hot_t*)(hot_pool + (u64)e.x * HOT_PAGE_BYTES) + (u64)kv * PS * D;
+    return true;
+}
+__device__ __forceinline__ bool kvt_hwalk_next(HWalk& w, const uint2* list, u32 pe,
+                                               const u8* hot_pool, u32 kv) {
+    w.t0 += 16;
+    if (w.t0 < w.n) return true;
+    w.p += NWARPS;
+    return kvt_hwalk_page(w, list, pe, hot_pool, kv);
+}
+
+// Folds a loaded chunk (tokens t0 .. of a page of n tokens) into st; plse accumulates the page's
+// log-sum-exp for head r & 3.
+__device__ __forceinline__ void kvt_hmma_chunk(HmmaState& st, const HChunk& c, int n, int t0,
+                                               const uint4* hqa, float& plse, int lane) {
     const int r = lane >> 2, j = lane & 3, hh = r & 3;
     const bool hv = hh < GS, hl = r < GS;
     const int hs = hv ? hh : 0;
-    const hot_t* hvp = hk + HOT_HALF_ELEMS;
-    float plse = -KVT_INF;
-#pragma unroll 1
-    for (int t0 = 0; t0 < n; t0 += 16) {
-        // Loads first: keys of tokens t0 + 8 nt + r, values of tokens t0 + {2j, 2j+1, 2j+8, 2j+9}
-        // (zeros past n: p = 0 must not meet whatever the slot holds there).
-        uint4 kw[2][HKW];
+    // ---- Scores: lane (r, j) gets tokens t0 + 8 nt + 2j + e of head r & 3.
+    float sc[2][4];
 #pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
+    for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-            for (int i = 0; i < HKW; ++i)
-                kw[nt][i] = *(const uint4*)(hk + (u64)(t0 + 8 * nt + r) * D + 8 * (j + 4 * i));
-        uint4 vw[4][HVW];
+        for (int e = 0; e < 4; ++e) sc[nt][e] = 0.0f;
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-            const int t = t0 + 2 * j + (q & 1) + 8 * (q >> 1);
+    for (int i = 0; i < HKW; ++i) {
+        const uint4 qa0 = hqa[(2 * i) * 32 + lane], qa1 = hqa[(2 * i + 1) * 32 + lane];
 #pragma unroll
-            for (int a = 0; a < HVW; ++a)
-                vw[q][a] = t < n ? *(const uint4*)(hvp + (u64)t * D + 8 * (r + 8 * a))
-                                 : make_uint4(0u, 0u, 0u, 0u);
-        }
-        // ---- Scores: lane (r, j) gets tokens t0 + 8 nt + 2j + e of head r & 3.
-        float sc[2][4];
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) sc[nt][e] = 0.0f;
-#pragma unroll
-        for (int i = 0; i < HKW; ++i) {
-            const uint4 qa0 = hqa[(2 * i) * 32 + lane], qa1 = hqa[(2 * i + 1) * 32 + lane];
-#pragma unroll
-            for (int nt = 0; nt < 2; ++nt) {
-                kvt_mma_bf16(sc[nt], qa0, kw[nt][i].x, kw[nt][i].y);
-                kvt_mma_bf16(sc[nt], qa1, kw[nt][i].z, kw[nt][i].w);
-            }
-        }
-        float s[2][2];
-        float mloc = -KVT_INF;
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                float x = sc[nt][e] + sc[nt][2 + e];
-                x += __shfl_xor_sync(KVT_FULL, x, 16);
-                const bool valid = hv && t0 + 8 * nt + 2 * j + e < n;
-                s[nt][e] = valid ? x : -KVT_INF;
-                mloc = fmaxf(mloc, s[nt][e]);
-            }
-        // ---- Online softmax (statistics counted once, by lanes r < GS).
-        float alpha[GS], dl[GS];
-        if (kvt_quad_newmax(st.m, mloc, alpha, dl)) {  // warp-uniform
-            const float ar = kvt_pick(alpha, hs), dr = kvt_pick(dl, hs);
-            if (hl) {
-                st.s2 = ar * (st.s2 + 2.0f * dr * st.s1 + dr * dr * st.l);
-                st.s1 = ar * (st.s1 + dr * st.l);
-                st.l *= ar;
-            }
-#pragma unroll
-            for (int nv = 0; nv < HNV; ++nv)
-#pragma unroll
-                for (int k = 0; k < 4; ++k) st.acc[nv][k] *= ar;
-        }
-        const float mr = kvt_pick(st.m, hs);
-        float p[2][2];
-        float lsum = 0.0f, s1 = 0.0f, s2 = 0.0f;
-#pragma unroll
-        for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const bool valid = s[nt][e] != -KVT_INF;
-                const float x = valid ? s[nt][e] - mr : 0.0f;
-                p[nt][e] = valid ? __expf(x) : 0.0f;
-                lsum += p[nt][e];
-                s1 = fmaf(p[nt][e], x, s1);
-                s2 = fmaf(p[nt][e] * x, x, s2);
-            }
-        if (hl) {
-            st.l += lsum;
-            st.s1 += s1;
-            st.s2 += s2;
-        }
-        lsum = kvt_quad_sum(lsum);
-        plse = kvt_logaddexp(plse, lsum > 0.0f ? mr + __logf(lsum) : -KVT_INF);
-        // ---- Values.
-        const uint4 pa = kvt_hmma_a(p[0][0], p[0][1], p[1][0], p[1][1], r);
-#pragma unroll
-        for (int a = 0; a < HVW; ++a) {
-            const u32 w0[4] = {vw[0][a].x, vw[0][a].y, vw[0][a].z, vw[0][a].w};
-            const u32 w1[4] = {vw[1][a].x, vw[1][a].y, vw[1][a].z, vw[1][a].w};
-            const u32 w8[4] = {vw[2][a].x, vw[2][a].y, vw[2][a].z, vw[2][a].w};
-            const u32 w9[4] = {vw[3][a].x, vw[3][a].y, vw[3][a].z, vw[3][a].w};
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                const u32 sel = (i & 1) ? 0x7632u : 0x5410u;
-                kvt_mma_bf16(st.acc[8 * a + i], pa, kvt_prmt(w0[i >> 1], w1[i >> 1], sel),
-                             kvt_prmt(w8[i >> 1], w9[i >> 1], sel));
-            }
+        for (int nt = 0; nt < 2; ++nt) {
+            kvt_mma_bf16(sc[nt], qa0, c.k[nt][i].x, c.k[nt][i].y);
+            kvt_mma_bf16(sc[nt], qa1, c.k[nt][i].z, c.k[nt][i].w);
         }
     }
-    return __shfl_sync(KVT_FULL, plse, (lane & 7) * 4);
+    float s[2][2];
+    float mloc = -KVT_INF;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            float x = sc[nt][e] + sc[nt][2 + e];
+            x += __shfl_xor_sync(KVT_FULL, x, 16);
+            const bool valid = hv && t0 + 8 * nt + 2 * j + e < n;
+            s[nt][e] = valid ? x : -KVT_INF;
+            mloc = fmaxf(mloc, s[nt][e]);
+        }
+    // ---- Online softmax (statistics counted once, by lanes r < GS).
+    float alpha[GS], dl[GS];
+    if (kvt_quad_newmax(st.m, mloc, alpha, dl)) {  // warp-uniform
+        const float ar = kvt_pick(alpha, hs), dr = kvt_pick(dl, hs);
+        if (hl) {
+            st.s2 = ar * (st.s2 + 2.0f * dr * st.s1 + dr * dr * st.l);
+            st.s1 = ar * (st.s1 + dr * st.l);
+            st.l *= ar;
+        }
+#pragma unroll
+        for (int nv = 0; nv < HNV; ++nv)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) st.acc[nv][k] *= ar;
+    }
+    const float mr = kvt_pick(st.m, hs);
+    float p[2][2];
+    float lsum = 0.0f, s1 = 0.0f, s2 = 0.0f;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const bool valid = s[nt][e] != -KVT_INF;
+            const float x = valid ? s[nt][e] - mr : 0.0f;
+            p[nt][e] = valid ? __expf(x) : 0.0f;
+            lsum += p[nt][e];
+            s1 = fmaf(p[nt][e], x, s1);
+            s2 = fmaf(p[nt][e] * x, x, s2);
+        }
+    if (hl) {
+        st.l += lsum;
+        st.s1 += s1;
+        st.s2 += s2;
+    }
+    lsum = kvt_quad_sum(lsum);
+    plse = kvt_logaddexp(plse, lsum > 0.0f ? mr + __logf(lsum) : -KVT_INF);
+    // ---- Values.
+    const uint4 pa = kvt_hmma_a(p[0][0], p[0][1], p[1][0], p[1][1], r);
+#pragma unroll
+    for (int a = 0; a < HVW; ++a) {
+        const u32 w0[4] = {c.v[0][a].x, c.v[0][a].y, c.v[0][a].z, c.v[0][a].w};
+        const u32 w1[4] = {c.v[1][a].x, c.v[1][a].y, c.v[1][a].z, c.v[1][a].w};
+        const u32 w8[4] = {c.v[2][a].x, c.v[2][a].y, c.v[2][a].z, c.v[2][a].w};
+        const u32 w9[4] = {c.v[3][a].x, c.v[3][a].y, c.v[3][a].z, c.v[3][a].w};
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const u32 sel = (i & 1) ? 0x7632u : 0x5410u;
+            kvt_mma_bf16(st.acc[8 * a + i], pa, kvt_prmt(w0[i >> 1], w1[i >> 1], sel),
+                         kvt_prmt(w8[i >> 1], w9[i >> 1], sel));
+        }
+    }
+}
+
+// All of the warp's hot pages (list positions pb, pb + NWARPS, .. < pe), chunk by chunk. Writes
+// each page's lse (lanes h < GS, head h) through lse_out(p, value). (Measured on the H200 and
+// dropped: a second register buffer for the next chunk spills at head_dim 128, and an L2 prefetch
+// of the next chunks, cp.async.bulk.prefetch 1 to 3 chunks ahead, made every shape 4-60% slower.)
+template <typename LseOut>
+__device__ __forceinline__ void kvt_hmma_pages(HmmaState& st, const uint2* list, u32 pb, u32 pe,
+                                               const u8* hot_pool, u32 kv, const uint4* hqa,
+                                               int lane, LseOut lse_out) {
+    HWalk cur;
+    cur.p = pb;
+    if (!kvt_hwalk_page(cur, list, pe, hot_pool, kv)) return;
+    float plse = -KVT_INF;
+    HChunk c;
+    while (true) {
+        kvt_hmma_load(c, cur.hk, cur.n, cur.t0, lane);
+        kvt_hmma_chunk(st, c, cur.n, cur.t0, hqa, plse, lane);
+        if (cur.t0 + 16 >= cur.n) {
+            const float v = __shfl_sync(KVT_FULL, plse, (lane & 7) * 4);
+            if (lane < GS) lse_out(cur.p, v);
+            plse = -KVT_INF;
+        }
+        if (!kvt_hwalk_next(cur, list, pe, hot_pool, kv)) break;
+    }
 }
 
 // Warp totals of `st` merged into the warp's parked partial (wst [GS][4]; wacc [GS][D]).
