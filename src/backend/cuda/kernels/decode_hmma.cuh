@@ -92,19 +92,24 @@ struct HmmaState {
 
 // One 16-token chunk's operands as loaded: keys of tokens t0 + 8 nt + r, values of tokens
 // t0 + {2j, 2j+1, 2j+8, 2j+9} (zeros past n: p = 0 must not meet whatever the slot holds there).
-struct HChunk {
+struct HKeys {
     uint4 k[2][HKW];
+};
+struct HVals {
     uint4 v[4][HVW];
 };
 
-__device__ __forceinline__ void kvt_hmma_load(HChunk& c, const hot_t* hk, int n, int t0, int lane) {
+__device__ __forceinline__ void kvt_hmma_load_k(HKeys& c, const hot_t* hk, int t0, int lane) {
     const int r = lane >> 2, j = lane & 3;
-    const hot_t* hvp = hk + HOT_HALF_ELEMS;
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
         for (int i = 0; i < HKW; ++i)
             c.k[nt][i] = *(const uint4*)(hk + (u64)(t0 + 8 * nt + r) * D + 8 * (j + 4 * i));
+}
+__device__ __forceinline__ void kvt_hmma_load_v(HVals& c, const hot_t* hk, int n, int t0, int lane) {
+    const int r = lane >> 2, j = lane & 3;
+    const hot_t* hvp = hk + HOT_HALF_ELEMS;
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
         const int t = t0 + 2 * j + (q & 1) + 8 * (q >> 1);
@@ -141,8 +146,9 @@ __device__ __forceinline__ bool kvt_hwalk_next(HWalk& w, const uint2* list, u32 
 
 // Folds a loaded chunk (tokens t0 .. of a page of n tokens) into st; plse accumulates the page's
 // log-sum-exp for head r & 3.
-__device__ __forceinline__ void kvt_hmma_chunk(HmmaState& st, const HChunk& c, int n, int t0,
-                                               const uint4* hqa, float& plse, int lane) {
+__device__ __forceinline__ void kvt_hmma_chunk(HmmaState& st, const HKeys& ck, const HVals& c,
+                                               int n, int t0, const uint4* hqa, float& plse,
+                                               int lane) {
     const int r = lane >> 2, j = lane & 3, hh = r & 3;
     const bool hv = hh < GS, hl = r < GS;
     const int hs = hv ? hh : 0;
@@ -157,8 +163,8 @@ __device__ __forceinline__ void kvt_hmma_chunk(HmmaState& st, const HChunk& c, i
         const uint4 qa0 = hqa[(2 * i) * 32 + lane], qa1 = hqa[(2 * i + 1) * 32 + lane];
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt) {
-            kvt_mma_bf16(sc[nt], qa0, c.k[nt][i].x, c.k[nt][i].y);
-            kvt_mma_bf16(sc[nt], qa1, c.k[nt][i].z, c.k[nt][i].w);
+            kvt_mma_bf16(sc[nt], qa0, ck.k[nt][i].x, ck.k[nt][i].y);
+            kvt_mma_bf16(sc[nt], qa1, ck.k[nt][i].z, ck.k[nt][i].w);
         }
     }
     float s[2][2];
@@ -225,10 +231,37 @@ __device__ __forceinline__ void kvt_hmma_chunk(HmmaState& st, const HChunk& c, i
     }
 }
 
+// One chunk of `cur` whose keys are in kx: its values are loaded, and the next chunk's keys into
+// ky (AHEAD: before the scores are computed, so both loads wait behind work; else after, and ky
+// may be kx). Returns false at the end.
+template <bool AHEAD, typename LseOut>
+__device__ __forceinline__ bool kvt_hmma_step(HmmaState& st, HWalk& cur, HKeys& kx, HKeys& ky,
+                                              float& plse, const uint2* list, u32 pe,
+                                              const u8* hot_pool, u32 kv, const uint4* hqa,
+                                              int lane, LseOut& lse_out) {
+    HVals v;
+    kvt_hmma_load_v(v, cur.hk, cur.n, cur.t0, lane);
+    HWalk nx = cur;
+    const bool more = kvt_hwalk_next(nx, list, pe, hot_pool, kv);
+    if (AHEAD && more) kvt_hmma_load_k(ky, nx.hk, nx.t0, lane);
+    kvt_hmma_chunk(st, kx, v, cur.n, cur.t0, hqa, plse, lane);
+    if (!AHEAD && more) kvt_hmma_load_k(ky, nx.hk, nx.t0, lane);
+    if (cur.t0 + 16 >= cur.n) {
+        const float x = __shfl_sync(KVT_FULL, plse, (lane & 7) * 4);
+        if (lane < GS) lse_out(cur.p, x);
+        plse = -KVT_INF;
+    }
+    cur = nx;
+    return more;
+}
+
 // All of the warp's hot pages (list positions pb, pb + NWARPS, .. < pe), chunk by chunk. Writes
-// each page's lse (lanes h < GS, head h) through lse_out(p, value). (Measured on the H200 and
-// dropped: a second register buffer for the next chunk spills at head_dim 128, and an L2 prefetch
-// of the next chunks, cp.async.bulk.prefetch 1 to 3 chunks ahead, made every shape 4-60% slower.)
+// each page's lse (lanes h < GS, head h) through lse_out(p, value). At head_dim 128 the next
+// chunk's keys are in flight while the current one is computed (two key buffers in turn): 4-8%
+// faster on the H200, 96% of the read probe at B8 S128K. At head_dim 64 the second key buffer
+// (156 registers against 128) costs the second CTA per SM and ran 10-30% slower, so chunks are
+// loaded one at a time. Measured and dropped: a second value buffer too (spills at head_dim 128)
+// and an L2 prefetch of the next 1 to 3 chunks (cp.async.bulk.prefetch: 4-60% slower).
 template <typename LseOut>
 __device__ __forceinline__ void kvt_hmma_pages(HmmaState& st, const uint2* list, u32 pb, u32 pe,
                                                const u8* hot_pool, u32 kv, const uint4* hqa,
@@ -237,16 +270,16 @@ __device__ __forceinline__ void kvt_hmma_pages(HmmaState& st, const uint2* list,
     cur.p = pb;
     if (!kvt_hwalk_page(cur, list, pe, hot_pool, kv)) return;
     float plse = -KVT_INF;
-    HChunk c;
-    while (true) {
-        kvt_hmma_load(c, cur.hk, cur.n, cur.t0, lane);
-        kvt_hmma_chunk(st, c, cur.n, cur.t0, hqa, plse, lane);
-        if (cur.t0 + 16 >= cur.n) {
-            const float v = __shfl_sync(KVT_FULL, plse, (lane & 7) * 4);
-            if (lane < GS) lse_out(cur.p, v);
-            plse = -KVT_INF;
+    HKeys ka;
+    kvt_hmma_load_k(ka, cur.hk, cur.t0, lane);
+    if constexpr (D >= 128) {
+        HKeys kb;
+        while (kvt_hmma_step<true>(st, cur, ka, kb, plse, list, pe, hot_pool, kv, hqa, lane, lse_out) &&
+               kvt_hmma_step<true>(st, cur, kb, ka, plse, list, pe, hot_pool, kv, hqa, lane, lse_out)) {
         }
-        if (!kvt_hwalk_next(cur, list, pe, hot_pool, kv)) break;
+    } else {
+        while (kvt_hmma_step<false>(st, cur, ka, ka, plse, list, pe, hot_pool, kv, hqa, lane, lse_out)) {
+        }
     }
 }
 
