@@ -51,7 +51,7 @@ pub mod tensor;
 
 pub use attention::{Attention, HeadStats, PageSelection};
 pub use backend::{
-    Device, DeviceBuffers, DeviceLocation, InputDtype, PageBytes, PageResults, Scratch,
+    Device, DeviceBuffers, DeviceLocation, DeviceRows, InputDtype, PageBytes, PageResults, Scratch,
 };
 pub use cache::{
     CacheCounters, KvCache, Move, PageEntry, PageMeta, PageRef, PageTable, Pins, Restored, Rows,

@@ -78,6 +78,19 @@ pub enum DeviceBuffers {
     Metal(metal::MetalBuffers),
 }
 
+/// Keys and values in accelerator memory for [`crate::KvCache::append_device`], by backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceRows {
+    Cuda(cuda::CudaRows),
+}
+
+/// Where one appended row goes: token `pos` of hot page `slot`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HotRow {
+    pub slot: u32,
+    pub pos: u32,
+}
+
 /// The portable bytes of one page, for the archive, the cold store and migration between
 /// backends. `data` is the page exactly as the storage holds it:
 /// - hot: keys then values, each `[num_kv_heads][page_size][head_dim]` in `hot_dtype`
@@ -260,6 +273,21 @@ pub trait BackendStorage: Send + Sync {
         values: &[f32],
         n: usize,
     ) -> Result<()>;
+    /// Writes row `r` of `src` (keys and values in accelerator memory, `[rows.len(),
+    /// num_kv_heads, head_dim]`) to token `rows[r].pos` of hot page `rows[r].slot`, converted to
+    /// the hot dtype and, with `rotation`, rotated as the host rotates appended rows. The backend
+    /// checks every element as the cache checks host rows (finite, within the hot dtype, also
+    /// after rotation); on a bad element nothing it wrote remains (the rows are zero again, as
+    /// tokens past a page's length are) and the error names the element. Slots are live hot pages
+    /// and positions lie past their stored tokens (the cache's contract).
+    fn write_hot_device(
+        &mut self,
+        _rows: &[HotRow],
+        _src: &DeviceRows,
+        _rotation: Option<DeviceRotation>,
+    ) -> Result<()> {
+        unsupported("append_device needs a CUDA backend")
+    }
     /// Quantises the first `n_tokens` of hot page `slot` into a new warm page of `format` and frees
     /// the hot one. Returns `Ok(None)`, leaving the hot page untouched, when its values do not fit
     /// the warm format (beyond f16 range).
@@ -408,6 +436,14 @@ impl BackendStorage for Storage {
         n: usize,
     ) -> Result<()> {
         dispatch!(self, s => s.write_hot(slot, first, keys, values, n))
+    }
+    fn write_hot_device(
+        &mut self,
+        rows: &[HotRow],
+        src: &DeviceRows,
+        rotation: Option<DeviceRotation>,
+    ) -> Result<()> {
+        dispatch!(self, s => s.write_hot_device(rows, src, rotation))
     }
     fn demote(&mut self, slot: u32, n_tokens: usize, format: WarmFormat) -> Result<Option<u32>> {
         dispatch!(self, s => s.demote(slot, n_tokens, format))

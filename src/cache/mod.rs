@@ -13,6 +13,7 @@
 //! caller input.
 
 mod append;
+mod append_device;
 mod attend;
 mod bounds;
 mod meta;

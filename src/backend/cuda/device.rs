@@ -41,6 +41,8 @@ pub(crate) fn drv_alloc(e: DriverError, bytes: usize) -> CudaError {
 pub(crate) struct Kernels {
     pub spec: KernelSpec,
     pub append: CudaFunction,
+    /// Rows from device memory into hot pages (`write_hot_device`).
+    pub append_rows: CudaFunction,
     pub quantize: CudaFunction,
     pub decode: CudaFunction,
     pub read_probe: CudaFunction,
@@ -197,6 +199,7 @@ impl CudaDevice {
         let f = |n: &str| module.load_function(n).map_err(drv);
         let (append, quantize, decode) = (f("kvt_append")?, f("kvt_quantize")?, f("kvt_decode")?);
         let read_probe = f("kvt_read_probe")?;
+        let append_rows = f("kvt_append_rows")?;
         let (queries_f16, queries_bf16) = (f("kvt_queries_f16")?, f("kvt_queries_bf16")?);
         let page_mass = f("kvt_page_mass")?;
         let smem = spec.decode_smem() as u32;
@@ -218,6 +221,7 @@ impl CudaDevice {
         let k = Arc::new(Kernels {
             spec: spec.clone(),
             append,
+            append_rows,
             quantize,
             decode,
             read_probe,

@@ -6,7 +6,7 @@
 //! once per device and configuration, for the device's own architecture ([`CudaDevice`] caches
 //! them).
 //!
-//! Files: `device.rs` (context, stream, module cache), `kernels.rs` (sources, specialisation,
+//! Files: `append.rs` (appends from device memory), `device.rs` (context, stream, module cache), `kernels.rs` (sources, specialisation,
 //! NVRTC), `pool.rs` (device buffers and slot pools), `plan.rs` (page lists and work items, with
 //! or without a page selection), `launch.rs` (launches, reading results back), `storage.rs`
 //! (the storage and its trait impl), `transfer.rs` (page bytes to and from the host), `probe.rs`
@@ -34,6 +34,18 @@ pub struct CudaBuffers {
     pub stream: u64,
 }
 
+/// Keys and values in CUDA device memory for [`crate::KvCache::append_device`]: `keys` and
+/// `values` are `[rows, num_kv_heads, head_dim]` in `dtype`, readable on `stream` (a `CUstream`;
+/// 0 is the legacy default stream). The call synchronises `stream` before it returns, so the
+/// buffers may be reused as soon as it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CudaRows {
+    pub keys: u64,
+    pub values: u64,
+    pub dtype: crate::backend::InputDtype,
+    pub stream: u64,
+}
+
 #[cfg(not(feature = "cuda"))]
 mod stubs {
     use super::CudaError;
@@ -49,6 +61,8 @@ mod stubs {
 #[cfg(not(feature = "cuda"))]
 pub use stubs::{CudaDevice, CudaScratch, CudaStorage};
 
+#[cfg(feature = "cuda")]
+mod append;
 #[cfg(feature = "cuda")]
 mod device;
 #[cfg(feature = "cuda")]

@@ -14,17 +14,17 @@
 use super::device::{drv, CudaDevice, Kernels};
 use super::kernels::KernelSpec;
 use super::plan::DecodePlan;
-use super::pool::{GrowBuf, Pool};
+use super::pool::{GrowBuf, PinnedBuf, Pool};
 use crate::attention::Attention;
 use crate::backend::{
-    hot_page_bytes, AttendInput, BackendStorage, DeviceBuffers, DeviceLocation, PageBytes,
-    PageResults, Scratch, StorageBytes,
+    hot_page_bytes, AttendInput, BackendStorage, DeviceBuffers, DeviceLocation, DeviceRotation,
+    DeviceRows, HotRow, PageBytes, PageResults, Scratch, StorageBytes,
 };
 use crate::cache::{PageEntry, PageTable, Tier};
 use crate::config::{CacheConfig, HotDtype};
 use crate::error::{Error, Result};
 use crate::quant::{WarmFormat, WarmLayout};
-use cudarc::driver::{result as cu, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{result as cu, CudaEvent, CudaStream, LaunchConfig, PushKernelArg};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -87,6 +87,11 @@ pub struct CudaStorage {
     pub(super) hot_absmax: Vec<f32>,
     staging: GrowBuf,
     flag: GrowBuf,
+    /// Device appends (`append.rs`): the row map, check words and signs on the device, their
+    /// page-locked host copy, and the event that orders the caller's stream after ours.
+    pub(super) rows_dev: GrowBuf,
+    pub(super) rows_host: PinnedBuf,
+    pub(super) rows_ev: Option<CudaEvent>,
 }
 
 impl CudaStorage {
@@ -110,6 +115,9 @@ impl CudaStorage {
             hot_absmax: Vec::new(),
             staging: GrowBuf::default(),
             flag: GrowBuf::default(),
+            rows_dev: GrowBuf::default(),
+            rows_host: PinnedBuf::default(),
+            rows_ev: None,
             dev,
             k,
         })
@@ -226,6 +234,15 @@ impl BackendStorage for CudaStorage {
         let am = &mut self.hot_absmax[slot as usize];
         *am = am.max(m);
         Ok(())
+    }
+
+    fn write_hot_device(
+        &mut self,
+        rows: &[HotRow],
+        src: &DeviceRows,
+        rotation: Option<DeviceRotation>,
+    ) -> Result<()> {
+        self.write_rows(rows, src, rotation)
     }
 
     fn demote(&mut self, slot: u32, n_tokens: usize, format: WarmFormat) -> Result<Option<u32>> {
@@ -400,7 +417,9 @@ impl BackendStorage for CudaStorage {
                 + self.warm.metadata_bytes()
                 + self.hot_absmax.capacity() * 4
                 + self.staging.bytes()
-                + self.flag.bytes(),
+                + self.flag.bytes()
+                + self.rows_dev.bytes()
+                + self.rows_host.bytes(),
         }
     }
 }
