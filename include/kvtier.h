@@ -1670,6 +1670,42 @@ kvtier_status kvtier_cache_page_info(const struct kvtier_cache *cache,
                                      struct kvtier_page_info *info_out);
 
 /*
+ Appends `counts[i]` tokens to sequence `seqs[i]` (distinct) in `layer`, for `i < n_seqs`, from
+ keys and values in CUDA device memory: `keys_device` and `values_device` are `CUdeviceptr`s of
+ `[sum of counts][num_kv_heads][head_dim]` elements of `dtype` (`kvtier_dtype`), the rows of the
+ entries one after another, readable on `stream` (a `CUstream`; NULL for the legacy default
+ stream). A decode step is `counts` all 1; a prefill chunk one entry with its token count. One
+ launch converts the rows to the hot dtype (and rotates them for a rotated cache); the pages
+ leaving the hot window are then demoted in one launch. The stored bytes equal those of
+ `kvtier_cache_append_typed` with the same values.
+
+ Every element is checked as a host append checks it; a bad one fails the whole batch
+ (`NON_FINITE` or `OUT_OF_RANGE`, the last error naming its index) and no sequence changes. The
+ call synchronises `stream` before it returns, so the buffers may be reused at once.
+
+ Errors: `NULL_PARAMETER` (`cache`; `seqs` or `counts` with `n_seqs > 0`; a device address of 0
+ with rows to append), `INVALID_ARGUMENT` (unknown dtype), `SHAPE` (more entries than live
+ sequences, misaligned device addresses), `UNKNOWN_SEQUENCE`, `DUPLICATE_SEQUENCE`,
+ `LAYER_OUT_OF_RANGE`, `SEQUENCE_TOO_LONG`, `BUDGET_EXCEEDED`, `NON_FINITE`, `OUT_OF_RANGE`,
+ `UNSUPPORTED` (a cache not on a CUDA device), `DEVICE_ERROR`.
+
+ # Safety
+
+ `cache` must be NULL or a live handle; `seqs` and `counts` must hold `n_seqs` readable
+ elements each (NULL when `n_seqs` is 0). The device addresses must be live allocations of the
+ sizes above on the cache's device, usable from `stream`.
+ */
+kvtier_status kvtier_cache_append_device(struct kvtier_cache *cache,
+                                         size_t layer,
+                                         const uint64_t *seqs,
+                                         const size_t *counts,
+                                         size_t n_seqs,
+                                         uint32_t dtype,
+                                         uint64_t keys_device,
+                                         uint64_t values_device,
+                                         void *stream);
+
+/*
  Writes the cache's disk counters to `*stats_out` (all zero for a cache that does not spill).
 
  Errors: `NULL_PARAMETER`, `POISONED`.

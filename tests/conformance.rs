@@ -228,6 +228,119 @@ test_device!(
     page_bytes_match_cpu_on_metal
 );
 
+/// Demotion of a batch (`demote_many`: one launch on CUDA) equals demoting each page alone on the
+/// CPU: the same outcome per page (a page beyond f16 in the middle of the batch stays hot while the
+/// others demote) and the same warm bytes.
+fn batched_demotion_matches_cpu(dev: &Device) {
+    for (name, cfg) in configs() {
+        let (kvh, d, ps) = (cfg.num_kv_heads, cfg.head_dim, cfg.page_size);
+        let mut cpu = CpuDevice.storage(&oracle(&cfg), 0).unwrap();
+        let mut st = dev.storage(&storage_cfg(dev, &cfg), 0).unwrap();
+        let mut rng = Rng(0xba7c + d as u64);
+        let format = WarmFormat::of(&cfg);
+        let (mut jobs, mut cpu_slots, mut hot) = (Vec::new(), Vec::new(), Vec::new());
+        for case in 0..6 {
+            let n = if case == 2 { ps - 3 } else { ps };
+            let k = rng.vec(n * kvh * d, 2.0);
+            let mut v = rng.vec(n * kvh * d, 1.0);
+            if case == 3 {
+                v[5] = -1e6; // a minimum beyond f16: this page stays hot, the rest demote
+            }
+            let (sc, sd) = (cpu.alloc_hot().unwrap(), st.alloc_hot().unwrap());
+            cpu.write_hot(sc, 0, &k, &v, n).unwrap();
+            st.write_hot(sd, 0, &k, &v, n).unwrap();
+            jobs.push((sd, n));
+            cpu_slots.push((sc, n));
+            let e = PageEntry {
+                tier: Tier::Hot,
+                slot: sd,
+                n_tokens: n as u32,
+                format,
+            };
+            hot.push(st.export_page(&e).unwrap());
+        }
+        // A batched export (one synchronisation on CUDA) equals exporting page by page.
+        let entries: Vec<PageEntry> = jobs
+            .iter()
+            .map(|&(slot, n)| PageEntry {
+                tier: Tier::Hot,
+                slot,
+                n_tokens: n as u32,
+                format,
+            })
+            .collect();
+        assert_eq!(
+            st.export_pages(&entries).unwrap(),
+            hot,
+            "{name}: batched export"
+        );
+        let mut out = vec![Some(u32::MAX)]; // cleared by the call
+        st.demote_many(&jobs, format, &mut out).unwrap();
+        assert_eq!(out.len(), jobs.len(), "{name}: one result per page");
+        for (i, (&(sc, n), &(sd, _))) in cpu_slots.iter().zip(&jobs).enumerate() {
+            let e = |tier, slot| PageEntry {
+                tier,
+                slot,
+                n_tokens: n as u32,
+                format,
+            };
+            let want = cpu.demote(sc, n, format).unwrap();
+            assert_eq!(out[i].is_some(), want.is_some(), "{name} page {i}: outcome");
+            match (out[i], want) {
+                (Some(wd), Some(wc)) => assert_eq!(
+                    st.export_page(&e(Tier::Warm, wd)).unwrap(),
+                    cpu.export_page(&e(Tier::Warm, wc)).unwrap(),
+                    "{name} page {i}: warm bytes"
+                ),
+                _ => assert_eq!(
+                    st.export_page(&e(Tier::Hot, sd)).unwrap(),
+                    hot[i],
+                    "{name} page {i}: a refused demotion changed the hot page"
+                ),
+            }
+        }
+        assert_eq!(
+            out.iter().filter(|o| o.is_none()).count(),
+            1,
+            "{name}: only the page beyond f16 stays hot"
+        );
+        let warm: Vec<PageEntry> = jobs
+            .iter()
+            .zip(&out)
+            .filter_map(|(&(_, n), o)| {
+                o.map(|slot| PageEntry {
+                    tier: Tier::Warm,
+                    slot,
+                    n_tokens: n as u32,
+                    format,
+                })
+            })
+            .collect();
+        let one: Vec<_> = warm.iter().map(|e| st.export_page(e).unwrap()).collect();
+        assert_eq!(
+            st.export_pages(&warm).unwrap(),
+            one,
+            "{name}: batched warm export"
+        );
+        let freed = PageEntry {
+            tier: Tier::Warm,
+            slot: u32::MAX,
+            n_tokens: 1,
+            format,
+        };
+        assert!(
+            st.export_pages(&[warm[0], freed]).is_err(),
+            "{name}: an export naming a slot that is not allocated is an error"
+        );
+    }
+}
+test_device!(
+    batched_demotion_matches_cpu,
+    batched_demotion_matches_cpu_on_cpu,
+    batched_demotion_matches_cpu_on_cuda,
+    batched_demotion_matches_cpu_on_metal
+);
+
 struct Filled {
     cache: KvCache,
     seqs: Vec<SeqId>,

@@ -381,6 +381,133 @@ mod gpu {
         }
     }
 
+    /// `kvtier_cache_append_device` (the C ABI) stores what `append_device` stores: a prefill
+    /// chunk and batched decode steps through both, then equal attention; bad input gets a status.
+    #[test]
+    fn c_abi_device_appends_equal_rust() {
+        use kvtier::ffi::status::kvtier_status;
+        use kvtier::ffi::*;
+        let Some(dev) = device() else { return };
+        let ctx = CudaContext::new(0).unwrap();
+        let st = ctx.new_stream().unwrap();
+        let (qh, kvh, d) = (9, 3, 64);
+        let cfg = CacheConfig::builder(1, qh, kvh, d)
+            .hot_window(32)
+            .build()
+            .unwrap();
+        let mut r = KvCache::with_device(cfg.clone(), Device::Cuda(dev)).unwrap();
+        let (mut ccfg, mut c) = (std::ptr::null_mut(), std::ptr::null_mut());
+        // SAFETY: out-pointers to locals; the handles are freed at the end.
+        unsafe {
+            assert_eq!(
+                kvtier_config_new(1, qh, kvh, d, &mut ccfg),
+                kvtier_status::Ok
+            );
+            assert_eq!(kvtier_config_set_hot_window(ccfg, 32), kvtier_status::Ok);
+            assert_eq!(kvtier_cache_new_cuda(ccfg, 0, &mut c), kvtier_status::Ok);
+            kvtier_config_free(ccfg);
+        }
+        let mut ids = [0u64; 2];
+        for id in &mut ids {
+            // SAFETY: `c` is live; `id` a writable local.
+            assert_eq!(
+                unsafe { kvtier_cache_sequence_add(c, id) },
+                kvtier_status::Ok
+            );
+        }
+        let seqs: Vec<SeqId> = (0..2).map(|_| r.add_sequence()).collect();
+        let row = kvh * d;
+        let mut steps: Vec<Vec<usize>> = vec![vec![50, 9]];
+        steps.extend((0..40).map(|_| vec![1, 1]));
+        for (i, counts) in steps.iter().enumerate() {
+            let n: usize = counts.iter().sum();
+            let b = Batch::new(
+                rng_vec(n * row, 7 + i as u64),
+                rng_vec(n * row, 99 + i as u64),
+                InputDtype::F16,
+            );
+            let batch: Vec<(SeqId, usize)> =
+                seqs.iter().copied().zip(counts.iter().copied()).collect();
+            b.device(&mut r, &st, &batch).unwrap();
+            let held = b.upload(&st);
+            st.synchronize().unwrap();
+            let Held::U16(k, v) = &held else {
+                unreachable!()
+            };
+            let (kp, vp) = (k.device_ptr(&st).0, v.device_ptr(&st).0);
+            // SAFETY: `c` is live; `ids` and `counts` hold 2 elements; `kp` / `vp` hold the
+            // batch's rows of f16 on `st`.
+            let s = unsafe {
+                kvtier_cache_append_device(
+                    c,
+                    0,
+                    ids.as_ptr(),
+                    counts.as_ptr(),
+                    2,
+                    1,
+                    kp,
+                    vp,
+                    st.cu_stream() as *mut _,
+                )
+            };
+            assert_eq!(s, kvtier_status::Ok, "step {i}");
+        }
+        // Bad input: a NaN key fails the batch with a status and changes nothing.
+        let mut bad = rng_vec(2 * row, 5);
+        bad[row + 3] = f32::NAN;
+        let b = Batch::new(bad, rng_vec(2 * row, 6), InputDtype::F16);
+        let held = b.upload(&st);
+        st.synchronize().unwrap();
+        let Held::U16(k, v) = &held else {
+            unreachable!()
+        };
+        let (kp, vp) = (k.device_ptr(&st).0, v.device_ptr(&st).0);
+        let mut len = 0usize;
+        // SAFETY: as above; `len` a writable local.
+        unsafe {
+            assert_eq!(
+                kvtier_cache_append_device(
+                    c,
+                    0,
+                    ids.as_ptr(),
+                    [1usize, 1].as_ptr(),
+                    2,
+                    1,
+                    kp,
+                    vp,
+                    st.cu_stream() as *mut _
+                ),
+                kvtier_status::NonFinite
+            );
+            assert_eq!(
+                kvtier_cache_sequence_len(c, ids[1], 0, &mut len),
+                kvtier_status::Ok
+            );
+        }
+        assert_eq!(len, 9 + 40, "a failed batch changed a sequence");
+        let q = rng_vec(2 * qh * d, 3);
+        let want = r.attend(0, &seqs, &q).unwrap();
+        let mut out = vec![0f32; q.len()];
+        // SAFETY: `c` is live; the arrays hold their counts; no stats.
+        let s = unsafe {
+            kvtier_cache_attend(
+                c,
+                0,
+                ids.as_ptr(),
+                2,
+                q.as_ptr(),
+                q.len(),
+                out.as_mut_ptr(),
+                out.len(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(s, kvtier_status::Ok);
+        assert_eq!(out, want.output, "C-ABI device appends attend differently");
+        // SAFETY: `c` is live and not used again.
+        unsafe { kvtier_cache_free(c) };
+    }
+
     fn rng_vec(n: usize, seed: u64) -> Vec<f32> {
         Rng(seed).vec(n, 1.0)
     }

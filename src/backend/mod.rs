@@ -292,6 +292,23 @@ pub trait BackendStorage: Send + Sync {
     /// the hot one. Returns `Ok(None)`, leaving the hot page untouched, when its values do not fit
     /// the warm format (beyond f16 range).
     fn demote(&mut self, slot: u32, n_tokens: usize, format: WarmFormat) -> Result<Option<u32>>;
+    /// [`BackendStorage::demote`] of several hot pages (`pages[i] = (slot, n_tokens)`, distinct
+    /// slots) to `format`: pushes one result per page to `out` (cleared first), in order. On an
+    /// error, the pages past those with a result in `out` are untouched. The default demotes one
+    /// page at a time; CUDA quantises the whole batch in one launch.
+    fn demote_many(
+        &mut self,
+        pages: &[(u32, usize)],
+        format: WarmFormat,
+        out: &mut Vec<Option<u32>>,
+    ) -> Result<()> {
+        out.clear();
+        for &(slot, n) in pages {
+            let r = self.demote(slot, n, format)?;
+            out.push(r);
+        }
+        Ok(())
+    }
     /// Whether [`BackendStorage::demote`] accepts `format` (the config's own always is).
     fn supports_format(&self, format: WarmFormat) -> bool;
     /// Frees a slot of `tier`.
@@ -315,6 +332,11 @@ pub trait BackendStorage: Send + Sync {
     /// The page's bytes (see [`PageBytes`]); the page stays where it is.
     fn export_page(&self, _entry: &PageEntry) -> Result<PageBytes> {
         unsupported("export_page on this backend")
+    }
+    /// [`BackendStorage::export_page`] of several pages (the archive copies of a demotion batch).
+    /// The default exports one page at a time; CUDA queues every copy and synchronises once.
+    fn export_pages(&mut self, entries: &[PageEntry]) -> Result<Vec<PageBytes>> {
+        entries.iter().map(|e| self.export_page(e)).collect()
     }
     /// Allocates a page of `page.tier` holding exactly `page.data`; returns its slot.
     fn import_page(&mut self, _page: &PageBytes) -> Result<u32> {
@@ -448,6 +470,14 @@ impl BackendStorage for Storage {
     fn demote(&mut self, slot: u32, n_tokens: usize, format: WarmFormat) -> Result<Option<u32>> {
         dispatch!(self, s => s.demote(slot, n_tokens, format))
     }
+    fn demote_many(
+        &mut self,
+        pages: &[(u32, usize)],
+        format: WarmFormat,
+        out: &mut Vec<Option<u32>>,
+    ) -> Result<()> {
+        dispatch!(self, s => s.demote_many(pages, format, out))
+    }
     fn supports_format(&self, format: WarmFormat) -> bool {
         dispatch!(self, s => s.supports_format(format))
     }
@@ -465,6 +495,9 @@ impl BackendStorage for Storage {
     }
     fn export_page(&self, entry: &PageEntry) -> Result<PageBytes> {
         dispatch!(self, s => s.export_page(entry))
+    }
+    fn export_pages(&mut self, entries: &[PageEntry]) -> Result<Vec<PageBytes>> {
+        dispatch!(self, s => s.export_pages(entries))
     }
     fn import_page(&mut self, page: &PageBytes) -> Result<u32> {
         dispatch!(self, s => s.import_page(page))

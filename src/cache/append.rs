@@ -7,10 +7,11 @@
 //! would turn 1e5 into inf: such input is refused with [`Error::OutOfRange`]).
 
 use super::meta::{PageMeta, Pins};
-use super::{KvCache, PageEntry, SeqId, Tier};
+use super::{KvCache, PageEntry, SeqId, SeqLayer, Tier};
 use crate::backend::{hot_page_bytes, BackendStorage};
 use crate::config::HotDtype;
 use crate::error::{Error, Result};
+use crate::quant::WarmFormat;
 use half::{bf16, f16};
 use std::borrow::Cow;
 
@@ -261,8 +262,8 @@ impl KvCache {
         for (i, &s) in seqs.iter().enumerate() {
             let r = i * row..(i + 1) * row;
             self.append_checked(s, layer, &k[r.clone()], &v[r], 1)?;
-            self.tier_pages(s, layer);
         }
+        self.tier_batch(layer, seqs);
         Ok(())
     }
 
@@ -313,20 +314,7 @@ impl KvCache {
                 let slot = fresh
                     .next()
                     .ok_or_else(|| Error::internal("fewer fresh pages than page starts"))?;
-                sl.table.push(PageEntry {
-                    tier: Tier::Hot,
-                    slot,
-                    n_tokens: 0,
-                    format: fmt,
-                });
-                let mut pins = Pins::none();
-                if pos < sinks {
-                    pins.insert(Pins::SINK);
-                }
-                if protected {
-                    pins.insert(Pins::PROTECTED);
-                }
-                sl.meta.push(PageMeta::new(kvh, d, pins));
+                start_page(sl, slot, fmt, pos < sinks, protected, (kvh, d));
             }
             let take = (ps - in_page).min(len + n - pos);
             let page = sl
@@ -430,4 +418,30 @@ impl KvCache {
         }
         Ok((out, (k, v), n))
     }
+}
+
+/// Starts a new, empty hot page in hot slot `slot` at the end of `sl` (format `fmt` for its later
+/// demotion), pinned as a sink page (`sink`) and as a page of a protected layer (`protected`).
+pub(super) fn start_page(
+    sl: &mut SeqLayer,
+    slot: u32,
+    fmt: WarmFormat,
+    sink: bool,
+    protected: bool,
+    (kvh, d): (usize, usize),
+) {
+    sl.table.push(PageEntry {
+        tier: Tier::Hot,
+        slot,
+        n_tokens: 0,
+        format: fmt,
+    });
+    let mut pins = Pins::none();
+    if sink {
+        pins.insert(Pins::SINK);
+    }
+    if protected {
+        pins.insert(Pins::PROTECTED);
+    }
+    sl.meta.push(PageMeta::new(kvh, d, pins));
 }

@@ -9,8 +9,8 @@
 //! backend leaves no row behind), or claim key bounds for tokens it never saw on the host (the
 //! pages they land in lose their hot summary: elimination attends them).
 
-use super::meta::{PageMeta, Pins};
-use super::{KvCache, PageEntry, SeqId, Tier};
+use super::append::start_page;
+use super::{KvCache, SeqId, Tier};
 use crate::backend::{BackendStorage, DeviceLocation, DeviceRotation, DeviceRows, HotRow};
 use crate::error::{Error, Result};
 
@@ -153,20 +153,7 @@ impl KvCache {
                     let slot = slots
                         .next()
                         .ok_or_else(|| Error::internal("a page start without its slot"))?;
-                    sl.table.push(PageEntry {
-                        tier: Tier::Hot,
-                        slot,
-                        n_tokens: 0,
-                        format: fmt,
-                    });
-                    let mut pins = Pins::none();
-                    if pos < sinks {
-                        pins.insert(Pins::SINK);
-                    }
-                    if protected {
-                        pins.insert(Pins::PROTECTED);
-                    }
-                    sl.meta.push(PageMeta::new(kvh, d, pins));
+                    start_page(sl, slot, fmt, pos < sinks, protected, (kvh, d));
                 }
                 let take = (ps - pos % ps).min(len + n - pos);
                 let page = sl
@@ -183,9 +170,8 @@ impl KvCache {
             }
             sl.table.set_len(len + n);
         }
-        for &(s, _) in batch {
-            self.tier_pages(s, layer);
-        }
+        let seqs: Vec<SeqId> = batch.iter().map(|&(s, _)| s).collect();
+        self.tier_batch(layer, &seqs);
         Ok(())
     }
 

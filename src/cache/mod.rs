@@ -23,6 +23,7 @@ mod save;
 mod share;
 mod spill;
 mod table;
+mod tiering;
 mod truncate;
 
 pub use append::Rows;

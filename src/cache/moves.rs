@@ -1,9 +1,9 @@
 //! Page moves: the one API through which pages change tier, and the default policy built on it.
 //!
 //! Owns: [`PageRef`], [`Move`], the move methods of [`KvCache`] (each validated completely before it
-//! changes anything), the archive writes that make demotion lossless, and the hot-window rule
-//! (`tier_pages`), the default policy, expressed through `demote`. Must never: choose pages from
-//! statistics (policies do, in `crate::policy`), or leave a page in two tiers at once.
+//! changes anything) and the archive writes that make demotion lossless (the hot-window rule
+//! built on them is `tiering.rs`). Must never: choose pages from statistics (policies do, in
+//! `crate::policy`), or leave a page in two tiers at once.
 //!
 //! Tier moves:
 //!
@@ -121,7 +121,7 @@ impl KvCache {
         Ok(self.seq_layer(p.seq, p.layer)?.meta[p.page].pins)
     }
 
-    fn is_last_partial(&self, p: PageRef, e: &PageEntry) -> bool {
+    pub(super) fn is_last_partial(&self, p: PageRef, e: &PageEntry) -> bool {
         let n = self
             .seq_layer(p.seq, p.layer)
             .map_or(0, |s| s.table.pages().len());
@@ -212,6 +212,22 @@ impl KvCache {
         Ok(())
     }
 
+    /// Records hot page `p` (entry `e`) as demoted to warm page `slot` of `fmt`, for its sharers too.
+    pub(super) fn finish_demotion(
+        &mut self,
+        p: PageRef,
+        e: PageEntry,
+        slot: u32,
+        fmt: WarmFormat,
+    ) -> Result<()> {
+        self.set_warm(p, e, slot, fmt)?;
+        let m = self.meta_mut(p)?;
+        m.bounds = None;
+        m.promoted = false;
+        self.counters.demotions += 1;
+        self.sync_sharers(p)
+    }
+
     /// Quantises page `p` (hot) to warm format `fmt`, or requantises a warm page to fewer bits.
     /// With the archive on, the exact bytes are archived first, so nothing is lost.
     pub fn demote(&mut self, p: PageRef, fmt: WarmFormat) -> Result<()> {
@@ -241,14 +257,7 @@ impl KvCache {
                 self.check_warm_budget(fmt, 0)?;
                 let archived = self.archive_hot(p, &e)?;
                 match self.layers[p.layer].demote(e.slot, e.n_tokens as usize, fmt) {
-                    Ok(Some(slot)) => {
-                        self.set_warm(p, e, slot, fmt)?;
-                        let m = self.meta_mut(p)?;
-                        m.bounds = None;
-                        m.promoted = false;
-                        self.counters.demotions += 1;
-                        self.sync_sharers(p)
-                    }
+                    Ok(Some(slot)) => self.finish_demotion(p, e, slot, fmt),
                     other => {
                         if archived {
                             self.unarchive(p)?;
@@ -307,22 +316,32 @@ impl KvCache {
     }
 
     /// Archives hot page `p` if the archive is on and it has no copy yet; returns whether it did.
-    fn archive_hot(&mut self, p: PageRef, e: &PageEntry) -> Result<bool> {
-        if !self.cfg.archive
-            || self.seq_layer(p.seq, p.layer)?.meta[p.page]
-                .archive
-                .is_some()
-        {
+    pub(super) fn archive_hot(&mut self, p: PageRef, e: &PageEntry) -> Result<bool> {
+        if !self.needs_archive(p)? {
             return Ok(false);
         }
         let bytes = self.layers[p.layer].export_page(e)?;
-        self.check_cold_budget(bytes.bytes())?;
-        let id = self.host_insert(true, bytes, p.layer)?;
-        self.meta_mut(p)?.archive = Some(id);
+        self.archive_insert(p, bytes)?;
         Ok(true)
     }
 
-    fn unarchive(&mut self, p: PageRef) -> Result<()> {
+    /// Whether demoting `p` must archive it first (the archive is on and holds no copy yet).
+    pub(super) fn needs_archive(&self, p: PageRef) -> Result<bool> {
+        Ok(self.cfg.archive
+            && self.seq_layer(p.seq, p.layer)?.meta[p.page]
+                .archive
+                .is_none())
+    }
+
+    /// Stores `bytes` (page `p` as exported) as `p`'s archive copy, within the cold budget.
+    pub(super) fn archive_insert(&mut self, p: PageRef, bytes: PageBytes) -> Result<()> {
+        self.check_cold_budget(bytes.bytes())?;
+        let id = self.host_insert(true, bytes, p.layer)?;
+        self.meta_mut(p)?.archive = Some(id);
+        Ok(())
+    }
+
+    pub(super) fn unarchive(&mut self, p: PageRef) -> Result<()> {
         if let Some(id) = self.meta_mut(p)?.archive.take() {
             self.archive.remove(id);
         }
@@ -621,62 +640,6 @@ impl KvCache {
         }
         self.auto_compact();
         Ok(moves.len())
-    }
-
-    /// The default policy, run after every append: demotes (newest first) each hot page that has
-    /// left the hot window (full, not pinned, every token older than `hot_window`), stopping at the
-    /// first page already off the hot tier. Pages it cannot demote stay hot and exact (counted in
-    /// `demotions_skipped`).
-    pub(crate) fn tier_pages(&mut self, seq: SeqId, layer: usize) {
-        if !self.cfg.warm_enabled || self.cfg.is_protected(layer) {
-            return;
-        }
-        let fmt = self.cfg.warm_format(layer);
-        let (ps, window) = (self.cfg.page_size, self.cfg.hot_window);
-        let Ok(sl) = self.seq_layer(seq, layer) else {
-            return;
-        };
-        let len = sl.table.len();
-        let n_pages = sl.table.pages().len();
-        // With shared pages, a hot page may sit below a demoted one (it was still inside another
-        // sharer's window), so the walk cannot stop at the first page that is not hot.
-        let any_shared = sl.meta.iter().any(|m| m.shared.is_some());
-        for i in (0..n_pages).rev() {
-            let Ok(sl) = self.seq_layer(seq, layer) else {
-                return;
-            };
-            if !outside_window(i, ps, len, window) {
-                continue;
-            }
-            let (e, m) = (sl.table.pages()[i], &sl.meta[i]);
-            if e.tier != Tier::Hot {
-                if any_shared {
-                    continue;
-                }
-                break;
-            }
-            if m.pins.any() || m.promoted {
-                continue;
-            }
-            // A shared page leaves the hot tier only once it is outside every sharer's window.
-            if let Some(g) = m.shared {
-                let inside_some = self.shares.members(g).iter().any(|s| {
-                    self.seq_layer(*s, layer)
-                        .is_ok_and(|o| !outside_window(i, ps, o.table.len(), window))
-                });
-                if inside_some {
-                    continue;
-                }
-            }
-            let p = PageRef {
-                seq,
-                layer,
-                page: i,
-            };
-            if self.demote(p, fmt).is_err() {
-                self.counters.demotions_skipped += 1;
-            }
-        }
     }
 }
 

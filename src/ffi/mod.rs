@@ -120,6 +120,8 @@ mod eliminate;
 
 mod pages;
 
+mod append_device;
+
 mod disk;
 
 mod sequence;
@@ -133,6 +135,7 @@ mod last_error;
 pub mod status;
 mod version;
 
+pub use append_device::kvtier_cache_append_device;
 pub use attention::{
     kvtier_attention_stats, kvtier_cache_attend, kvtier_cache_attend_device, kvtier_head_stats,
 };

@@ -81,7 +81,7 @@ pub struct kvtier_page_info {
     pub last_attended: u64,
 }
 
-fn dtype_of(dtype: u32) -> Result<kvtier_dtype, FfiError> {
+pub(super) fn dtype_of(dtype: u32) -> Result<kvtier_dtype, FfiError> {
     match dtype {
         0 => Ok(kvtier_dtype::F32),
         1 => Ok(kvtier_dtype::F16),

@@ -356,6 +356,40 @@ static void attend_errors(void) {
     EXPECT_STATUS(KVTIER_STATUS_BUFFER_TOO_SMALL,
                   kvtier_cache_attend_device(cache, 0, s, 2, 0x1000, 0x2000, NULL, &st));
 
+    /* Appends from device memory: a CPU cache refuses them after the checks; nothing changes. */
+    size_t one[2] = {1, 1}, lens_before = 0, lens_after = 0;
+    EXPECT_OK(kvtier_cache_sequence_len(cache, s[0], 0, &lens_before));
+    EXPECT_STATUS(KVTIER_STATUS_UNSUPPORTED,
+                  kvtier_cache_append_device(cache, 0, s, one, 2, KVTIER_DTYPE_F16, 0x1000,
+                                             0x2000, NULL));
+    EXPECT(kvt_last_error_has("CUDA"));
+    EXPECT_STATUS(KVTIER_STATUS_NULL_PARAMETER,
+                  kvtier_cache_append_device(NULL, 0, s, one, 2, KVTIER_DTYPE_F16, 0x1000, 0x2000,
+                                             NULL));
+    EXPECT_STATUS(KVTIER_STATUS_NULL_PARAMETER,
+                  kvtier_cache_append_device(cache, 0, NULL, one, 2, KVTIER_DTYPE_F16, 0x1000,
+                                             0x2000, NULL));
+    EXPECT_STATUS(KVTIER_STATUS_NULL_PARAMETER,
+                  kvtier_cache_append_device(cache, 0, s, NULL, 2, KVTIER_DTYPE_F16, 0x1000,
+                                             0x2000, NULL));
+    EXPECT_STATUS(KVTIER_STATUS_NULL_PARAMETER,
+                  kvtier_cache_append_device(cache, 0, s, one, 2, KVTIER_DTYPE_F16, 0, 0x2000,
+                                             NULL));
+    EXPECT(kvt_last_error_has("keys_device"));
+    EXPECT_STATUS(KVTIER_STATUS_NULL_PARAMETER,
+                  kvtier_cache_append_device(cache, 0, s, one, 2, KVTIER_DTYPE_F16, 0x1000, 0,
+                                             NULL));
+    EXPECT_STATUS(KVTIER_STATUS_INVALID_ARGUMENT,
+                  kvtier_cache_append_device(cache, 0, s, one, 2, 7, 0x1000, 0x2000, NULL));
+    EXPECT_STATUS(KVTIER_STATUS_SHAPE,
+                  kvtier_cache_append_device(cache, 0, s, one, (size_t)1 << 40, KVTIER_DTYPE_F16,
+                                             0x1000, 0x2000, NULL));
+    EXPECT_STATUS(KVTIER_STATUS_LAYER_OUT_OF_RANGE,
+                  kvtier_cache_append_device(cache, 5, s, one, 2, KVTIER_DTYPE_F16, 0x1000,
+                                             0x2000, NULL));
+    EXPECT_OK(kvtier_cache_sequence_len(cache, s[0], 0, &lens_after));
+    EXPECT(lens_before == lens_after);
+
     /* Queued steps: the same checks, and a CPU cache refuses them (nothing queued). */
     kvtier_step *step = NULL;
     EXPECT_STATUS(KVTIER_STATUS_NULL_PARAMETER, kvtier_step_new(true, NULL));

@@ -6,7 +6,7 @@
 //! once per device and configuration, for the device's own architecture ([`CudaDevice`] caches
 //! them).
 //!
-//! Files: `append.rs` (appends from device memory), `device.rs` (context, stream, module cache), `kernels.rs` (sources, specialisation,
+//! Files: `append.rs` (appends from device memory), `demote.rs` (batched demotion), `device.rs` (context, stream, module cache), `kernels.rs` (sources, specialisation,
 //! NVRTC), `pool.rs` (device buffers and slot pools), `plan.rs` (page lists and work items, with
 //! or without a page selection), `launch.rs` (launches, reading results back), `storage.rs`
 //! (the storage and its trait impl), `transfer.rs` (page bytes to and from the host), `probe.rs`
@@ -63,6 +63,8 @@ pub use stubs::{CudaDevice, CudaScratch, CudaStorage};
 
 #[cfg(feature = "cuda")]
 mod append;
+#[cfg(feature = "cuda")]
+mod demote;
 #[cfg(feature = "cuda")]
 mod device;
 #[cfg(feature = "cuda")]

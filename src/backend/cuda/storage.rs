@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 /// Largest |x| a hot page may hold for demotion to be unable to fail (every range then fits f16
 /// after rounding to any hot dtype), so the demotion needs no read-back of the kernel's flag.
-const SAFE_ABS: f32 = 60_000.0;
+pub(super) const SAFE_ABS: f32 = 60_000.0;
 
 /// Ids that tie a [`DecodePlan`] to the storage (and kernel build) that planned it.
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -86,12 +86,16 @@ pub struct CudaStorage {
     /// demotion must read back the kernel's overflow flag.
     pub(super) hot_absmax: Vec<f32>,
     staging: GrowBuf,
-    flag: GrowBuf,
+    /// Demotion jobs and their failure words (`demote.rs`).
+    pub(super) flag: GrowBuf,
     /// Device appends (`append.rs`): the row map, check words and signs on the device, their
     /// page-locked host copy, and the event that orders the caller's stream after ours.
     pub(super) rows_dev: GrowBuf,
     pub(super) rows_host: PinnedBuf,
     pub(super) rows_ev: Option<CudaEvent>,
+    /// Page-locked landing buffer of batched exports (`transfer.rs`, the archive of a demotion
+    /// batch).
+    pub(super) export_host: PinnedBuf,
 }
 
 impl CudaStorage {
@@ -118,6 +122,7 @@ impl CudaStorage {
             rows_dev: GrowBuf::default(),
             rows_host: PinnedBuf::default(),
             rows_ev: None,
+            export_host: PinnedBuf::default(),
             dev,
             k,
         })
@@ -246,64 +251,19 @@ impl BackendStorage for CudaStorage {
     }
 
     fn demote(&mut self, slot: u32, n_tokens: usize, format: WarmFormat) -> Result<Option<u32>> {
-        self.hot_slot_check(slot)?;
-        if format != self.layout.format() {
-            return Err(Error::Unsupported("CUDA warm pages use the config's bits"));
-        }
-        if !self.warm_enabled {
-            return Ok(None);
-        }
-        if n_tokens == 0 || n_tokens > self.ps {
-            return Err(Error::internal(format!("demote of {n_tokens} tokens")));
-        }
-        let st = self.stream().clone();
-        let ws = self.warm.alloc(&st)?;
-        let check = self.hot_absmax[slot as usize] > SAFE_ABS;
-        let run = |this: &mut Self| -> Result<bool> {
-            let flag = this.flag.ensure(&st, 16, true)?;
-            if check {
-                // SAFETY: `flag` is a live 16+ byte device buffer.
-                unsafe { cu::memset_d8_async(flag, 0, 4, st.cu_stream()) }.map_err(drv)?;
-            }
-            let (hot, warm) = (this.hot.base(), this.warm.base());
-            let n = n_tokens as u32;
-            let cfg = LaunchConfig {
-                grid_dim: (this.kvh as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut b = st.launch_builder(&this.k.quantize);
-            b.arg(&hot)
-                .arg(&warm)
-                .arg(&slot)
-                .arg(&ws)
-                .arg(&n)
-                .arg(&flag);
-            // SAFETY: matches `kvt_quantize`; both slots are live, `n <= page_size`.
-            unsafe { b.launch(cfg) }.map_err(drv)?;
-            if !check {
-                return Ok(true);
-            }
-            let mut f = [0u32; 1];
-            // SAFETY: reads the 4-byte flag after the kernel on the same stream, then syncs.
-            unsafe { cu::memcpy_dtoh_async(&mut f, flag, st.cu_stream()) }.map_err(drv)?;
-            st.synchronize().map_err(drv)?;
-            Ok(f[0] == 0)
-        };
-        match run(self) {
-            Ok(true) => {
-                self.hot.release(slot);
-                Ok(Some(ws))
-            }
-            Ok(false) => {
-                self.warm.release(ws);
-                Ok(None)
-            }
-            Err(e) => {
-                self.warm.release(ws);
-                Err(e)
-            }
-        }
+        let mut out = Vec::with_capacity(1);
+        self.demote_pages(&[(slot, n_tokens)], format, &mut out)?;
+        out.pop()
+            .ok_or_else(|| Error::internal("a demotion of one page returned no result"))
+    }
+
+    fn demote_many(
+        &mut self,
+        pages: &[(u32, usize)],
+        format: WarmFormat,
+        out: &mut Vec<Option<u32>>,
+    ) -> Result<()> {
+        self.demote_pages(pages, format, out)
     }
 
     fn supports_format(&self, format: WarmFormat) -> bool {
@@ -336,6 +296,10 @@ impl BackendStorage for CudaStorage {
 
     fn export_page(&self, entry: &PageEntry) -> Result<PageBytes> {
         self.export(entry)
+    }
+
+    fn export_pages(&mut self, entries: &[PageEntry]) -> Result<Vec<PageBytes>> {
+        self.export_many(entries)
     }
 
     fn import_page(&mut self, page: &PageBytes) -> Result<u32> {
@@ -419,7 +383,8 @@ impl BackendStorage for CudaStorage {
                 + self.staging.bytes()
                 + self.flag.bytes()
                 + self.rows_dev.bytes()
-                + self.rows_host.bytes(),
+                + self.rows_host.bytes()
+                + self.export_host.bytes(),
         }
     }
 }

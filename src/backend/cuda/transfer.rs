@@ -203,8 +203,8 @@ impl CudaStorage {
         }
     }
 
-    /// See [`crate::backend::BackendStorage::export_page`].
-    pub(super) fn export(&self, entry: &PageEntry) -> Result<PageBytes> {
+    /// Where the bytes of `entry` live on the device, checked: (address, length).
+    fn export_src(&self, entry: &PageEntry) -> Result<(u64, usize)> {
         if entry.n_tokens as usize > self.ps {
             return Err(Error::internal(format!(
                 "page {entry:?} holds more than {} tokens",
@@ -214,26 +214,80 @@ impl CudaStorage {
         // Both tiers are stored exactly in the portable format: a hot slot is K then V, each
         // [kv_heads][page_size][head_dim] little-endian (zeroed at allocation, so tokens past
         // n_tokens are zero); a warm slot is kv_heads head blocks of the layout.
-        let data = match entry.tier {
-            Tier::Hot => self.hot_bytes(entry.slot)?,
-            Tier::Warm if entry.format != self.layout.format() => {
-                return Err(Error::internal(format!(
-                    "warm page {entry:?} is not in this storage's format"
-                )))
+        match entry.tier {
+            Tier::Hot => {
+                self.hot_slot_check(entry.slot)?;
+                Ok((self.hot.slot_ptr(entry.slot), self.hot.slot_bytes))
             }
-            Tier::Warm => self.warm_bytes(entry.slot)?,
-            t => {
-                return Err(Error::internal(format!(
-                    "export of a page in tier {t:?}: it has no bytes on the device"
-                )))
-            }
-        };
+            Tier::Warm if entry.format != self.layout.format() => Err(Error::internal(format!(
+                "warm page {entry:?} is not in this storage's format"
+            ))),
+            Tier::Warm if !self.warm.is_live(entry.slot) => Err(Error::internal(format!(
+                "warm slot {} is not allocated",
+                entry.slot
+            ))),
+            Tier::Warm => Ok((self.warm.slot_ptr(entry.slot), self.warm.slot_bytes)),
+            t => Err(Error::internal(format!(
+                "export of a page in tier {t:?}: it has no bytes on the device"
+            ))),
+        }
+    }
+
+    /// See [`crate::backend::BackendStorage::export_page`].
+    pub(super) fn export(&self, entry: &PageEntry) -> Result<PageBytes> {
+        let (ptr, len) = self.export_src(entry)?;
         Ok(PageBytes {
             tier: entry.tier,
             format: entry.format,
             n_tokens: entry.n_tokens,
-            data,
+            data: self.read_bytes(ptr, len)?,
         })
+    }
+
+    /// See [`crate::backend::BackendStorage::export_pages`]: every copy queued into page-locked
+    /// memory, one synchronisation.
+    pub(super) fn export_many(&mut self, entries: &[PageEntry]) -> Result<Vec<PageBytes>> {
+        let mut src = Vec::with_capacity(entries.len());
+        let mut total = 0usize;
+        for e in entries {
+            let (ptr, len) = self.export_src(e)?;
+            total = total
+                .checked_add(len)
+                .ok_or_else(|| Error::shape("exported pages", "bytes that fit memory", total))?;
+            src.push((ptr, len));
+        }
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let st = self.stream().clone();
+        st.context().bind_to_thread().map_err(drv)?;
+        let host = self.export_host.ensure(st.context(), total)?;
+        let mut at = 0;
+        for &(ptr, len) in &src {
+            // SAFETY: `ptr..ptr+len` lies inside a live pool slot (checked above), ordered after
+            // every kernel that wrote it; `host[at..at+len]` is page-locked memory of this
+            // context that nothing reads until the synchronise below.
+            unsafe { cu::memcpy_dtoh_async(&mut host[at..at + len], ptr, st.cu_stream()) }
+                .map_err(drv)?;
+            at += len;
+        }
+        st.synchronize().map_err(drv)?;
+        let host = self.export_host.slice_mut();
+        let mut at = 0;
+        Ok(entries
+            .iter()
+            .zip(&src)
+            .map(|(e, &(_, len))| {
+                let data = host[at..at + len].to_vec();
+                at += len;
+                PageBytes {
+                    tier: e.tier,
+                    format: e.format,
+                    n_tokens: e.n_tokens,
+                    data,
+                }
+            })
+            .collect())
     }
 
     /// See [`crate::backend::BackendStorage::import_page`].

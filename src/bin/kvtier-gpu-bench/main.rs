@@ -11,7 +11,8 @@
 //! heads, d128, 32K tokens, int4 warm pages with bf16 and with f16 hot pages; prints both times
 //! and their ratio.
 //!
-//! `--quant` times the quantisation-quality options through the cache instead (`quant.rs`).
+//! `--quant` times the quantisation-quality options through the cache instead (`quant.rs`);
+//! `--append` the device-side tiering of a decode step (`tiering.rs`).
 //!
 //! `--eliminate` times query-time elimination against the full decode through the cache
 //! (`eliminate.rs`).
@@ -20,6 +21,7 @@
 
 mod eliminate;
 mod quant;
+mod tiering;
 
 use kvtier::backend::cuda::{CudaDevice, CudaStorage, CudaTuning};
 use kvtier::backend::{BackendDevice, BackendStorage};
@@ -29,7 +31,7 @@ use std::fmt::Write as _;
 
 const USAGE: &str = "\
 usage: kvtier-gpu-bench [--json OUT] [--torch T.json] [--torch-small T.json] [--iters N]
-                        [--quick] [--sweep] [--selection] [--quant] [--eliminate] [--ab]
+                        [--quick] [--sweep] [--selection] [--quant] [--append] [--eliminate] [--ab]
                         [--batches B,..]
                         [--only-mode M] [--only-batch B]
                         [--only-seq S] [--only-dim D]
@@ -48,6 +50,9 @@ usage: kvtier-gpu-bench [--json OUT] [--torch T.json] [--torch-small T.json] [--
   --quant             instead of the table: attend_device through the cache for int4, int4 with
                       the rotation of keys and values, k3v3 and int4 with 4 key outlier channels
                       (--batches, --seqs; default 1,8 x 8192,32768), times and ratios to int4
+  --append            instead of the table: one decode step's append of a batch (--batches)
+                      from device rows (append_device) vs rows copied to the host and
+                      append_decode, and demote_many vs demote page by page, both shapes
   --eliminate         instead of the table: Eliminator::attend (eps 1e-3, 1e-2) vs the full
                       decode through a CUDA cache, 32/8/128, B1, int4, synthetic keys of three
                       page-score spreads (--seqs; default 32768,131072), times and skip rates
@@ -70,6 +75,7 @@ struct Args {
     sweep: bool,
     selection: bool,
     quant: bool,
+    append: bool,
     eliminate: bool,
     only_mode: Option<String>,
     only_batch: Option<usize>,
@@ -90,6 +96,7 @@ fn args() -> Args {
         sweep: false,
         selection: false,
         quant: false,
+        append: false,
         eliminate: false,
         only_mode: None,
         only_batch: None,
@@ -144,6 +151,11 @@ fn args() -> Args {
             }
             "--quant" => {
                 a.quant = true;
+                i += 1;
+                continue;
+            }
+            "--append" => {
+                a.append = true;
                 i += 1;
                 continue;
             }
@@ -405,6 +417,15 @@ fn main() {
         let rows = eliminate::eliminate_bench(&dev, a.iters, &seqs);
         let json = format!(
             "{{\"device\":\"{}\",\"eliminate_rows\":[{rows}]}}\n",
+            dev.name()
+        );
+        finish(&a.json, &json, t_all);
+        return;
+    }
+    if a.append {
+        let rows = tiering::append_bench(&dev, a.iters, &a.batches);
+        let json = format!(
+            "{{\"device\":\"{}\",\"append_rows\":[{rows}]}}\n",
             dev.name()
         );
         finish(&a.json, &json, t_all);

@@ -1,6 +1,8 @@
-// Quantise one hot page into one warm page (demotion), byte-identical to `quant::quantize_keys`
-// and `quant::quantize_values` on the host (3-bit rows and key outlier channels included). One CTA per kv head writes that head's whole block,
-// padding included (zeros), so a reused warm slot never leaks old bytes.
+// Quantise hot pages into warm pages (demotion), byte-identical to `quant::quantize_keys` and
+// `quant::quantize_values` on the host (3-bit rows and key outlier channels included). One launch
+// demotes a batch: grid (kv heads, jobs), one CTA per kv head and page writes that head's whole
+// block, padding included (zeros), so a reused warm slot never leaks old bytes. A page whose
+// range does not fit f16 sets its own failure word and writes nothing.
 //
 // Every float operation below uses an explicit `__f*_rn` intrinsic: the host code is plain f32
 // arithmetic without fused multiply-add, so contraction here would change codes.
@@ -64,7 +66,7 @@ __device__ __forceinline__ u8 kvt_pack_byte(u32 j, F code) {
 
 extern "C" __global__ void __launch_bounds__(256)
 kvt_quantize(const u8* __restrict__ hot_pool, u8* __restrict__ warm_pool,
-             u32 hot_slot, u32 warm_slot, u32 n, u32* __restrict__ fail) {
+             const u32* __restrict__ jobs, u32* __restrict__ fails) {
     __shared__ u16 kmin[D], kstep[D], vmin[PS * NG], vstep[PS * NG];
     __shared__ float klo[D], khi[D];
     // Outlier channels, ascending (quant::keys::quantize_keys: the widest, ties to the lower index).
@@ -72,6 +74,10 @@ kvt_quantize(const u8* __restrict__ hot_pool, u8* __restrict__ warm_pool,
     __shared__ int bad;
     const u32 h = blockIdx.x;
     const u32 tid = threadIdx.x;
+    // Job blockIdx.y of the batch: (hot slot, warm slot, tokens); its own failure word.
+    const u32 hot_slot = jobs[3 * blockIdx.y], warm_slot = jobs[3 * blockIdx.y + 1];
+    const u32 n = jobs[3 * blockIdx.y + 2];
+    u32* fail = fails + blockIdx.y;
     if (tid == 0) bad = 0;
     __syncthreads();
     const hot_t* K = (const hot_t*)(hot_pool + (u64)hot_slot * HOT_PAGE_BYTES) + (u64)h * PS * D;
