@@ -341,6 +341,42 @@ test_device!(
     batched_demotion_matches_cpu_on_metal
 );
 
+/// A batched export larger than one synchronisation's chunk (CUDA copies 8 MiB per chunk):
+/// 80 hot pages of 128 KiB, every page equal to its own export.
+fn large_batched_export_matches(dev: &Device) {
+    let cfg = CacheConfig::builder(1, 32, 8, 128)
+        .hot_dtype(HotDtype::BF16)
+        .build()
+        .unwrap();
+    let (kvh, d, ps) = (cfg.num_kv_heads, cfg.head_dim, cfg.page_size);
+    let mut st = dev.storage(&storage_cfg(dev, &cfg), 0).unwrap();
+    let mut rng = Rng(0xe4);
+    let format = WarmFormat::of(&cfg);
+    let entries: Vec<PageEntry> = (0..80)
+        .map(|i| {
+            let n = if i % 7 == 3 { ps - 1 } else { ps };
+            let slot = st.alloc_hot().unwrap();
+            let (k, v) = (rng.vec(n * kvh * d, 1.0), rng.vec(n * kvh * d, 1.0));
+            st.write_hot(slot, 0, &k, &v, n).unwrap();
+            PageEntry {
+                tier: Tier::Hot,
+                slot,
+                n_tokens: n as u32,
+                format,
+            }
+        })
+        .collect();
+    let one: Vec<_> = entries.iter().map(|e| st.export_page(e).unwrap()).collect();
+    assert!(one.iter().map(|p| p.data.len()).sum::<usize>() > 8 << 20);
+    assert_eq!(st.export_pages(&entries).unwrap(), one);
+}
+test_device!(
+    large_batched_export_matches,
+    large_batched_export_matches_on_cpu,
+    large_batched_export_matches_on_cuda,
+    large_batched_export_matches_on_metal
+);
+
 struct Filled {
     cache: KvCache,
     seqs: Vec<SeqId>,

@@ -4,14 +4,16 @@
 //! of them in a layer with one backend call (`BackendStorage::demote_many`: one `kvt_quantize`
 //! launch on CUDA for a whole decode batch or prefill chunk), archiving each first. Must never:
 //! choose pages from statistics (policies do, in `crate::policy`), demote a page that
-//! `KvCache::demote` would refuse (pinned, promoted, still being written, over the warm budget),
+//! `KvCache::demote` would refuse (pinned, promoted, still being written, over the warm budget:
+//! with a warm budget set the pages go one by one),
 //! or lose a page when a demotion fails (it stays hot and exact, counted in
 //! `demotions_skipped`).
 
-use super::moves::{outside_window, within, PageRef};
+use super::moves::{outside_window, PageRef};
 use super::{KvCache, PageEntry, SeqId, Tier};
 use crate::backend::BackendStorage;
-use crate::quant::{WarmFormat, WarmLayout};
+use crate::quant::WarmFormat;
+use std::collections::HashSet;
 
 impl KvCache {
     /// The default policy after an append of `seq` in `layer`: see [`KvCache::tier_batch`].
@@ -80,55 +82,57 @@ impl KvCache {
     }
 
     /// Demotes the hot pages `pages` of `layer` to `fmt` as [`KvCache::demote`] would one by one
-    /// (same checks, archive first), with one `demote_many` call for all that pass.
+    /// (same checks, archive first), with one `export_pages` and one `demote_many` call for all
+    /// that pass. With a warm budget set, page by page instead: what a storage reports as
+    /// allocated is its pools' capacity, so only demoting one page and checking again is exact.
     fn demote_hot_batch(&mut self, layer: usize, pages: &[PageRef], fmt: WarmFormat) {
+        if self.cfg.budgets.warm_bytes.is_some() {
+            for &p in pages {
+                if self.page(p).is_ok_and(|e| e.tier == Tier::Hot) && self.demote(p, fmt).is_err() {
+                    self.counters.demotions_skipped += 1;
+                }
+            }
+            return;
+        }
         if !self.layers[layer].supports_format(fmt) {
             self.counters.demotions_skipped += pages.len() as u64;
             return;
         }
-        let page_bytes = WarmLayout::of_format(&self.cfg, fmt).head_bytes * self.cfg.num_kv_heads;
-        let warm_now = self
-            .cfg
-            .budgets
-            .warm_bytes
-            .map(|_| self.warm_bytes_allocated());
-        // Pages that pass demote's checks, with their entries.
-        let mut passed = Vec::with_capacity(pages.len());
+        // Pages that pass demote's checks, with their entries; a page shared by two of these
+        // sequences goes once (its sharers follow it).
+        let mut passed: Vec<(PageRef, PageEntry)> = Vec::with_capacity(pages.len());
+        let mut slots_seen = HashSet::with_capacity(pages.len());
         for &p in pages {
             let Ok(e) = self.page(p) else {
                 self.counters.demotions_skipped += 1;
                 continue;
             };
-            // A page shared by two of these sequences is demoted once (its sharers follow it).
-            if e.tier == Tier::Hot
-                && passed
-                    .iter()
-                    .any(|&(_, o): &(PageRef, PageEntry)| o.slot == e.slot)
-            {
+            if e.tier == Tier::Hot && slots_seen.contains(&e.slot) {
                 continue;
             }
             let ok = e.tier == Tier::Hot
                 && self.shared_pins(p).is_ok_and(|pins| !pins.any())
-                && !self.is_last_partial(p, &e)
-                && within(Tier::Warm, self.cfg.budgets.warm_bytes, || {
-                    warm_now.unwrap_or(0) + (passed.len() + 1) * page_bytes
-                })
-                .is_ok();
+                && !self.is_last_partial(p, &e);
             if !ok {
                 self.counters.demotions_skipped += 1;
                 continue;
             }
+            slots_seen.insert(e.slot);
             passed.push((p, e));
         }
-        // The archive copies first, in one export (one synchronisation on CUDA); a page whose
-        // copy cannot be kept is not demoted.
+        // The archive copies first, in one export (one synchronisation on CUDA; page by page if
+        // that fails); a page whose copy cannot be kept is not demoted.
         let to_archive: Vec<usize> = (0..passed.len())
             .filter(|&i| self.needs_archive(passed[i].0).unwrap_or(false))
             .collect();
-        let entries: Vec<_> = to_archive.iter().map(|&i| passed[i].1).collect();
-        let mut copies: Vec<Option<_>> = match self.layers[layer].export_pages(&entries) {
-            Ok(c) => c.into_iter().map(Some).collect(),
-            Err(_) => (0..entries.len()).map(|_| None).collect(),
+        let entries: Vec<PageEntry> = to_archive.iter().map(|&i| passed[i].1).collect();
+        let storage = &mut self.layers[layer];
+        let mut copies: Vec<Option<_>> = match storage.export_pages(&entries) {
+            Ok(c) if c.len() == entries.len() => c.into_iter().map(Some).collect(),
+            _ => entries
+                .iter()
+                .map(|e| storage.export_page(e).ok())
+                .collect(),
         };
         // (page, entry, archived here) of every page that goes to the backend, and its job.
         let mut chosen = Vec::with_capacity(passed.len());
@@ -154,9 +158,16 @@ impl KvCache {
         if jobs.is_empty() {
             return;
         }
+        let storage = &mut self.layers[layer];
         let mut slots = Vec::with_capacity(jobs.len());
-        // On an error the pages past the results it returned are untouched (hot, as they were).
-        let _ = self.layers[layer].demote_many(&jobs, fmt, &mut slots);
+        // On an error the pages past the results it returned are untouched (hot, as they were):
+        // those go page by page (a pool that cannot grow by the whole batch may still have room
+        // for some of them).
+        if storage.demote_many(&jobs, fmt, &mut slots).is_err() {
+            for &(slot, n) in &jobs[slots.len()..] {
+                slots.push(storage.demote(slot, n, fmt).ok().flatten());
+            }
+        }
         for (i, &(p, e, archived)) in chosen.iter().enumerate() {
             match slots.get(i).copied().flatten() {
                 Some(slot) => {

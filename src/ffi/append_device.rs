@@ -52,13 +52,13 @@ pub unsafe extern "C" fn kvtier_cache_append_device(
     stream: *mut c_void,
 ) -> kvtier_status {
     ffi_panic_boundary!("kvtier_cache_append_device", {
+        // SAFETY: `cache` is NULL or live (this function's contract).
+        let mut c = unsafe { handle(cache, "cache") }?.write()?;
         let dtype = match super::pages::dtype_of(dtype)? {
             kvtier_dtype::F32 => InputDtype::F32,
             kvtier_dtype::F16 => InputDtype::F16,
             kvtier_dtype::BF16 => InputDtype::BF16,
         };
-        // SAFETY: `cache` is NULL or live (this function's contract).
-        let mut c = unsafe { handle(cache, "cache") }?.write()?;
         let live = c.sequences().count();
         if n_seqs > live {
             return Err(crate::Error::shape(

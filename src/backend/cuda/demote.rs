@@ -27,12 +27,13 @@ impl CudaStorage {
         if format != self.layout.format() {
             return Err(Error::Unsupported("CUDA warm pages use the config's bits"));
         }
-        for (i, &(slot, n)) in pages.iter().enumerate() {
+        let mut seen = std::collections::HashSet::with_capacity(pages.len());
+        for &(slot, n) in pages {
             self.hot_slot_check(slot)?;
             if n == 0 || n > self.ps {
                 return Err(Error::internal(format!("demote of {n} tokens")));
             }
-            if pages[..i].iter().any(|&(s, _)| s == slot) {
+            if !seen.insert(slot) {
                 return Err(Error::internal(format!(
                     "hot slot {slot} twice in one demotion"
                 )));
@@ -109,6 +110,7 @@ impl CudaStorage {
         }
         words.resize(4 * n, 0);
         let buf = self.flag.ensure(&st, 4 * words.len(), false)?;
+        st.context().bind_to_thread().map_err(drv)?;
         // SAFETY: `buf` holds at least `4 * words.len()` bytes (ensured above); the copy is
         // ordered on the stream before the launch, and pageable host memory is staged before the
         // call returns, so `words` may go out of scope.

@@ -16,6 +16,10 @@ use crate::config::HotDtype;
 use crate::error::{Error, Result};
 use crate::quant;
 use cudarc::driver::result as cu;
+
+/// Bytes of pages one synchronisation of a batched export copies (the page-locked landing buffer
+/// holds this, or one page when a page is larger).
+const EXPORT_CHUNK: usize = 8 << 20;
 use half::{bf16, f16};
 
 impl CudaStorage {
@@ -244,50 +248,67 @@ impl CudaStorage {
         })
     }
 
-    /// See [`crate::backend::BackendStorage::export_pages`]: every copy queued into page-locked
-    /// memory, one synchronisation.
+    /// See [`crate::backend::BackendStorage::export_pages`]: the copies queued into page-locked
+    /// memory, one synchronisation per [`EXPORT_CHUNK`] bytes (so the buffer, kept for the next
+    /// batch, stays small whatever the batch).
     pub(super) fn export_many(&mut self, entries: &[PageEntry]) -> Result<Vec<PageBytes>> {
-        let mut src = Vec::with_capacity(entries.len());
-        let mut total = 0usize;
-        for e in entries {
-            let (ptr, len) = self.export_src(e)?;
-            total = total
-                .checked_add(len)
-                .ok_or_else(|| Error::shape("exported pages", "bytes that fit memory", total))?;
-            src.push((ptr, len));
+        let src = entries
+            .iter()
+            .map(|e| self.export_src(e))
+            .collect::<Result<Vec<_>>>()?;
+        let mut out = Vec::with_capacity(entries.len());
+        let mut first = 0;
+        while first < entries.len() {
+            // At least one page per chunk, then as many as fit the chunk.
+            let mut end = first + 1;
+            let mut bytes = src[first].1;
+            while end < entries.len() && bytes + src[end].1 <= EXPORT_CHUNK {
+                bytes += src[end].1;
+                end += 1;
+            }
+            self.export_chunk(&entries[first..end], &src[first..end], bytes, &mut out)?;
+            first = end;
         }
-        if entries.is_empty() {
-            return Ok(Vec::new());
-        }
+        Ok(out)
+    }
+
+    /// One chunk of [`Self::export_many`]: `total` bytes from the checked `src` ranges.
+    fn export_chunk(
+        &mut self,
+        entries: &[PageEntry],
+        src: &[(u64, usize)],
+        total: usize,
+        out: &mut Vec<PageBytes>,
+    ) -> Result<()> {
         let st = self.stream().clone();
         st.context().bind_to_thread().map_err(drv)?;
         let host = self.export_host.ensure(st.context(), total)?;
         let mut at = 0;
-        for &(ptr, len) in &src {
-            // SAFETY: `ptr..ptr+len` lies inside a live pool slot (checked above), ordered after
-            // every kernel that wrote it; `host[at..at+len]` is page-locked memory of this
-            // context that nothing reads until the synchronise below.
-            unsafe { cu::memcpy_dtoh_async(&mut host[at..at + len], ptr, st.cu_stream()) }
-                .map_err(drv)?;
+        for &(ptr, len) in src {
+            // SAFETY: `ptr..ptr+len` lies inside a live pool slot (checked by `export_src`),
+            // ordered after every kernel that wrote it; `host[at..at+len]` is page-locked memory
+            // of this context that nothing reads or frees until the synchronise below (also on
+            // the error path).
+            let r = unsafe { cu::memcpy_dtoh_async(&mut host[at..at + len], ptr, st.cu_stream()) };
+            if let Err(e) = r {
+                let _ = st.synchronize();
+                return Err(drv(e).into());
+            }
             at += len;
         }
         st.synchronize().map_err(drv)?;
         let host = self.export_host.slice_mut();
         let mut at = 0;
-        Ok(entries
-            .iter()
-            .zip(&src)
-            .map(|(e, &(_, len))| {
-                let data = host[at..at + len].to_vec();
-                at += len;
-                PageBytes {
-                    tier: e.tier,
-                    format: e.format,
-                    n_tokens: e.n_tokens,
-                    data,
-                }
-            })
-            .collect())
+        for (e, &(_, len)) in entries.iter().zip(src) {
+            out.push(PageBytes {
+                tier: e.tier,
+                format: e.format,
+                n_tokens: e.n_tokens,
+                data: host[at..at + len].to_vec(),
+            });
+            at += len;
+        }
+        Ok(())
     }
 
     /// See [`crate::backend::BackendStorage::import_page`].
