@@ -198,6 +198,15 @@ fn configs() -> Vec<(&'static str, CacheConfig)> {
                 .unwrap(),
         ),
         (
+            "32/8/128 bf16 k4v4 ps64",
+            b(32, 8, 128)
+                .hot_dtype(HotDtype::BF16)
+                .page_size(64)
+                .hot_window(64)
+                .build()
+                .unwrap(),
+        ),
+        (
             "8/8/128 f16 k8v2 ps48",
             b(8, 8, 128)
                 .k_bits(Bits::B8)

@@ -34,7 +34,7 @@ usage: kvtier-gpu-bench [--json OUT] [--torch T.json] [--torch-small T.json] [--
                         [--quick] [--sweep] [--selection] [--quant] [--append] [--eliminate] [--ab]
                         [--batches B,..]
                         [--only-mode M] [--only-batch B]
-                        [--only-seq S] [--only-dim D]
+                        [--only-seq S] [--only-dim D] [--page-size P]
 
   --json OUT          also write the rows as JSON to OUT
   --torch T.json      torch_decode.py results for 32/8/128 (adds x-flash / x-int4_deq ratios)
@@ -63,6 +63,7 @@ usage: kvtier-gpu-bench [--json OUT] [--torch T.json] [--torch-small T.json] [--
   --only-batch B      one batch size
   --only-seq S        one context length
   --only-dim D        128 | 64 (table only)
+  --page-size P       tokens per page of the table's caches (default 32)
   -h, --help          this text
 ";
 
@@ -81,6 +82,7 @@ struct Args {
     only_batch: Option<usize>,
     only_seq: Option<usize>,
     only_dim: Option<usize>,
+    page_size: usize,
     ab: bool,
     batches: Vec<usize>,
     seqs: Vec<usize>,
@@ -102,6 +104,7 @@ fn args() -> Args {
         only_batch: None,
         only_seq: None,
         only_dim: None,
+        page_size: 32,
         ab: false,
         batches: vec![1, 8],
         seqs: vec![8192, 32768, 131072],
@@ -118,6 +121,7 @@ fn args() -> Args {
             "--only-batch" => a.only_batch = next(i).and_then(|s| s.parse().ok()),
             "--only-seq" => a.only_seq = next(i).and_then(|s| s.parse().ok()),
             "--only-dim" => a.only_dim = next(i).and_then(|s| s.parse().ok()),
+            "--page-size" => a.page_size = next(i).and_then(|s| s.parse().ok()).unwrap_or(32),
             "--iters" => a.iters = next(i).and_then(|s| s.parse().ok()).unwrap_or(50),
             "--batches" => {
                 a.batches = next(i)
@@ -246,10 +250,10 @@ impl Mode {
             Mode::K4v2 => "k4v2",
         }
     }
-    fn config(self, q: usize, kv: usize, d: usize) -> CacheConfig {
+    fn config(self, q: usize, kv: usize, d: usize, page_size: usize) -> CacheConfig {
         let b = CacheConfig::builder(1, q, kv, d)
             .hot_dtype(HotDtype::BF16)
-            .page_size(32)
+            .page_size(page_size)
             .sink_tokens(4)
             .hot_window(128);
         match self {
@@ -276,11 +280,11 @@ impl Rng {
     }
 }
 
-/// 61 pages' worth of keys (amplitude 2) and values (amplitude 1), `[32, kv, d]` each.
-fn page_pool(rng: &mut Rng, kv: usize, d: usize) -> Vec<(Vec<f32>, Vec<f32>)> {
+/// 61 pages' worth of keys (amplitude 2) and values (amplitude 1), `[ps, kv, d]` each.
+fn page_pool(rng: &mut Rng, kv: usize, d: usize, ps: usize) -> Vec<(Vec<f32>, Vec<f32>)> {
     (0..61)
         .map(|_| {
-            let n = 32 * kv * d;
+            let n = ps * kv * d;
             (
                 (0..n).map(|_| rng.f32() * 2.0).collect(),
                 (0..n).map(|_| rng.f32()).collect(),
@@ -395,7 +399,7 @@ fn main() {
     let modes = [Mode::Bf16, Mode::Int8, Mode::Int4, Mode::Int2, Mode::K4v2];
 
     // Read-bandwidth ceiling, through a probe kernel in the same module family.
-    let probe_cfg = Mode::Int4.config(32, 8, 128);
+    let probe_cfg = Mode::Int4.config(32, 8, 128, 32);
     let probe: CudaStorage = dev.storage(&probe_cfg, 0).expect("storage");
     let read_bw = probe.read_bandwidth_probe(4 << 30, 10).expect("probe");
     drop(probe);
@@ -463,7 +467,7 @@ fn main() {
             continue;
         }
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-        let pool = page_pool(&mut rng, kv, d);
+        let pool = page_pool(&mut rng, kv, d, a.page_size);
         let torch = if d == 128 { &torch_big } else { &torch_small };
         for &b in &batches {
             for &s in &seqs {
@@ -476,7 +480,7 @@ fn main() {
                     {
                         continue;
                     }
-                    let cfg = mode.config(q, kv, d);
+                    let cfg = mode.config(q, kv, d, a.page_size);
                     let t0 = std::time::Instant::now();
                     let mut f = match fill(&dev, &cfg, b, s, &pool) {
                         Ok(f) => f,
@@ -595,7 +599,7 @@ fn selection_bench(dev: &CudaDevice, a: &Args, read_bw: f64) -> String {
     let seq = a.only_seq.unwrap_or(32768);
     let batch = a.only_batch.unwrap_or(1);
     let mut rng = Rng(0x51ec_7ed5_eed5_1234);
-    let pool = page_pool(&mut rng, kv, d);
+    let pool = page_pool(&mut rng, kv, d, 32);
     let mut json = String::new();
     for hot in [HotDtype::BF16, HotDtype::F16] {
         let cfg = CacheConfig::builder(1, q, kv, d)

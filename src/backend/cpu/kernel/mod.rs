@@ -174,6 +174,27 @@ impl<'a> Kernel<'a> {
     /// Softmax update for `n` scores per head in `sc.scores`; leaves the weights in `sc.e`.
     #[inline(always)]
     fn softmax_update<const FMA: bool>(&self, n: usize, a: &mut Acc, sc: &mut Scratch) {
+        self.softmax_update_by(n, a, sc, |s, m, e| {
+            #[cfg(target_arch = "x86_64")]
+            if FMA {
+                // SAFETY: FMA instantiations run only after detection of avx2 and fma; `s` and
+                // `e` hold n floats.
+                return unsafe { super::avx2::softmax_block(s, m, e, s.len()) };
+            }
+            softmax_lanes(s, m, e)
+        })
+    }
+
+    /// [`Self::softmax_update`] with the block `(scores, running max, weights out) -> (Σ e, Σ e·x,
+    /// Σ e·x²)` of the caller's instruction set.
+    #[inline(always)]
+    fn softmax_update_by(
+        &self,
+        n: usize,
+        a: &mut Acc,
+        sc: &mut Scratch,
+        block: impl Fn(&[f32], f32, &mut [f32]) -> (f32, f32, f32),
+    ) {
         let (d, ps) = (self.geo.head_dim, self.geo.page_size);
         for h in 0..self.g {
             let s = &sc.scores[h * ps..h * ps + n];
@@ -189,16 +210,7 @@ impl<'a> Kernel<'a> {
             }
             let m = st.m;
             let e = &mut sc.e[h * ps..h * ps + n];
-            #[cfg(target_arch = "x86_64")]
-            let (lsum, s1, s2) = if FMA {
-                // SAFETY: FMA instantiations run only after detection of avx2 and fma; `s` and
-                // `e` hold n floats.
-                unsafe { super::avx2::softmax_block(s, m, e, n) }
-            } else {
-                softmax_lanes(s, m, e)
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            let (lsum, s1, s2) = softmax_lanes(s, m, e);
+            let (lsum, s1, s2) = block(s, m, e);
             st.l += lsum;
             st.s1 += s1;
             st.s2 += s2;
@@ -261,10 +273,15 @@ impl<'a> Kernel<'a> {
         }
         f16_to_f32::<FMA>(&blk[l.k_min..l.k_min + 2 * d], &mut sc.kmin);
         f16_to_f32::<FMA>(&blk[l.k_step..l.k_step + 2 * d], &mut sc.kstep);
-        f16_to_f32::<FMA>(&blk[l.v_min..l.v_min + 2 * ps * groups], &mut sc.vtmp);
-        transpose_into(&sc.vtmp, groups, ps, &mut sc.vmin);
-        f16_to_f32::<FMA>(&blk[l.v_step..l.v_step + 2 * ps * groups], &mut sc.vtmp);
-        transpose_into(&sc.vtmp, groups, ps, &mut sc.vstep);
+        // The AVX-512 value tail reads the f16 value parameters as stored; the other loops want
+        // them in f32, transposed to `[groups][ps]`.
+        let tail16 = FMA && WIDE && self.v16[vi];
+        if !tail16 {
+            f16_to_f32::<FMA>(&blk[l.v_min..l.v_min + 2 * ps * groups], &mut sc.vtmp);
+            transpose_into(&sc.vtmp, groups, ps, &mut sc.vmin);
+            f16_to_f32::<FMA>(&blk[l.v_step..l.v_step + 2 * ps * groups], &mut sc.vtmp);
+            transpose_into(&sc.vtmp, groups, ps, &mut sc.vstep);
+        }
         for h in 0..self.g {
             sc.qm[h] = dot::<FMA>(&q[h * d..(h + 1) * d], &sc.kmin);
         }
@@ -300,7 +317,13 @@ impl<'a> Kernel<'a> {
             // pointers cover the scratch and page ranges the layout defines (checked by slicing).
             unsafe {
                 self.warm_scores_avx2(blk, fmt, n, sc);
-                self.warm_values_simd::<WIDE>(q, blk, fmt, n, a, sc);
+                if tail16 {
+                    // SAFETY: tail16 implies WIDE, whose instantiations run only on Avx512
+                    // storages (avx512f/bw/dq/vl detected), and v16 for this value width.
+                    self.warm_tail_wide(q, blk, fmt, n, a, sc);
+                } else {
+                    self.warm_values_simd(q, blk, fmt, n, a, sc);
+                }
             }
             return;
         }
@@ -420,14 +443,14 @@ impl<'a> Kernel<'a> {
     }
 
     /// The rest of a warm page once its scores are in `sc.scores`: outlier channels, softmax, and
-    /// the value loop (16-lane on the AVX-512 path where the row shape allows, else AVX2).
+    /// the AVX2 value loop (the AVX-512 path has its own tail, `warm_tail_wide`).
     ///
     /// # Safety
-    /// avx2, fma and f16c must be available, and avx512f/bw/vl too when `WIDE`; `blk` is a whole
-    /// head block of this storage's layout.
+    /// avx2, fma and f16c must be available; `blk` is a whole head block of this storage's
+    /// layout, and `sc.vmin` / `sc.vstep` hold its value parameters.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn warm_values_simd<const WIDE: bool>(
+    unsafe fn warm_values_simd(
         &self,
         q: &[f32],
         blk: &[u8],
@@ -454,13 +477,6 @@ impl<'a> Kernel<'a> {
                     *o = x * st;
                 }
             }
-        }
-        if WIDE && self.v16[vi] {
-            // SAFETY: as this function's contract (WIDE: avx512 detected); v16 holds only for
-            // value rows values16 supports.
-            self.values_wide(blk, fmt, n, a, sc);
-            self.value_mins(n, a, sc);
-            return;
         }
         let vb = l.v_bits.bits();
         let block = if vb <= 3 { 2 } else { 4 };
@@ -509,7 +525,8 @@ impl<'a> Kernel<'a> {
         sc: &mut Scratch,
     ) -> Result<()> {
         let d = self.geo.head_dim;
-        for l in sc.q_lanes.iter_mut() {
+        // The permuted queries belong to `q`: a reused scratch must not keep another item's.
+        for l in sc.q_lanes.iter_mut().chain(sc.q_int.iter_mut()) {
             l.clear();
         }
         let ps = self.geo.page_size;
@@ -682,12 +699,12 @@ fn decode_item_generic<const FMA: bool, const WIDE: bool>(
     input: &AttendInput,
     q: &[f32],
     it: &Item,
+    sc: &mut Scratch,
 ) -> Result<Partial> {
     let (d, g) = (k.geo.head_dim, k.g);
     let q0 = (it.seq * k.geo.q_heads + it.kv * g) * d;
     let qg = &q[q0..q0 + g * d];
     let mut a = k.acc(k.record_pages);
-    let mut sc = k.scratch();
     let all = input.tables[it.seq].pages();
     sc.entries.clear();
     for j in it.first..it.first + it.n {
@@ -695,7 +712,9 @@ fn decode_item_generic<const FMA: bool, const WIDE: bool>(
             .push(all[page_index(input.selection, it.seq, it.kv, j)]);
     }
     let entries = std::mem::take(&mut sc.entries);
-    k.pages::<FMA, WIDE>(it.kv, qg, &entries, &mut a, &mut sc)?;
+    let r = k.pages::<FMA, WIDE>(it.kv, qg, &entries, &mut a, sc);
+    sc.entries = entries;
+    r?;
     k.finish(&mut a);
     Ok(Partial {
         st: a.st,
@@ -712,8 +731,9 @@ unsafe fn decode_item_avx2(
     input: &AttendInput,
     q: &[f32],
     it: &Item,
+    sc: &mut Scratch,
 ) -> Result<Partial> {
-    decode_item_generic::<true, false>(k, input, q, it)
+    decode_item_generic::<true, false>(k, input, q, it, sc)
 }
 
 /// The AVX-512 path: the generic code is compiled for AVX2 (with AVX-512 enabled, LLVM turns
@@ -727,21 +747,28 @@ unsafe fn decode_item_avx512(
     input: &AttendInput,
     q: &[f32],
     it: &Item,
+    sc: &mut Scratch,
 ) -> Result<Partial> {
-    decode_item_generic::<true, true>(k, input, q, it)
+    decode_item_generic::<true, true>(k, input, q, it, sc)
 }
 
-fn decode_item(k: &Kernel, input: &AttendInput, q: &[f32], it: &Item) -> Result<Partial> {
+fn decode_item(
+    k: &Kernel,
+    input: &AttendInput,
+    q: &[f32],
+    it: &Item,
+    sc: &mut Scratch,
+) -> Result<Partial> {
     #[cfg(target_arch = "x86_64")]
     match k.s.kernel() {
         // SAFETY: a storage's path is resolved (CpuKernel::resolve) only to paths whose features
         // this CPU was detected to have.
-        CpuKernel::Avx512 => return unsafe { decode_item_avx512(k, input, q, it) },
+        CpuKernel::Avx512 => return unsafe { decode_item_avx512(k, input, q, it, sc) },
         // SAFETY: as above.
-        CpuKernel::Avx2 => return unsafe { decode_item_avx2(k, input, q, it) },
+        CpuKernel::Avx2 => return unsafe { decode_item_avx2(k, input, q, it, sc) },
         _ => {}
     }
-    decode_item_generic::<false, false>(k, input, q, it)
+    decode_item_generic::<false, false>(k, input, q, it, sc)
 }
 
 /// Decode attention over `input`, with the per-page results `what` asks for.
@@ -789,9 +816,10 @@ pub(super) fn attend(
         }
     }
     let (q, items) = (&scratch.q, &scratch.items);
+    // One scratch per rayon job (not per item): its buffers are sized once and reused.
     let partials: Vec<Partial> = items
         .par_iter()
-        .map(|it| decode_item(&k, input, q, it))
+        .map_init(|| k.scratch(), |sc, it| decode_item(&k, input, q, it, sc))
         .collect::<Result<_>>()?;
 
     // Combine, in item order: items of one (seq, kv) are consecutive and ordered by page.

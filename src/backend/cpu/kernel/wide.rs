@@ -4,7 +4,8 @@
 
 use super::super::avx512::{
     amax_of_product, i16_rows_supported, i8_rows_supported, pattern_i16, pattern_i8, scores_i16,
-    scores_i8, values16, values16_supported, IntScoreArgs, ValueArgs16,
+    scores_i8, softmax16, values16, values16_supported, weights16, weights16_supported,
+    IntScoreArgs, ValueArgs16,
 };
 use super::{Acc, Kernel, Scratch};
 use crate::backend::cpu::{bits_index, CpuStorage, ALL_BITS};
@@ -25,6 +26,7 @@ pub(super) fn wide_tables(s: &CpuStorage) -> ([bool; 4], [bool; 4]) {
     });
     let v = ALL_BITS.map(|b| {
         b != Bits::B3
+            && weights16_supported(d / vg)
             && values16_supported(d * b.bits() / 8, b.bits(), vg)
             && !s.order16(b).is_empty()
     });
@@ -127,16 +129,71 @@ impl Kernel<'_> {
             Bits::B4 => scores_i8::<4>(&args),
             _ => scores_i8::<2>(&args),
         }
-        // SAFETY: as above; WIDE is true because the avx512 features are present.
-        self.warm_values_simd::<true>(q, blk, fmt, n, a, sc);
+        if self.v16[bits_index(fmt.v_bits)] {
+            // SAFETY: as above (the avx512 features are present); v16 holds for this width.
+            self.warm_tail_wide(q, blk, fmt, n, a, sc);
+        } else {
+            // SAFETY: avx2/fma/f16c per the contract; warm_block converted the value parameters
+            // (it does unless v16 holds for the page's value width).
+            self.warm_values_simd(q, blk, fmt, n, a, sc);
+        }
         true
+    }
+
+    /// The rest of a warm page once its scores are in `sc.scores`, on AVX-512: outlier channels,
+    /// the 16-lane softmax, the value weights and `Σ e·min` straight from the page's f16 value
+    /// parameters, and the 16-lane value loop.
+    ///
+    /// # Safety
+    /// avx512f/bw/dq/vl, avx2, fma and f16c available; `self.v16` holds for the page's value
+    /// width; `blk` is a whole head block of this storage's layout for `fmt`; `n <= page_size`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn warm_tail_wide(
+        &self,
+        q: &[f32],
+        blk: &[u8],
+        fmt: WarmFormat,
+        n: usize,
+        a: &mut Acc,
+        sc: &mut Scratch,
+    ) {
+        let (ps, groups) = (self.geo.page_size, self.groups);
+        let l = self.s.layout(fmt);
+        assert!(
+            blk.len() >= l.head_bytes
+                && n <= ps
+                && l.v_min + 2 * ps * groups <= blk.len()
+                && l.v_step + 2 * ps * groups <= blk.len()
+                && a.acc_b.len() >= self.g * groups
+        );
+        self.outlier_scores(q, blk, l, n, sc);
+        self.softmax_update_by(n, a, sc, |s, m, e| {
+            // SAFETY: avx512f/bw/dq/vl per this function's contract; `s` and `e` hold s.len()
+            // floats (the same n for both).
+            unsafe { softmax16(s.as_ptr(), m, e.as_mut_ptr(), s.len().min(e.len())) }
+        });
+        sc.w.resize(self.g * ps * groups, 0.0);
+        for h in 0..self.g {
+            // SAFETY: e holds n weights of head h; the value parameters hold ps * groups f16
+            // each (asserted); w has ps * groups floats per head and acc_b groups per head.
+            weights16(
+                sc.e.as_ptr().add(h * ps),
+                n,
+                groups,
+                blk.as_ptr().add(l.v_step),
+                blk.as_ptr().add(l.v_min),
+                sc.w.as_mut_ptr().add(h * ps * groups),
+                a.acc_b.as_mut_ptr().add(h * groups),
+            );
+        }
+        self.values_wide(blk, fmt, n, a, sc);
     }
 
     /// The 16-lane value loop over the group's heads.
     ///
     /// # Safety
     /// avx512f/bw/vl available; `self.v16` holds for the page's value width; `sc.w` holds the
-    /// weights `[g][groups][ps]`; `blk` is a whole head block for `fmt`.
+    /// weights `[g][ps][groups]`; `blk` is a whole head block for `fmt`.
     pub(super) unsafe fn values_wide(
         &self,
         blk: &[u8],

@@ -16,7 +16,10 @@
 //! Everything here is `unsafe` and only reachable from `kernel`'s AVX-512 instantiation, which
 //! runs after run-time detection of avx512f/bw/vl/vnni (and avx2, fma, f16c).
 
+mod tail;
+
 use std::arch::x86_64::*;
+pub use tail::{softmax16, weights16, weights16_supported};
 
 /// Raw operands of the integer score loop of one page's head block.
 pub struct IntScoreArgs {
@@ -307,7 +310,7 @@ pub unsafe fn pattern_i16(q: &[f32], step: &[f32], inv: f32, out: &mut [u8]) {
 
 /// Raw operands of the 16-lane value loop for one head block (see `avx2::ValueArgs`).
 pub struct ValueArgs16 {
-    /// `e · step` per head, group and token: `[H][groups][ps]`.
+    /// `e · step` per head, token and group: `[H][ps][groups]` (as [`weights16`] writes them).
     pub w: *const f32,
     pub ps: usize,
     pub groups: usize,
@@ -331,7 +334,7 @@ pub fn values16_supported(row_bytes: usize, bits: usize, vg: usize) -> bool {
 /// `acc += Σ_t w[t] · code[t]` for `H` heads, `B`-bit codes (`NPER = 8 / B` planes).
 ///
 /// # Safety
-/// avx512f available; `values16_supported(a.row_bytes, B, a.vg)`; `a.w` holds `[H][groups][ps]`
+/// avx512f available; `values16_supported(a.row_bytes, B, a.vg)`; `a.w` holds `[H][ps][groups]`
 /// weights and `a.acc` `[H][d]` floats; `a.n` rows of `a.row_bytes` bytes follow `a.codes`.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
 pub unsafe fn values16<const H: usize, const B: usize, const NPER: usize>(a: &ValueArgs16) {
@@ -354,9 +357,9 @@ pub unsafe fn values16<const H: usize, const B: usize, const NPER: usize>(a: &Va
                 ));
             }
             for (h, acc_h) in acc.iter_mut().enumerate() {
-                let wp = a.w.add((h * a.groups + g) * a.ps + t);
+                let wp = a.w.add((h * a.ps + t) * a.groups + g);
                 let w = if split {
-                    _mm512_insertf32x8::<1>(_mm512_set1_ps(*wp), _mm256_set1_ps(*wp.add(a.ps)))
+                    _mm512_insertf32x8::<1>(_mm512_set1_ps(*wp), _mm256_set1_ps(*wp.add(1)))
                 } else {
                     _mm512_set1_ps(*wp)
                 };
