@@ -151,21 +151,17 @@ unsafe fn f16_to_f32_f16c(src: &[u8], out: &mut [f32]) {
     }
 }
 
-/// Hints the CPU to bring `bytes` into cache (a no-op off x86-64).
+/// Hints the CPU to bring the cache line at address `addr` into L2 (a no-op off x86-64). T1, not
+/// T0: a page's ~80-line burst into L1 stalled on the core's miss buffers; on Zen 4 T1 was 10-20%
+/// faster at 32/8/128 int4 32K (benches/decode.rs, T0 / T1 / T2 / none interleaved, three rounds).
 #[inline(always)]
-pub fn prefetch(bytes: &[u8]) {
+pub fn prefetch_line(addr: usize) {
+    // SAFETY: prefetch is a hint that never faults, whatever the address; SSE is part of the
+    // x86-64 baseline.
     #[cfg(target_arch = "x86_64")]
-    for line in bytes.chunks(64) {
-        // SAFETY: prefetch is a hint that never faults; SSE is part of the x86-64 baseline and the
-        // address points into a live slice. T1 (to L2, not L1): a page's ~80-line burst into L1
-        // stalled on the core's miss buffers; on Zen 4 T1 was 10-20% faster at 32/8/128 int4 32K
-        // (benches/decode.rs, T0 / T1 / T2 / none interleaved, three rounds).
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(
-                line.as_ptr() as *const i8
-            )
-        };
-    }
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(addr as *const i8)
+    };
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = bytes;
+    let _ = addr;
 }

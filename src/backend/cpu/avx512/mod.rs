@@ -142,6 +142,26 @@ unsafe fn store_scores(r: __m512i, s: f32, qm: f32, out: *mut f32, m: usize) {
 /// `a.out` has `a.heads * a.ps` floats.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
 pub unsafe fn scores_i8<const B: usize>(a: &IntScoreArgs) {
+    // Up to four heads share each row's load and unpacking.
+    let mut h0 = 0;
+    while h0 < a.heads {
+        match a.heads - h0 {
+            1 => scores_i8_heads::<B, 1>(a, h0),
+            2 => scores_i8_heads::<B, 2>(a, h0),
+            3 => scores_i8_heads::<B, 3>(a, h0),
+            _ => scores_i8_heads::<B, 4>(a, h0),
+        }
+        h0 += 4.min(a.heads - h0);
+    }
+}
+
+/// [`scores_i8`] for heads `h0..h0 + H`: each row is loaded and split into its bit planes once,
+/// then multiplied with every head's pattern.
+///
+/// # Safety
+/// As for [`scores_i8`], with `h0 + H <= a.heads`.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+unsafe fn scores_i8_heads<const B: usize, const H: usize>(a: &IntScoreArgs, h0: usize) {
     let nper = 8 / B;
     let kr = a.row_bytes;
     let (lanes, chunks, stride) = if kr >= 64 {
@@ -152,47 +172,54 @@ pub unsafe fn scores_i8<const B: usize>(a: &IntScoreArgs) {
     let tpv = 16 / lanes;
     let nv = a.n.div_ceil(tpv);
     let mask = _mm512_set1_epi8(((1u32 << B) - 1) as i8);
-    for h in 0..a.heads {
-        let qh = a.q.add(h * chunks * nper * 128);
-        let mut v0 = 0;
-        while v0 < nv {
-            let cnt = lanes.min(nv - v0);
-            let mut p = [_mm512_setzero_si512(); 16];
-            for (i, pi) in p.iter_mut().enumerate().take(cnt) {
-                let base = a.codes.add((v0 + i) * stride);
-                let (mut acc, mut lo) = (_mm512_setzero_si512(), _mm512_setzero_si512());
-                for c in 0..chunks {
-                    let v = _mm512_loadu_si512(base.add(c * 64) as *const _);
-                    for k in 0..nper {
-                        let x = _mm512_and_si512(
-                            _mm512_srl_epi16(v, _mm_cvtsi32_si128((k * B) as i32)),
-                            mask,
-                        );
-                        let at = qh.add((c * nper + k) * 128);
+    let per_head = chunks * nper * 128;
+    let q0 = a.q.add(h0 * per_head);
+    let mut v0 = 0;
+    while v0 < nv {
+        let cnt = lanes.min(nv - v0);
+        let mut p = [[_mm512_setzero_si512(); 16]; H];
+        for i in 0..cnt {
+            let base = a.codes.add((v0 + i) * stride);
+            let mut acc = [_mm512_setzero_si512(); H];
+            let mut lo = [_mm512_setzero_si512(); H];
+            for c in 0..chunks {
+                let v = _mm512_loadu_si512(base.add(c * 64) as *const _);
+                for k in 0..nper {
+                    let x = _mm512_and_si512(
+                        _mm512_srl_epi16(v, _mm_cvtsi32_si128((k * B) as i32)),
+                        mask,
+                    );
+                    for h in 0..H {
+                        let at = q0.add(h * per_head + (c * nper + k) * 128);
                         let q_hi = _mm512_loadu_si512(at as *const _);
                         let q_lo = _mm512_loadu_si512(at.add(64) as *const _);
-                        acc = _mm512_dpbusd_epi32(acc, x, q_hi);
-                        lo = _mm512_dpbusd_epi32(lo, x, q_lo);
+                        acc[h] = _mm512_dpbusd_epi32(acc[h], x, q_hi);
+                        lo[h] = _mm512_dpbusd_epi32(lo[h], x, q_lo);
                     }
                 }
-                // The query is q_hi + q_lo / 256 in units of its step: fold the low half in.
-                *pi = _mm512_add_epi32(_mm512_slli_epi32::<8>(acc), lo);
             }
+            // The query is q_hi + q_lo / 256 in units of its step: fold the low half in.
+            for h in 0..H {
+                p[h][i] = _mm512_add_epi32(_mm512_slli_epi32::<8>(acc[h]), lo[h]);
+            }
+        }
+        let t0 = v0 * tpv;
+        for (h, ph) in p.iter().enumerate() {
             let r = match lanes {
-                16 => reduce16(&p),
-                8 => reduce8(&[p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]]),
-                _ => reduce4(&[p[0], p[1], p[2], p[3]]),
+                16 => reduce16(ph),
+                8 => reduce8(&[ph[0], ph[1], ph[2], ph[3], ph[4], ph[5], ph[6], ph[7]]),
+                _ => reduce4(&[ph[0], ph[1], ph[2], ph[3]]),
             };
-            let t0 = v0 * tpv;
+            let hh = h0 + h;
             store_scores(
                 r,
-                *a.qscale.add(h),
-                *a.qm.add(h),
-                a.out.add(h * a.ps + t0),
+                *a.qscale.add(hh),
+                *a.qm.add(hh),
+                a.out.add(hh * a.ps + t0),
                 16.min(a.n - t0),
             );
-            v0 += cnt;
         }
+        v0 += cnt;
     }
 }
 

@@ -20,7 +20,7 @@
 #[cfg(target_arch = "x86_64")]
 mod wide;
 
-use super::simd::{axpy, dot, f16_to_f32, prefetch, scale, sum, unpack_lanes};
+use super::simd::{axpy, dot, f16_to_f32, prefetch_line, scale, sum, unpack_lanes};
 #[cfg(target_arch = "x86_64")]
 use super::CpuKernel;
 use super::{bits_index, internal, CpuStorage, Geometry, ALL_BITS};
@@ -90,6 +90,46 @@ struct Scratch {
     /// The query quantisation step per head (AVX-512 path).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     qscale: Vec<f32>,
+    /// The next page's head block, prefetched a quarter at a time while this page is computed.
+    pf: Prefetch,
+}
+
+/// Cache lines still to prefetch (addresses only: a prefetch never faults, so a range that
+/// outlives its page is harmless). Issuing a whole ~80-line head block at once stalled the core
+/// on its miss buffers; spreading it over the page's phases lets the loads overlap the work.
+#[derive(Default)]
+struct Prefetch {
+    next: usize,
+    end: usize,
+    lines: usize,
+}
+
+impl Prefetch {
+    fn of(blk: &[u8]) -> Self {
+        let next = blk.as_ptr() as usize;
+        Prefetch {
+            next,
+            end: next + blk.len(),
+            lines: blk.len().div_ceil(64),
+        }
+    }
+
+    /// A quarter of the block, in lines (at least one).
+    fn quarter(&self) -> usize {
+        self.lines.div_ceil(4)
+    }
+
+    /// Prefetches up to `lines` more lines of the range.
+    #[inline(always)]
+    fn pump(&mut self, lines: usize) {
+        for _ in 0..lines {
+            if self.next >= self.end {
+                return;
+            }
+            prefetch_line(self.next);
+            self.next += 64;
+        }
+    }
 }
 
 struct Kernel<'a> {
@@ -168,6 +208,7 @@ impl<'a> Kernel<'a> {
             q_int: [Vec::new(), Vec::new(), Vec::new(), Vec::new()],
             qpat: Vec::new(),
             qscale: vec![0.0; g],
+            pf: Prefetch::default(),
         }
     }
 
@@ -273,6 +314,7 @@ impl<'a> Kernel<'a> {
         }
         f16_to_f32::<FMA>(&blk[l.k_min..l.k_min + 2 * d], &mut sc.kmin);
         f16_to_f32::<FMA>(&blk[l.k_step..l.k_step + 2 * d], &mut sc.kstep);
+        sc.pf.pump(sc.pf.quarter());
         // The AVX-512 value tail reads the f16 value parameters as stored; the other loops want
         // them in f32, transposed to `[groups][ps]`.
         let tail16 = FMA && WIDE && self.v16[vi];
@@ -478,6 +520,7 @@ impl<'a> Kernel<'a> {
                 }
             }
         }
+        sc.pf.pump(sc.pf.quarter());
         let vb = l.v_bits.bits();
         let block = if vb <= 3 { 2 } else { 4 };
         let mut hb = 0;
@@ -538,7 +581,8 @@ impl<'a> Kernel<'a> {
                 if let Ok(b) = self.s.warm_page(next.slot) {
                     let hb = self.s.layout(next.format).head_bytes;
                     if let Some(blk) = b.get(kv * hb..(kv + 1) * hb) {
-                        prefetch(blk);
+                        sc.pf = Prefetch::of(blk);
+                        sc.pf.pump(sc.pf.quarter());
                     }
                 }
             }
@@ -568,6 +612,8 @@ impl<'a> Kernel<'a> {
                     )))
                 }
             }
+            // Whatever the page's phases did not issue.
+            sc.pf.pump(usize::MAX);
         }
         Ok(())
     }

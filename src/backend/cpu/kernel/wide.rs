@@ -186,6 +186,7 @@ impl Kernel<'_> {
                 a.acc_b.as_mut_ptr().add(h * groups),
             );
         }
+        sc.pf.pump(sc.pf.quarter());
         self.values_wide(blk, fmt, n, a, sc);
     }
 
