@@ -199,8 +199,8 @@ unsafe fn scores_i8_heads<const B: usize, const H: usize>(a: &IntScoreArgs, h0: 
                 }
             }
             // The query is q_hi + q_lo / 256 in units of its step: fold the low half in.
-            for h in 0..H {
-                p[h][i] = _mm512_add_epi32(_mm512_slli_epi32::<8>(acc[h]), lo[h]);
+            for ((ph, ah), lh) in p.iter_mut().zip(&acc).zip(&lo) {
+                ph[i] = _mm512_add_epi32(_mm512_slli_epi32::<8>(*ah), *lh);
             }
         }
         let t0 = v0 * tpv;
