@@ -225,8 +225,7 @@ pub unsafe fn values3<const H: usize>(a: &ValueArgs) {
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 pub unsafe fn softmax_block(s: &[f32], m: f32, e: &mut [f32], n: usize) -> (f32, f32, f32) {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const MAGIC: f32 = 12_582_912.0;
+    use crate::attention::exp::{EXP_POLY, LN2_HI, LN2_LO, LOG2E, MAGIC};
     let (mut l, mut s1, mut s2) = (
         _mm256_setzero_ps(),
         _mm256_setzero_ps(),
@@ -254,11 +253,11 @@ pub unsafe fn softmax_block(s: &[f32], m: f32, e: &mut [f32], n: usize) -> (f32,
         );
         let nf = _mm256_sub_ps(t, _mm256_set1_ps(MAGIC));
         let r = _mm256_sub_ps(
-            _mm256_sub_ps(xc, _mm256_mul_ps(nf, _mm256_set1_ps(0.693_145_75))),
-            _mm256_mul_ps(nf, _mm256_set1_ps(1.428_606_8e-6)),
+            _mm256_sub_ps(xc, _mm256_mul_ps(nf, _mm256_set1_ps(LN2_HI))),
+            _mm256_mul_ps(nf, _mm256_set1_ps(LN2_LO)),
         );
-        let mut p = _mm256_set1_ps(0.001_388_889);
-        for coef in [0.008_333_334, 0.041_666_668, 0.166_666_67, 0.5, 1.0, 1.0] {
+        let mut p = _mm256_set1_ps(EXP_POLY[0]);
+        for &coef in &EXP_POLY[1..] {
             p = _mm256_add_ps(_mm256_set1_ps(coef), _mm256_mul_ps(r, p));
         }
         let ni = _mm256_sub_epi32(

@@ -15,8 +15,7 @@ use std::arch::x86_64::*;
 /// avx512f/bw/dq/vl available; `s` and `e` are valid for `n` floats.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl")]
 pub unsafe fn softmax16(s: *const f32, m: f32, e: *mut f32, n: usize) -> (f32, f32, f32) {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const MAGIC: f32 = 12_582_912.0;
+    use crate::attention::exp::{EXP_POLY, LN2_HI, LN2_LO, LOG2E, MAGIC};
     let (mut l, mut s1, mut s2) = (
         _mm512_setzero_ps(),
         _mm512_setzero_ps(),
@@ -37,11 +36,11 @@ pub unsafe fn softmax16(s: *const f32, m: f32, e: *mut f32, n: usize) -> (f32, f
         );
         let nf = _mm512_sub_ps(t, _mm512_set1_ps(MAGIC));
         let r = _mm512_sub_ps(
-            _mm512_sub_ps(xj, _mm512_mul_ps(nf, _mm512_set1_ps(0.693_145_75))),
-            _mm512_mul_ps(nf, _mm512_set1_ps(1.428_606_8e-6)),
+            _mm512_sub_ps(xj, _mm512_mul_ps(nf, _mm512_set1_ps(LN2_HI))),
+            _mm512_mul_ps(nf, _mm512_set1_ps(LN2_LO)),
         );
-        let mut p = _mm512_set1_ps(0.001_388_889);
-        for coef in [0.008_333_334, 0.041_666_668, 0.166_666_67, 0.5, 1.0, 1.0] {
+        let mut p = _mm512_set1_ps(EXP_POLY[0]);
+        for &coef in &EXP_POLY[1..] {
             p = _mm512_add_ps(_mm512_set1_ps(coef), _mm512_mul_ps(r, p));
         }
         let ni = _mm512_sub_epi32(
