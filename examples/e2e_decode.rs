@@ -92,14 +92,16 @@ fn main() -> Res<()> {
         "threads: {} (rayon global pool, shared by candle and kvtier)",
         rayon::current_num_threads()
     );
-    println!("| context | candle tok/s | kvtier fp tok/s | kvtier int4 tok/s | fp / candle | int4 / candle |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| context | candle tok/s | kvtier fp tok/s | kvtier int4 tok/s | fp / candle | int4 / candle | fp / candle, rounds | int4 / candle, rounds |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     for &ctx in &contexts {
         // candle's quantized_llama precomputes RoPE for MAX_SEQ_LEN = 4096 positions and fails past
         // them, so the peer only exists up to there.
         if ctx + steps * rounds > CANDLE_MAX_POS {
             println!(
-                "| {ctx} | n/a: candle's quantized_llama stops at {CANDLE_MAX_POS} positions | | | | |"
+                "| {ctx} | n/a: candle's quantized_llama stops at {CANDLE_MAX_POS} positions | | | | | | |"
             );
             continue;
         }
@@ -136,23 +138,34 @@ fn main() -> Res<()> {
             }
             pos += steps;
         }
-        let med: Vec<f64> = times
-            .iter_mut()
-            .map(|t| {
-                t.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
-                t[t.len() / 2]
-            })
-            .collect();
+        let med: Vec<f64> = times.iter().map(|t| median(t)).collect();
+        // Rounds are interleaved, so round i of every engine ran under the same machine load: the
+        // spread of the paired ratios says how far one run's median can be trusted.
+        let spread = |e: usize| {
+            let r: Vec<f64> = (0..rounds).map(|i| times[e][i] / times[0][i]).collect();
+            let (lo, hi) = r
+                .iter()
+                .fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+            format!("{lo:.2}-{hi:.2}x")
+        };
         println!(
-            "| {ctx} | {:.1} | {:.1} | {:.1} | {:.2}x | {:.2}x |",
+            "| {ctx} | {:.1} | {:.1} | {:.1} | {:.2}x | {:.2}x | {} | {} |",
             med[0],
             med[1],
             med[2],
             med[1] / med[0],
-            med[2] / med[0]
+            med[2] / med[0],
+            spread(1),
+            spread(2)
         );
     }
     Ok(())
+}
+
+fn median(t: &[f64]) -> f64 {
+    let mut t = t.to_vec();
+    t.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
+    t[t.len() / 2]
 }
 
 fn prefill(model: &Llama, e: &mut Engine, toks: &[u32]) -> Res<()> {
