@@ -142,10 +142,9 @@ fn main() -> Res<()> {
         // Rounds are interleaved, so round i of every engine ran under the same machine load: the
         // spread of the paired ratios says how far one run's median can be trusted.
         let spread = |e: usize| {
-            let r: Vec<f64> = (0..rounds).map(|i| times[e][i] / times[0][i]).collect();
-            let (lo, hi) = r
-                .iter()
-                .fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+            let (lo, hi) = (0..rounds)
+                .map(|i| times[e][i] / times[0][i])
+                .fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(x), hi.max(x)));
             format!("{lo:.2}-{hi:.2}x")
         };
         println!(
