@@ -1,5 +1,6 @@
 //! Quantisation throughput: one page (32 tokens x 8 kv heads x d128) of f32 keys and values into
-//! the packed warm format, per bit width. Throughput counts the f32 input bytes.
+//! the packed warm format, per bit width, with min/max value ranges and with fitted ones
+//! (`value_fit`). Throughput counts the f32 input bytes.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use kvtier::quant::{quantize_keys, quantize_values, WarmLayout};
@@ -12,10 +13,17 @@ fn quantize(c: &mut Criterion) {
         .collect();
     let mut g = c.benchmark_group("quantize");
     g.throughput(Throughput::Bytes((2 * ps * kvh * d * 4) as u64));
-    for bits in [Bits::B8, Bits::B4, Bits::B2] {
-        let layout = WarmLayout::new(ps, d, bits, bits, 32);
+    for (bits, fit) in [
+        (Bits::B8, false),
+        (Bits::B4, false),
+        (Bits::B2, false),
+        (Bits::B4, true),
+        (Bits::B2, true),
+    ] {
+        let layout = WarmLayout::new(ps, d, bits, bits, 32).with_value_fit(fit);
         let mut block = vec![0u8; layout.head_bytes];
-        g.bench_with_input(BenchmarkId::new("page_k+v", bits.bits()), &bits, |b, _| {
+        let name = if fit { "page_k+v_fit" } else { "page_k+v" };
+        g.bench_with_input(BenchmarkId::new(name, bits.bits()), &bits, |b, _| {
             b.iter(|| {
                 for _ in 0..kvh {
                     assert!(quantize_keys(&data, ps, &layout, &mut block));

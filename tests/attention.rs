@@ -117,26 +117,30 @@ fn f16_and_bf16_hot_pages_match_reference_on_rounded_data() {
 #[test]
 fn warm_pages_within_quantisation_bound() {
     use Rotation::{Keys as Rk, KeysValues as Rkv, None as R0};
-    for (kb, vb, rot, outliers) in [
-        (Bits::B8, Bits::B8, R0, 0),
-        (Bits::B4, Bits::B4, R0, 0),
-        (Bits::B4, Bits::B2, R0, 0),
-        (Bits::B2, Bits::B2, R0, 0),
-        (Bits::B3, Bits::B3, R0, 0),
-        (Bits::B4, Bits::B3, R0, 0),
-        (Bits::B3, Bits::B8, R0, 0),
-        (Bits::B2, Bits::B2, Rkv, 0),
-        (Bits::B3, Bits::B3, Rk, 0),
-        (Bits::B4, Bits::B2, Rkv, 0),
-        (Bits::B2, Bits::B2, R0, 4),
-        (Bits::B4, Bits::B4, R0, 8),
-        (Bits::B3, Bits::B2, Rkv, 2),
+    for (kb, vb, rot, outliers, fit) in [
+        (Bits::B8, Bits::B8, R0, 0, false),
+        (Bits::B4, Bits::B4, R0, 0, false),
+        (Bits::B4, Bits::B2, R0, 0, false),
+        (Bits::B2, Bits::B2, R0, 0, false),
+        (Bits::B3, Bits::B3, R0, 0, false),
+        (Bits::B4, Bits::B3, R0, 0, false),
+        (Bits::B3, Bits::B8, R0, 0, false),
+        (Bits::B2, Bits::B2, Rkv, 0, false),
+        (Bits::B3, Bits::B3, Rk, 0, false),
+        (Bits::B4, Bits::B2, Rkv, 0, false),
+        (Bits::B2, Bits::B2, R0, 4, false),
+        (Bits::B4, Bits::B4, R0, 8, false),
+        (Bits::B3, Bits::B2, Rkv, 2, false),
+        (Bits::B4, Bits::B2, Rkv, 0, true),
+        (Bits::B2, Bits::B2, R0, 0, true),
+        (Bits::B3, Bits::B3, Rk, 2, true),
     ] {
         let (qh, kvh, d, len) = (8, 2, 128, 1000);
         let cfg = CacheConfig::builder(1, qh, kvh, d)
             .hot_dtype(HotDtype::F32)
             .rotation(rot)
             .key_outliers(outliers)
+            .value_fit(fit)
             .k_bits(kb)
             .v_bits(vb)
             .hot_window(64)
@@ -181,7 +185,7 @@ fn warm_pages_within_quantisation_bound() {
         let fused_err = max_abs_diff(&att.output, &on_dequant);
         assert!(
             fused_err < 2e-5,
-            "{kb:?}/{vb:?}/{rot:?}/o{outliers}: fused kernel vs dequantised reference {fused_err}"
+            "{kb:?}/{vb:?}/{rot:?}/o{outliers}/fit {fit}: fused kernel vs dequantised reference {fused_err}"
         );
 
         let (exact, _, _) = naive(&q, &k, &v, len, qh, kvh, d);
@@ -206,9 +210,9 @@ fn warm_pages_within_quantisation_bound() {
         let err = max_abs_diff(&att.output, &exact);
         assert!(
             err <= bound,
-            "{kb:?}/{vb:?}/{rot:?}/o{outliers}: error {err} > bound {bound}"
+            "{kb:?}/{vb:?}/{rot:?}/o{outliers}/fit {fit}: error {err} > bound {bound}"
         );
-        eprintln!("{kb:?}/{vb:?}/{rot:?}/o{outliers}: error vs exact {err:.2e}, bound {bound:.2e}");
+        eprintln!("{kb:?}/{vb:?}/{rot:?}/o{outliers}/fit {fit}: error vs exact {err:.2e}, bound {bound:.2e}");
     }
 }
 

@@ -12,7 +12,7 @@
 //!
 //! | part | contents |
 //! |---|---|
-//! | header | magic `b"KVTS"`, u16 version, u16 flags (bit 0: archive included), then the config fields the bytes depend on: 10 × u64 (layers, q heads, kv heads, head dim, page size, hot dtype, value group, rotation, rotation seed, key outliers) |
+//! | header | magic `b"KVTS"`, u16 version, u16 flags (bit 0: archive included, bit 1: value ranges fitted, `CacheConfig::value_fit`), then the config fields the bytes depend on: 10 × u64 (layers, q heads, kv heads, head dim, page size, hot dtype, value group, rotation, rotation seed, key outliers) |
 //! | per layer | u64 tokens, u64 observe steps, u32 pages |
 //! | per page | u8 tier (0 hot, 1 warm, 2 cold, 3 evicted), u8 pins, u8 flags (bit 0 promoted, bit 1 has archive copy, bit 2 cold bytes are the archive copy, bit 3 has key bounds), u8 0, u32 tokens, u8 k bits, u8 v bits, u16 0, f32 last mass, i64 last attended (-1: never), kv heads × f32 mass, key bounds (2 × kv heads × head dim f16) when flagged; then the page record (absent for evicted pages), then the archive record when flagged and included |
 //! | trailer | u32 CRC-32 of everything above |
@@ -199,7 +199,8 @@ impl KvCache {
         let mut records = 0u64;
         out.put(MAGIC)?;
         out.put(&SEQUENCE_FORMAT_VERSION.to_le_bytes())?;
-        out.put(&u16::from(archive).to_le_bytes())?;
+        let flags = u16::from(archive) | u16::from(self.cfg.value_fit) << 1;
+        out.put(&flags.to_le_bytes())?;
         for (_, v) in config_fields(&self.cfg) {
             out.put(&v.to_le_bytes())?;
         }
@@ -293,7 +294,17 @@ impl KvCache {
                 "format version {version}, this build reads {SEQUENCE_FORMAT_VERSION}"
             )));
         }
-        let with_archive = rd.u16()? & 1 != 0;
+        let flags = rd.u16()?;
+        let with_archive = flags & 1 != 0;
+        // Fitted pages clip values by up to a step: a cache that bounds errors by half a step must
+        // not take them. The other way round is safe (half a step is within one).
+        if flags & 2 != 0 && !self.cfg.value_fit {
+            return Err(Error::ConfigMismatch {
+                field: "value_fit",
+                file: "true".into(),
+                cache: "false".into(),
+            });
+        }
         for (field, here) in config_fields(&self.cfg) {
             let there = rd.u64()?;
             if there != here {

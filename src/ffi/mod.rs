@@ -180,7 +180,7 @@ pub use protect::{
 pub use quant::{
     kvtier_config_clear_layer_bits, kvtier_config_set_cpu_kernel, kvtier_config_set_key_outliers,
     kvtier_config_set_layer_bits, kvtier_config_set_rotation, kvtier_config_set_spill,
-    kvtier_config_set_threads, kvtier_rotation,
+    kvtier_config_set_threads, kvtier_config_set_value_fit, kvtier_rotation,
 };
 pub use sequence::{
     kvtier_cache_reorder, kvtier_cache_sequence_fork, kvtier_cache_sequence_restore,

@@ -77,6 +77,10 @@ pub struct WarmLayout {
     pub out_val: usize,
     /// Bytes of one head block (aligned).
     pub head_bytes: usize,
+    /// Value ranges fitted to the least squared error (`quant::values`), not the group's min/max:
+    /// the same bytes, a different choice of min and step, and an error bound of one step instead
+    /// of half a step.
+    pub value_fit: bool,
 }
 
 impl WarmLayout {
@@ -97,6 +101,7 @@ impl WarmLayout {
         let v_codes = align(k_codes + page_size * head_dim * k_bits.bits() / 8);
         let head_bytes = align(v_codes + page_size * head_dim * v_bits.bits() / 8);
         WarmLayout {
+            value_fit: false,
             outliers: 0,
             out_idx: head_bytes,
             out_val: head_bytes,
@@ -130,6 +135,12 @@ impl WarmLayout {
         self
     }
 
+    /// This layout with value ranges fitted to the least squared error (`true`) or min/max.
+    pub fn with_value_fit(mut self, fit: bool) -> Self {
+        self.value_fit = fit;
+        self
+    }
+
     /// Layout for a config (its default warm format).
     pub fn of(cfg: &CacheConfig) -> Self {
         Self::of_format(cfg, WarmFormat::of(cfg))
@@ -145,6 +156,7 @@ impl WarmLayout {
             cfg.value_group,
         )
         .with_outliers(cfg.key_outliers)
+        .with_value_fit(cfg.value_fit)
     }
 
     /// The code widths of this layout.

@@ -99,8 +99,14 @@ pub struct CudaStorage {
 }
 
 impl CudaStorage {
-    /// Empty pools for a validated config; compiles the config's kernels on first use.
+    /// Empty pools for a validated config; compiles the config's kernels on first use. Refuses
+    /// (typed) fitted value ranges, which the demotion kernel does not reproduce.
     pub fn new(dev: CudaDevice, cfg: &CacheConfig) -> Result<Self> {
+        if cfg.value_fit {
+            return Err(Error::Unsupported(
+                "fitted value ranges (value_fit) on the CUDA backend",
+            ));
+        }
         let spec = KernelSpec::new(cfg, dev.tuning(), dev.smem_optin())?;
         let k = dev.kernels(&spec)?;
         let layout = WarmLayout::of(cfg);

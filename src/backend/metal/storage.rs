@@ -169,11 +169,16 @@ pub(super) fn u32_of(what: &'static str, v: usize) -> Result<u32> {
 
 impl MetalStorage {
     /// Empty pools for a validated config. Refuses (typed) what these kernels do not handle: key
-    /// outlier channels, and shapes whose threadgroup memory would exceed 32 KiB.
+    /// outlier channels, fitted value ranges, and shapes whose threadgroup memory would exceed 32 KiB.
     pub fn new(dev: MetalDevice, cfg: &CacheConfig) -> Result<Self> {
         if cfg.key_outliers > 0 {
             return Err(Error::Unsupported(
                 "key outlier channels on the Metal backend",
+            ));
+        }
+        if cfg.value_fit {
+            return Err(Error::Unsupported(
+                "fitted value ranges (value_fit) on the Metal backend",
             ));
         }
         let (d, ps) = (cfg.head_dim, cfg.page_size);

@@ -55,6 +55,8 @@ struct Spec {
     edges: usize,
     /// Key outlier channels kept exact per page and kv head (`-o<n>`).
     outliers: usize,
+    /// Value ranges fitted to the least squared error (`-f`).
+    value_fit: bool,
     /// A retention policy run after every decode step, and its device budget as a fraction of the
     /// sequence's f16 bytes (`<config>@<policy>:<percent>`).
     policy: Option<(String, f64)>,
@@ -143,6 +145,10 @@ impl Spec {
                     spec.rotation = kvtier::Rotation::KeysValues;
                     continue;
                 }
+                "f" => {
+                    spec.value_fit = true;
+                    continue;
+                }
                 _ => {}
             }
             let (key, num) = p.split_at(1.min(p.len()));
@@ -158,7 +164,7 @@ impl Spec {
                 "o" => spec.outliers = num,
                 _ => {
                     return Err(format!(
-                        "config `{s}`: unknown field `{p}` (w, p, s, g, e, o, rk, rkv)"
+                        "config `{s}`: unknown field `{p}` (w, p, s, g, e, o, f, rk, rkv)"
                     )
                     .into())
                 }
@@ -177,6 +183,7 @@ impl Spec {
             .value_group(self.group)
             .rotation(self.rotation)
             .key_outliers(self.outliers)
+            .value_fit(self.value_fit)
             .k_bits(Bits::from_bits(self.k_bits)?)
             .v_bits(Bits::from_bits(self.v_bits)?)
             .edge_layers(self.edges, Bits::B4, Bits::B4);
@@ -194,7 +201,7 @@ impl Spec {
             "k_bits": self.k_bits, "v_bits": self.v_bits, "hot_window": self.hot_window,
             "page_size": self.page_size, "sink_tokens": self.sinks, "value_group": self.group,
             "rotation": format!("{:?}", self.rotation), "edge_layers_int4": self.edges,
-            "key_outliers": self.outliers,
+            "key_outliers": self.outliers, "value_fit": self.value_fit,
             "policy": self.policy.as_ref().map(|(n, f)| json!({"name": n, "f16_fraction": f})),
             "heal_pages_per_layer": self.heal,
         })
@@ -208,7 +215,7 @@ pub fn command() -> Command {
     Command::new("eval")
         .about("kvtier real-model evaluation: SOTU perplexity and passkey retrieval")
         .arg(Arg::new("config").long("config").action(ArgAction::Append).help(
-            "cache config spec, repeatable: fp | k<bits>v<bits>[-w<hot>][-p<page>][-s<sinks>][-g<group>][-rk|-rkv (rotate keys, or keys and values)][-e<n> (first and last n layers at int4)][-o<n> (n key outlier channels per page kept exact)], bits in {8, 4, 3, 2}, optionally ~eps:<epsilon> (query-time elimination with skipped mass <= epsilon), ~quest:<pages> (Quest-style top pages by bound) or ~heal:<pages> (the monitor at sensitivity 0.85 and healing of at most that many pages per layer after every decode step), and @<policy>:<percent> (a retention policy run after each decode step, its device budget that percent of the f16 bytes)",
+            "cache config spec, repeatable: fp | k<bits>v<bits>[-w<hot>][-p<page>][-s<sinks>][-g<group>][-rk|-rkv (rotate keys, or keys and values)][-e<n> (first and last n layers at int4)][-o<n> (n key outlier channels per page kept exact)][-f (value ranges fitted to the least squared error)], bits in {8, 4, 3, 2}, optionally ~eps:<epsilon> (query-time elimination with skipped mass <= epsilon), ~quest:<pages> (Quest-style top pages by bound) or ~heal:<pages> (the monitor at sensitivity 0.85 and healing of at most that many pages per layer after every decode step), and @<policy>:<percent> (a retention policy run after each decode step, its device budget that percent of the f16 bytes)",
         ))
         .arg(num("k-bits", "4", "key bits (8, 4, 3, 2) when no --config is given"))
         .arg(num("v-bits", "4", "value bits (8, 4, 3, 2) when no --config is given"))
@@ -298,6 +305,7 @@ pub fn run(m: &ArgMatches, _ctx: &Ctx) -> AnyResult<Report> {
         rotation: kvtier::Rotation::None,
         edges: 0,
         outliers: 0,
+        value_fit: false,
         policy: None,
         choice: kvtier::PageChoice::All,
         heal: None,
