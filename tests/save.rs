@@ -212,6 +212,26 @@ fn another_config_or_a_damaged_file_restores_nothing() {
         a.attend(0, &[sa], &q).unwrap().output
     );
 
+    // Fitted value ranges clip by up to a step: their pages restore into a fitted cache (and a
+    // plain file does too), never into a plain one, which bounds value errors by half a step.
+    let fit = CacheConfig {
+        value_fit: true,
+        ..cfg()
+    };
+    let mut f = KvCache::new(fit.clone()).unwrap();
+    let mut rng = Rng(6);
+    let sf = varied(&mut f, &mut rng, &q);
+    let fpath = dir.join("fit.kvts");
+    f.save_sequence(sf, &fpath, true).unwrap();
+    match KvCache::new(cfg()).unwrap().restore_sequence(&fpath) {
+        Err(Error::ConfigMismatch { field, .. }) => assert_eq!(field, "value_fit"),
+        r => panic!("{r:?}"),
+    }
+    let mut f2 = KvCache::new(fit.clone()).unwrap();
+    let sf2 = f2.restore_sequence(&fpath).unwrap();
+    assert_same(&f, sf, &f2, sf2, &q);
+    KvCache::new(fit).unwrap().restore_sequence(&path).unwrap();
+
     // Damage: a flipped byte anywhere, or a truncated file, is an error and leaves the cache
     // empty.
     let mut c = KvCache::new(cfg()).unwrap();
