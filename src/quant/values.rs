@@ -64,8 +64,8 @@ const FIT_STEPS: u32 = 4;
 /// The min and step of a group with the least squared error among the min/max range `first` and
 /// the clipped ranges of [`FIT_STEPS`], keeping only ranges where no value is more than one step
 /// from its dequantised value (so `value_error_bound` holds with one step). Ties keep the earlier
-/// candidate. Every operation is a single rounded f32 operation in this order, without fused
-/// multiply-add, so the CUDA demotion kernel (`quant.cu`) picks the same range bit for bit.
+/// candidate. Plain f32 arithmetic in a fixed order (no fused multiply-add), so a GPU demotion
+/// kernel could repeat the choice bit for bit; none does yet (CUDA and Metal refuse `value_fit`).
 fn fit_range(grp: &[f32], lo: f32, hi: f32, first: (f16, f16), max_code: u32) -> (f16, f16) {
     let span = hi - lo;
     let mut best = first;
@@ -141,7 +141,8 @@ pub fn value_steps(block: &[u8], layout: &WarmLayout) -> Vec<f32> {
 
 /// A bound on `|v̂ - v|` for every value of the first `n_tokens` tokens of a head block, per
 /// (token, group): half the step (codes round to nearest; the step is rounded up so the top code
-/// reaches the group's maximum), one step for fitted ranges (`WarmLayout::value_fit`), widened by 2^-10 of it for the rounding of the code choice; plus
+/// reaches the group's maximum; one step for fitted ranges, `WarmLayout::value_fit`), widened by
+/// 2^-10 of it for the rounding of the code choice; plus
 /// 2^-10 of `|min|` (the minimum is the group's lowest value rounded to nearest f16, within half
 /// an f16 ulp, 2^-11 relative, so a value below it is clamped to code 0); plus 2^-22 of the
 /// group's largest magnitude for the f32 arithmetic of `min + step * code`, and 2^-24 for f16
